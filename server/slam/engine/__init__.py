@@ -1,0 +1,1 @@
+"""The decoding engine: sequence state, scheduler, model runner, sampler."""

@@ -1,0 +1,95 @@
+"""Per-request state: tokens, sampling parameters, RNG and the compressed cache."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, Field
+
+from slam.cache import CachePolicy, LayerCache, make_policy
+from slam.config import CacheConfig
+
+
+class SamplingParams(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # 0: no top-k cut
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_cached: int = 0  # tokens whose keys and values are in the cache (or were evicted from it)
+    finish_reason: str | None = None
+    output_text: str = ""
+    caches: list[LayerCache] | None = None
+    replacements: int = 0
+    aborted: bool = False
+    # Offsets for incremental detokenization: text of ids[prefix:read] has already been emitted.
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.policy: CachePolicy = make_policy(self.cache_config)
+        self.generator = torch.Generator(device="cpu")
+        if self.sampling.seed is not None:
+            self.generator.manual_seed(self.sampling.seed)
+        else:
+            self.generator.seed()
+        self.prefix_offset = self.read_offset = len(self.prompt_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_cached >= len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def next_chunk(self, limit: int) -> list[int]:
+        return self.all_ids[self.num_cached : self.num_cached + limit]
+
+    def cache_tokens(self) -> int:
+        """Tokens per layer and KV head in the active cache (the largest over layers)."""
+        return max((c.size for c in self.caches), default=0) if self.caches else 0
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches) if self.caches else 0
+
+    def free(self) -> None:
+        self.caches = None

@@ -1,0 +1,1 @@
+"""Quality evaluations: needle in a haystack and perplexity over long text."""

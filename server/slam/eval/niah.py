@@ -1,0 +1,80 @@
+"""Needle in a haystack: hide a key in long essay text and ask for it at the end."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from slam.config import CacheConfig
+from slam.engine.engine import LLMEngine
+from slam.engine.sequence import SamplingParams
+from slam.eval.corpus import essays_text
+
+DEFAULT_NEEDLE = "The secret passphrase is {key}. Remember it: {key}."
+DEFAULT_QUESTION = "What is the secret passphrase? Answer with the number only."
+
+
+@dataclass
+class NiahCase:
+    policy: str
+    budget: int | None
+    length: int
+    depth: float
+    seed: int
+    key: str
+    answer: str
+    found: bool
+
+
+def needle_key(seed: int) -> str:
+    return str(random.Random(seed).randint(10_000, 99_999))
+
+
+def build_prompt(engine: LLMEngine, length: int, depth: float, seed: int, needle: str, question: str) -> tuple[list[int], str]:
+    """A chat prompt of about `length` tokens with the needle at `depth` of the haystack."""
+    key = needle_key(seed)
+    needle_text = needle.format(key=key)
+    shell = engine.encode_chat([{"role": "user", "content": f"\n\n{question}"}])
+    hay_tokens = max(length - len(shell) - len(engine.encode(needle_text)) - 2, 16)
+    corpus = engine.tokenizer.encode(essays_text())
+    # Each seed reads a different stretch of the essays so that cases differ in more than the key.
+    offset = (seed * 7919) % max(len(corpus) - hay_tokens, 1)
+    hay = engine.tokenizer.decode(corpus[offset : offset + hay_tokens])
+    cut = int(len(hay) * depth)
+    sentence_end = hay.find(". ", cut)
+    cut = sentence_end + 2 if 0 <= sentence_end < cut + 400 else cut
+    text = f"{hay[:cut]}{needle_text} {hay[cut:]}"
+    return engine.encode_chat([{"role": "user", "content": f"{text}\n\n{question}"}]), key
+
+
+def run_niah(
+    engine: LLMEngine,
+    caches: list[CacheConfig],
+    lengths: list[int],
+    depths: list[float],
+    seeds: int = 1,
+    needle: str = DEFAULT_NEEDLE,
+    question: str = DEFAULT_QUESTION,
+    max_tokens: int = 16,
+) -> Iterator[NiahCase]:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    for length, depth, seed in itertools.product(lengths, depths, range(seeds)):
+        prompt, key = build_prompt(engine, length, depth, seed, needle, question)
+        for cache in caches:
+            [seq] = engine.generate([prompt], sampling, cache)
+            yield NiahCase(
+                policy=cache.policy,
+                budget=cache.budget,
+                length=length,
+                depth=depth,
+                seed=seed,
+                key=key,
+                answer=seq.output_text.strip(),
+                found=key in seq.output_text,
+            )
+
+
+def case_dict(case: NiahCase) -> dict:
+    return asdict(case)
