@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: schemas, routes, metrics and the engine loop that feeds them."""

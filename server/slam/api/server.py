@@ -1,0 +1,72 @@
+"""The FastAPI application: state, lifespan (the engine loop), API-key check, and running it with uvicorn."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from slam.api import errors
+from slam.api.loop import EngineLoop
+from slam.api.metrics import Metrics
+from slam.api.prepare import Preparer
+from slam.api.routes import router
+from slam.config import ServerSettings
+from slam.engine.engine import LLMEngine
+
+# Probes and scrapers carry no key; the schema is public so clients and fuzzers can read it.
+OPEN_PATHS = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def read_api_keys(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
+    metrics = Metrics(running=lambda: len(engine.scheduler.running), waiting=lambda: len(engine.scheduler.waiting))
+    loop = EngineLoop(engine, metrics, settings.max_queue)
+    keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop.start()
+        try:
+            yield
+        finally:
+            loop.stop()
+
+    app = FastAPI(title="SLAM", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM serving with a compressed, bounded KV cache")
+    app.state.loop = loop
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
+    app.state.preparer = Preparer(engine, settings.served_model_name or engine.loaded.name,
+                                  engine.config.cache, settings.max_prompt_tokens)
+    errors.install(app)
+    app.include_router(router)
+
+    if keys is not None:
+        @app.middleware("http")
+        async def check_key(request: Request, call_next) -> Response:
+            if request.url.path not in OPEN_PATHS:
+                given = request.headers.get("authorization", "")
+                token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+                # compare_digest against each key: no timing hint about how much of a key matched
+                if not token or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                    return errors.error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                                 None, "invalid_api_key")
+            return await call_next(request)
+
+    return app
+
+
+def serve(settings: ServerSettings, engine: LLMEngine) -> None:
+    import uvicorn
+
+    app = create_app(settings, engine)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
