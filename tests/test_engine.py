@@ -1,0 +1,85 @@
+"""The engine on the real embedded model: exactness against transformers, batching, sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from slam.engine.sequence import SamplingParams
+from tests.conftest import make_engine
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "List three prime numbers."}],
+]
+
+
+def test_full_matches_transformers_generate(smol):
+    engine = make_engine(smol, "full")
+    for messages in PROMPTS:
+        prompt = engine.encode_chat(messages)
+        with torch.no_grad():
+            out = smol.model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+        expected = out[0, len(prompt):].tolist()
+        [seq] = engine.generate([prompt], SamplingParams(max_tokens=32))
+        # transformers stops at the end-of-sequence token too, so both sequences must agree entirely.
+        assert seq.output_ids == expected
+
+
+def test_batch_equals_alone(smol):
+    texts = ["Tell me about cats.", "Why is the sky blue? Explain in detail, please, for a child of ten.",
+             "Hi", "Name a famous physicist and describe one discovery they made, with dates."]
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    for policy, budget in (("full", None), ("slam", 72)):
+        engine = make_engine(smol, policy, budget=budget, sink=4, recent=16, prefill_chunk=32)
+        prompts = [engine.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        assert len({len(p) for p in prompts}) == 4
+        alone = [engine.generate([p], greedy)[0].output_ids for p in prompts]
+        together = [s.output_ids for s in engine.generate(prompts, greedy)]
+        assert together == alone, policy
+
+
+def test_requests_join_and_leave_between_steps(smol):
+    engine = make_engine(smol, "slam", budget=96, sink=4, recent=16)
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    a = engine.add_request(engine.encode("The first request"), greedy)
+    for _ in range(5):
+        engine.step()
+    b = engine.add_request(engine.encode("A second request arrives later"), greedy)
+    while engine.has_work():
+        engine.step()
+    assert len(a.output_ids) == len(b.output_ids) == 12
+    assert engine.generate([b.prompt_ids], greedy)[0].output_ids == b.output_ids
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(smol):
+    engine = make_engine(smol, "slam", budget=128, sink=4, recent=32)
+    prompt = engine.encode("Once upon a time")
+    def run(seed):
+        return engine.generate([prompt], SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=seed, ignore_eos=True))[0].output_ids
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_strings_and_max_tokens(smol):
+    engine = make_engine(smol, "full")
+    prompt = engine.encode("1, 2, 3, 4, 5,")
+    [seq] = engine.generate([prompt], SamplingParams(max_tokens=40, stop=[" 9"]))
+    assert seq.finish_reason == "stop" and " 9" not in seq.output_text and "8" in seq.output_text
+    [seq] = engine.generate([prompt], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert seq.finish_reason == "length" and len(seq.output_ids) == 5
+
+
+def test_slam_cache_bounded_after_three_budgets_of_generation(smol):
+    budget = 80
+    engine = make_engine(smol, "slam", budget=budget, sink=4, recent=16)
+    seq = engine.add_request(engine.encode("Write a long story about a dragon."), SamplingParams(max_tokens=3 * budget, ignore_eos=True))
+    caches = None
+    while engine.has_work():
+        engine.step()
+        if seq.caches is not None:
+            caches = seq.caches
+            assert all(c.k.shape[1] <= budget and c.v.shape[1] <= budget for c in caches)
+    assert len(seq.output_ids) == 3 * budget
+    assert {c.k.shape for c in caches} == {(smol.model.config.num_key_value_heads, budget, caches[0].k.shape[-1])}
+    assert seq.replacements > 0

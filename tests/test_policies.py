@@ -1,0 +1,87 @@
+"""Every cache policy, checked on the same work. Adding a policy adds one entry to POLICY_CASES."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slam.cache import POLICIES
+from slam.engine.sequence import SamplingParams
+from tests.conftest import make_engine
+
+# (policy, extra cache settings): each bounded entry is held to the budget and, with a budget larger
+# than the work, to the output of `full`.
+POLICY_CASES = [
+    ("streaming", {}),
+    ("streaming", {"position_mode": "cache"}),
+    ("slam", {}),
+    ("slam", {"position_mode": "cache"}),
+    ("snapkv", {}),
+    ("h2o", {}),
+]
+
+
+def test_every_registered_policy_is_covered():
+    assert {p for p, _ in POLICY_CASES} | {"full"} == set(POLICIES)
+
+
+def prompts(tokenizer):
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"]
+    return [tokenizer.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("policy,extra", POLICY_CASES, ids=[f"{p}-{e}" for p, e in POLICY_CASES])
+def test_large_budget_equals_full(tiny, policy, extra):
+    greedy = SamplingParams(max_tokens=40, ignore_eos=True)
+    reference = [s.output_ids for s in make_engine(tiny, "full").generate(prompts(tiny.tokenizer), greedy)]
+    engine = make_engine(tiny, policy, budget=200, sink=4, recent=16, prefill_chunk=8, **extra)
+    assert [s.output_ids for s in engine.generate(prompts(tiny.tokenizer), greedy)] == reference
+
+
+@pytest.mark.parametrize("policy,extra", POLICY_CASES, ids=[f"{p}-{e}" for p, e in POLICY_CASES])
+def test_cache_stays_within_budget(tiny, policy, extra):
+    budget = 24
+    engine = make_engine(tiny, policy, budget=budget, sink=2, recent=8, prefill_chunk=16, **extra)
+    sizes = []
+
+    def record(out):
+        if out.seq.caches:
+            sizes.extend(cache.k.shape[1] for cache in out.seq.caches)
+            assert all(c.k.shape == c.v.shape and c.pos.shape == c.k.shape[:2] for c in out.seq.caches)
+
+    long_prompt = tiny.tokenizer.encode("word " * 100)
+    engine.generate([long_prompt], SamplingParams(max_tokens=3 * budget, ignore_eos=True), on_output=record)
+    assert max(sizes) <= budget
+    assert max(sizes) == budget  # the budget is actually used, not just respected
+
+
+def sink_window_reference(model, prompt: list[int], sink: int, window: int, steps: int) -> list[int]:
+    """Greedy decoding that recomputes the whole sequence each step with a sink + sliding-window mask."""
+    ids = list(prompt)
+    for _ in range(steps):
+        n = len(ids)
+        i = torch.arange(n).view(-1, 1)
+        j = torch.arange(n).view(1, -1)
+        visible = (j <= i) & ((j < sink) | (i - j < window))
+        mask = torch.zeros(n, n).masked_fill(~visible, float("-inf")).view(1, 1, n, n)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), attention_mask=mask).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_streaming_equals_sink_window_reference(tiny):
+    model = tiny.model
+    model.set_attn_implementation("eager")
+    prompt = tiny.tokenizer.encode("Counting sheep: one sheep, two sheep, three sheep, four sheep, five sheep.")
+    sink, budget = 3, 12
+    expected = sink_window_reference(model, prompt, sink, budget - sink, steps=30)
+    engine = make_engine(tiny, "streaming", budget=budget, sink=sink, recent=4, prefill_chunk=5)
+    [seq] = engine.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True))
+    assert seq.output_ids == expected
+
+
+def test_slam_recalls_from_reserve_and_replaces_on_the_fly(tiny):
+    engine = make_engine(tiny, "slam", budget=24, sink=2, recent=8, prefill_chunk=16)
+    [seq] = engine.generate([tiny.tokenizer.encode("alpha beta gamma " * 30)], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert seq.replacements > 0
