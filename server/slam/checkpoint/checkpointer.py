@@ -1,0 +1,306 @@
+"""Background checkpoint uploads: the decode loop snapshots, one worker thread serializes and uploads.
+
+The decode thread only copies tensors (`take_snapshot`) and enqueues; it never waits on the store. The
+queue holds at most `queue_size` snapshots and at most one per request (a newer snapshot replaces a
+pending older one: the older is obsolete), so memory stays bounded whatever the store does. When the
+store is down, uploads fail, are counted, and the request's latest snapshot is retried with exponential
+backoff; reserve tokens not yet stored are always part of the next snapshot, so dropping any pending
+snapshot loses nothing but recency.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slam.checkpoint import format as fmt
+from slam.checkpoint.snapshot import Snapshot, encode_prompt, encode_segment, encode_state, encode_tokens, take_snapshot
+from slam.checkpoint.store import CheckpointConfig, ObjectStore
+from slam.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracker:
+    """What the store holds for one request (written by the worker; `stored` is read by snapshots)."""
+
+    version: int = 0  # highest version number used; a retry of a failed version reuses version + 1
+    versions: list[int] = field(default_factory=list)  # complete versions in the store, oldest first
+    prompt: dict | None = None  # entry of prompt.safetensors once uploaded
+    segments: list[dict] = field(default_factory=list)  # reserve segments uploaded, in order
+    stored: list[int] | None = None  # reserve tokens uploaded per layer
+    last_tokens: int = -1  # output tokens at the last snapshot (-1: none yet)
+
+
+@dataclass
+class _Item:
+    kind: str  # "upload" | "delete"
+    snap: Snapshot | None = None
+    not_before: float = 0.0
+    attempts: int = 0
+
+
+class Checkpointer:
+    def __init__(self, store: ObjectStore, config: CheckpointConfig, registry: Any | None = None):
+        self.store, self.config = store, config
+        self._trackers: dict[str, _Tracker] = {}
+        self._pending: collections.OrderedDict[str, _Item] = collections.OrderedDict()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        # Counters for the server's metrics; read them or register callbacks.
+        self.uploads_total = 0
+        self.bytes_total = 0
+        self.failures_total = 0
+        self.coalesced_total = 0  # pending snapshots replaced by a newer one of the same request
+        self.dropped_total = 0  # pending snapshots dropped because the queue was full
+        self.durations: collections.deque[float] = collections.deque(maxlen=1024)  # seconds per checkpoint
+        self.last_upload: dict[str, dict[str, int]] = {}  # request id -> bytes per object kind, last version
+        self.on_upload: list[Callable[[float, int], None]] = []  # (seconds, bytes) per checkpoint
+        self.on_failure: list[Callable[[], None]] = []
+        if registry is not None:
+            self._register(registry)
+        self._thread = threading.Thread(target=self._run, name="slam-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _register(self, registry: Any) -> None:
+        from prometheus_client import Counter, Histogram
+
+        seconds = Histogram("slam:checkpoint_seconds", "Time to upload one request checkpoint", registry=registry)
+        nbytes = Counter("slam:checkpoint_bytes", "Bytes uploaded by checkpoints", registry=registry)
+        failures = Counter("slam:checkpoint_failures", "Checkpoint uploads that failed", registry=registry)
+        self.on_upload.append(lambda s, b: (seconds.observe(s), nbytes.inc(b)))
+        self.on_failure.append(failures.inc)
+
+    # --- decode-thread API ---------------------------------------------------------------------------
+    def snapshot(self, seq: Sequence) -> Snapshot:
+        """Copy `seq` now (call at a step boundary, on the thread that runs engine.step)."""
+        with self._cond:
+            tr = self._trackers.setdefault(seq.request_id, _Tracker())
+            stored = list(tr.stored) if tr.stored else None
+            tr.last_tokens = len(seq.output_ids)
+        return take_snapshot(seq, stored, self.config.include_reserve)
+
+    def submit(self, snap: Snapshot, block: bool = False, timeout: float | None = None) -> bool:
+        """Queue a snapshot for upload. Never waits on the store unless `block` (shutdown path)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            old = self._pending.get(snap.request_id)
+            if old is not None and old.kind == "delete":
+                return False  # the request finished; its objects are being removed
+            if old is not None:
+                self.coalesced_total += 1
+                del self._pending[snap.request_id]
+            while block and len(self._pending) >= self.config.queue_size and not self._closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            if len(self._pending) >= self.config.queue_size:
+                victim = next((k for k, it in self._pending.items() if it.kind == "upload"), None)
+                if victim is None:
+                    return False
+                del self._pending[victim]  # its request is snapshotted again at its next interval
+                self.dropped_total += 1
+                if victim in self._trackers:
+                    self._trackers[victim].last_tokens = -1
+            self._pending[snap.request_id] = _Item("upload", snap)
+            self._cond.notify_all()
+        return True
+
+    def checkpoint(self, seq: Sequence) -> bool:
+        return self.submit(self.snapshot(seq))
+
+    def after_step(self, seqs: Iterable[Sequence]) -> None:
+        """Call with the sequences that produced a token this step: checkpoints the due ones (after the
+        first token, then every `interval_tokens`), deletes the finished ones."""
+        for seq in seqs:
+            if seq.finished:
+                self.delete_request(seq.request_id)
+                continue
+            tr = self._trackers.get(seq.request_id)
+            last = -1 if tr is None else tr.last_tokens
+            if last < 0 or len(seq.output_ids) - last >= self.config.interval_tokens:
+                self.checkpoint(seq)
+
+    def checkpoint_all(self, seqs: Iterable[Sequence], timeout: float) -> bool:
+        """Graceful shutdown: snapshot every request now and wait until all are stored."""
+        deadline = time.monotonic() + timeout
+        for seq in seqs:
+            if not seq.finished:
+                self.submit(self.snapshot(seq), block=True, timeout=max(deadline - time.monotonic(), 0))
+        return self.flush(max(deadline - time.monotonic(), 0))
+
+    def delete_request(self, request_id: str) -> None:
+        """Remove a finished request's objects (asynchronously; replaces any pending snapshot)."""
+        with self._cond:
+            self._pending.pop(request_id, None)
+            self._pending[request_id] = _Item("delete")
+            self._cond.notify_all()
+
+    def adopt(self, request_id: str, state: dict[str, Any]) -> None:
+        """Continue a restored request's numbering and reuse its stored prompt and segments
+        (`state` is RestoredRequest.store_state())."""
+        with self._cond:
+            self._trackers[request_id] = _Tracker(**state)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every pending upload and delete is done; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending) + int(self._busy)
+
+    def close(self, timeout: float = 0.0) -> None:
+        if timeout:
+            self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    # --- worker --------------------------------------------------------------------------------------
+    def _next(self) -> tuple[str, _Item] | None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                ready = next(((k, it) for k, it in self._pending.items() if it.not_before <= now), None)
+                if ready is not None:
+                    del self._pending[ready[0]]
+                    self._busy = True
+                    return ready
+                wake = min((it.not_before for it in self._pending.values()), default=now + 1.0)
+                self._cond.wait(max(wake - now, 0.001))
+            return None
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            rid, item = job
+            try:
+                if item.kind == "delete":
+                    self._delete(rid)
+                else:
+                    self._upload(item.snap)
+            except Exception as e:  # store outage, or anything else: count it, retry later, keep serving
+                self._failed(rid, item, e)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _failed(self, rid: str, item: _Item, err: Exception) -> None:
+        self.failures_total += 1
+        for cb in self.on_failure:
+            cb()
+        item.attempts += 1
+        delay = min(self.config.backoff_s * 2 ** (item.attempts - 1), self.config.backoff_max_s)
+        log.warning("checkpoint %s of %s failed (attempt %d), retry in %.1fs: %s", item.kind, rid, item.attempts, delay, err)
+        item.not_before = time.monotonic() + delay
+        with self._cond:
+            if rid not in self._pending and not self._closed:  # a newer snapshot or a delete supersedes it
+                self._pending[rid] = item
+
+    def _delete(self, rid: str) -> None:
+        self.store.delete_prefix(fmt.request_dir(self.config.prefix, self.config.slot, rid))
+        with self._cond:
+            self._trackers.pop(rid, None)
+            self.last_upload.pop(rid, None)
+
+    def _upload(self, snap: Snapshot) -> None:
+        t0 = time.monotonic()
+        cfg = self.config
+        rid = snap.request_id
+        with self._cond:
+            tr = self._trackers.setdefault(rid, _Tracker())
+        root = fmt.request_dir(cfg.prefix, cfg.slot, rid)
+        sizes: dict[str, int] = {}
+
+        def put(kind: str, name: str, data: bytes) -> dict:
+            self.store.put(root + name, data)
+            sizes[kind] = sizes.get(kind, 0) + len(data)
+            return fmt.object_entry(name, data)
+
+        # Write-once objects first; each is valid on its own, so they count even if this version fails.
+        if tr.prompt is None:
+            tr.prompt = put("prompt", "prompt.safetensors", encode_prompt(snap))
+        if snap.reserve is not None:
+            seg = encode_segment(snap, tr.stored or [0] * len(snap.reserve), cfg.reserve_int8)
+            if seg is not None:
+                data, first, last, ends = seg
+                entry = put("segment", fmt.segment_name(first, last), data)
+                with self._cond:
+                    tr.segments.append({**entry, "first": first, "last": last, "ends": ends})
+                    tr.stored = ends
+        version = tr.version + 1
+        vdir = fmt.version_dir(version)
+        objects: dict[str, Any] = {"prompt": tr.prompt, "tokens": put("tokens", vdir + "tokens.safetensors", encode_tokens(snap))}
+        state = encode_state(snap)
+        objects["state"] = None if state is None else put("state", vdir + "state.safetensors", state)
+        objects["segments"] = list(tr.segments) if snap.reserve is not None else []
+        manifest = fmt.encode_manifest(self._manifest(snap, version, objects, tr))
+        put("manifest", vdir + fmt.MANIFEST, manifest)  # last: only now does this version exist
+        tr.version = version
+        tr.versions.append(version)
+        self._apply_retention(root, tr)
+        seconds, nbytes = time.monotonic() - t0, sum(sizes.values())
+        self.uploads_total += 1
+        self.bytes_total += nbytes
+        self.durations.append(seconds)
+        self.last_upload[rid] = sizes
+        for cb in self.on_upload:
+            cb(seconds, nbytes)
+
+    def _manifest(self, snap: Snapshot, version: int, objects: dict, tr: _Tracker) -> dict[str, Any]:
+        reserve = None
+        if snap.reserve is not None:
+            reserve = {
+                "int8": self.config.reserve_int8,
+                "n": [r.n for r in snap.reserve],
+                "shared_k_score": snap.reserve[0].k_score is None,
+            }
+        return {
+            "request_id": snap.request_id,
+            "version": version,
+            "slot": self.config.slot,
+            "owner_url": self.config.advertise_url,
+            "created_unix": time.time(),
+            "counts": {
+                "prompt_tokens": len(snap.prompt_ids),
+                "output_tokens": len(snap.output_ids),
+                "num_cached": snap.num_cached,
+                "cache_tokens": [layer.k.shape[1] for layer in snap.layers] if snap.layers else [],
+            },
+            "sampling": snap.sampling,
+            "cache_config": snap.cache_config,
+            "detok": {"output_text": snap.output_text, "prefix_offset": snap.prefix_offset, "read_offset": snap.read_offset},
+            "replacements": snap.replacements,
+            "reserve_next_pos": snap.reserve_next_pos,
+            "reserve": reserve,
+            "objects": objects,
+        }
+
+    def _apply_retention(self, root: str, tr: _Tracker) -> None:
+        while len(tr.versions) > self.config.retention:
+            old = fmt.version_dir(tr.versions[0])
+            try:
+                # Manifest first: a half-deleted version must never look complete.
+                for name in (fmt.MANIFEST, "state.safetensors", "tokens.safetensors"):
+                    self.store.delete(root + old + name)
+            except Exception as e:  # retried after the next version
+                log.warning("retention delete of %s%s failed: %s", root, old, e)
+                return
+            tr.versions.pop(0)

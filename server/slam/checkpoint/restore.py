@@ -1,0 +1,252 @@
+"""Finding a slot's checkpoints, verifying them, and putting the requests back into an engine.
+
+For each request the newest manifest whose every object verifies (size and sha256) wins. Failing that,
+any version whose prompt and tokens verify gives a re-prefill: the engine recomputes the cache from
+prompt + generated tokens, with the generated tokens kept as already-emitted output and the RNG state
+restored. With neither, the request is reported lost: never silently wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from slam.cache import LayerCache
+from slam.cache.slam import Reserve
+from slam.checkpoint import format as fmt
+from slam.checkpoint.store import ObjectMissing, ObjectStore
+from slam.config import CacheConfig
+from slam.engine.sequence import SamplingParams, Sequence, Status
+
+log = logging.getLogger(__name__)
+MANIFEST_RE = re.compile(r"^v(\d{8})/manifest\.json$")
+
+
+class CorruptObject(ValueError):
+    """An object is missing, has the wrong size or checksum, or does not decode."""
+
+
+@dataclass
+class RestoredRequest:
+    request_id: str
+    status: str  # "exact": cache restored; "reprefill": tokens only; "lost": nothing usable
+    reason: str = ""  # why it is not exact from the newest version ("" when it is)
+    version: int | None = None  # the version used
+    latest_version: int = 0  # highest version number present: new checkpoints must go above it
+    versions: list[int] = field(default_factory=list)  # versions whose manifest exists
+    owner_url: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # already emitted to the client
+    rng_state: torch.Tensor | None = None
+    sampling: dict = field(default_factory=dict)
+    cache_config: dict = field(default_factory=dict)
+    detok: dict = field(default_factory=dict)
+    replacements: int = 0
+    num_cached: int = 0
+    layers: list[tuple[torch.Tensor, ...]] | None = None  # per layer (k, v, pos, score)
+    reserve: list[dict[str, Any]] | None = None  # per layer k, v, k_score (None: shared), pos, n
+    reserve_next_pos: int | None = None
+    manifest: dict | None = None
+
+    def store_state(self) -> dict[str, Any]:
+        """Keyword arguments for Checkpointer.adopt: go on numbering, reuse stored prompt and segments."""
+        m = self.manifest or {}
+        exact = self.status == "exact" and self.reserve is not None
+        segments = m.get("objects", {}).get("segments", []) if exact else []
+        return {
+            "version": self.latest_version,
+            "versions": [v for v in self.versions if v <= self.latest_version],
+            "prompt": m.get("objects", {}).get("prompt"),
+            "segments": list(segments),
+            "stored": segments[-1]["ends"] if segments else None,
+            "last_tokens": len(self.output_ids),
+        }
+
+
+def load_slot(store: ObjectStore, slot: int, prefix: str | None = None) -> list[RestoredRequest]:
+    """Every request checkpointed in `slot`, each restored as well as its objects allow."""
+    base = fmt.slot_dir(store.config.prefix if prefix is None else prefix, slot)
+    by_request: dict[str, list[int]] = {}
+    for name in store.list(base):
+        rid, _, rest = name[len(base) :].partition("/")
+        match = MANIFEST_RE.match(rest)
+        by_request.setdefault(rid, [])
+        if match:
+            by_request[rid].append(int(match.group(1)))
+    return [load_request(store, base + rid + "/", rid, sorted(vs, reverse=True)) for rid, vs in sorted(by_request.items())]
+
+
+def load_request(store: ObjectStore, root: str, rid: str, versions: list[int]) -> RestoredRequest:
+    """`versions`: manifest versions present, newest first."""
+    blobs: dict[str, bytes] = {}
+    reasons: list[str] = []
+
+    def fetch(entry: dict | None) -> bytes:
+        if entry is None:
+            raise CorruptObject("object not recorded")
+        name = entry["name"]
+        if name not in blobs:
+            try:
+                blobs[name] = store.get(root + name)
+            except ObjectMissing as e:
+                raise CorruptObject(f"{name} missing") from e
+        data = blobs[name]
+        if len(data) != entry["size"] or fmt.sha256(data) != entry["sha256"]:
+            raise CorruptObject(f"{name} fails its checksum")
+        return data
+
+    manifests = []
+    for v in versions:
+        try:
+            m = fmt.decode_manifest(store.get(root + fmt.version_dir(v) + fmt.MANIFEST))
+            if m.get("request_id") != rid or m.get("version") != v:
+                raise ValueError("manifest names another request or version")
+            manifests.append(m)
+        except (ValueError, ObjectMissing) as e:
+            reasons.append(f"v{v} manifest: {e}")
+    base = RestoredRequest(rid, "lost", latest_version=max(versions, default=0), versions=sorted(versions))
+    for m in manifests:  # newest first: the full state
+        try:
+            out = _decode(base, m, fetch, with_cache=True)
+            out.reason = "; ".join(reasons)
+            return out
+        except (CorruptObject, ValueError, KeyError) as e:
+            reasons.append(f"v{m['version']} state: {e}")
+    for m in manifests:  # then tokens only
+        try:
+            out = _decode(base, m, fetch, with_cache=False)
+            out.reason = "; ".join(reasons)
+            return out
+        except (CorruptObject, ValueError, KeyError) as e:
+            reasons.append(f"v{m['version']} tokens: {e}")
+    base.reason = "; ".join(reasons) or "no complete checkpoint"
+    log.error("request %s lost: %s", rid, base.reason)
+    return base
+
+
+def _decode(base: RestoredRequest, m: dict, fetch, with_cache: bool) -> RestoredRequest:
+    objs = m["objects"]
+    prompt = fmt.load(fetch(objs["prompt"]))["prompt_ids"].tolist()
+    tokens = fmt.load(fetch(objs["tokens"]))
+    out = RestoredRequest(
+        base.request_id,
+        "reprefill",
+        version=m["version"],
+        latest_version=base.latest_version,
+        versions=base.versions,
+        owner_url=m.get("owner_url", ""),
+        prompt_ids=prompt,
+        output_ids=tokens["output_ids"].tolist(),
+        rng_state=tokens["rng_state"],
+        sampling=m["sampling"],
+        cache_config=m["cache_config"],
+        detok=m["detok"],
+        replacements=m.get("replacements", 0),
+        reserve_next_pos=m.get("reserve_next_pos"),
+        manifest=m,
+    )
+    if len(out.prompt_ids) != m["counts"]["prompt_tokens"] or len(out.output_ids) != m["counts"]["output_tokens"]:
+        raise CorruptObject("token counts disagree with the manifest")
+    if not with_cache:
+        return out
+    out.status = "exact"
+    if objs["state"] is None:
+        return out  # checkpointed before its first forward pass: starting over is exact
+    layers = len(m["counts"]["cache_tokens"])
+    st = fmt.load(fetch(objs["state"]))
+    k, v, pos, score = (fmt.unpack_layers(n, st, layers) for n in ("k", "v", "pos", "score"))
+    out.layers = list(zip(k, v, pos, score))
+    out.num_cached = m["counts"]["num_cached"]
+    if m.get("reserve") is not None:
+        out.reserve = _decode_reserve(m["reserve"], objs["segments"], fetch, layers, k[0].dtype)
+    return out
+
+
+def _decode_reserve(info: dict, segments: list[dict], fetch, layers: int, dtype: torch.dtype) -> list[dict]:
+    """Concatenate every segment, checking that they tile [0, n) of each layer."""
+    parts: list[dict[str, list[torch.Tensor]]] = [{"k": [], "v": [], "k_score": [], "pos": []} for _ in range(layers)]
+    have = [0] * layers
+    for seg in segments:
+        t = fmt.load(fetch(seg))
+        firsts = t["first"].tolist()
+        ends = seg["ends"]
+        for name in ("k", "v", "k_score", "pos"):
+            if name not in t and f"{name}.0" not in t:
+                continue
+            values = fmt.unpack_layers(name, t, layers)
+            if info["int8"] and name != "pos":
+                scales = fmt.unpack_layers(f"{name}_scale", t, layers)
+                values = [fmt.dequantize_int8(q, s, dtype) for q, s in zip(values, scales)]
+            for i, x in enumerate(values):
+                parts[i][name].append(x)
+        for i in range(layers):
+            if firsts[i] != have[i]:
+                raise CorruptObject(f"reserve layer {i}: segment starts at {firsts[i]}, expected {have[i]}")
+            have[i] = ends[i]
+    if have != list(info["n"]):
+        raise CorruptObject(f"reserve holds {have} tokens, manifest says {info['n']}")
+    out = []
+    for i, p in enumerate(parts):
+        cat = lambda xs, dim: torch.cat(xs, dim=dim) if xs else None  # noqa: E731
+        k = cat(p["k"], 1)
+        out.append(
+            {"k": k, "v": cat(p["v"], 1), "pos": cat(p["pos"], 0), "n": have[i],
+             "k_score": None if info["shared_k_score"] else cat(p["k_score"], 1)}
+        )
+    return out
+
+
+def resume_into(engine: Any, r: RestoredRequest) -> Sequence | None:
+    """Put a restored request into `engine` (an LLMEngine) so the next step continues it.
+
+    Exact restores go straight to scheduler.running with their caches; re-prefills go to the front of
+    the waiting queue with num_cached = 0, so prefill covers prompt + generated tokens and the token
+    sampled after it is the next one. Returns None for a lost request.
+    """
+    if r.status == "lost":
+        return None
+    seq = Sequence(list(r.prompt_ids), SamplingParams(**r.sampling), CacheConfig(**r.cache_config), request_id=r.request_id)
+    seq.output_ids = list(r.output_ids)
+    if r.rng_state is not None:
+        seq.generator.set_state(r.rng_state.clone())
+    seq.output_text = r.detok.get("output_text", "")
+    seq.prefix_offset = r.detok.get("prefix_offset", len(seq.prompt_ids))
+    seq.read_offset = r.detok.get("read_offset", len(seq.prompt_ids))
+    seq.replacements = r.replacements
+    if r.status == "exact" and r.layers is not None:
+        seq.caches = build_caches(engine.runner, seq, r)
+        seq.num_cached = r.num_cached
+        seq.status = Status.RUNNING
+        with engine.lock:
+            engine.scheduler.running.append(seq)
+    else:
+        seq.num_cached, seq.caches, seq.status = 0, None, Status.WAITING
+        with engine.lock:
+            engine.scheduler.waiting.appendleft(seq)
+    return seq
+
+
+@torch.inference_mode()  # the same kind of tensors the runner makes, so its in-place updates stay legal
+def build_caches(runner: Any, seq: Sequence, r: RestoredRequest) -> list[LayerCache]:
+    dev = runner.device
+    caches = []
+    for i, (k, v, pos, score) in enumerate(r.layers):
+        cache = LayerCache(k.to(dev).clone(), v.to(dev).clone(), pos.to(dev).clone(), score.to(dev).clone(), rotate=runner.rope)
+        if r.reserve_next_pos is not None:
+            # Without stored reserve tokens (include_reserve=False) the reserve restarts empty at the
+            # saved window edge: only tokens evicted after the restore can be recalled later.
+            rdev = getattr(seq.policy, "reserve_device", "cpu")
+            res = Reserve(k.shape[0], k.shape[2], k.dtype, rdev)
+            res.next_pos = r.reserve_next_pos
+            if r.reserve is not None:
+                rr = r.reserve[i]
+                res.k, res.v, res.pos = rr["k"].to(rdev).clone(), rr["v"].to(rdev).clone(), rr["pos"].to(rdev).clone()
+                res.k_score = res.k if rr["k_score"] is None else rr["k_score"].to(rdev).clone()
+                res.n = rr["n"]
+            cache.extra["reserve"] = res
+        caches.append(cache)
+    return caches
