@@ -12,6 +12,7 @@ import os
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from s3_fixtures import MotoS3, make_config, s3_endpoint  # noqa: F401  (fixture)
 from slam.checkpoint import Checkpointer, ObjectStore, load_slot, resume_into
@@ -169,6 +170,32 @@ def test_torn_version_is_ignored(loaded, text_ids, cfg):
     ckpt.close()
 
 
+def test_int8_reserve_is_smaller_and_close(loaded, text_ids, cfg):
+    """reserve_int8 shrinks segments about 3.8x; restored values are within half a quantization step
+    (so outputs after such a restore may differ from the uninterrupted run: off by default)."""
+    eng = engine(loaded)
+    seq = eng.add_request(text_ids[:200], SamplingParams(max_tokens=8, ignore_eos=True))
+    run_until(eng, [seq], 2)
+    sizes = {}
+    for int8 in (False, True):
+        c = cfg.model_copy(update={"reserve_int8": int8, "prefix": f"{cfg.prefix}-{int8}"})
+        ck = Checkpointer(ObjectStore(c), c)
+        ck.checkpoint(seq)
+        assert ck.flush(60) and ck.failures_total == 0
+        sizes[int8] = ck.last_upload[seq.request_id]["segment"]
+        ck.close()
+    assert sizes[False] / sizes[True] > 3.5
+    (r,) = load_slot(ObjectStore(c), c.slot)
+    res = seq.caches[0].extra["reserve"]
+    k = res.k[:, : res.n]  # [kv_heads, n, head_dim]
+    step = k.abs().amax(dim=-1, keepdim=True) / 127
+    assert r.status == "exact" and ((r.reserve[0]["k"] - k).abs() <= step / 2 + 1e-6).all()
+    eng2 = engine(loaded)
+    got = resume_into(eng2, r)
+    finish(eng2, [got])
+    assert len(got.output_ids) == 8
+
+
 # --- (c) bounded checkpoints -----------------------------------------------------------------------------
 def test_bounded_state_and_interval_bytes(loaded, text_ids, cfg):
     short, long = CONTEXTS
@@ -194,7 +221,8 @@ def test_bounded_state_and_interval_bytes(loaded, text_ids, cfg):
     for c in (ckpt, lean):
         for s in (a, b):
             c.checkpoint(s)
-    run_until(eng, [a, b], 1 + cfg.interval_tokens)
+    for _ in range(cfg.interval_tokens):  # exactly one interval: one token leaves each window per step
+        eng.step()
     outputs = {s.request_id: len(s.output_ids) for s in (a, b)}  # a may be ahead: its prefill ended first
     for c in (ckpt, lean):
         for s in (a, b):
@@ -209,6 +237,11 @@ def test_bounded_state_and_interval_bytes(loaded, text_ids, cfg):
     # With the reserve: one interval uploads one segment of interval_tokens tokens plus the state.
     per_interval = {k: sa[k] for k in ("segment", "state")}
     assert per_interval == {k: sb[k] for k in ("segment", "state")}
+    for s in (a, b):
+        root = fmt.request_dir(cfg.prefix, cfg.slot, s.request_id)
+        manifest = fmt.decode_manifest(store.get(root + fmt.version_dir(2) + fmt.MANIFEST))
+        seg = manifest["objects"]["segments"][-1]
+        assert seg["last"] - seg["first"] + 1 == cfg.interval_tokens
     # Only the generated-token list grows (8 bytes a token; the prompt is stored once per request).
     assert sa["tokens"] - sb["tokens"] == 8 * (outputs[a.request_id] - outputs[b.request_id])
     print(f"\ncontexts {short}/{long}: slam state {la['state']} B; per interval {per_interval}; full {full_sizes}")
@@ -230,11 +263,13 @@ def test_store_outage_does_not_block(loaded, text_ids):
     server.start()
     cfg = make_config(server.endpoint, "testing", "testing", backoff_s=0.02, backoff_max_s=0.2, timeout_s=1.0)
     store = ObjectStore(cfg)
-    ckpt = Checkpointer(store, cfg)
+    registry = CollectorRegistry()
+    ckpt = Checkpointer(store, cfg, registry)
     eng = engine(loaded)
-    seq = eng.add_request(text_ids[:100], SamplingParams(max_tokens=40, ignore_eos=True))
+    seq = eng.add_request(text_ids[:100], SamplingParams(max_tokens=20, ignore_eos=True))
     run_until(eng, [seq], 2)
-    ckpt.checkpoint(seq)
+    ckpt.after_step([seq])  # the first token makes a request due
+    ckpt.after_step([seq])  # not again before interval_tokens more
     assert ckpt.flush(30) and ckpt.uploads_total == 1
     server.stop()
     try:
@@ -255,5 +290,12 @@ def test_store_outage_does_not_block(loaded, text_ids):
     assert ckpt.uploads_total == 2
     (r,) = load_slot(store, cfg.slot)
     assert r.status == "exact" and len(r.output_ids) == 8
+    metric = registry.get_sample_value
+    assert metric("slam:checkpoint_failures_total") == ckpt.failures_total
+    assert metric("slam:checkpoint_bytes_total") == ckpt.bytes_total > 0
+    assert metric("slam:checkpoint_seconds_count") == 2
+    finish(eng, [seq])
+    ckpt.after_step([seq])  # finished: its objects go
+    assert ckpt.flush(30) and store.list(cfg.prefix) == []
     ckpt.close()
     server.stop()

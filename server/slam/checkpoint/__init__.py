@@ -6,6 +6,17 @@
     ckpt.checkpoint_all(engine.scheduler.running, 30)   # SIGTERM
     for r in load_slot(store, slot):                    # start with --restore-slot
         seq = resume_into(engine, r); ckpt.adopt(r.request_id, r.store_state())
+
+Tradeoffs (CheckpointConfig):
+- reserve_int8=False (default): reserve segments are stored in the cache dtype, so a restore continues
+  bit-for-bit. True stores INT8 with a float32 scale per token and head (about 3.8x smaller for fp32
+  caches), but recalled keys and values then differ slightly and outputs after a restore may diverge.
+- include_reserve=True (default): every reserve token is uploaded once, as append-only segments.
+  False uploads only the active cache (bounded by the budget whatever the context); a restored slam
+  request then starts with an empty reserve and can only recall tokens evicted after the restore.
+- A re-prefill (every cached version broken) recomputes the cache from tokens: identical for `full` with
+  greedy decoding in our tests, but compressed policies evict differently under chunked prefill than
+  under step-by-step decoding, so their continuation may differ.
 """
 
 from slam.checkpoint.checkpointer import Checkpointer

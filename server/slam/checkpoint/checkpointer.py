@@ -122,7 +122,8 @@ class Checkpointer:
         first token, then every `interval_tokens`), deletes the finished ones."""
         for seq in seqs:
             if seq.finished:
-                self.delete_request(seq.request_id)
+                if seq.request_id in self._trackers:  # never checkpointed: nothing to delete
+                    self.delete_request(seq.request_id)
                 continue
             tr = self._trackers.get(seq.request_id)
             last = -1 if tr is None else tr.last_tokens

@@ -30,6 +30,8 @@ MANIFEST = "manifest.json"
 
 # --- names -------------------------------------------------------------------------------------------
 def request_dir(prefix: str, slot: int, request_id: str) -> str:
+    if not request_id or "/" in request_id or request_id.startswith("."):
+        raise ValueError(f"request id {request_id!r} cannot name a checkpoint directory")
     return "/".join(p for p in (prefix.strip("/"), str(slot), request_id) if p) + "/"
 
 
