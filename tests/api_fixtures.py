@@ -77,10 +77,26 @@ def running_server(*args: str, log: Path) -> Iterator[str]:
             proc.wait()
 
 
+# Test modules import these fixtures, which makes each module's copy a separate fixture; the cache makes
+# them share one server per configuration for the whole session. The copy that started it stops it.
+_started: dict[str, str] = {}
+
+
+def _shared_server(name: str, args: list[str], tmp_path_factory) -> Iterator[str]:
+    if name in _started:
+        yield _started[name]
+        return
+    with running_server(*args, log=tmp_path_factory.mktemp(name) / "serve.log") as url:
+        _started[name] = url
+        try:
+            yield url
+        finally:
+            del _started[name]
+
+
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory) -> Iterator[str]:
-    with running_server(*SERVER_ARGS, log=tmp_path_factory.mktemp("serve") / "serve.log") as url:
-        yield url
+    yield from _shared_server("serve", SERVER_ARGS, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -94,8 +110,7 @@ def api_key_file(tmp_path_factory) -> Path:
 def small_server_url(tmp_path_factory, api_key_file) -> Iterator[str]:
     """One batch slot, no queue, API keys required: for 429 and 401."""
     args = [*SERVER_ARGS[:6], "--max-batch", "1", "--max-queue", "0", "--api-key-file", str(api_key_file)]
-    with running_server(*args, log=tmp_path_factory.mktemp("serve-small") / "serve.log") as url:
-        yield url
+    yield from _shared_server("serve-small", args, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

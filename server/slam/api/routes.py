@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
 
 from slam.api.errors import APIError, error_body, error_response
 from slam.api.loop import EngineLoop, QueueFull, Stream, TokenEvent
@@ -121,8 +122,11 @@ async def _generate(request: Request, body: SamplingFields, prepared: Prepared, 
     stream = _submit(loop, prepared, request_id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # The background release covers a client gone before the generator ever ran (its `finally` then
+        # never runs); release is idempotent.
         return StreamingResponse(_sse(loop, stream, shape, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
+                                 background=BackgroundTask(loop.release, stream))
     last = await _collect(request, loop, stream)
     if last is None:
         return Response(status_code=499)  # nobody is listening any more

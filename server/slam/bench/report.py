@@ -26,6 +26,9 @@ def print_table(result: BenchResult) -> None:
     for _, title in COLUMNS:
         table.add_column(title, justify="right")
     table.add_row(*("-" if s[key] is None else str(s[key]) for key, _ in COLUMNS))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped into a file: do not squeeze the columns to 80 characters
+        console = Console(width=160)
+    console.print(table)
     for error in s["errors"]:
         Console(stderr=True).print(f"error: {error}")
