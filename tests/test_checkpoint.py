@@ -1,8 +1,7 @@
 """Checkpoint and restore against a real S3 endpoint (moto, or SLAM_TEST_S3_ENDPOINT) and the real model.
 
-SLAM_TEST_CONTEXTS="1000,3000" runs test (c) at the lengths of design.md; the default is shorter so the
-file stays within a few minutes on 2 busy cores (the property tested does not depend on the lengths as
-long as both exceed the budget).
+Test (c) runs at 1,000 and 3,000 context tokens (about 100 s of the file's ~2 min on 2 busy cores);
+SLAM_TEST_CONTEXTS="400,1200" makes it quicker (the property holds for any lengths above the budget).
 """
 
 from __future__ import annotations
@@ -20,18 +19,17 @@ from slam.checkpoint import format as fmt
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams, Sequence
-from slam.model import load_model
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
 
 SLAM_SMALL = CacheConfig(policy="slam", budget=96, sink=4, recent=32)  # small prompts still use the reserve
 FULL = CacheConfig(policy="full", budget=None)
-CONTEXTS = [int(x) for x in os.environ.get("SLAM_TEST_CONTEXTS", "400,1200").split(",")]
+CONTEXTS = [int(x) for x in os.environ.get("SLAM_TEST_CONTEXTS", "1000,3000").split(",")]
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model()
+def loaded(smol):  # conftest's session-wide slam.model.load_model()
+    return smol
 
 
 @pytest.fixture(scope="module")
@@ -283,17 +281,17 @@ def test_store_outage_does_not_block(loaded, text_ids):
         while ckpt.failures_total < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ckpt.failures_total >= 3 and ckpt.uploads_total == 1
-        assert ckpt.pending() == 1  # coalesced: one request, one pending snapshot
+        assert ckpt.pending() <= 1  # coalesced: one request, at most one queued snapshot
     finally:
         server.start()
     assert ckpt.flush(30)
-    assert ckpt.uploads_total == 2
+    assert ckpt.uploads_total >= 2  # the latest snapshot (plus possibly an older one in flight at restart)
     (r,) = load_slot(store, cfg.slot)
     assert r.status == "exact" and len(r.output_ids) == 8
     metric = registry.get_sample_value
     assert metric("slam:checkpoint_failures_total") == ckpt.failures_total
     assert metric("slam:checkpoint_bytes_total") == ckpt.bytes_total > 0
-    assert metric("slam:checkpoint_seconds_count") == 2
+    assert metric("slam:checkpoint_seconds_count") == ckpt.uploads_total
     finish(eng, [seq])
     ckpt.after_step([seq])  # finished: its objects go
     assert ckpt.flush(30) and store.list(cfg.prefix) == []

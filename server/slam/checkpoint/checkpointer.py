@@ -163,8 +163,9 @@ class Checkpointer:
         return True
 
     def pending(self) -> int:
+        """Queued snapshots and deletes, not counting the one being uploaded."""
         with self._cond:
-            return len(self._pending) + int(self._busy)
+            return len(self._pending)
 
     def close(self, timeout: float = 0.0) -> None:
         if timeout:
