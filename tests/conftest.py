@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Test servers and the test process share two cores; spinning OpenMP threads then stall every small
+# tensor op for milliseconds. Set before torch loads, and inherited by every process a test starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest

@@ -94,7 +94,10 @@ def cmd_generate(args) -> int:
     engine = engine_from(args, cache)
     prompt = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else engine.encode(args.prompt)
 
+    caches = []
+
     def show(out) -> None:
+        caches[:] = out.seq.caches or caches  # the engine frees the cache when the request finishes
         sys.stdout.write(out.text)
         sys.stdout.flush()
 
@@ -102,7 +105,8 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     if args.stats:
         print(json.dumps({"prompt_tokens": len(seq.prompt_ids), "generated_tokens": len(seq.output_ids),
-                          "finish_reason": seq.finish_reason, "replacements": seq.replacements}), file=sys.stderr)
+                          "finish_reason": seq.finish_reason, "replacements": seq.replacements,
+                          "cache_tokens": max(c.size for c in caches)}), file=sys.stderr)
     return 0
 
 

@@ -71,7 +71,6 @@ class Reserve:
 @dataclass
 class SlamPolicy(CachePolicy):
     name: ClassVar[str] = "slam"
-    needs_attention: ClassVar[bool] = True
     reserve_device: str = "cpu"
     sketch_dims: int = 0
     sketch_candidates: int = 4  # exact rescoring of this many times the critical slots
@@ -95,9 +94,16 @@ class SlamPolicy(CachePolicy):
         reserve.append(k, v, k_score, pos)
         reserve.next_pos = leaving_upto
 
-    def score(self, cache: LayerCache, probs: torch.Tensor | None, new_tokens: int) -> torch.Tensor:
-        # Between two selections, eviction keeps the tokens the latest queries attended to most.
-        return probs.amax(dim=(1, 2))
+    def evict(self, cache: LayerCache) -> None:
+        # The next step selects critical tokens from the reserve anyway, so eviction needs no scores:
+        # keep the sink, the oldest middle tokens up to the critical slots, and the window. Rows share
+        # these counts because sink and window are the same positions in every head.
+        row = cache.pos[0]
+        head = int((row < self.sink).sum()) + self.middle_slots
+        window = cache.size - int((row <= row[-1] - self.window).sum())
+        for name in ("k", "v", "pos", "score"):
+            t = getattr(cache, name)
+            setattr(cache, name, torch.cat([t[:, :head], t[:, t.shape[1] - window :]], dim=1))
 
     def estimate(self, q: torch.Tensor, reserve: Reserve) -> torch.Tensor:
         """Approximate attention of the queries on every reserve token. q: [q_heads, t, d] -> [kv_heads, n]."""
