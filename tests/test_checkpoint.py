@@ -34,7 +34,8 @@ def loaded(smol):  # conftest's session-wide slam.model.load_model()
 
 @pytest.fixture(scope="module")
 def text_ids(loaded) -> list[int]:
-    text = " ".join(f"Item {i}: the {['red', 'blue', 'green'][i % 3]} box holds {i * 7 % 13} coins." for i in range(400))
+    colors = ["red", "blue", "green"]
+    text = " ".join(f"Item {i}: the {colors[i % 3]} box holds {i * 7 % 13} coins." for i in range(400))
     ids = loaded.tokenizer.encode(text)
     assert len(ids) >= max(CONTEXTS)
     return ids
@@ -76,7 +77,8 @@ def test_restore_continues_identically(loaded, text_ids, cfg):
     eng = engine(loaded)
     prompt = text_ids[:200]
     greedy = eng.add_request(prompt, SamplingParams(max_tokens=28, ignore_eos=True))
-    seeded = eng.add_request(prompt[:150], SamplingParams(max_tokens=28, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True))
+    sampled = SamplingParams(max_tokens=28, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+    seeded = eng.add_request(prompt[:150], sampled)
     run_until(eng, [greedy, seeded], 8)
     for seq in (greedy, seeded):
         assert ckpt.checkpoint(seq)

@@ -210,7 +210,9 @@ class Checkpointer:
             cb()
         item.attempts += 1
         delay = min(self.config.backoff_s * 2 ** (item.attempts - 1), self.config.backoff_max_s)
-        log.warning("checkpoint %s of %s failed (attempt %d), retry in %.1fs: %s", item.kind, rid, item.attempts, delay, err)
+        log.warning(
+            "checkpoint %s of %s failed (attempt %d), retry in %.1fs: %s", item.kind, rid, item.attempts, delay, err
+        )
         item.not_before = time.monotonic() + delay
         with self._cond:
             if rid not in self._pending and not self._closed:  # a newer snapshot or a delete supersedes it
@@ -249,7 +251,8 @@ class Checkpointer:
                     tr.stored = ends
         version = tr.version + 1
         vdir = fmt.version_dir(version)
-        objects: dict[str, Any] = {"prompt": tr.prompt, "tokens": put("tokens", vdir + "tokens.safetensors", encode_tokens(snap))}
+        tokens = put("tokens", vdir + "tokens.safetensors", encode_tokens(snap))
+        objects: dict[str, Any] = {"prompt": tr.prompt, "tokens": tokens}
         state = encode_state(snap)
         objects["state"] = None if state is None else put("state", vdir + "state.safetensors", state)
         objects["segments"] = list(tr.segments) if snap.reserve is not None else []
@@ -288,7 +291,11 @@ class Checkpointer:
             },
             "sampling": snap.sampling,
             "cache_config": snap.cache_config,
-            "detok": {"output_text": snap.output_text, "prefix_offset": snap.prefix_offset, "read_offset": snap.read_offset},
+            "detok": {
+                "output_text": snap.output_text,
+                "prefix_offset": snap.prefix_offset,
+                "read_offset": snap.read_offset,
+            },
             "replacements": snap.replacements,
             "reserve_next_pos": snap.reserve_next_pos,
             "reserve": reserve,

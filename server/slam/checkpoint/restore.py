@@ -77,7 +77,9 @@ def load_slot(store: ObjectStore, slot: int, prefix: str | None = None) -> list[
         by_request.setdefault(rid, [])
         if match:
             by_request[rid].append(int(match.group(1)))
-    return [load_request(store, base + rid + "/", rid, sorted(vs, reverse=True)) for rid, vs in sorted(by_request.items())]
+    return [
+        load_request(store, base + rid + "/", rid, sorted(vs, reverse=True)) for rid, vs in sorted(by_request.items())
+    ]
 
 
 def load_request(store: ObjectStore, root: str, rid: str, versions: list[int]) -> RestoredRequest:
@@ -209,7 +211,8 @@ def resume_into(engine: Any, r: RestoredRequest) -> Sequence | None:
     """
     if r.status == "lost":
         return None
-    seq = Sequence(list(r.prompt_ids), SamplingParams(**r.sampling), CacheConfig(**r.cache_config), request_id=r.request_id)
+    sampling, cache_config = SamplingParams(**r.sampling), CacheConfig(**r.cache_config)
+    seq = Sequence(list(r.prompt_ids), sampling, cache_config, request_id=r.request_id)
     seq.output_ids = list(r.output_ids)
     if r.rng_state is not None:
         seq.generator.set_state(r.rng_state.clone())
@@ -235,7 +238,8 @@ def build_caches(runner: Any, seq: Sequence, r: RestoredRequest) -> list[LayerCa
     dev = runner.device
     caches = []
     for i, (k, v, pos, score) in enumerate(r.layers):
-        cache = LayerCache(k.to(dev).clone(), v.to(dev).clone(), pos.to(dev).clone(), score.to(dev).clone(), rotate=runner.rope)
+        k, v, pos, score = (t.to(dev).clone() for t in (k, v, pos, score))
+        cache = LayerCache(k, v, pos, score, rotate=runner.rope)
         if r.reserve_next_pos is not None:
             # Without stored reserve tokens (include_reserve=False) the reserve restarts empty at the
             # saved window edge: only tokens evicted after the restore can be recalled later.
