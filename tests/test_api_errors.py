@@ -184,3 +184,27 @@ def test_flags_override_env(monkeypatch):
     monkeypatch.setenv("SLAM_BUDGET", "100")
     settings = settings_from(parser.parse_args(["serve", "--port", "9001"]))
     assert (settings.port, settings.budget) == (9001, 100)
+
+
+def test_not_ready_503_and_engine_failure_500(smol):
+    """In-process: /ready is 503 until the engine loop runs; a failing step fails its request with a 500
+    in OpenAI shape, and the server keeps serving."""
+    from fastapi.testclient import TestClient
+
+    from slam.api.server import create_app
+    from slam.config import ServerSettings
+    from slam.engine.engine import LLMEngine
+
+    settings = ServerSettings(budget=24, sink=4, recent=8)
+    engine = LLMEngine(settings.engine_config(), loaded=smol)
+    app = create_app(settings, engine)
+    assert_error(TestClient(app).get("/ready"), 503, code="not_ready")  # no lifespan: loop not started
+
+    real_run = engine.runner.run
+    engine.runner.run = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    with TestClient(app) as client:
+        assert client.get("/ready").status_code == 200
+        assert_error(client.post("/v1/completions", json=body), 500, code="engine_error", contains="boom")
+        engine.runner.run = real_run
+        assert client.post("/v1/completions", json=body).status_code == 200
