@@ -46,7 +46,6 @@ class Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.monotonic)
     last_token: float | None = None
-    replacements_seen: int = 0
     last: TokenEvent | None = None
 
     async def next_event(self) -> TokenEvent:
@@ -124,46 +123,33 @@ class EngineLoop:
             self._step()
 
     def _step(self) -> None:
-        eng = self.engine
-        # engine.step() inlined: Sequence.free() drops a request's cache inside postprocess when it
-        # finishes, so the cache size the response reports has to be measured between run and postprocess.
-        with eng.lock:
-            eng.scheduler.reap_aborted()
-            batch = eng.scheduler.schedule()
-        if not batch:
-            self._update_gauges()
-            return
-        try:
-            logits = eng.runner.run(batch)
-            eng.stats.steps += 1
-            sizes = {seq.request_id: (seq.cache_tokens(), seq.cache_bytes()) for seq, _ in batch}
-            outputs = eng.postprocess(batch, logits)
-        except Exception as exc:  # a failing step fails its requests, never the server
-            log.exception("engine step failed")
-            self._fail([seq for seq, _ in batch], f"engine error: {type(exc).__name__}: {exc}")
-            return
+        replaced_before = self.engine.stats.replacements
+        outputs = self.engine.step()
         self.metrics.steps.inc()
+        self.metrics.replacements.inc(self.engine.stats.replacements - replaced_before)
         now = time.monotonic()
+        generated = 0
         with self._lock:
-            for seq, _ in batch:
-                stream = self._streams.get(seq.request_id)
-                if stream is not None:
-                    self.metrics.replacements.inc(seq.replacements - stream.replacements_seen)
-                    stream.replacements_seen = seq.replacements
             for out in outputs:
                 stream = self._streams.get(out.seq.request_id)
+                if out.error:
+                    self.metrics.failed.inc()
+                    if stream is not None:
+                        del self._streams[out.seq.request_id]
+                        self._deliver(stream, TokenEvent(len(out.seq.output_ids), -1, "", True, None, 0, 0, error=out.error))
+                    continue
+                generated += 1
                 if stream is None:
                     continue  # released by its handler: aborted, reaped at the next step
                 self._timing(stream, now)
-                tokens, nbytes = sizes[out.seq.request_id]
                 event = TokenEvent(len(out.seq.output_ids) - 1, out.token_id, out.text, out.finished,
-                                   out.seq.finish_reason if out.finished else None, tokens, nbytes)
+                                   out.seq.finish_reason if out.finished else None, out.cache_tokens, out.cache_bytes)
                 if out.finished:
                     del self._streams[out.seq.request_id]
                     self.metrics.success.labels(out.seq.finish_reason or "stop").inc()
                     self.metrics.e2e.observe(now - stream.arrival)
                 self._deliver(stream, event)
-        self.metrics.generation_tokens.inc(len(outputs))
+        self.metrics.generation_tokens.inc(generated)
         self._update_gauges()
 
     def _timing(self, stream: Stream, now: float) -> None:
@@ -172,15 +158,6 @@ class EngineLoop:
         else:
             self.metrics.itl.observe(now - stream.last_token)
         stream.last_token = now
-
-    def _fail(self, seqs: list[Sequence], message: str) -> None:
-        with self._lock:
-            for seq in seqs:
-                self.engine.abort(seq)
-                stream = self._streams.pop(seq.request_id, None)
-                if stream is not None:
-                    self.metrics.failed.inc()
-                    self._deliver(stream, TokenEvent(len(seq.output_ids), -1, "", True, None, 0, 0, error=message))
 
     @staticmethod
     def _deliver(stream: Stream, event: TokenEvent) -> None:

@@ -24,12 +24,6 @@ from slam.config import CacheConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 
-# WORKAROUND (engine bug, reported): the sampler divides by the temperature and compares top_p in float32,
-# so a temperature or top_p below float32's range gives NaN or all-zero probabilities and
-# torch.multinomial raises. Both limits mean "only the most likely token", which these values keep.
-MIN_TEMPERATURE = 1e-6
-MIN_TOP_P = 1e-6
-
 
 @dataclass
 class Prepared:
@@ -89,8 +83,8 @@ class Preparer:
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
         sampling = SamplingParams(
             max_tokens=max_tokens,
-            temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-            top_p=1.0 if req.top_p is None else max(req.top_p, MIN_TOP_P),
+            temperature=temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
             seed=req.seed,
             stop=[s for s in stop if s],  # an empty stop string would end every request at once

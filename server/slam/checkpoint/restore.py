@@ -20,7 +20,7 @@ from slam.cache.slam import Reserve
 from slam.checkpoint import format as fmt
 from slam.checkpoint.store import ObjectMissing, ObjectStore
 from slam.config import CacheConfig
-from slam.engine.sequence import SamplingParams, Sequence, Status
+from slam.engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 MANIFEST_RE = re.compile(r"^v(\d{8})/manifest\.json$")
@@ -223,13 +223,10 @@ def resume_into(engine: Any, r: RestoredRequest) -> Sequence | None:
     if r.status == "exact" and r.layers is not None:
         seq.caches = build_caches(engine.runner, seq, r)
         seq.num_cached = r.num_cached
-        seq.status = Status.RUNNING
-        with engine.lock:
-            engine.scheduler.running.append(seq)
     else:
-        seq.num_cached, seq.caches, seq.status = 0, None, Status.WAITING
-        with engine.lock:
-            engine.scheduler.waiting.appendleft(seq)
+        seq.num_cached, seq.caches = 0, None
+    with engine.lock:
+        engine.scheduler.resume(seq)
     return seq
 
 

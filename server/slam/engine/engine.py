@@ -6,12 +6,17 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import logging
+
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.model_runner import ModelRunner
 from slam.engine.sampler import sample
 from slam.engine.scheduler import Scheduler
 from slam.engine.sequence import SamplingParams, Sequence, Status
 from slam.model import LoadedModel, load_model
+
+
+log = logging.getLogger("slam.engine")
 
 
 class RequestError(ValueError):
@@ -21,9 +26,12 @@ class RequestError(ValueError):
 @dataclass
 class StepOutput:
     seq: Sequence
-    token_id: int
+    token_id: int  # -1 when the step failed
     text: str  # newly decoded text, possibly empty while a multi-byte character is incomplete
     finished: bool
+    cache_tokens: int = 0  # the request's active cache per layer and KV head after this step
+    cache_bytes: int = 0  # measured before a finished request's cache is freed
+    error: str | None = None
 
 
 @dataclass
@@ -55,6 +63,9 @@ class LLMEngine:
     ) -> Sequence:
         if not prompt_ids:
             raise RequestError("the prompt is empty")
+        vocab = self.runner.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise RequestError(f"token ids must lie in [0, {vocab}); got {min(prompt_ids)}..{max(prompt_ids)}")
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the maximum is {self.config.max_prompt_tokens}"
@@ -84,9 +95,23 @@ class LLMEngine:
             batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.run(batch)
+        try:
+            logits = self.runner.run(batch)
+        except Exception as exc:  # A failing step fails its own requests, never the engine.
+            log.exception("engine step failed")
+            return self.fail(batch, f"engine error: {type(exc).__name__}: {exc}")
         self.stats.steps += 1
+        self.stats.replacements = self.runner.replacements
         return self.postprocess(batch, logits)
+
+    def fail(self, batch, message: str) -> list[StepOutput]:
+        outputs = []
+        with self.lock:
+            for seq, _ in batch:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+                outputs.append(StepOutput(seq, -1, "", True, error=message))
+        return outputs
 
     def postprocess(self, batch, logits) -> list[StepOutput]:
         outputs = []
@@ -95,6 +120,7 @@ class LLMEngine:
             seq.num_cached += len(chunk)
             if seq.num_cached < seq.length:
                 continue  # a prefill chunk that did not reach the end of the prompt
+            cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
             token = sample(logits[row], seq.sampling, seq.generator)
             seq.output_ids.append(token)
             self.stats.generation_tokens += 1
@@ -106,8 +132,7 @@ class LLMEngine:
                 seq.finish_reason = reason
                 with self.lock:
                     self.scheduler.finish(seq)
-            outputs.append(StepOutput(seq, token, text, reason is not None))
-        self.stats.replacements = sum(s.replacements for s in self.scheduler.running)
+            outputs.append(StepOutput(seq, token, text, reason is not None, cache_tokens, cache_bytes))
         return outputs
 
     def detokenize(self, seq: Sequence) -> str:

@@ -29,6 +29,8 @@ class ModelRunner:
         self.scale = attn.scaling
         self.q_heads = self.config.num_attention_heads
         self.kv_heads = self.config.num_key_value_heads
+        self.vocab_size = self.config.vocab_size
+        self.replacements = 0  # critical tokens swapped in, over the runner's life (a metric)
         self.rope = Rope(self.backbone.rotary_emb, self.head_dim, self.device, self.dtype)
 
     def allocate(self, seq: Sequence) -> None:
@@ -66,6 +68,7 @@ class ModelRunner:
                     seq.policy, seq.caches[li], q[:, a:b], k[:, a:b], v[:, a:b], pos[a:b], self.rope, self.scale
                 )
                 seq.replacements += replaced
+                self.replacements += replaced
                 outs.append(out)
             o = torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1)  # [tokens, q_heads * head_dim]
             x = x + attn.o_proj(o)

@@ -23,6 +23,17 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def resume(self, seq: Sequence) -> None:
+        """Take back a restored request: with its cache it decodes at the next step, without it prefills first.
+
+        Restored requests come before new ones, so they run even when they exceed `max_batch` for a while."""
+        if seq.caches is not None:
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        else:
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -26,7 +26,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing float32 logits by the temperature overflows; the limit is greedy anyway.
+        return self.temperature < 1e-5
 
 
 class Status(enum.Enum):
@@ -75,7 +76,11 @@ class Sequence:
 
     @property
     def prefilled(self) -> bool:
-        return self.num_cached >= len(self.prompt_ids)
+        """Whether only the newest token is still to be processed (a decode step).
+
+        A restored request that must recompute its cache has generated tokens pending too; they are
+        prefilled in chunks like the prompt."""
+        return self.length - self.num_cached <= 1
 
     @property
     def finished(self) -> bool:
@@ -89,7 +94,11 @@ class Sequence:
         return max((c.size for c in self.caches), default=0) if self.caches else 0
 
     def cache_bytes(self) -> int:
+        """Bytes of the active cache (what a budget bounds); the reserve tier is `reserve_bytes`."""
         return sum(c.nbytes() for c in self.caches) if self.caches else 0
+
+    def reserve_bytes(self) -> int:
+        return sum(c.extra["reserve"].nbytes() for c in self.caches if "reserve" in c.extra) if self.caches else 0
 
     def free(self) -> None:
         self.caches = None
