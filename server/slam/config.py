@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PositionMode = Literal["original", "cache"]
@@ -86,13 +86,45 @@ class ServerSettings(BaseSettings):
     prefill_chunk: int = Field(default=512, ge=1)
     max_prompt_tokens: int = Field(default=32768, ge=1)
     api_key_file: Path | None = None
+    # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
+    s3_endpoint: str | None = None  # host:port, no scheme
+    s3_bucket: str = "slam"
+    s3_prefix: str = "checkpoints"
+    s3_secure: bool = False
+    # Credentials only from the environment (SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY): never flags, which
+    # show up in `ps`; SecretStr keeps them out of reprs and logs.
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    slot: int = Field(default=0, ge=0)
+    advertise_url: str | None = None  # default http://<host>:<port>
+    checkpoint_interval: int = Field(default=16, ge=1)
+    restore_slot: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
         self.cache_config()  # raises on an inconsistent cache setting
         if self.api_key_file is not None and not self.api_key_file.is_file():
             raise ValueError(f"api key file {self.api_key_file} does not exist")
+        if self.restore_slot is not None and not self.s3_endpoint:
+            raise ValueError("--restore-slot needs --s3-endpoint")
+        self.checkpoint_config()  # the checkpoint library validates its own fields
         return self
+
+    @property
+    def public_url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    def checkpoint_config(self):  # -> CheckpointConfig | None (imported lazily: minio is a serving dependency)
+        """The checkpoint library's config built from these settings (one source of truth); None when off."""
+        if not self.s3_endpoint:
+            return None
+        from slam.checkpoint.store import CheckpointConfig
+
+        return CheckpointConfig(
+            endpoint=self.s3_endpoint, bucket=self.s3_bucket, prefix=self.s3_prefix, secure=self.s3_secure,
+            access_key=self.s3_access_key, secret_key=self.s3_secret_key, slot=self.slot,
+            advertise_url=self.public_url, interval_tokens=self.checkpoint_interval,
+        )
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(

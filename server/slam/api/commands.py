@@ -11,6 +11,8 @@ import sys
 
 from pydantic import ValidationError
 
+MAIN_UNIX = __import__("time").time()  # when this process reached our code (for restore timings)
+
 from slam.config import ServerSettings
 
 # flag -> (ServerSettings field, help). Values are passed as strings so pydantic does all the checking
@@ -32,6 +34,15 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--prefill-chunk": ("prefill_chunk", "prompt tokens processed per step"),
     "--max-prompt-tokens": ("max_prompt_tokens", "longest prompt accepted (400 beyond)"),
     "--api-key-file": ("api_key_file", "file with one API key per line; requests must send one"),
+    "--s3-endpoint": ("s3_endpoint", "S3 host:port for checkpoints (none: checkpointing off); "
+                      "credentials from SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY"),
+    "--s3-bucket": ("s3_bucket", "checkpoint bucket (default slam)"),
+    "--s3-prefix": ("s3_prefix", "object prefix of checkpoints (default checkpoints)"),
+    "--s3-secure": ("s3_secure", "true: HTTPS to the S3 endpoint"),
+    "--slot": ("slot", "checkpoint slot this replica writes (default 0)"),
+    "--advertise-url": ("advertise_url", "URL other replicas proxy resumed streams to (default http://HOST:PORT)"),
+    "--checkpoint-interval": ("checkpoint_interval", "generated tokens between checkpoints of a request (16)"),
+    "--restore-slot": ("restore_slot", "resume the requests checkpointed in this slot before admitting new ones"),
 }
 FIELD_TO_FLAG = {field: flag for flag, (field, _) in SERVE_FLAGS.items()}
 
@@ -62,6 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from slam.api.server import serve
     from slam.engine.engine import LLMEngine
 
+    import time
+
+    t0 = time.monotonic()
     try:
         # Loaded before listening: /ready then only waits for the engine loop, and a bad --model fails fast.
         engine = LLMEngine(settings.engine_config())
@@ -70,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     print(f"slam: serving {settings.served_model_name or engine.loaded.name} on http://{settings.host}:{settings.port}",
           file=sys.stderr, flush=True)
-    serve(settings, engine)
+    timings = {"main_unix": MAIN_UNIX, "model_load_s": time.monotonic() - t0}
+    serve(settings, engine, timings)
     return 0
 
 
@@ -116,6 +131,10 @@ def register(subparsers) -> None:
     bs.add_argument("--json", action="store_true", help="print the results as JSON")
     bs.add_argument("--no-progress", action="store_true", help="no progress bar")
     bs.set_defaults(func=cmd_bench_serve)
+
+    from slam.bench.decode import add_parser as add_decode
+
+    add_decode(bench_sub)
 
 
 def main(argv: list[str] | None = None) -> int:

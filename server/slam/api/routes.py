@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 
 from slam.api.errors import APIError, error_body, error_response
-from slam.api.loop import EngineLoop, QueueFull, Stream, TokenEvent
+from slam.api.loop import Draining, EngineLoop, QueueFull, Stream, TokenEvent
 from slam.api.prepare import Prepared, Preparer
 from slam.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest, TokenizeResponse
 from slam.engine.engine import RequestError
@@ -39,6 +39,9 @@ def _usage(stream: Stream) -> dict[str, int]:
 def _submit(loop: EngineLoop, prepared: Prepared, request_id: str) -> Stream:
     try:
         return loop.submit(prepared.prompt_ids, prepared.sampling, prepared.cache, request_id)
+    except Draining:
+        raise APIError(503, "the server is shutting down; retry on another replica", None, "shutting_down",
+                       {"Retry-After": RETRY_AFTER_S}) from None
     except QueueFull:
         raise APIError(429, f"the server is at capacity ({loop.capacity} requests in flight); retry later",
                        None, "queue_full", {"Retry-After": RETRY_AFTER_S}) from None
@@ -175,6 +178,8 @@ async def ready(request: Request) -> Response:
     loop: EngineLoop | None = getattr(request.app.state, "loop", None)
     if loop is None or not loop.alive:
         return error_response(503, "the engine loop is not running", None, "not_ready")
+    if loop.draining:
+        return error_response(503, "the server is shutting down", None, "shutting_down")
     return JSONResponse({"status": "ready", "model": request.app.state.preparer.model_name})
 
 

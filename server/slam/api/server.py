@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,10 +12,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from slam.api import errors
+from slam.api import errors, failover
 from slam.api.loop import EngineLoop
 from slam.api.metrics import Metrics
 from slam.api.prepare import Preparer
+from slam.api.requests import router as requests_router
 from slam.api.routes import router
 from slam.config import ServerSettings
 from slam.engine.engine import LLMEngine
@@ -29,7 +31,8 @@ def read_api_keys(path: Path) -> set[str]:
 
 def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
     metrics = Metrics(running=lambda: len(engine.scheduler.running), waiting=lambda: len(engine.scheduler.waiting))
-    loop = EngineLoop(engine, metrics, settings.max_queue)
+    store, ckpt = failover.setup(settings, metrics.registry)
+    loop = EngineLoop(engine, metrics, settings.max_queue, ckpt)
     keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
 
     @asynccontextmanager
@@ -39,16 +42,21 @@ def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
             yield
         finally:
             loop.stop()
+            if ckpt is not None:
+                ckpt.close(timeout=5.0)
 
     app = FastAPI(title="SLAM", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM serving with a compressed, bounded KV cache")
     app.state.loop = loop
     app.state.metrics = metrics
+    app.state.store, app.state.checkpointer = store, ckpt
+    app.state.public_url = settings.public_url
     app.state.started = int(time.time())
     app.state.preparer = Preparer(engine, settings.served_model_name or engine.loaded.name,
                                   engine.config.cache, settings.max_prompt_tokens)
     errors.install(app)
     app.include_router(router)
+    app.include_router(requests_router)
 
     if keys is not None:
         @app.middleware("http")
@@ -65,8 +73,45 @@ def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
     return app
 
 
-def serve(settings: ServerSettings, engine: LLMEngine) -> None:
+def serve(settings: ServerSettings, engine: LLMEngine, timings: dict | None = None) -> None:
     import uvicorn
 
     app = create_app(settings, engine)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    timings = dict(timings or {})
+    if settings.restore_slot is not None:
+        # Before uvicorn starts: nothing is admitted (and /ready is not 200) until the slot is back.
+        timings.update(failover.restore(engine, app.state.loop, app.state.store, app.state.checkpointer,
+                                        settings.restore_slot))
+        failover.report(timings)
+    app.state.startup_timings = timings
+    # A short graceful timeout: once the shutdown checkpoint is stored, open streams are cut (clients
+    # resume elsewhere with Last-Event-ID) instead of holding the exit until they finish.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=2)
+    DrainingServer(config, app.state.loop).run()
+
+
+class DrainingServer:
+    """uvicorn.Server whose first SIGTERM/SIGINT first stops admission and checkpoints every request, and only
+    then lets uvicorn shut down (its own shutdown would otherwise wait for streams that never end)."""
+
+    def __new__(cls, config, loop: EngineLoop):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            draining = False
+
+            def handle_exit(self, sig, frame) -> None:
+                if self.draining:  # a second signal: the usual uvicorn behaviour (SIGINT twice forces)
+                    return super().handle_exit(sig, frame)
+                self.draining = True
+                loop.draining = True  # 503 from now on, before the checkpoint even starts
+                threading.Thread(target=self._drain, args=(sig, frame), name="slam-drain", daemon=True).start()
+
+            def _drain(self, sig, frame) -> None:
+                try:
+                    loop.drain(failover.SHUTDOWN_CHECKPOINT_S)
+                finally:
+                    super(_Server, self).handle_exit(sig, frame)
+
+        return _Server(config)

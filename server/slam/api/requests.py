@@ -1,0 +1,77 @@
+"""`GET /v1/requests/{id}` and `GET /v1/requests/{id}/stream`: a request's state and its resumable stream.
+
+Served from this replica's token buffers (api/streams.py); a request this replica does not hold is
+proxied to the owner named in its checkpoint manifest (api/proxy.py), else 404 in the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from slam.api.errors import APIError
+from slam.api.proxy import PROXIED_HEADER, forward, owner_of
+from slam.api.streams import Record, StreamBuffers
+
+router = APIRouter()
+
+
+async def _local_or_proxy(request: Request, request_id: str) -> Record | Response:
+    buffers: StreamBuffers = request.app.state.loop.buffers
+    rec = buffers.get(request_id)
+    if rec is not None:
+        return rec
+    if not request.headers.get(PROXIED_HEADER):
+        owner = await owner_of(request.app.state.store, request_id)
+        if owner and owner.rstrip("/") != request.app.state.public_url.rstrip("/"):
+            try:
+                return await forward(owner, request.url.path, dict(request.headers))
+            except httpx.HTTPError as exc:
+                raise APIError(502, f"request {request_id} belongs to {owner}, which does not answer: {exc}",
+                               None, "owner_unreachable") from exc
+    raise APIError(404, f"no request {request_id!r} on this server or in the checkpoint store", None,
+                   "request_not_found")
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id", "").strip()
+    if not raw:
+        return -1  # from the first token
+    try:
+        return int(raw)
+    except ValueError:
+        raise APIError(400, f"Last-Event-ID must be a token index, got {raw!r}", None, "invalid_value") from None
+
+
+@router.get("/v1/requests/{request_id}")
+async def get_request(request: Request, request_id: str) -> Response:
+    found = await _local_or_proxy(request, request_id)
+    return found if isinstance(found, Response) else JSONResponse(found.summary())
+
+
+@router.get("/v1/requests/{request_id}/stream")
+async def stream_request(request: Request, request_id: str) -> Response:
+    after = _last_event_id(request)
+    found = await _local_or_proxy(request, request_id)
+    if isinstance(found, Response):
+        return found
+    buffers: StreamBuffers = request.app.state.loop.buffers
+
+    async def events() -> AsyncIterator[str]:
+        reason = found.finish_reason
+        async for tok in buffers.follow(found, after):
+            last = found.done and tok.index == len(found.tokens) - 1
+            chunk = {"id": request_id, "index": tok.index, "token_id": tok.token_id, "text": tok.text,
+                     "finish_reason": found.finish_reason if last else None}
+            yield f"id: {tok.index}\ndata: {json.dumps(chunk)}\n\n"
+        if found.status == "failed":
+            reason = "error"
+        if found.done and reason is not None:
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
