@@ -62,16 +62,12 @@ async def stream_request(request: Request, request_id: str) -> Response:
     buffers: StreamBuffers = request.app.state.loop.buffers
 
     async def events() -> AsyncIterator[str]:
-        reason = found.finish_reason
         async for tok in buffers.follow(found, after):
             last = found.done and tok.index == len(found.tokens) - 1
             chunk = {"id": request_id, "index": tok.index, "token_id": tok.token_id, "text": tok.text,
                      "finish_reason": found.finish_reason if last else None}
             yield f"id: {tok.index}\ndata: {json.dumps(chunk)}\n\n"
-        if found.status == "failed":
-            reason = "error"
-        if found.done and reason is not None:
-            yield "data: [DONE]\n\n"
+        yield "data: [DONE]\n\n"  # follow() returns only once the request is done
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
