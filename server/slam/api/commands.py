@@ -75,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import time
 
-    t0 = time.monotonic()
+    t0, load_start_unix = time.monotonic(), time.time()
     try:
         # Loaded before listening: /ready then only waits for the engine loop, and a bad --model fails fast.
         engine = LLMEngine(settings.engine_config())
@@ -84,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     print(f"slam: serving {settings.served_model_name or engine.loaded.name} on http://{settings.host}:{settings.port}",
           file=sys.stderr, flush=True)
-    timings = {"main_unix": MAIN_UNIX, "model_load_s": time.monotonic() - t0}
+    timings = {"main_unix": MAIN_UNIX, "load_start_unix": load_start_unix, "model_load_s": time.monotonic() - t0}
     serve(settings, engine, timings)
     return 0
 
@@ -131,7 +131,9 @@ def register(subparsers) -> None:
     bs.add_argument("--json", action="store_true", help="print the results as JSON")
     bs.add_argument("--no-progress", action="store_true", help="no progress bar")
     bs.set_defaults(func=cmd_bench_serve)
+    from slam.bench.failover import add_parser as add_failover
 
+    add_failover(bench_sub)
     from slam.bench.decode import add_parser as add_decode
 
     add_decode(bench_sub)
