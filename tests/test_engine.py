@@ -19,7 +19,7 @@ def test_full_matches_transformers_generate(smol):
     for messages in PROMPTS:
         prompt = engine.encode_chat(messages)
         with torch.no_grad():
-            out = smol.model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+            out = smol.model.generate(torch.tensor([prompt], device=smol.device), max_new_tokens=32, do_sample=False)
         expected = out[0, len(prompt):].tolist()
         [seq] = engine.generate([prompt], SamplingParams(max_tokens=32))
         # transformers stops at the end-of-sequence token too, so both sequences must agree entirely.

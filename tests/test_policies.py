@@ -63,9 +63,9 @@ def sink_window_reference(model, prompt: list[int], sink: int, window: int, step
         i = torch.arange(n).view(-1, 1)
         j = torch.arange(n).view(1, -1)
         visible = (j <= i) & ((j < sink) | (i - j < window))
-        mask = torch.zeros(n, n).masked_fill(~visible, float("-inf")).view(1, 1, n, n)
+        mask = torch.zeros(n, n).masked_fill(~visible, float("-inf")).view(1, 1, n, n).to(model.device)
         with torch.no_grad():
-            logits = model(torch.tensor([ids]), attention_mask=mask).logits[0, -1]
+            logits = model(torch.tensor([ids], device=model.device), attention_mask=mask).logits[0, -1]
         ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
