@@ -54,3 +54,32 @@ def test_cache_positions_generate_far_past_trained_length(tiny_dir):
     stats = json.loads(result.stderr.strip().splitlines()[-1])
     assert stats["generated_tokens"] == 10064
     assert stats["cache_tokens"] == 32
+
+
+def test_eval_ppl_json_and_plot(tiny_dir, tmp_path):
+    plot = tmp_path / "ppl.png"
+    result = run("eval", "ppl", "--model", str(tiny_dir), "--policies", "full,streaming,slam", "--tokens", "96",
+                 "--budget", "24", "--sink", "2", "--recent", "8", "--window", "32", "--json", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    rows = {r["policy"]: r for r in map(json.loads, result.stdout.strip().splitlines())}
+    assert set(rows) == {"full", "streaming", "slam"}
+    assert rows["full"]["max_cache_tokens"] == 96
+    assert rows["streaming"]["max_cache_tokens"] == rows["slam"]["max_cache_tokens"] == 24
+    assert len(rows["full"]["curve"]) == 3 and all(r["ppl"] > 1 for r in rows.values())
+    assert rows["streaming"]["ppl"] != rows["full"]["ppl"]  # eviction changes the predictions
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_niah_json_table_and_plot(tiny_dir, tmp_path):
+    plot = tmp_path / "niah.png"
+    args = ["eval", "niah", "--model", str(tiny_dir), "--policies", "full,slam", "--budgets", "48,96", "--sink", "4",
+            "--recent", "16", "--lengths", "200", "--depths", "0.5", "--seeds", "2"]
+    result = run(*args, "--json", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert len(rows) == 2 * 3  # seeds x (full, slam/48, slam/96)
+    assert {(r["policy"], r["budget"]) for r in rows} == {("full", None), ("slam", 48), ("slam", 96)}
+    assert all({"policy", "budget", "length", "depth", "seed", "found", "answer"} <= r.keys() for r in rows)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    table = run(*args)
+    assert table.returncode == 0 and "slam" in table.stdout and "/2" in table.stdout

@@ -66,7 +66,8 @@ def add_cache_flags(p: argparse.ArgumentParser, with_policy: bool = True) -> Non
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="int8: dynamic int8 linear layers, about 3x faster decoding on a CPU")
     p.add_argument("--prefill-chunk", type=int, default=512)
 
 

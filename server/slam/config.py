@@ -57,7 +57,7 @@ class EngineConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     model: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
     device: str = "auto"
     max_batch: int = Field(default=8, ge=1)
     prefill_chunk: int = Field(default=512, ge=1)
@@ -74,7 +74,7 @@ class ServerSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     model: str | None = None
     served_model_name: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
     device: str = "auto"
     policy: str = "slam"
     budget: int = Field(default=256, ge=1)

@@ -22,7 +22,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--port": ("port", "port to listen on (default 8000)"),
     "--model": ("model", "model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
     "--served-model-name": ("served_model_name", "model id clients use (default: the model's name)"),
-    "--dtype": ("dtype", "float32, bfloat16 or float16"),
+    "--dtype": ("dtype", "float32, bfloat16, float16, or int8 (dynamic int8 linears, CPU only)"),
     "--device": ("device", "auto, cpu, cuda, cuda:N"),
     "--policy": ("policy", "default cache policy: full, streaming, slam, snapkv, h2o"),
     "--budget": ("budget", "default tokens kept per layer and KV head"),

@@ -52,6 +52,7 @@ class ModelRunner:
         tokens = torch.tensor(ids, device=self.device)
         pos = torch.cat(positions).to(self.device)
         x = self.backbone.embed_tokens(tokens)  # [tokens, hidden]
+        rotations = [self.rope.at(pos[a:b]) for a, b in spans]
         n = x.shape[0]
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -63,9 +64,9 @@ class ModelRunner:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             outs = []
-            for (seq, _), (a, b) in zip(batch, spans):
+            for (seq, _), (a, b), cos_sin in zip(batch, spans, rotations):
                 out, replaced = cached_attention(
-                    seq.policy, seq.caches[li], q[:, a:b], k[:, a:b], v[:, a:b], pos[a:b], self.rope, self.scale
+                    seq.policy, seq.caches[li], q[:, a:b], k[:, a:b], v[:, a:b], pos[a:b], cos_sin, self.rope, self.scale
                 )
                 seq.replacements += replaced
                 self.replacements += replaced
