@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs SLAM on a GPU machine that has no network: the model GGUF and pure-Python wheels arrive carried
-# (see docs/benchmarks.md). Usage: e2e/gpu-run.sh setup|test|bench|niah  (results go to $OUT).
+# (see docs/benchmarks.md). Usage: e2e/gpu-run.sh setup|test|bench|niah|ppl  (results go to $OUT).
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD/server:$PWD/operator:$PWD PYTHONUNBUFFERED=1 SLAM_HOME=/root/slamhome
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -19,4 +19,7 @@ bench)
 niah)
   python3 -m slam.cli eval niah --device cuda --policies full,streaming,slam --budgets 256,512 \
     --lengths 4000,8000 --depths 0.1,0.5,0.9 --seeds 3 --json --plot "$OUT/niah-h100.png" | tee "$OUT/niah-h100.jsonl" ;;
+ppl)
+  python3 -m slam.cli eval ppl --device cuda --policies full,streaming,slam --budget 256 --tokens 2000 \
+    --window 200 --json --plot "$OUT/ppl-h100.png" | tee "$OUT/ppl-h100.jsonl" ;;
 esac

@@ -45,7 +45,9 @@ def bench_one(engine: LLMEngine, cache: CacheConfig, context: int, batch: int, t
     device = engine.runner.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sampling = SamplingParams(max_tokens=tokens + 1, ignore_eos=True)
+    # No length limit: the timed steps below must each decode every request of the batch. Requests that
+    # finish their prefill early already decode while others prefill; that is not timed.
+    sampling = SamplingParams(max_tokens=10**9, ignore_eos=True)
     seqs = [engine.add_request(p, sampling, cache) for p in prompts]
     _sync(device)
     start = time.perf_counter()
@@ -54,17 +56,19 @@ def bench_one(engine: LLMEngine, cache: CacheConfig, context: int, batch: int, t
     _sync(device)
     prefill_s = time.perf_counter() - start
     cache_bytes = max(s.cache_bytes() for s in seqs)
-    steps, start = 0, time.perf_counter()
-    while engine.has_work():
+    start = time.perf_counter()
+    for _ in range(tokens):
         engine.step()
-        steps += 1
     _sync(device)
     decode_s = time.perf_counter() - start
+    for seq in seqs:
+        engine.abort(seq)
+    engine.step()  # reaps the aborted requests and frees their caches
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     return DecodeResult(
         policy=cache.policy, budget=cache.budget, context=context, batch=batch,
         prefill_tokens_per_s=batch * context / prefill_s, decode_tokens_per_s=batch * tokens / decode_s,
-        step_ms=1000 * decode_s / max(steps, 1), cache_mib_per_request=cache_bytes / 2**20,
+        step_ms=1000 * decode_s / tokens, cache_mib_per_request=cache_bytes / 2**20,
         peak_gpu_mib=peak, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     )
 
