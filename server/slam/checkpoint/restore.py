@@ -111,20 +111,15 @@ def load_request(store: ObjectStore, root: str, rid: str, versions: list[int]) -
         except (ValueError, ObjectMissing) as e:
             reasons.append(f"v{v} manifest: {e}")
     base = RestoredRequest(rid, "lost", latest_version=max(versions, default=0), versions=sorted(versions))
-    for m in manifests:  # newest first: the full state
-        try:
-            out = _decode(base, m, fetch, with_cache=True)
-            out.reason = "; ".join(reasons)
-            return out
-        except (CorruptObject, ValueError, KeyError) as e:
-            reasons.append(f"v{m['version']} state: {e}")
-    for m in manifests:  # then tokens only
-        try:
-            out = _decode(base, m, fetch, with_cache=False)
-            out.reason = "; ".join(reasons)
-            return out
-        except (CorruptObject, ValueError, KeyError) as e:
-            reasons.append(f"v{m['version']} tokens: {e}")
+    # Newest first with the full state, then tokens only (re-prefill) from the newest readable version.
+    for with_cache, part in ((True, "state"), (False, "tokens")):
+        for m in manifests:
+            try:
+                out = _decode(base, m, fetch, with_cache=with_cache)
+                out.reason = "; ".join(reasons)
+                return out
+            except (CorruptObject, ValueError, KeyError) as e:
+                reasons.append(f"v{m['version']} {part}: {e}")
     base.reason = "; ".join(reasons) or "no complete checkpoint"
     log.error("request %s lost: %s", rid, base.reason)
     return base
