@@ -144,8 +144,7 @@ class Bench:
         try:
             timings = self.wait_ready(proc, url)
             if mode == "scratch":
-                t_ready = time.time()
-                t_load_start = t_ready  # no timing line without restore: process and load are one number
+                t_ready = time.time()  # without a restore, process start and model load are one number
                 body = {"model": httpx.get(f"{url}/v1/models").json()["data"][0]["id"], "prompt": prompt,
                         "stream": True, "max_tokens": k + 1, "ignore_eos": True, "temperature": 0}
                 first, n = 0.0, 0
