@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-import logging
 
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.model_runner import ModelRunner

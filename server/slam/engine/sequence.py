@@ -94,11 +94,8 @@ class Sequence:
         return max((c.size for c in self.caches), default=0) if self.caches else 0
 
     def cache_bytes(self) -> int:
-        """Bytes of the active cache (what a budget bounds); the reserve tier is `reserve_bytes`."""
+        """Bytes of the active cache (what a budget bounds), without the slam reserve tier."""
         return sum(c.nbytes() for c in self.caches) if self.caches else 0
-
-    def reserve_bytes(self) -> int:
-        return sum(c.extra["reserve"].nbytes() for c in self.caches if "reserve" in c.extra) if self.caches else 0
 
     def free(self) -> None:
         self.caches = None
