@@ -63,6 +63,10 @@ class EngineConfig(BaseModel):
     prefill_chunk: int = Field(default=512, ge=1)
     max_prompt_tokens: int = Field(default=32768, ge=1)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    # Where the `slam` policy keeps evicted tokens: "auto" picks the measured default of the device.
+    reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
+    reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
 
 
 class ServerSettings(BaseSettings):
@@ -85,6 +89,9 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(default=64, ge=0)
     prefill_chunk: int = Field(default=512, ge=1)
     max_prompt_tokens: int = Field(default=32768, ge=1)
+    reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
+    reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
+    enforce_eager: bool = False
     api_key_file: Path | None = None
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
     s3_endpoint: str | None = None  # host:port, no scheme
@@ -96,6 +103,8 @@ class ServerSettings(BaseSettings):
     s3_access_key: SecretStr = SecretStr("")
     s3_secret_key: SecretStr = SecretStr("")
     slot: int = Field(default=0, ge=0)
+    # Fencing: the operator bumps a slot's epoch at every failover; checkpoints live under <slot>/<epoch>/.
+    slot_epoch: int = Field(default=0, ge=0)
     advertise_url: str | None = None  # default http://<host>:<port>
     checkpoint_interval: int = Field(default=16, ge=1)
     restore_slot: int | None = Field(default=None, ge=0)
@@ -144,4 +153,7 @@ class ServerSettings(BaseSettings):
             prefill_chunk=self.prefill_chunk,
             max_prompt_tokens=self.max_prompt_tokens,
             cache=self.cache_config(),
+            reserve_device=self.reserve_device,
+            reserve_dtype=self.reserve_dtype,
+            enforce_eager=self.enforce_eager,
         )

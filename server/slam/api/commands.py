@@ -33,6 +33,9 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--max-queue": ("max_queue", "requests allowed to wait beyond max-batch; more get 429"),
     "--prefill-chunk": ("prefill_chunk", "prompt tokens processed per step"),
     "--max-prompt-tokens": ("max_prompt_tokens", "longest prompt accepted (400 beyond)"),
+    "--reserve-device": ("reserve_device", "where slam keeps evicted tokens: auto, cuda, cpu"),
+    "--reserve-dtype": ("reserve_dtype", "bfloat16 or int8 (per-token scales) for evicted tokens"),
+    "--enforce-eager": ("enforce_eager", "true: no CUDA graphs for decode steps"),
     "--api-key-file": ("api_key_file", "file with one API key per line; requests must send one"),
     "--s3-endpoint": ("s3_endpoint", "S3 host:port for checkpoints (none: checkpointing off); "
                       "credentials from SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY"),
@@ -40,6 +43,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--s3-prefix": ("s3_prefix", "object prefix of checkpoints (default checkpoints)"),
     "--s3-secure": ("s3_secure", "true: HTTPS to the S3 endpoint"),
     "--slot": ("slot", "checkpoint slot this replica writes (default 0)"),
+    "--slot-epoch": ("slot_epoch", "fencing epoch of the slot, raised by the operator at every failover"),
     "--advertise-url": ("advertise_url", "URL other replicas proxy resumed streams to (default http://HOST:PORT)"),
     "--checkpoint-interval": ("checkpoint_interval", "generated tokens between checkpoints of a request (16)"),
     "--restore-slot": ("restore_slot", "resume the requests checkpointed in this slot before admitting new ones"),
