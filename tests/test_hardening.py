@@ -147,4 +147,4 @@ def test_sampling_params_checked():
         SamplingParams(repetition_penalty=0)
     with pytest.raises(ValueError):
         SamplingParams(logprobs=21)
-    assert math.isclose(token_logprobs(torch.zeros(4), 1, 2)[0], math.log(0.25))
+    assert token_logprobs(torch.zeros(4), 1, 2)[0] == pytest.approx(math.log(0.25))
