@@ -115,7 +115,7 @@ class EngineLoop:
                        request_id: str) -> list[Stream]:
         """Admit all choices of a request, or none (429). Choice i > 0 runs as `<request_id>-<i>`."""
         loop = asyncio.get_running_loop()
-        if self.draining or self.fatal:
+        if self.draining or not self.healthy:
             raise Draining
         queue: asyncio.Queue = asyncio.Queue()
         streams = []
@@ -169,20 +169,24 @@ class EngineLoop:
     # --- the thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
         failures = 0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.fatal is None:
             try:
                 self._iteration()
                 failures = 0
             except Exception as exc:  # a whole step failed: fail its requests, go on unless it keeps failing
                 failures += 1
                 log.exception("engine loop iteration failed (%d in a row)", failures)
-                message = f"engine error: {type(exc).__name__}: {exc}"
-                if failures >= MAX_FAILED_STEPS:
-                    self.fatal = message
-                    log.critical("the engine loop gives up after %d failed steps; /health is now 503", failures)
-                self._fail_running(message, everything=self.fatal is not None)
-                if self.fatal:
-                    return
+                self._recover(f"engine error: {type(exc).__name__}: {exc}", failures)
+
+    def _recover(self, message: str, failures: int) -> None:
+        if failures >= MAX_FAILED_STEPS:
+            self.fatal = message
+            log.critical("the engine loop gives up after %d failed steps; /health is now 503", failures)
+        try:
+            self._fail_running(message, everything=self.fatal is not None)
+        except Exception:  # not even failing requests works: nothing here can be trusted any more
+            log.exception("failing the requests of a failed step failed too")
+            self.fatal = self.fatal or message
 
     def _iteration(self) -> None:
         if self.draining and (self.checkpointer is not None or not self._finishing()):
@@ -240,7 +244,10 @@ class EngineLoop:
         if stream is not None:
             self._deliver(stream, TokenEvent(len(seq.output_ids), -1, "", True, None, 0, 0, error=message,
                                              choice=stream.choice))
-        self.buffers.finish(seq.request_id, "failed", "error")
+        try:
+            self.buffers.finish(seq.request_id, "failed", "error")
+        except Exception:  # the client already has its error; a resumed stream may miss the end
+            log.exception("could not mark request %s failed in its buffer", seq.request_id)
 
     def _step(self) -> None:
         replaced_before = self.engine.stats.replacements
