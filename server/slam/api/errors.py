@@ -34,12 +34,15 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     """(message, param, code) of the first error; a field the server does not implement comes first."""
-    errors = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")
+    # An unsupported field first; then our own checks (value_error), which say more than the alternatives
+    # of a union ("should be a valid string") they were tried against.
+    errors = sorted(exc.errors(), key=lambda e: (e.get("type") != "extra_forbidden", e.get("type") != "value_error"))
     if not errors:
         return "invalid request", None, "invalid_value"
     first = errors[0]
-    # loc starts with "body"; the rest names the field, e.g. ("body", "messages", 0, "role").
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # loc starts with "body"; the rest names the field, e.g. ("body", "messages", 0, "role"), with the
+    # alternatives of a union in between ("str", "function-after[...]"), which name no field.
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not (isinstance(x, str) and _is_tag(x))]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
@@ -48,6 +51,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
         return f"{param}: this server does not support this field", param, "unsupported_parameter"
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param, "invalid_value"
+
+
+def _is_tag(part: str) -> bool:
+    return "[" in part or part in {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def install(app: FastAPI) -> None:
