@@ -188,3 +188,69 @@ def test_positions_in_the_cache_lift_the_trained_length(app_with):
     assert preparer.completion(CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=far)).sampling.max_tokens == far
     with pytest.raises(Exception, match="max-model-len"):  # `full` keeps every position: the trained length holds
         preparer.completion(CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=far, slam={"policy": "full"}))
+
+
+# --- 6. graceful shutdown without S3 ---------------------------------------------------------------------------
+def test_sigterm_without_s3_lets_running_requests_finish(tmp_path):
+    import signal
+    import subprocess
+
+    from api_fixtures import free_port, serve_command, server_env
+
+    drain_s = 6.0
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(serve_command("--port", str(port), "--budget", "24", "--sink", "4", "--recent", "8",
+                                          "--drain-timeout-s", str(drain_s)), env=server_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        results: dict[str, tuple[str, str | None]] = {}
+
+        def stream(name: str, max_tokens: int) -> None:
+            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                    "temperature": 0}
+            text, reason = "", None
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            choice = json.loads(line[6:])["choices"][0]
+                            text, reason = text + choice["text"], choice["finish_reason"] or reason
+                        started.set()
+            except httpx.HTTPError:
+                pass
+            results[name] = (text, reason)
+
+        started = threading.Event()
+        short = threading.Thread(target=stream, args=("short", 24))
+        long = threading.Thread(target=stream, args=("long", 4000))
+        long.start()
+        short.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        assert error_of(r, 503)["code"] == "shutting_down"
+        short.join(60)
+        assert results["short"][1] == "length"  # ran to the end during the drain
+        assert proc.wait(drain_s + 20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        long.join(30)
+        assert results["long"][1] is None  # cut when the drain timeout was over
+        assert time.monotonic() - t0 >= drain_s - 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
