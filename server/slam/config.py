@@ -116,6 +116,8 @@ class ServerSettings(BaseSettings):
                                                "in its `slam` field, comma-separated (default: all)")
     max_budget: int | None = Field(default=None, ge=1, description="largest budget a request may ask for in its "
                                    "`slam` field (default: --budget)")
+    max_body_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest request body accepted, in bytes "
+                                "(413 beyond)")
     max_n: int = Field(default=8, ge=1, description="largest `n` (choices per request) accepted")
     resume_grace_s: float = Field(default=30.0, ge=0, description="seconds a streaming request keeps running "
                                   "after its client dropped, so it can resume with GET /v1/requests/{id}/stream")

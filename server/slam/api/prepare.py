@@ -7,6 +7,7 @@ Every check that can fail is done here, before the request reaches the engine th
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -50,6 +51,13 @@ class Preparer:
         self.default_cache = engine.config.cache
         self.vocab_size = len(engine.tokenizer)
         self.trained_len = getattr(engine.loaded.model.config, "max_position_embeddings", None)
+        # Requests are prepared on worker threads (tokenizing is slow for long prompts); one at a time, as a
+        # fast tokenizer may adjust its settings in place while encoding.
+        self._tokenizing = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        with self._tokenizing:
+            return self.engine.encode(text)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -59,7 +67,7 @@ class Preparer:
     def completion(self, req: CompletionRequest) -> Prepared:
         self.check_model(req.model)
         if isinstance(req.prompt, str):
-            ids = self.engine.encode(req.prompt)
+            ids = self.encode(req.prompt)
         else:
             bad = next((t for t in req.prompt if t >= self.vocab_size), None)
             if bad is not None:
@@ -88,7 +96,8 @@ class Preparer:
     def encode_messages(self, messages: list[ChatMessage]) -> list[int]:
         plain = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            return self.engine.encode_chat(plain)
+            with self._tokenizing:
+                return self.engine.encode_chat(plain)
         except Exception as exc:  # the model's chat template rejects this conversation
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages",
                            "invalid_value") from exc

@@ -117,12 +117,13 @@ def _detach_all(loop: EngineLoop, streams: list[Stream]) -> None:
 
 @router.post("/v1/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
-    return await _generate(request, body, _state(request)[1].completion(body), chat=False)
+    # Tokenizing a long prompt takes a while: off the event loop, so other clients' streams keep flowing.
+    return await _generate(request, body, await asyncio.to_thread(_state(request)[1].completion, body), chat=False)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    return await _generate(request, body, _state(request)[1].chat(body), chat=True)
+    return await _generate(request, body, await asyncio.to_thread(_state(request)[1].chat, body), chat=True)
 
 
 @router.get("/v1/models")
@@ -139,9 +140,9 @@ async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", "prompt", "invalid_value")
     if body.prompt is not None:
-        ids = preparer.engine.encode(body.prompt)
+        ids = await asyncio.to_thread(preparer.encode, body.prompt)
     else:
-        ids = preparer.encode_messages(body.messages or [])
+        ids = await asyncio.to_thread(preparer.encode_messages, body.messages or [])
     return TokenizeResponse(tokens=ids, count=len(ids))
 
 

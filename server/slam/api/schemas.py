@@ -67,7 +67,7 @@ class SamplingFields(Body):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     # Extensions, as in vLLM.
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=2.0)
     min_tokens: int | None = Field(default=None, ge=0)
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = False  # lets benchmarks generate exactly max_tokens

@@ -17,6 +17,7 @@ from slam.api.loop import EngineLoop
 from slam.api.metrics import Metrics
 from slam.api.prepare import Preparer
 from slam.api.janitor import Janitor
+from slam.api.limits import BodyLimit
 from slam.api.requests import is_resume_path
 from slam.api.requests import router as requests_router
 from slam.api.routes import router
@@ -63,6 +64,7 @@ def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
     app.state.started = int(time.time())
     app.state.preparer = Preparer(engine, settings.served_model_name or engine.loaded.name, settings)
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(router)
     app.include_router(requests_router)
 

@@ -36,7 +36,7 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     # Multiplies (divides, for positive logits) the logits of every token seen in the prompt or output.
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=2.0)  # a tinier one overflows float32 logits
     # Subtracted from the logit of each output token: once (presence), per occurrence (frequency).
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
