@@ -11,9 +11,8 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
-from api_fixtures import BUDGET, MAX_PROMPT_TOKENS, MODEL, RESUME_GRACE_S, expected, metric
+from api_fixtures import BUDGET, MODEL, RESUME_GRACE_S, expected, metric
 from api_fixtures import ref_engine, server_url  # noqa: F401  (fixtures)
 from fastapi.testclient import TestClient
 
@@ -161,7 +160,7 @@ def test_max_model_len_default_is_the_trained_length(server_url, ref_engine):
 
 
 def test_limits_of_the_slam_field(app_with):
-    app, engine = app_with(max_model_len=64, allowed_policies="slam,streaming", max_budget=32)
+    app, _ = app_with(max_model_len=64, allowed_policies="slam,streaming", max_budget=32)
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
     with TestClient(app) as client:
         err = error_of(client.post("/v1/completions", json={**body, "slam": {"policy": "full"}}), 400)

@@ -98,6 +98,12 @@ def _delete(store: ObjectStore, names: list[str]) -> int:
     return len(names)
 
 
+def live_ids(engine) -> set[str]:
+    """Requests the engine holds."""
+    with engine.lock:
+        return {s.request_id for s in list(engine.scheduler.running) + list(engine.scheduler.waiting)}
+
+
 class Janitor:
     """Runs `collect` over this replica's slot every `interval_s`, on its own daemon thread."""
 

@@ -265,7 +265,7 @@ class EngineLoop:
                     self._fail(out.seq, f"server error: {type(exc).__name__}: {exc}")
         self.metrics.generation_tokens.inc(generated)
         self._record(outputs, now)
-        self._update_gauges()
+        self.metrics.cache_gauges(list(self.engine.scheduler.running))
 
     def _route(self, out, now: float) -> int:
         rid = out.seq.request_id
@@ -282,7 +282,7 @@ class EngineLoop:
             self._detached.pop(rid, None)
         if stream is None:
             return 1  # detached, or released by its handler (aborted, reaped at the next step)
-        self._timing(stream, now)
+        stream.last_token = self.metrics.token_timing(stream.arrival, stream.last_token, now)
         event = TokenEvent(len(out.seq.output_ids) - 1, out.token_id, out.text, out.finished,
                            out.seq.finish_reason if out.finished else None, out.cache_tokens, out.cache_bytes,
                            choice=stream.choice, logprob=out.logprob, top_logprobs=out.top_logprobs)
@@ -321,29 +321,9 @@ class EngineLoop:
             for rid in gone:
                 self.checkpointer.delete_request(rid)
 
-    def live_ids(self) -> set[str]:
-        """Requests this replica holds (for the checkpoint collector)."""
-        with self.engine.lock:
-            seqs = list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting)
-        return {s.request_id for s in seqs}
-
-    def _timing(self, stream: Stream, now: float) -> None:
-        if stream.last_token is None:
-            self.metrics.ttft.observe(now - stream.arrival)
-        else:
-            self.metrics.itl.observe(now - stream.last_token)
-        stream.last_token = now
-
     @staticmethod
     def _deliver(stream: Stream, event: TokenEvent) -> None:
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
-
-    def _update_gauges(self) -> None:
-        running = [s for s in list(self.engine.scheduler.running) if s.caches is not None]
-        self.metrics.kv_cache_bytes.set(sum(s.cache_bytes() for s in running))
-        bounded = [s for s in running if s.policy.budget is not None]
-        budget = sum(s.policy.budget for s in bounded)
-        self.metrics.kv_budget_ratio.set(sum(s.cache_tokens() for s in bounded) / budget if budget else 0.0)

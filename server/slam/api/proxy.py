@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-
 from urllib.parse import urlsplit
 
 import httpx
@@ -67,7 +66,7 @@ def trusted(url: str, peers: list[str]) -> bool:
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower().rstrip(".")
-        parts.port  # raises on a malformed port
+        _ = parts.port  # raises on a malformed port
     except ValueError:
         return False
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:

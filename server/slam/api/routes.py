@@ -17,8 +17,8 @@ from slam.api.errors import APIError, error_body, error_response
 from slam.api.events import Draining, QueueFull, Stream, TokenEvent, merged
 from slam.api.loop import EngineLoop
 from slam.api.prepare import Prepared, Preparer
-from slam.api.shapes import Shape, usage
 from slam.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest, TokenizeResponse
+from slam.api.shapes import Shape, usage
 from slam.engine.engine import RequestError
 
 router = APIRouter()

@@ -9,7 +9,7 @@ accepted and ignored. Every string is checked for lone surrogates, which no toke
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 

@@ -13,11 +13,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from slam.api import errors, failover
+from slam.api.janitor import Janitor, live_ids
+from slam.api.limits import BodyLimit
 from slam.api.loop import EngineLoop
 from slam.api.metrics import Metrics
 from slam.api.prepare import Preparer
-from slam.api.janitor import Janitor
-from slam.api.limits import BodyLimit
 from slam.api.requests import is_resume_path
 from slam.api.requests import router as requests_router
 from slam.api.routes import router
@@ -38,7 +38,7 @@ def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
     loop = EngineLoop(engine, metrics, settings.max_queue, ckpt, resume_grace_s=settings.resume_grace_s)
     keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
     replica_token = settings.replica_token.get_secret_value()
-    janitor = Janitor(store, settings, loop.live_ids) if store is not None else None
+    janitor = Janitor(store, settings, lambda: live_ids(engine)) if store is not None else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

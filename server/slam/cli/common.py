@@ -9,7 +9,6 @@ from pydantic import ValidationError
 
 from slam.config import CacheConfig, EngineConfig
 
-
 # Field names of the engine's settings -> the flags of `generate` and `eval` that set them.
 FIELD_FLAGS = {"policy": "--policy", "budget": "--budget", "sink": "--sink", "recent": "--recent",
                "position_mode": "--position-mode", "max_tokens": "--max-tokens", "temperature": "--temperature",

@@ -8,6 +8,7 @@ import sys
 from slam.cli.common import cache_config, engine_from
 from slam.flags import add_cache_flags, add_model_flags
 
+
 def run(args) -> int:
     from slam.engine.sequence import SamplingParams
 
