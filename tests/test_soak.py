@@ -120,16 +120,23 @@ class Soak:
 
 
 def references(smol, completed) -> dict:
-    """Greedy text of each (chat, prompt, cache, max_tokens), each run alone on the engine."""
+    """Greedy text of each (chat, prompt, cache, max_tokens) that completed: the prompts of one cache and
+    length run as one batch, which gives each the tokens it gets alone (test_api checks that)."""
+    groups = collections.defaultdict(set)
+    for chat, p, c, m, _ in completed:
+        groups[(c, m)].add((chat, p))
     refs = {}
-    for chat, p, c, m in sorted({k[:4] for k in completed}):
-        override = CACHES[c] or {}
+    for c, override in enumerate(CACHES):
+        override = override or {}
         cache = CacheConfig(**{"policy": "slam", "budget": 24, "sink": 4, "recent": 8, **override,
                                **({"budget": None} if override.get("policy") == "full" else {})})
-        engine = LLMEngine(EngineConfig(max_batch=1, cache=cache), loaded=smol)
-        ids = engine.encode_chat([{"role": "user", "content": PROMPTS[p]}]) if chat else engine.encode(PROMPTS[p])
-        (seq,) = engine.generate([ids], SamplingParams(max_tokens=m))
-        refs[(chat, p, c, m)] = seq.output_text
+        engine = LLMEngine(EngineConfig(max_batch=len(PROMPTS) * 2, cache=cache), loaded=smol)
+        for m in MAX_TOKENS:
+            keys = sorted(groups[(c, m)])
+            prompts = [engine.encode_chat([{"role": "user", "content": PROMPTS[p]}]) if chat else
+                       engine.encode(PROMPTS[p]) for chat, p in keys]
+            for (chat, p), seq in zip(keys, engine.generate(prompts, SamplingParams(max_tokens=m))):
+                refs[(chat, p, c, m)] = seq.output_text
     return refs
 
 
@@ -168,16 +175,10 @@ def test_soak(smol, tmp_path):
 
 
 async def warm_up(soak: Soak) -> None:
+    """Every kind of request, CLIENTS at once (the soak's peak batch): what is allocated then stays."""
     async with httpx.AsyncClient(base_url=soak.url, timeout=120) as client:
-        for chat in (False, True):
-            for c in range(len(CACHES)):
-                body, key = soak.body(chat, stream=False)
-                body.pop("slam", None)
-                if CACHES[c] is not None:
-                    body["slam"] = CACHES[c]
-                await client.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
-                await soak.stream(client, "/v1/chat/completions" if chat else "/v1/completions",
-                                  {**body, "stream": True}, (chat, key[1], c, key[3]), drop=False)
+        for _ in range(2):
+            await asyncio.gather(*(soak.one(client) for _ in range(CLIENTS)))
     soak.counts.clear()
     soak.completed.clear()
 
