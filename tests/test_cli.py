@@ -160,12 +160,16 @@ def test_env_lists_and_one_prefix(monkeypatch):
     assert settings.engine_config().cache == settings.cache_config()
 
 
-def test_plugin_command_groups(monkeypatch, tmp_path):
+def test_plugin_command_groups(monkeypatch, tmp_path, capsys):
     """`slam operator` comes from the operator package through the PLUGINS hook."""
     import slam.cli
 
     (tmp_path / "fake_plugin.py").write_text(
         "def register(sub):\n    sub.add_parser('operator').set_defaults(func=lambda args: 7)\n")
+    (tmp_path / "broken_plugin.py").write_text("import no_such_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(slam.cli, "PLUGINS", ["fake_plugin", "not_installed_plugin"])
+    monkeypatch.setattr(slam.cli, "PLUGINS", {"fake_plugin": "operator", "not_installed_plugin": "other",
+                                              "broken_plugin": "broken"})
     assert slam.cli.main(["operator"]) == 7
+    assert slam.cli.main(["broken"]) == 2  # says which module and extra are missing, other commands still work
+    assert "no_such_dependency" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from slam.model import ModelError
 GROUPS = [generate, eval, serve, bench]
 # Command groups of other packages: a module with `register(subparsers)`, added when it is installed.
 # `slam operator` is registered here by operator/slam_operator (its module adds the `operator` command).
-PLUGINS = ["slam_operator.cli"]
+PLUGINS = {"slam_operator.cli": "operator"}
 
 
 def build_parser() -> Parser:
@@ -26,15 +26,25 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in GROUPS:
         group.register(sub)
-    for name in PLUGINS:
+    for name, command in PLUGINS.items():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name is None or not name.startswith(exc.name):
-                raise  # the plugin exists but one of its own imports is missing: say so
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # not installed
+            # Installed, but a dependency of its extra is missing: the command says so when it is used.
+            sub.add_parser(command, help=f"(needs the {command} extra)").set_defaults(func=missing(command, exc.name))
             continue
         module.register(sub)
     return parser
+
+
+def missing(command: str, module: str | None):
+    def run(_args) -> int:
+        raise UsageError(f"slam {command}: the module {module!r} is missing; install the extra: "
+                         f"pip install 'slam-serve[{command}]'")
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
