@@ -114,6 +114,29 @@ class CachePolicy:
         Updates the slot's scores; returns the chunk tokens' scores [kv_heads, t] (None: zeros)."""
         return None
 
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def state(self, pool: SlotPool, slot: int, length: int, reserve_from: int = 0) -> dict[str, torch.Tensor]:
+        """A copy (host memory) of what this slot holds after `length` tokens: every column of every layer.
+
+        k, v: [layers, kv_heads, columns, head_dim]; pos, score: [layers, kv_heads, columns]."""
+        # Columns past the last one in use hold nothing: a `full` slot's state grows with its length only.
+        used = self.budget if self.budget is not None and length > self.budget else min(length, pool.budget)
+        used = max(used, self.cache_tokens(length))
+        copy = lambda group: torch.stack([t[slot, :, :used] for t in group]).to("cpu", copy=True)  # noqa: E731
+        return {"k": copy(pool.k), "v": copy(pool.v), "pos": copy(pool.pos), "score": copy(pool.score)}
+
+    def load_state(self, pool: SlotPool, slot: int, state: dict[str, torch.Tensor]) -> None:
+        """Put a `state()` back into (another) slot; raises ValueError when it does not fit this pool."""
+        for name in ("k", "v", "pos", "score"):
+            group, saved = getattr(pool, name), state[name]
+            used = saved.shape[2]
+            if saved.shape[0] != len(group) or saved.shape[1] != group[0].shape[1] or used > pool.budget \
+                    or saved.shape[3:] != group[0].shape[3:]:
+                raise ValueError(f"cache {name} has shape {tuple(saved.shape)}; this server's slot is "
+                                 f"{(len(group), *group[0].shape[1:])}")
+            for layer, t in enumerate(group):
+                t[slot, :, :used].copy_(saved[layer])
+
     # --- shared rule of the score-keeping policies ---------------------------------------------------
     @staticmethod
     def keep_best(pool: SlotPool, layer: int, slot: int, ev: Evicted, middle: int, sink: int) -> None:

@@ -16,7 +16,8 @@ import torch
 from slam.cache.base import CachePolicy, Evicted
 
 
-def reserve_scores(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, scale: float) -> torch.Tensor:
+def reserve_scores(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, scale: float,
+                   rpos: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each query would pay each reserve token, max over the group (and queries).
 
     q: [slots, kv_heads, queries, head_dim]; keys: [slots, kv_heads, cap, head_dim]; n: [slots] tokens
@@ -24,6 +25,8 @@ def reserve_scores(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, scale: 
     """
     logits = (q @ keys.transpose(-1, -2)).float() * scale  # [slots, kv_heads, queries, cap]
     stored = torch.arange(keys.shape[2], device=keys.device) < n.view(-1, 1)  # [slots, cap]
+    if rpos is not None:
+        stored &= rpos >= 0  # a reserve restored without its tokens holds none
     logits = logits.masked_fill(~stored.view(stored.shape[0], 1, 1, -1), float("-inf"))
     probs = torch.softmax(logits, dim=-1).amax(dim=2)  # NaN where a slot stores nothing
     return torch.where(stored.unsqueeze(1), probs, -1.0)
@@ -54,7 +57,7 @@ class SlamPolicy(CachePolicy):
             return
         keys = pool.reserve_keys(layer, scoring=True)[:b]
         qg = q.view(b, pool.kv_heads, -1, pool.head_dim)  # [b, kv_heads, group, head_dim]
-        scores = reserve_scores(qg, keys, plan.reserve_n, pool.head_dim**-0.5)
+        scores = reserve_scores(qg, keys, plan.reserve_n, pool.head_dim**-0.5, pool.rpos[:b])
         top = scores.topk(kc, dim=-1)  # [b, kv_heads, kc]
         idx = top.indices
         d = pool.head_dim
@@ -76,6 +79,33 @@ class SlamPolicy(CachePolicy):
         hit = old.gather(2, torch.searchsorted(old, pos).clamp_max(kc - 1)) == pos
         pool.replaced[:b] += ((~hit) & (pos >= 0) & (col < pool.budget)).sum(dim=(1, 2))
 
+    def state(self, pool, slot, length, reserve_from=0):
+        """Adds the reserve tokens [reserve_from, n) of the slot: rk, rv (and rks) [layers, kv_heads, m,
+        head_dim] in the cache dtype, rpos [m]."""
+        out = super().state(pool, slot, length)
+        n = min(self.counts(length)[3], pool.cap)
+        part = (slot, slice(None), slice(reserve_from, n))
+        out["rk"] = torch.stack([pool.reserve_keys_at(layer, part) for layer in range(pool.layers)]).cpu()
+        out["rv"] = torch.stack([pool.reserve_values_at(layer, part) for layer in range(pool.layers)]).cpu()
+        if pool.cache_positions:
+            out["rks"] = torch.stack([t[part] for t in pool.rks]).to("cpu", copy=True)
+        out["rpos"] = pool.rpos[slot, reserve_from:n].to("cpu", copy=True)
+        out["reserve_from"] = torch.tensor(reserve_from)
+        return out
+
+    def load_state(self, pool, slot, state):
+        super().load_state(pool, slot, state)
+        if "rk" not in state:
+            return  # restored without its reserve: only tokens evicted from now on can be recalled
+        start, m = int(state["reserve_from"]), state["rk"].shape[2]
+        pool.ensure_reserve(max(start + m, self.middle, 1))
+        part = (slot, slice(None), slice(start, start + m))
+        for layer in range(pool.layers):
+            pool.reserve_write(layer, part, state["rk"][layer].to(pool.device), state["rv"][layer].to(pool.device))
+            if pool.cache_positions:
+                pool.rks[layer][part] = state["rks"][layer].to(pool.reserve_device)
+        pool.rpos[slot, start : start + m] = state["rpos"].to(pool.device)
+
     def evict_prefill(self, pool, layer, slot, ev: Evicted, evicted_before: int) -> None:
         m = ev.k.shape[1]
         pool.ensure_reserve(evicted_before + m)
@@ -93,7 +123,8 @@ class SlamPolicy(CachePolicy):
         keys = pool.reserve_keys(layer, scoring=True)[slot : slot + 1, :, :evicted]
         qg = q.reshape(1, pool.kv_heads, -1, pool.head_dim)  # the group's queries of every chunk token
         n = torch.tensor([evicted], device=pool.device)
-        idx = reserve_scores(qg, keys, n, pool.head_dim**-0.5)[0].topk(kc, dim=-1).indices  # [kv_heads, kc]
+        idx = reserve_scores(qg, keys, n, pool.head_dim**-0.5, pool.rpos[slot : slot + 1, :evicted])[0]
+        idx = idx.topk(kc, dim=-1).indices  # [kv_heads, kc]
         d = pool.head_dim
         stored_k = keys[0] if not pool.cache_positions else pool.reserve_keys(layer)[slot, :, :evicted]
         cols = slice(self.sink, self.sink + kc)

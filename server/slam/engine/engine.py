@@ -116,7 +116,7 @@ class LLMEngine:
     def take_slot(self, seq: Sequence) -> int:
         seq.slot = len(self.slots)
         self.slots.append(seq)
-        pool = self.runner.pool
+        pool = seq.pool = self.runner.pool
         pool.clear(seq.slot)
         seq.token_bytes = 2 * pool.layers * pool.kv_heads * pool.head_dim * pool.k[0].element_size()
         if seq.policy.uses_reserve:

@@ -8,7 +8,8 @@
     rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
     rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
 
-One tensor per layer (not views of one big tensor): compiled in-place writes stay cheap. Running requests
+One tensor per layer (not views of one big tensor): compiled in-place writes stay cheap. Every buffer is
+made and changed in inference mode, like the forward passes that write it. Running requests
 occupy slots [0, n): a finished request's slot is filled by moving the last one, so a decode step over
 slots [0, bucket) covers every running request and CUDA graphs per bucket stay valid.
 """
@@ -39,6 +40,7 @@ class StepPlan:
 
 
 class SlotPool:
+    @torch.inference_mode()
     def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
                  reserve_int8: bool = False, cache_positions: bool = False):
@@ -64,6 +66,7 @@ class SlotPool:
         self.version = 0  # bumped when buffers are reallocated: captured graphs must be recaptured
 
     # --- reserve tier ------------------------------------------------------------------------------
+    @torch.inference_mode()
     def ensure_reserve(self, need: int) -> None:
         """Make room for `need` evicted tokens per slot (grows every layer's reserve by doubling)."""
         if need <= self.cap:
@@ -117,13 +120,21 @@ class SlotPool:
     def reserve_values(self, layer: int) -> torch.Tensor:
         return self._dequant(self.rv, self.rv_scale, layer)
 
-    def _dequant(self, store, scale, layer: int) -> torch.Tensor:
-        x = store[layer].to(self.device, non_blocking=True)
+    def reserve_keys_at(self, layer: int, part: tuple) -> torch.Tensor:
+        return self._dequant(self.rk, self.rk_scale, layer, part)
+
+    def reserve_values_at(self, layer: int, part: tuple) -> torch.Tensor:
+        return self._dequant(self.rv, self.rv_scale, layer, part)
+
+    def _dequant(self, store, scale, layer: int, part: tuple = (slice(None),)) -> torch.Tensor:
+        x = store[layer][part].to(self.device, non_blocking=True)
         if self.reserve_int8:
-            return (x.float() * scale[layer].to(self.device, non_blocking=True).unsqueeze(-1)).to(self.dtype)
+            s = scale[layer][part].to(self.device, non_blocking=True)
+            return (x.float() * s.unsqueeze(-1)).to(self.dtype)
         return x
 
     # --- slots -------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def clear(self, slot: int) -> None:
         for pos in self.pos:
             pos[slot].fill_(-1)
@@ -133,6 +144,7 @@ class SlotPool:
             self.rpos[slot].fill_(-1)
         self.replaced[slot] = 0
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (compaction after a request leaves)."""
         for group in (self.k, self.v, self.pos, self.score, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks):

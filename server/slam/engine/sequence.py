@@ -6,6 +6,7 @@ import enum
 import itertools
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -53,6 +54,7 @@ class Sequence:
     output_text: str = ""
     slot: int | None = None  # the pool slot while the request runs
     token_bytes: int = 0  # bytes of keys and values per cached token (all layers), set with the slot
+    pool: Any = None  # the engine's SlotPool while the request holds a slot (checkpoints read it)
     replacements: int = 0
     aborted: bool = False
     # Offsets for incremental detokenization: text of ids[prefix:read] has already been emitted.
