@@ -223,6 +223,8 @@ class LLMEngine:
         return outputs
 
     def detokenize(self, seq: Sequence) -> str:
+        if self.tokenizer is None:  # random-weight benchmark models have ids, not text
+            return ""
         ids = seq.all_ids
         prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)

@@ -85,6 +85,7 @@ class ModelRunner:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
         self.plan_buf = torch.zeros(len(PLAN_ROWS), slots, dtype=torch.long, device=self.device)
+        self.zero = torch.zeros((), dtype=torch.float32, device=self.device)  # a device scalar: graph-safe writes
 
     # --- decode -----------------------------------------------------------------------------------
     def plan(self, b: int, kc: int) -> StepPlan:
@@ -109,7 +110,7 @@ class ModelRunner:
 
     def dry_rows(self, b: int) -> torch.Tensor:
         """A plan in which every slot is inactive: all writes land in scratch columns."""
-        rows = torch.zeros(len(PLAN_ROWS), b, dtype=torch.long)
+        rows = torch.zeros(len(PLAN_ROWS), b, dtype=torch.long, pin_memory=self.device.type == "cuda")
         rows[PLAN_ROWS.index("write")] = self.pool.budget
         rows[PLAN_ROWS.index("reserve_at")] = self.pool.cap
         rows[PLAN_ROWS.index("policy")] = -1
@@ -157,7 +158,7 @@ class ModelRunner:
             pool.k[li][ar, :, plan.write] = k if cache_pos else k_rot
             pool.v[li][ar, :, plan.write] = v
             pool.pos[li][ar, :, plan.write] = torch.where(active, plan.pos, -1).unsqueeze(1)
-            pool.score[li][ar, :, plan.write] = 0.0
+            pool.score[li][ar, :, plan.write] = self.zero
             pool.pos[li][:, :, pool.budget] = -1
             for cls in classes:
                 cls.select(pool, li, plan, q_rot, mine[cls])
