@@ -1,0 +1,150 @@
+"""Offline stand-ins for what the API server does with a CRD: default, validate, evaluate CEL rules.
+
+The schema checks run through jsonschema, the rules through cel-python (celpy), so a custom resource is
+judged by real engines. What they cannot show (CEL cost limits, admission) is left to the kind e2e run.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "manifests"
+CHART = ROOT / "charts" / "slam"
+KUBE_VERSION = "1.34.0"  # a recent release that kubernetes-validate ships schemas for
+CRD_API_VERSIONS = ("slam.dev/v1alpha1", "kopf.dev/v1", "monitoring.coreos.com/v1")
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def load_crd() -> dict:
+    (crd,) = load_docs(MANIFESTS / "crd.yaml")
+    return crd
+
+
+def version_schema(crd: dict, version: str = "v1alpha1") -> dict:
+    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return v["schema"]["openAPIV3Schema"]
+
+
+def apply_defaults(schema: dict, value: Any) -> Any:
+    """Fill `default`s top-down the way the API server does: a defaulted parent gets its own defaults."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(sub, value[key])
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        value = {k: apply_defaults(schema["additionalProperties"], v) for k, v in value.items()}
+    elif isinstance(value, list) and "items" in schema:
+        value = [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def to_jsonschema(schema: dict) -> dict:
+    """The OpenAPI v3 schema as JSON Schema; a structural object without preserve-unknown-fields rejects
+    unknown fields (what `kubectl apply`'s strict field validation does)."""
+    out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in schema:
+        out["properties"] = {k: to_jsonschema(v) for k, v in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(schema.get("additionalProperties"), dict):
+        out["additionalProperties"] = to_jsonschema(schema["additionalProperties"])
+    if "items" in schema:
+        out["items"] = to_jsonschema(schema["items"])
+    return out
+
+
+@dataclass
+class Rule:
+    path: str  # where the rule sits, e.g. "spec.cache"
+    rule: str
+    message: str
+
+
+def cel_rules(schema: dict, path: str = "") -> list[Rule]:
+    found = [Rule(path, r["rule"], r.get("message", r["rule"])) for r in schema.get("x-kubernetes-validations", [])]
+    for key, sub in schema.get("properties", {}).items():
+        found += cel_rules(sub, f"{path}.{key}".lstrip("."))
+    if "items" in schema:
+        found += cel_rules(schema["items"], f"{path}[]")
+    return found
+
+
+def _values_at(obj: Any, path: str) -> list[Any]:
+    values = [obj]
+    for part in filter(None, path.split(".")):
+        is_list = part.endswith("[]")
+        key = part.removesuffix("[]")
+        values = [v[key] for v in values if isinstance(v, dict) and key in v]
+        if is_list:
+            values = [item for v in values for item in v]
+    return values
+
+
+_CEL = celpy.Environment()
+
+
+def check_cel(schema: dict, obj: dict) -> list[str]:
+    """The messages of the CEL rules `obj` breaks (an evaluation error counts as a failure, as in k8s)."""
+    failures = []
+    for r in cel_rules(schema):
+        program = _CEL.program(_CEL.compile(r.rule))
+        for value in _values_at(obj, r.path):
+            result = program.evaluate({"self": celpy.json_to_cel(value)})
+            if result is not True and not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
+                failures.append(f"{r.path}: {r.message}")
+    return failures
+
+
+class Invalid(Exception):
+    """What the API server would answer with 422: every problem, each naming its field or rule."""
+
+
+def admit(crd: dict, obj: dict) -> dict:
+    """Default `obj`, then validate it against the CRD's schema and CEL rules; returns the defaulted object."""
+    schema = version_schema(crd, obj["apiVersion"].split("/")[1])
+    defaulted = apply_defaults(schema, obj)
+    validator = jsonschema.Draft7Validator(to_jsonschema(schema))
+    problems = [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(defaulted)
+    ]
+    if not problems:  # the API server evaluates rules only on a schema-valid object
+        problems = check_cel(schema, defaulted)
+    if problems:
+        raise Invalid("; ".join(problems))
+    return defaulted
+
+
+def structural_problems(schema: dict, path: str = "") -> list[str]:
+    """Where a schema breaks the rules for structural schemas (every node typed, no properties together
+    with additionalProperties, int-or-string only through its marker)."""
+    problems = []
+    typed = "type" in schema or schema.get("x-kubernetes-int-or-string") or schema.get(
+        "x-kubernetes-preserve-unknown-fields")
+    if not typed:
+        problems.append(f"{path or '<root>'}: no type")
+    if "properties" in schema and "additionalProperties" in schema:
+        problems.append(f"{path}: properties and additionalProperties together")
+    if "anyOf" in schema and not schema.get("x-kubernetes-int-or-string"):
+        problems.append(f"{path}: anyOf outside int-or-string")
+    for key, sub in schema.get("properties", {}).items():
+        problems += structural_problems(sub, f"{path}.{key}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        problems += structural_problems(schema["additionalProperties"], f"{path}.*")
+    if "items" in schema:
+        problems += structural_problems(schema["items"], f"{path}[]")
+    return problems
