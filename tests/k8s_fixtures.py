@@ -13,6 +13,7 @@ from typing import Any
 
 import celpy
 import jsonschema
+import kubernetes_validate
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,60 @@ def structural_problems(schema: dict, path: str = "") -> list[str]:
     if "items" in schema:
         problems += structural_problems(schema["items"], f"{path}[]")
     return problems
+
+
+# What the operator does with the API, and nothing more (ClusterRole and Role together).
+OPERATOR_GRANTS = {
+    ("slam.dev", "slaminferences"): {"get", "list", "watch", "patch", "update"},
+    ("slam.dev", "slaminferences/status"): {"get", "patch", "update"},
+    ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
+    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "secrets"): {"get"},
+    ("", "namespaces"): {"get", "list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch", "create"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "patch"},
+}
+
+
+def granted(docs: list[dict]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs over every Role and ClusterRole in `docs`; wildcards kept as written."""
+    grants: dict[tuple[str, str], set[str]] = {}
+    for doc in docs:
+        if doc["kind"] not in ("Role", "ClusterRole"):
+            continue
+        for rule in doc.get("rules", []):
+            for group in rule.get("apiGroups", []):
+                for resource in rule.get("resources", []):
+                    grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
+def wildcards(docs: list[dict]) -> list[str]:
+    found = []
+    for doc in docs:
+        for rule in doc.get("rules", []) if doc["kind"] in ("Role", "ClusterRole") else []:
+            for field in ("apiGroups", "resources", "verbs", "nonResourceURLs"):
+                found += [f"{doc['kind']} {doc['metadata']['name']} {field}" for v in rule.get(field, []) if "*" in v]
+    return found
+
+
+def crds_by_kind(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(d["spec"]["group"], d["spec"]["names"]["kind"]): d for d in docs if d["kind"] == "CustomResourceDefinition"}
+
+
+def validate_object(doc: dict, crds: dict[tuple[str, str], dict]) -> str:
+    """Validate one object as the API server would: built-in kinds with kubernetes-validate, custom kinds
+    against their CRD. Returns how it was checked; a kind with no schema at hand returns "unchecked"."""
+    group = doc["apiVersion"].rpartition("/")[0]
+    if (group, doc["kind"]) in crds:
+        admit(crds[(group, doc["kind"])], doc)
+        return "crd"
+    if group.endswith("monitoring.coreos.com") or group.endswith("kopf.dev"):
+        return "unchecked"
+    kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    return "kubernetes"
