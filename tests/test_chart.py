@@ -32,8 +32,8 @@ def chart():
         yield loaded
 
 
-def render(chart, values) -> list[dict]:
-    out = chart.render(values, name="slam", namespace=NAMESPACE)
+def render(chart, values, namespace=NAMESPACE) -> list[dict]:
+    out = chart.render(values, name="slam", namespace=namespace)
     return [d for path, text in sorted(out.items()) if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
 
 
@@ -69,9 +69,9 @@ def test_full_values_render_minio_monitors_and_the_inference(chart):
     spec = inference["spec"]
     assert spec["replicas"] == 3 and spec["resources"]["gpus"] == 2
     # With no checkpoint section of its own, the inference checkpoints to the chart's MinIO.
-    (minio,) = find(docs, "Service", "slam-minio")
+    (minio,) = find(docs, "Service", "minio")
     (secret,) = find(docs, "Secret")
-    assert spec["checkpoint"] == {"endpoint": f"slam-minio.{NAMESPACE}.svc:9000", "bucket": "slam",
+    assert spec["checkpoint"] == {"endpoint": f"minio.{NAMESPACE}.svc:9000", "bucket": "slam",
                                   "secretRef": {"name": secret["metadata"]["name"]}}
     assert [p["port"] for p in minio["spec"]["ports"]] == [9000]
     (operator,) = find(docs, "Deployment", "slam-operator")
@@ -157,4 +157,15 @@ def test_values_schema_rejects_bad_values(chart, values, where):
 def test_notes_tell_how_to_watch_a_failover(chart):
     notes = chart.render(FULL | {"inference": {"enabled": False}}, name="slam", namespace=NAMESPACE)[
         "slam/templates/NOTES.txt"]
-    assert "kubectl get slam -w" in notes and "kubectl describe slam" in notes and f"slam-minio.{NAMESPACE}" in notes
+    assert "kubectl get slam -w" in notes and "kubectl describe slam" in notes and f"minio.{NAMESPACE}.svc:9000" in notes
+
+
+def test_chart_minio_in_default_is_the_manifests_minio(chart):
+    docs = render(chart, {"minio": {"enabled": True}}, namespace="default")
+    manifests = load_docs(MANIFESTS / "minio.yaml")
+    for kind, name in (("Deployment", "minio"), ("Job", "minio-create-bucket")):
+        (ours,) = find(docs, kind, name)
+        (theirs,) = find(manifests, kind, name)
+        assert ours["spec"]["template"]["spec"] == theirs["spec"]["template"]["spec"], f"{kind}/{name}"
+    (secret,) = find(docs, "Secret", "slam-s3")
+    assert set(secret["stringData"]) == set(find(manifests, "Secret", "slam-s3")[0]["stringData"])

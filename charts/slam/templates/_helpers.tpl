@@ -13,8 +13,9 @@
 {{- printf "%s-operator" (include "slam.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* MinIO's name is fixed by a value (default "minio") so the examples' endpoint works with the chart too. */}}
 {{- define "slam.minio.fullname" -}}
-{{- printf "%s-minio" (include "slam.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- .Values.minio.name -}}
 {{- end -}}
 
 {{- define "slam.serviceAccountName" -}}
