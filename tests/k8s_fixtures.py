@@ -202,7 +202,7 @@ def validate_object(doc: dict, crds: dict[tuple[str, str], dict]) -> str:
     if (group, doc["kind"]) in crds:
         admit(crds[(group, doc["kind"])], doc)
         return "crd"
-    if group.endswith("monitoring.coreos.com") or group.endswith("kopf.dev"):
+    if group.endswith(("monitoring.coreos.com", "kopf.dev")):
         return "unchecked"
     kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     return "kubernetes"

@@ -6,9 +6,16 @@ from __future__ import annotations
 import helm_python as helm
 import pytest
 import yaml
-
 from k8s_fixtures import (
-    CHART, KUBE_VERSION, MANIFESTS, OPERATOR_GRANTS, crds_by_kind, granted, load_docs, validate_object, wildcards,
+    CHART,
+    KUBE_VERSION,
+    MANIFESTS,
+    OPERATOR_GRANTS,
+    crds_by_kind,
+    granted,
+    load_docs,
+    validate_object,
+    wildcards,
 )
 
 NAMESPACE = "slam-system"

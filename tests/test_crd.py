@@ -10,9 +10,15 @@ import copy
 import celpy
 import kubernetes_validate
 import pytest
-
 from k8s_fixtures import (
-    KUBE_VERSION, MANIFESTS, Invalid, admit, cel_rules, load_crd, load_docs, structural_problems,
+    KUBE_VERSION,
+    MANIFESTS,
+    Invalid,
+    admit,
+    cel_rules,
+    load_crd,
+    load_docs,
+    structural_problems,
     version_schema,
 )
 

@@ -12,9 +12,16 @@ from pathlib import Path
 
 import dockerfile
 import pytest
-
 from k8s_fixtures import (
-    MANIFESTS, OPERATOR_GRANTS, ROOT, crds_by_kind, granted, load_crd, load_docs, validate_object, wildcards,
+    MANIFESTS,
+    OPERATOR_GRANTS,
+    ROOT,
+    crds_by_kind,
+    granted,
+    load_crd,
+    load_docs,
+    validate_object,
+    wildcards,
 )
 
 FILES = sorted(MANIFESTS.glob("*.yaml"))
