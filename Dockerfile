@@ -69,4 +69,4 @@ EOF
 RUN pip install --no-deps . && pip install -r /tmp/operator-requirements.txt
 USER 10001:10001
 EXPOSE 8080 9090
-CMD ["slam", "operator"]
+CMD ["slam", "operator", "--all-namespaces"]

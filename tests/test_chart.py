@@ -22,7 +22,7 @@ NAMESPACE = "slam-system"
 DEFAULT: dict = {}
 # The non-default set: 3 replicas with 2 GPUs each, ServiceMonitor and MinIO on.
 FULL = {
-    "operator": {"replicas": 3},
+    "operator": {"replicas": 3, "metricsPort": 9090},
     "minio": {"enabled": True},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "inference": {"enabled": True, "name": "llama", "spec": {
@@ -114,6 +114,13 @@ def test_monitors_scrape_ports_that_exist(chart):
     assert pods["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "slam"}
     assert pods["spec"]["namespaceSelector"] == {"any": True}
     assert [e["port"] for e in pods["spec"]["podMetricsEndpoints"]] == ["http"]
+
+
+def test_operator_monitor_only_with_a_metrics_port(chart):
+    docs = render(chart, {"serviceMonitor": {"enabled": True}})
+    assert [d["kind"] for d in docs if d["kind"].endswith("Monitor")] == ["PodMonitor"]
+    (operator,) = find(docs, "Deployment")
+    assert [p["name"] for p in operator["spec"]["template"]["spec"]["containers"][0]["ports"]] == ["health"]
 
 
 def test_chart_crds_equal_the_manifests(chart):

@@ -78,17 +78,32 @@ def test_operator_deployment():
     assert pod["serviceAccountName"] == "slam-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     (main,) = pod["containers"]
-    assert main["image"] == "slam-serve:operator" and main["command"] == ["slam", "operator"]
+    assert main["image"] == "slam-serve:operator"
+    # `slam operator` for every namespace, in the peering the init container creates, at a random priority.
+    (shell,) = main["args"]
+    assert main["command"] == ["/bin/sh", "-c"] and shell.startswith("exec slam operator --all-namespaces ")
+    assert '--peering "$PEERING_NAME"' in shell and "--priority" in shell
+    (init,) = pod["initContainers"]
+    assert 'os.environ["PEERING_NAME"]' in init["args"][0]
+    names = [{e["name"]: e.get("value") for e in c["env"]}["PEERING_NAME"] for c in (main, init)]
+    assert names == ["slam-operator", "slam-operator"]
+    env = {e["name"]: e for e in main["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # kopf's peer identity
     probe = main["livenessProbe"]["httpGet"]
     port = {p["name"]: p["containerPort"] for p in main["ports"]}[probe["port"]]
-    assert (probe["path"], port) == ("/healthz", 8080)
+    assert (probe["path"], port) == ("/healthz", 8080)  # `slam operator`'s default liveness endpoint
     assert main["resources"]["requests"] and main["resources"]["limits"]["memory"]
-    for container in pod["containers"] + pod["initContainers"]:
+    for container in (main, init):
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    # The init container creates the peering object the operator is told to use.
-    env = {e["name"]: e for e in main["env"]}
-    assert env["KOPF_RUN_PEERING"]["value"] in pod["initContainers"][0]["args"][0]
-    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_operator_priority_command_gives_distinct_numbers():
+    (deploy,) = [d for d in TOP if d["kind"] == "Deployment" and d["metadata"]["name"] == "slam-operator"]
+    shell = deploy["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    priority = shell.split("--priority ")[1].strip('"')[2:-1]  # the $( ... ) command
+    values = {subprocess.run(["/bin/sh", "-c", priority], capture_output=True, text=True, check=True).stdout
+              for _ in range(5)}
+    assert len(values) == 5 and all(v.strip().isdigit() for v in values)
 
 
 def test_examples_point_at_the_minio_in_manifests():
@@ -170,7 +185,7 @@ def test_dockerfile_operator_installs_no_serving_stack():
     installs = [c.original for c in stage if c.cmd == "RUN" and "pip install" in c.original]
     assert installs == ["RUN pip install --no-deps . && pip install -r /tmp/operator-requirements.txt"]
     (cmd,) = [c for c in stage if c.cmd == "CMD"]
-    assert cmd.value == ("slam", "operator")
+    assert cmd.value == ("slam", "operator", "--all-namespaces")
 
 
 def test_dockerignore_keeps_the_context_small():
