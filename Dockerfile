@@ -2,7 +2,7 @@
 # SLAM images, one target each:
 #   docker build --target server-cpu  -t slam-serve:cpu .       # CPU server, embedded SmolLM2 converted in
 #   docker build --target server-cuda -t slam-serve:cuda .      # GPU server, no model: mount one, pass its path
-#   docker build --target operator    -t slam-serve:operator .  # the kopf operator, without torch
+#   docker build --target operator    -t slam-serve:operator .  # the kopf operator (OPERATOR_TORCH=none: slim)
 # Every image runs as the non-root user slam (uid 10001). No HEALTHCHECK: Kubernetes probes /health and /ready.
 
 ARG PYTHON_IMAGE=python:3.12-slim
@@ -50,9 +50,12 @@ USER 10001:10001
 EXPOSE 8000
 CMD ["slam", "serve", "--host", "0.0.0.0", "--port", "8000", "--dtype", "bfloat16"]
 
-# Operator: the package without its serving stack. Its requirements are the `operator` extra plus the
-# light main dependencies (settings, S3 client), read from pyproject.toml so there is one list.
+# Operator. The goal is the package without its serving stack: the `operator` extra plus the light main
+# dependencies, read from pyproject.toml so there is one list (OPERATOR_TORCH=none). Today `slam operator`
+# still imports torch through slam.cli -> slam.model and slam.checkpoint -> format, so the default adds CPU
+# torch and the full dependencies; the last RUN proves the command starts either way.
 FROM base AS operator
+ARG OPERATOR_TORCH=cpu
 LABEL org.opencontainers.image.title="slam-serve operator" \
       org.opencontainers.image.description="kopf operator for SLAMInference resources" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -67,6 +70,10 @@ light = [d for d in project["dependencies"] if re.split(r"[<>=!~\[; ]", d)[0].lo
 print("\n".join(light + project["optional-dependencies"]["operator"]))
 EOF
 RUN pip install --no-deps . && pip install -r /tmp/operator-requirements.txt
+RUN if [ "$OPERATOR_TORCH" = cpu ]; then \
+      pip install --index-url https://download.pytorch.org/whl/cpu torch && pip install ".[operator]"; \
+    fi \
+ && slam operator --help > /dev/null
 USER 10001:10001
-EXPOSE 8080 9090
+EXPOSE 8080
 CMD ["slam", "operator", "--all-namespaces"]
