@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER=${SLAM_KIND_CLUSTER:-slam-e2e}
-NODE_IMAGE=${SLAM_KIND_NODE_IMAGE:-kindest/node:v1.33.1}
+NODE_IMAGE=${SLAM_KIND_NODE_IMAGE:-}  # e.g. kindest/node:v1.33.1; empty: the kind release's default
 
 need() { command -v "$1" >/dev/null || { echo "kind-up: $1 is required" >&2; exit 2; }; }
 for tool in docker kind kubectl helm; do need "$tool"; done
@@ -34,7 +34,7 @@ if [ "$GPU" = 1 ]; then
   gpu_mount=$'  extraMounts:\n  - hostPath: /dev/null\n    containerPath: /var/run/nvidia-container-devices/all'
 fi
 if ! kind get clusters | grep -qx "$CLUSTER"; then
-  kind create cluster --name "$CLUSTER" --image "$NODE_IMAGE" --wait 120s --config - <<EOF
+  kind create cluster --name "$CLUSTER" ${NODE_IMAGE:+--image "$NODE_IMAGE"} --wait 120s --config - <<EOF
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
 nodes:

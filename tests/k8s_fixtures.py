@@ -151,7 +151,7 @@ def structural_problems(schema: dict, path: str = "") -> list[str]:
     return problems
 
 
-# What the operator does with the API, and nothing more (ClusterRole and Role together).
+# What the operator does with the API, and nothing more.
 OPERATOR_GRANTS = {
     ("slam.dev", "slaminferences"): {"get", "list", "watch", "patch", "update"},
     ("slam.dev", "slaminferences/status"): {"get", "patch", "update"},
@@ -165,7 +165,6 @@ OPERATOR_GRANTS = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch", "create"},
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "patch"},
 }
 
 

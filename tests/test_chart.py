@@ -63,7 +63,7 @@ def test_lint_reports_a_bad_value():
 def test_default_values_render_only_the_operator(chart):
     docs = render(chart, DEFAULT)
     assert sorted(d["kind"] for d in docs) == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"])
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"])
     (deploy,) = find(docs, "Deployment")
     assert deploy["spec"]["replicas"] == 2
 
@@ -137,8 +137,7 @@ def test_rbac_is_least_privilege_and_matches_the_manifests(chart, values):
     assert wildcards(docs) == []
     assert granted(docs) == OPERATOR_GRANTS
     manifests = load_docs(MANIFESTS / "rbac.yaml")
-    for kind in ("ClusterRole", "Role"):
-        assert find(docs, kind)[0]["rules"] == find(manifests, kind)[0]["rules"]
+    assert find(docs, "ClusterRole")[0]["rules"] == find(manifests, "ClusterRole")[0]["rules"]
     (binding,) = find(docs, "ClusterRoleBinding")
     (account,) = find(docs, "ServiceAccount")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
