@@ -163,3 +163,39 @@ def test_status_schema_takes_what_the_operator_writes():
     bad["status"]["phase"] = "Exploded"
     with pytest.raises(Invalid, match="status.phase"):
         admit(CRD, bad)
+
+
+def test_printer_columns_and_scale_paths_exist_in_the_schema():
+    (version,) = CRD["spec"]["versions"]
+    scale = version["subresources"]["scale"]
+    paths = [c["jsonPath"] for c in version["additionalPrinterColumns"]] + [
+        scale["specReplicasPath"], scale["statusReplicasPath"], scale["labelSelectorPath"]]
+    for path in (p for p in paths if not p.startswith(".metadata.")):  # ObjectMeta is the API server's
+        node = SCHEMA
+        for part in path.strip(".").split("."):
+            node = node["properties"][part] if part in node.get("properties", {}) else None
+            assert node is not None, f"{path} is not in the schema"
+
+
+# The operator repeats the schema's defaults and rules for specs that reach it unvalidated
+# (operator/slam_operator/spec.py); the two must agree on the contract.
+AGREED_BAD = [spec for spec, _ in BAD[:9]]
+
+
+@pytest.mark.parametrize("spec", [{}, *({"checkpoint": {"enabled": False}},)] + [
+    d["spec"] for p in sorted((MANIFESTS / "examples").glob("*.yaml")) for d in load_docs(p)])
+def test_operator_spec_model_defaults_like_the_crd(spec):
+    operator_spec = pytest.importorskip("slam_operator.spec")
+    parsed = operator_spec.parse_spec(copy.deepcopy(spec)).model_dump(exclude_none=True)
+    defaulted = admit(CRD, minimal(**spec))["spec"]
+    for key in ("nodeSelector", "tolerations"):  # the model's empty defaults; the schema has none
+        if not parsed[key] and key not in defaulted:
+            del parsed[key]
+    assert parsed == defaulted
+
+
+@pytest.mark.parametrize("spec", AGREED_BAD, ids=[str(s) for s in AGREED_BAD])
+def test_operator_spec_model_rejects_what_the_crd_rejects(spec):
+    operator_spec = pytest.importorskip("slam_operator.spec")
+    with pytest.raises(operator_spec.SpecError):
+        operator_spec.parse_spec(copy.deepcopy(spec))
