@@ -32,6 +32,21 @@ FULL = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
 }
 
+# Every other knob turned once.
+OPTIONS = {
+    "fullnameOverride": "ops",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "operator": {"healthPort": 8081, "extraEnv": [{"name": "TZ", "value": "UTC"}],
+                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                     {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}]}}},
+                 "nodeSelector": {"pool": "system"}, "tolerations": [{"key": "system", "operator": "Exists"}]},
+    "serviceAccount": {"name": "custom-sa"},
+    "minio": {"enabled": True, "name": "s3", "bucket": "ckpt", "auth": {"create": False, "secretName": "mine"},
+              "nodeSelector": {"pool": "system"}},
+    "inference": {"enabled": True, "spec": {"checkpoint": {"endpoint": "s3.example.com:443", "bucket": "ckpt-store",
+                                                           "secure": True}}},
+}
+
 
 @pytest.fixture(scope="module")
 def chart():
@@ -85,7 +100,7 @@ def test_full_values_render_minio_monitors_and_the_inference(chart):
     assert operator["spec"]["replicas"] == 3
 
 
-@pytest.mark.parametrize("values", [DEFAULT, FULL], ids=["default", "full"])
+@pytest.mark.parametrize("values", [DEFAULT, FULL, OPTIONS], ids=["default", "full", "options"])
 def test_every_rendered_object_validates(chart, values):
     crds = crds_by_kind([d for c in chart.crds for d in yaml.safe_load_all(c["data"]) if d])
     checked = {}
@@ -94,9 +109,27 @@ def test_every_rendered_object_validates(chart, values):
         if doc["kind"] != "ClusterRole" and doc["kind"] != "ClusterRoleBinding":
             assert doc["metadata"]["namespace"] == NAMESPACE
     unchecked = {k for k, how in checked.items() if how == "unchecked"}
-    assert unchecked == ({"ServiceMonitor/slam-operator", "PodMonitor/slam-servers"} if values else set())
-    if values:
-        assert checked["SLAMInference/llama"] == "crd"
+    assert unchecked == ({"ServiceMonitor/slam-operator", "PodMonitor/slam-servers"} if values is FULL else set())
+    if values is not DEFAULT:
+        assert "crd" in checked.values()  # the SLAMInference, against the chart's CRD
+
+
+def test_options_reach_the_objects(chart):
+    docs = render(chart, OPTIONS)
+    (operator,) = find(docs, "Deployment", "ops-operator")
+    pod = operator["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "custom-sa" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["affinity"] == OPTIONS["operator"]["affinity"] and pod["nodeSelector"] == {"pool": "system"}
+    (main,) = pod["containers"]
+    assert main["args"][0].endswith("--liveness http://0.0.0.0:8081/healthz")
+    assert main["livenessProbe"]["httpGet"]["port"] == "health" and main["ports"][0]["containerPort"] == 8081
+    assert {"name": "TZ", "value": "UTC"} in main["env"]
+    assert find(docs, "Secret") == []  # auth.create false: the user's Secret "mine" is used
+    (job,) = find(docs, "Job", "s3-create-bucket")
+    assert "local/ckpt" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert job["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    (inference,) = find(docs, "SLAMInference")
+    assert inference["spec"]["checkpoint"]["endpoint"] == "s3.example.com:443"  # its own store wins
 
 
 def test_monitors_scrape_ports_that_exist(chart):
