@@ -7,6 +7,7 @@ judged by real engines. What they cannot show (CEL cost limits, admission) is le
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import kubernetes_validate
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "charts"))
+from sync_crds import to_jsonschema  # the one converter; it also writes values.schema.json
+
 MANIFESTS = ROOT / "manifests"
 CHART = ROOT / "charts" / "slam"
 KUBE_VERSION = "1.34.0"  # a recent release that kubernetes-validate ships schemas for
@@ -51,21 +55,6 @@ def apply_defaults(schema: dict, value: Any) -> Any:
     elif isinstance(value, list) and "items" in schema:
         value = [apply_defaults(schema["items"], v) for v in value]
     return value
-
-
-def to_jsonschema(schema: dict) -> dict:
-    """The OpenAPI v3 schema as JSON Schema; a structural object without preserve-unknown-fields rejects
-    unknown fields (what `kubectl apply`'s strict field validation does)."""
-    out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
-    if "properties" in schema:
-        out["properties"] = {k: to_jsonschema(v) for k, v in schema["properties"].items()}
-        if not schema.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-    if isinstance(schema.get("additionalProperties"), dict):
-        out["additionalProperties"] = to_jsonschema(schema["additionalProperties"])
-    if "items" in schema:
-        out["items"] = to_jsonschema(schema["items"])
-    return out
 
 
 @dataclass

@@ -156,6 +156,12 @@ def test_operator_monitor_only_with_a_metrics_port(chart):
     assert [p["name"] for p in operator["spec"]["template"]["spec"]["containers"][0]["ports"]] == ["health"]
 
 
+def test_values_schema_holds_the_crd_spec_schema():
+    import sync_crds  # charts/sync_crds.py, on the path through k8s_fixtures
+
+    assert (CHART / "values.schema.json").read_text() == sync_crds.values_schema(), "run python charts/sync_crds.py"
+
+
 def test_chart_crds_equal_the_manifests(chart):
     copies = {c["filename"].rpartition("/")[2]: c["data"] for c in chart.crds}
     expected = {"slaminferences.yaml": "crd.yaml", "kopf-peering.yaml": "kopf-peering.yaml"}
@@ -192,6 +198,8 @@ def test_operator_pod_matches_the_manifests(chart):
     ({"minio": {"bucket": "Bad_Bucket"}}, "/minio/bucket"),
     ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
     ({"inference": {"spec": {"replicas": -2}}}, "/inference/spec/replicas"),
+    ({"inference": {"spec": {"cache": {"policy": "lru"}}}}, "/inference/spec/cache/policy"),
+    ({"inference": {"spec": {"replica": 2}}}, "additional properties 'replica'"),
 ])
 def test_values_schema_rejects_bad_values(chart, values, where):
     with pytest.raises(helm.HelmValuesError, match=where):
