@@ -16,6 +16,10 @@ test)
   python3 -m pytest -q -p no:cacheprovider tests/test_policies.py tests/test_engine.py 2>&1 | tee "$OUT/gpu-tests.log" ;;
 checks)  # sync-free decode step, CUDA graphs equal eager (random weights: no model needed)
   python3 e2e/gpu_checks.py 2>&1 | tee "$OUT/gpu-checks.log" ;;
+bench-r)  # the same at budget 256 with layers refreshing every 1, 2 and 4 steps
+  for r in 1 2 4; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m \
+    --policies slam --budget 256 --contexts 4000 --batches 1,32 --tokens 32 --select-every $r --json; done \
+    | tee "$OUT/bench-decode-refresh.jsonl" ;;
 bench)  # issue 7's targets: budget 256 at 4K over batches, then budget 2048 at batch 32 over contexts
   python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --baseline transformers \
     --policies full,streaming,slam --budget 256 --contexts 4000 --batches 1,8,32 --tokens 32 --json \

@@ -71,6 +71,8 @@ class EngineConfig(BaseModel):
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
+    select_every: int = Field(default=1, ge=1)
 
 
 class ServerSettings(BaseSettings):
@@ -96,6 +98,7 @@ class ServerSettings(BaseSettings):
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
     enforce_eager: bool = False
+    select_every: int = Field(default=1, ge=1)
     api_key_file: Path | None = None
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
     s3_endpoint: str | None = None  # host:port, no scheme
@@ -160,4 +163,5 @@ class ServerSettings(BaseSettings):
             reserve_device=self.reserve_device,
             reserve_dtype=self.reserve_dtype,
             enforce_eager=self.enforce_eager,
+            select_every=self.select_every,
         )

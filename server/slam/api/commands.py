@@ -36,6 +36,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--reserve-device": ("reserve_device", "where slam keeps evicted tokens: auto, cuda, cpu"),
     "--reserve-dtype": ("reserve_dtype", "bfloat16 or int8 (per-token scales) for evicted tokens"),
     "--enforce-eager": ("enforce_eager", "true: no CUDA graphs for decode steps"),
+    "--select-every": ("select_every", "slam: decode steps between a layer's refreshes of its critical tokens (1)"),
     "--api-key-file": ("api_key_file", "file with one API key per line; requests must send one"),
     "--s3-endpoint": ("s3_endpoint", "S3 host:port for checkpoints (none: checkpointing off); "
                       "credentials from SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY"),

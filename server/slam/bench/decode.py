@@ -68,7 +68,8 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     full = cache.policy == "full"
     config = EngineConfig(max_batch=batch, cache=cache, max_budget=context + tokens + 8 if full else None,
                           max_model_len=max(context + tokens + 8, 16), enforce_eager=args.enforce_eager,
-                          reserve_device=args.reserve_device, reserve_dtype=args.reserve_dtype)
+                          reserve_device=args.reserve_device, reserve_dtype=args.reserve_dtype,
+                          select_every=args.select_every)
     engine = LLMEngine(config, loaded)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -166,6 +167,7 @@ def run(args) -> int:
             results.append(row)
             if args.json:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
+                                  "select_every": args.select_every, "graphs": not args.enforce_eager,
                                   "torch": torch.__version__}), flush=True)
     if not args.json:
         table = Table(title=f"slam bench decode on {results[0].device} ({args.shape or 'model'}, {args.dtype}, "
@@ -229,6 +231,7 @@ def add_parser(sub) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--reserve-dtype", choices=["bfloat16", "int8"], default="bfloat16")
+    p.add_argument("--select-every", type=int, default=1, help="slam: steps between a layer's refreshes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, default=None)
     add_model_flags(p)
