@@ -225,12 +225,12 @@ class LLMEngine:
     def detokenize(self, seq: Sequence) -> str:
         if self.tokenizer is None:  # random-weight benchmark models have ids, not text
             return ""
-        ids = seq.all_ids
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        tail = seq.ids(seq.prefix_offset)  # only the last few tokens: never the whole context
+        prefix = self.tokenizer.decode(tail[: seq.read_offset - seq.prefix_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(tail, skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            seq.prefix_offset, seq.read_offset = seq.read_offset, seq.length
             seq.output_text += delta
             return delta
         return ""

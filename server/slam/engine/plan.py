@@ -43,7 +43,7 @@ def decode_plan(engine: LLMEngine, decoding: list[Sequence]) -> tuple[torch.Tens
         before, after = p.counts(n)[3], p.counts(n + 1)[3]
         evict = after > before
         columns[seq.slot] = [
-            seq.all_ids[n], n, column(p, n), int(evict), before if p.uses_reserve and evict else pool.cap,
+            seq.ids(n, n + 1)[0], n, column(p, n), int(evict), before if p.uses_reserve and evict else pool.cap,
             after if p.uses_reserve else 0, p.middle, p.sink, p.cache_tokens(n + 1) - 1, POLICY_IDS[p.name],
         ]
     rows = torch.tensor(columns, dtype=torch.long).t()

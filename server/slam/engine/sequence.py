@@ -87,8 +87,16 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def ids(self, start: int, stop: int | None = None) -> list[int]:
+        """all_ids[start:stop] without building the whole list (which grows with the context)."""
+        n = len(self.prompt_ids)
+        stop = self.length if stop is None else min(stop, self.length)
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        return self.prompt_ids[start:stop] + (self.output_ids[: stop - n] if stop > n else [])
+
     def next_chunk(self, limit: int) -> list[int]:
-        return self.all_ids[self.num_cached : self.num_cached + limit]
+        return self.ids(self.num_cached, self.num_cached + limit)
 
     def cache_tokens(self) -> int:
         """Tokens per layer and KV head in the active cache."""
