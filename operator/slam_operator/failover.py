@@ -90,9 +90,10 @@ def node_failed(node: str | None, nodes: dict[str, NodeView], now: datetime.date
 
 def plan(replicas: int, template: str, pods: list[PodView], nodes: dict[str, NodeView],
          memory: dict[int, SlotMemory], now: datetime.datetime, grace: int,
-         deleted_by_us: frozenset[str] = frozenset()) -> Plan:
+         drained: frozenset[int] = frozenset()) -> Plan:
     """The actions that bring the pods to one healthy pod per slot in `range(replicas)`, each at the current
-    template, and no pods in other slots. `deleted_by_us` names pods this operator deleted gracefully."""
+    template, and no pods in other slots. `drained` are the slots whose pod this operator deleted gracefully
+    (a replacement, not a failure)."""
     result = Plan()
     by_slot: dict[int, list[PodView]] = {}
     for pod in pods:
@@ -101,7 +102,7 @@ def plan(replicas: int, template: str, pods: list[PodView], nodes: dict[str, Nod
         slot_pods = by_slot.get(slot, [])
         known = max([p.epoch for p in slot_pods] + ([memory[slot].epoch] if slot in memory else []), default=None)
         if slot < replicas:
-            result.actions += _keep(slot, slot_pods, known, memory.get(slot), nodes, now, grace, deleted_by_us)
+            result.actions += _keep(slot, slot_pods, known, memory.get(slot), nodes, now, grace, slot in drained)
         else:
             result.actions += _remove(slot, slot_pods, nodes, now, grace)
     if not result.actions:
@@ -126,7 +127,7 @@ def _failures(slot: int, pods: list[PodView], nodes, now, grace) -> tuple[list[D
 
 
 def _keep(slot: int, pods: list[PodView], known: int | None, memory: SlotMemory | None, nodes, now, grace,
-          deleted_by_us: frozenset[str]) -> list[Create | Delete]:
+          drained: bool) -> list[Create | Delete]:
     actions: list[Create | Delete] = []
     deletes, remaining = _failures(slot, pods, nodes, now, grace)
     actions += deletes
@@ -148,7 +149,7 @@ def _keep(slot: int, pods: list[PodView], known: int | None, memory: SlotMemory 
         actions.append(Create(slot, epoch, "Created"))
     elif memory.phase == REMOVED:
         actions.append(Create(slot, epoch, "ScaledUp"))
-    elif memory.phase == REPLACING and memory.pod in deleted_by_us:
+    elif drained:
         actions.append(Create(slot, epoch, "Updated"))
     else:  # its pod vanished without us: deleted by someone, or lost with its node
         actions.append(Create(slot, epoch, "PodGone", failover=True))
