@@ -50,11 +50,15 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-class _QuietTimer(logging.Filter):
-    """kopf logs every successful timer run at INFO; the reconcile runs every few seconds per resource."""
+class _Quiet(logging.Filter):
+    """kopf logs every successful handler run at INFO: the reconcile timer runs every few seconds per resource,
+    and the pod and node watchers on every event. Their failures and our own messages still show."""
+
+    ROUTINE = {f"{kind} '{name}' succeeded." for kind, name in
+               (("Timer", "reconcile"), ("Handler", "pod_event"), ("Handler", "node_event"))}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == logging.INFO and record.getMessage() == "Timer 'reconcile' succeeded.")
+        return not (record.levelno == logging.INFO and record.getMessage() in self.ROUTINE)
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -74,7 +78,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print(f"slam operator: error: no Kubernetes credentials (in-cluster or kubeconfig): {e}", file=sys.stderr)
         return 1
     kopf.configure(debug=args.dev, verbose=args.dev)
-    logging.getLogger("kopf.objects").addFilter(_QuietTimer())
+    logging.getLogger("kopf.objects").addFilter(_Quiet())
     registry = kopf.OperatorRegistry()
     register_handlers(registry, OperatorConfig(kube=configuration, reconcile_seconds=args.reconcile_seconds))
     kopf.run(registry=registry, clusterwide=args.all_namespaces, namespaces=args.namespace or (),

@@ -60,7 +60,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     kube = Kube(config.kube)
     resource = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, id="configure")
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="slam.dev")
@@ -68,24 +68,24 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             prefix="slam.dev", key="last-handled-configuration")
         settings.posting.level = logging.INFO
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(registry=registry, id="login")
     async def login(**_: Any) -> kopf.ConnectionInfo:
         return _connection(config.kube)
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(registry=registry, id="close")
     async def close(**_: Any) -> None:
         kube.close()
 
-    @kopf.index("pods", labels={render.NAME_LABEL: "slam"}, registry=registry)
+    @kopf.index("pods", labels={render.NAME_LABEL: "slam"}, registry=registry, id="slam_pods")
     async def slam_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict | None:
         view = pod_view(body)
         return {(namespace, labels.get(render.INSTANCE_LABEL)): view} if view else None
 
-    @kopf.index("nodes", registry=registry)
+    @kopf.index("nodes", registry=registry, id="slam_nodes")
     async def slam_nodes(name: str, status: kopf.Status, **_: Any) -> dict:
         return {name: node_view(status)}
 
-    @kopf.on.event("pods", labels={render.NAME_LABEL: "slam"}, registry=registry)
+    @kopf.on.event("pods", labels={render.NAME_LABEL: "slam"}, registry=registry, id="pod_event")
     async def pod_event(body: kopf.Body, type: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         # The cause of a pod's end (OOMKilled, Error, Evicted...) goes to its owner's Events at once; the
         # reconcile timer replaces the pod.
@@ -105,7 +105,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         kopf.event(target, type="Warning", reason="PodFailed" if view.reason != "Evicted" else "Evicted", message=message)
         logger.warning(message)
 
-    @kopf.on.event("nodes", registry=registry)
+    @kopf.on.event("nodes", registry=registry, id="node_event")
     async def node_event(name: str, status: kopf.Status, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         ready = node_view(status).ready
         if memo.get("ready", True) != ready:
@@ -119,9 +119,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             patch.status.update(changes(status, failed_status(str(e), meta.get("generation"), status, _now())))
             raise
 
-    @kopf.on.resume(**resource)
-    @kopf.on.create(**resource)
-    @kopf.on.update(**resource)
+    @kopf.on.resume(**resource, id="apply")
+    @kopf.on.create(**resource, id="apply")
+    @kopf.on.update(**resource, id="apply")
     async def apply(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                     memo: kopf.Memo, logger: kopf.Logger, slam_pods: kopf.Index, slam_nodes: kopf.Index,
                     **_: Any) -> None:
@@ -146,7 +146,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         await reconcile(kube, body, parsed, _instance_pods(slam_pods, meta.namespace, meta.name),
                         _nodes(slam_nodes), memo, patch, logger)
 
-    @kopf.on.delete(**resource)
+    @kopf.on.delete(**resource, id="delete")
     async def delete(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                      memo: kopf.Memo, logger: kopf.Logger, slam_nodes: kopf.Index, **_: Any) -> None:
         patch.status["phase"] = "Terminating"
