@@ -5,7 +5,8 @@ What kmock 0.8's emulator lacks and `ClusterEmulator` adds (design.md section 4)
 - server-assigned metadata: uid, resourceVersion (bumped on every write), creationTimestamp, generation
   (bumped when the spec changes), and `generateName`;
 - the status subresource: writes to `/status` change only `.status`, other writes never change it;
-- label and field selectors on list and watch; a watch that misses no event between its list and its stream;
+- label and field selectors on list and watch; a watch from a `resourceVersion` replays what happened
+  since (deletions included), so nothing is lost between a client's list and its watch;
 - a failed JSON-patch `test` (kopf's optimistic concurrency) answers 422, and a stale
   `metadata.resourceVersion` in a merge patch 409;
 - graceful pod deletion: a pod whose node is not Ready (or every pod, with `graceful_pods=True`) stays
@@ -29,16 +30,21 @@ import datetime
 import itertools
 import re
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import jsonpatch
+import logging
 import kmock
 from kmock._internal import apps, dicts
 
+log = logging.getLogger(__name__)
 POD = kmock.resource("", "v1", "pods")
+PEERING = kmock.resource("kopf.dev", "v1", "kopfpeerings")
 NODE = kmock.resource("", "v1", "nodes")
 EVENT = kmock.resource("", "v1", "events")
 NAMESPACE = kmock.resource("", "v1", "namespaces")
@@ -122,6 +128,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     graceful_pods: bool = False  # True: every graceful pod delete waits for `finish_termination`
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _replies: dict[int, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    _log: list[tuple[int, Any, dict[str, Any]]] = attrs.field(factory=list, init=False)  # (version, resource, event)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -166,12 +173,19 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         yield b""  # send the headers now, so the client sees a started stream
         bus = self._buses[request.resource]
-        async with self._lock:  # the mark and the listing are taken at the same instant: no gap
+        since = int(request.params.get("resourceVersion") or 0)
+        async with self._lock:  # the mark and the backlog are taken at the same instant: no gap, no repeat
             mark = await bus.mark()
-            existing = self._select(request)
+            if since:  # what happened after the client's list, deletions included
+                backlog = [event for version, resource, event in self._log if resource == request.resource
+                           and version > since and self._wanted(request, event["object"])]
+            else:
+                backlog = [{"type": "ADDED", "object": obj} for obj in self._select(request)]
+        log.debug("watch %s in %s from version %s: %d events of backlog", request.resource.plural, request.namespace,
+                  since, len(backlog))
         try:
-            for obj in existing:
-                yield {"type": "ADDED", "object": obj}
+            for event in backlog:
+                yield event
             async for event in bus.stream(since=mark):
                 if self._wanted(request, event["object"]):
                     yield event
@@ -201,7 +215,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return resource not in self.resources or self.resources[resource].namespaced is not False
 
     async def _emit(self, resource: kmock.resource, kind: str, obj: dict[str, Any]) -> None:
-        await self._buses[resource].put({"type": kind, "object": copy.deepcopy(obj)})
+        obj = copy.deepcopy(obj)
+        if kind == "DELETED":  # a deletion is a change of its own, with its own version
+            obj["metadata"]["resourceVersion"] = str(next(self._versions))
+        event = {"type": kind, "object": obj}
+        self._log.append((int(obj["metadata"]["resourceVersion"]), resource, event))
+        await self._buses[resource].put(event)
 
     def _current(self, resource, namespace, name) -> dict[str, Any]:
         key = (resource, namespace if self._namespaced(resource) else None, name)
@@ -396,8 +415,9 @@ class Kubelet:
     of Terminating pods on Ready nodes. Subclass `start_pod` / `stop_pod` to run real processes.
     """
 
-    def __init__(self, k8s: ClusterEmulator, period: float = 0.05, ready_pods: bool = True):
-        self.k8s, self.period, self.ready_pods = k8s, period, ready_pods
+    def __init__(self, k8s: ClusterEmulator, period: float = 0.05, ready_pods: bool = True, ready_delay: float = 0.0):
+        self.k8s, self.period, self.ready_pods, self.ready_delay = k8s, period, ready_pods, ready_delay
+        self._started: dict[str, float] = {}  # pod uid -> when it started Running (not Ready yet)
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> Kubelet:
@@ -427,6 +447,9 @@ class Kubelet:
                 await self._bind(pod, nodes)
             elif pod["status"].get("phase") == "Pending" and self.k8s.node_ready(node):
                 await self.start_pod(pod)
+            elif meta["uid"] in self._started and time.monotonic() - self._started[meta["uid"]] >= self.ready_delay:
+                del self._started[meta["uid"]]
+                await self.set_phase(pod, "Running", ready=True)
 
     async def _bind(self, pod: dict[str, Any], nodes: list[dict[str, Any]]) -> None:
         fitting = [n for n in nodes if _fits(pod, n)]
@@ -441,8 +464,11 @@ class Kubelet:
                              {"spec": {"nodeName": best["metadata"]["name"]}})
 
     async def start_pod(self, pod: dict[str, Any]) -> None:
-        """Report the pod Running (and Ready when `ready_pods`); a subclass starts the real server here."""
-        await self.set_phase(pod, "Running", ready=self.ready_pods)
+        """Report the pod Running, and Ready when `ready_pods` (after `ready_delay`); a subclass starts the
+        real server here."""
+        if self.ready_pods and self.ready_delay > 0:
+            self._started[pod["metadata"]["uid"]] = time.monotonic()
+        await self.set_phase(pod, "Running", ready=self.ready_pods and self.ready_delay <= 0)
 
     async def stop_pod(self, pod: dict[str, Any]) -> None:
         """Called before a Terminating pod is removed; a subclass stops the real server here."""
@@ -462,19 +488,40 @@ class Kubelet:
 @contextlib.asynccontextmanager
 async def running_operator(registry: Any, namespaces: tuple[str, ...] = ("default",), clusterwide: bool = False,
                            peering_name: str | None = None, priority: int | None = None,
-                           liveness: str | None = None, startup_s: float = 20.0) -> AsyncIterator[asyncio.Task]:
-    """Run a kopf operator (the registry's handlers, kopf's real runtime) until the block ends."""
+                           liveness: str | None = None, identity: str | None = None, thread: bool = False,
+                           startup_s: float = 20.0) -> AsyncIterator[None]:
+    """Run a kopf operator (the registry's handlers, kopf's real runtime) until the block ends.
+
+    `thread=True` runs it in a thread with its own event loop: needed for two operators at once, because an
+    operator that stops cancels every task started in its loop after its own start (kopf's hung tasks),
+    including the other operator's. Operators sharing a process also need their own `identity` for peering.
+    """
     import kopf
 
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(kopf.operator(
-        registry=registry, namespaces=() if clusterwide else namespaces, clusterwide=clusterwide,
-        standalone=peering_name is None, peering_name=peering_name, priority=priority,
-        liveness_endpoint=liveness, stop_flag=stop, ready_flag=ready))
+    stop, ready = threading.Event(), threading.Event()
+    kwargs = dict(registry=registry, namespaces=() if clusterwide else namespaces, clusterwide=clusterwide,
+                  standalone=peering_name is None, peering_name=peering_name, priority=priority, identity=identity,
+                  liveness_endpoint=liveness, stop_flag=stop, ready_flag=ready)
+    if thread:
+        runner = threading.Thread(target=lambda: asyncio.run(kopf.operator(**kwargs)), daemon=True)
+        runner.start()
+        done = lambda: not runner.is_alive()  # noqa: E731
+    else:
+        task = asyncio.create_task(kopf.operator(**kwargs))
+        done = task.done
     try:
-        await asyncio.wait_for(ready.wait(), startup_s)
-        yield task
+        deadline = time.monotonic() + startup_s
+        while not ready.is_set():
+            if done() or time.monotonic() > deadline:
+                raise RuntimeError("the operator did not start")
+            await asyncio.sleep(0.02)
+        yield
     finally:
         stop.set()
-        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(task, 15)
+        deadline = time.monotonic() + 15
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not thread:
+            with contextlib.suppress(asyncio.CancelledError):
+                task.cancel()
+                await task

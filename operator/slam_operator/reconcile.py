@@ -135,6 +135,11 @@ class Pass:
             kopf.event(self.body, type="Warning" if warn else "Normal", reason=action.reason, message=message)
             self.logger.info(message)
 
+    def plan(self, indexed: list[PodView], nodes: dict[str, NodeView], memory, now, template: str) -> Plan:
+        self.drained = set(self.state.graceful) - {p.name for p in indexed}
+        return plan(self.spec.replicas, template, observed_pods(indexed, self.state), nodes, memory, now,
+                    self.spec.nodeFailureGraceSeconds, frozenset(self.state.graceful[p] for p in self.drained))
+
     async def run(self, actions: list[Create | Delete], template: str) -> None:
         # Deletions first: a slot's replacement is created after its failed pod is gone.
         for action in sorted(actions, key=lambda a: isinstance(a, Create)):
@@ -158,10 +163,12 @@ async def reconcile(kube: Kube, body: Any, spec: SLAMInferenceSpec, indexed: lis
         memory = slot_memory(status)
         now = datetime.datetime.now(datetime.timezone.utc)
         template = render.template_hash(work.name, work.namespace, spec)
-        observed = observed_pods(indexed, state)
-        work.drained = set(state.graceful) - {p.name for p in indexed}
-        todo = plan(spec.replicas, template, observed, nodes, memory, now, spec.nodeFailureGraceSeconds,
-                    frozenset(state.graceful[p] for p in work.drained))
+        todo = work.plan(indexed, nodes, memory, now, template)
+        if any(isinstance(a, Create) for a in todo.actions):
+            # The index can lag (at startup, after a peering pause, after a reconnect): before creating a
+            # pod, which cannot be undone without a failover, ask the API server itself.
+            indexed = [v for v in map(pod_view, await kube.list_pods(work.namespace, work.name)) if v]
+            todo = work.plan(indexed, nodes, memory, now, template)
         await work.run(todo.actions, template)
         after = observed_pods(indexed, state)
         new = build_status(work.name, body["metadata"].get("generation"), spec.replicas, after, memory, todo,
