@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 from typing import Any
 
 import kopf
@@ -39,6 +38,8 @@ def _now() -> datetime.datetime:
 
 
 def _connection(configuration: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    if configuration.refresh_api_key_hook is not None:  # in-cluster: re-read the rotated service account token
+        configuration.refresh_api_key_hook(configuration)
     token = (configuration.api_key or {}).get("authorization") or (configuration.api_key or {}).get("BearerToken")
     scheme, _, value = (token or "").partition(" ")
     return kopf.ConnectionInfo(
@@ -66,7 +67,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="slam.dev")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="slam.dev", key="last-handled-configuration")
-        settings.posting.level = logging.INFO
 
     @kopf.on.login(registry=registry, id="login")
     async def login(**_: Any) -> kopf.ConnectionInfo:

@@ -24,6 +24,7 @@ from slam_operator.spec import SLAMInferenceSpec
 from slam_operator.status import build_status, changes, slot_memory
 
 EXPECT_SECONDS = 30.0  # how long a created pod counts as present before the index shows it
+SERVICES_RECHECK_SECONDS = 60.0
 FAILOVER_REASONS = {"NodeFailure", "PodFailed", "Evicted", "PodGone"}
 
 
@@ -34,7 +35,7 @@ class ResourceState:
     expected: dict[str, tuple[PodView, float]] = dataclasses.field(default_factory=dict)
     forced: dict[str, float] = dataclasses.field(default_factory=dict)  # force-deleted, maybe still indexed
     graceful: dict[str, int] = dataclasses.field(default_factory=dict)  # pod -> slot, deleted gracefully by us
-    services: str | None = None  # the Service manifests last applied
+    services: tuple[str, float] | None = None  # the Service manifests last applied, and when
 
 
 def state_of(memo: Any) -> ResourceState:
@@ -96,14 +97,16 @@ class Pass:
         self.drained: set[str] = set()  # gracefully deleted pods that are gone
 
     async def ensure_services(self) -> None:
+        """Apply the Services when they changed, and now and then anyway (someone may have deleted them)."""
         manifests = render.services(self.name, self.namespace, self.spec)
         key = repr(manifests)
-        if self.state.services == key:
+        if self.state.services and self.state.services[0] == key and \
+                time.monotonic() - self.state.services[1] < SERVICES_RECHECK_SECONDS:
             return
         for manifest in manifests:
             kopf.adopt(manifest, owner=self.body)
             await self.kube.apply_service(self.namespace, manifest)
-        self.state.services = key
+        self.state.services = (key, time.monotonic())
 
     async def create(self, action: Create, template: str) -> None:
         manifest = render.pod_manifest(self.name, self.namespace, self.spec, action.slot, action.epoch,
