@@ -9,12 +9,23 @@ import io
 import uuid
 
 import pytest
-from minio import Minio
-
 from kube_fixtures import PEERING, POD, SECRET, SERVICE, Kubelet
-from operator_fixtures import (NAMESPACE, SLAM, by_slot, event_reasons, eventually, k8s, kubelet,  # noqa: F401
-                               live_pods, one_ready_pod_per_slot, operator, slam_resource, status)
-from s3_fixtures import s3_endpoint  # noqa: F401
+from minio import Minio
+from operator_fixtures import (
+    NAMESPACE,
+    SLAM,
+    by_slot,
+    event_reasons,
+    eventually,
+    k8s,
+    kubelet,
+    live_pods,
+    one_ready_pod_per_slot,
+    operator,
+    slam_resource,
+    status,
+)
+from s3_fixtures import s3_endpoint
 from slam_operator.pods import TEMPLATE_ANNOTATION
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from slam.cli import main
 from slam_operator.failover import Create, Delete, NodeView, PodView, SlotMemory, plan
 from slam_operator.settings import server_settings

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
-
 from slam.checkpoint.format import slot_dir
+
 from slam_operator.kube import Kube
 from slam_operator.spec import CheckpointSpec
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
-
 from slam.config import ServerSettings
+
 from slam_operator.spec import EMBEDDED, SLAMInferenceSpec, SpecError
 
 ENV_PREFIX = ServerSettings.model_config["env_prefix"]
