@@ -21,19 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from kube_emulator import (
-    EVENT,
-    NAMESPACE,
-    NODE,
-    PEERING,
-    POD,
-    RESOURCES,
-    SECRET,
-    SERVICE,
-    SLAM,
-    ClusterEmulator,
-    now_text,
-)
+from kube_emulator import (EVENT, NAMESPACE, NODE, PEERING, POD, RESOURCES, SECRET, SERVICE, SLAM,
+                           ClusterEmulator, now_text)
 
 __all__ = ["EVENT", "NAMESPACE", "NODE", "PEERING", "POD", "RESOURCES", "SECRET", "SERVICE", "SLAM",
            "ClusterEmulator", "Kubelet", "running_operator"]

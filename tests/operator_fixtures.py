@@ -12,6 +12,7 @@ import kmock
 import kopf
 import kubernetes
 import pytest_asyncio
+
 from kube_fixtures import POD, SLAM, ClusterEmulator, Kubelet, running_operator
 from slam_operator.handlers import OperatorConfig, register
 

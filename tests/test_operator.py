@@ -9,21 +9,10 @@ import os
 
 import aiohttp
 import pytest
+
 from kube_fixtures import POD, SECRET, SERVICE
-from operator_fixtures import (
-    NAMESPACE,
-    SLAM,
-    condition,
-    event_reasons,
-    eventually,
-    k8s,
-    kubelet,
-    live_pods,
-    one_ready_pod_per_slot,
-    operator,
-    slam_resource,
-    status,
-)
+from operator_fixtures import (NAMESPACE, SLAM, condition, event_reasons, eventually, k8s, kubelet,  # noqa: F401
+                               live_pods, one_ready_pod_per_slot, operator, slam_resource, status)
 from s3_fixtures import free_port
 from slam.config import ServerSettings
 from slam_operator.pods import TEMPLATE_ANNOTATION

@@ -6,26 +6,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import signal
+import sys
 import uuid
 
+import aiohttp
 import pytest
-from kube_fixtures import PEERING, POD, SECRET, SERVICE, Kubelet
+import yaml
 from minio import Minio
-from operator_fixtures import (
-    NAMESPACE,
-    SLAM,
-    by_slot,
-    event_reasons,
-    eventually,
-    k8s,
-    kubelet,
-    live_pods,
-    one_ready_pod_per_slot,
-    operator,
-    slam_resource,
-    status,
-)
-from s3_fixtures import s3_endpoint
+
+from kube_fixtures import PEERING, POD, SECRET, SERVICE, Kubelet
+from operator_fixtures import (NAMESPACE, SLAM, by_slot, event_reasons, eventually, k8s, kubelet,  # noqa: F401
+                               live_pods, one_ready_pod_per_slot, operator, slam_resource, status)
+from s3_fixtures import free_port, s3_endpoint  # noqa: F401
 from slam_operator.pods import TEMPLATE_ANNOTATION
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -157,3 +151,30 @@ async def test_peered_operators_act_once_and_take_over(k8s, kubelet):
         after = await eventually(lambda: (p := one_ready_pod_per_slot(k8s, 2)) and
                                  p[1]["metadata"]["name"] != before[1]["metadata"]["name"] and p, what="takeover")
     assert after[1]["metadata"]["labels"]["slam.dev/epoch"] == "1"
+
+
+async def test_slam_operator_command_runs_against_a_kubeconfig(k8s, kubelet, tmp_path):
+    """The real entry point: flags, kubeconfig credentials, kopf.run, liveness, quiet logs, SIGTERM."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+        "clusters": [{"name": "emu", "cluster": {"server": str(k8s.url).rstrip("/")}}],
+        "users": [{"name": "emu", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "emu"}}]}))
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "slam.cli", "operator", "--namespace", NAMESPACE, "--reconcile-seconds", "0.3",
+        "--liveness", f"http://127.0.0.1:{port}/healthz", "--dev",
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    try:
+        await k8s.put(SLAM, slam_resource(replicas=2))
+        await eventually(lambda: one_ready_pod_per_slot(k8s, 2), timeout=30, what="2 pods from `slam operator`")
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200
+        assert all(r.headers.get("Authorization") == "Bearer t0ken" for r in k8s if r.method == "POST")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = (await asyncio.wait_for(process.communicate(), 20))[0].decode()
+    assert process.returncode == 0, output
+    assert "slot 1: created pod" in output and "Timer 'reconcile' succeeded" not in output
