@@ -131,7 +131,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def __call__(self, raw_request):
         if _NAMESPACES_PATH.fullmatch(raw_request.path):
             path = raw_request.rel_url.path.replace("/namespaces", "/" + _NAMESPACES_ALIAS, 1)
-            raw_request = raw_request.clone(rel_url=raw_request.rel_url.with_path(path).with_query(raw_request.rel_url.query))
+            url = raw_request.rel_url
+            raw_request = raw_request.clone(rel_url=url.with_path(path).with_query(url.query))
         return await super().__call__(raw_request)
 
     async def _handle(self, request: kmock.Request):
@@ -314,7 +315,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         async with self._lock:
             return await self._create(kmock.Request(resource=resource, namespace=namespace, data=obj))
 
-    async def patch(self, resource, namespace: str | None, name: str, patch: Any, status: bool = False) -> dict[str, Any]:
+    async def patch(self, resource, namespace: str | None, name: str, patch: Any,
+                    status: bool = False) -> dict[str, Any]:
         """A merge patch (dict) or JSON patch (list), to `/status` with `status=True`."""
         request = kmock.Request(resource=resource, namespace=namespace, name=name, data=patch,
                                 subresource="status" if status else None)

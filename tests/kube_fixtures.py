@@ -50,7 +50,8 @@ def _shunned(pod: dict[str, Any], node: dict[str, Any]) -> bool:
     preferred = ((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {}).get(
         "preferredDuringSchedulingIgnoredDuringExecution") or []
     labels = node["metadata"].get("labels") or {}
-    return any(not all(_expression(labels, e) for e in p["preference"].get("matchExpressions") or []) for p in preferred)
+    return any(not all(_expression(labels, e) for e in p["preference"].get("matchExpressions") or [])
+               for p in preferred)
 
 
 class Kubelet:
@@ -128,7 +129,8 @@ class Kubelet:
         if exit_code is not None:
             status["containerStatuses"] = [{"name": "server", "ready": False, "state": {
                 "terminated": {"exitCode": exit_code, "reason": "Error" if exit_code else "Completed"}}}]
-        await self.k8s.patch(POD, pod["metadata"]["namespace"], pod["metadata"]["name"], {"status": status}, status=True)
+        meta = pod["metadata"]
+        await self.k8s.patch(POD, meta["namespace"], meta["name"], {"status": status}, status=True)
 
 
 @contextlib.asynccontextmanager

@@ -55,13 +55,16 @@ async def test_two_replicas_pods_services_status(k8s, kubelet, monkeypatch):
         assert meta["labels"] == {"app.kubernetes.io/name": "slam", "app.kubernetes.io/instance": "llm",
                                   "slam.dev/slot": str(slot), "slam.dev/epoch": "0"}
         assert [o["uid"] for o in meta["ownerReferences"]] == [owner["metadata"]["uid"]]
-        assert (pod_spec["hostname"], pod_spec["subdomain"], pod_spec["restartPolicy"]) == (f"llm-{slot}", "llm-pods", "Never")
+        assert (pod_spec["hostname"], pod_spec["subdomain"], pod_spec["restartPolicy"]) == \
+            (f"llm-{slot}", "llm-pods", "Never")
         tolerations = {t["key"]: t for t in pod_spec["tolerations"]}
         assert tolerations["gpu"]["effect"] == "NoSchedule"
         for taint in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
-            assert tolerations[taint] == {"key": taint, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 45}
+            assert tolerations[taint] == {"key": taint, "operator": "Exists", "effect": "NoExecute",
+                                          "tolerationSeconds": 45}
         server = pod_spec["containers"][0]
-        assert server["resources"] == {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi", "nvidia.com/gpu": "1"}}
+        assert server["resources"] == {"requests": {"memory": "4Gi"},
+                                       "limits": {"memory": "4Gi", "nvidia.com/gpu": "1"}}
         assert server["readinessProbe"]["httpGet"]["path"] == "/ready"
         assert server["livenessProbe"]["httpGet"]["path"] == "/health"
         env = env_of(pod)
@@ -108,7 +111,7 @@ async def test_failed_pod_is_replaced_at_next_epoch_with_restore(k8s, kubelet, r
     new = after[1]
     assert new["metadata"]["labels"]["slam.dev/epoch"] == "1" and new["metadata"]["labels"]["slam.dev/slot"] == "1"
     env = env_of(new)
-    assert (env["SLAM_SLOT"]["value"], env["SLAM_SLOT_EPOCH"]["value"], env["SLAM_RESTORE_SLOT"]["value"]) == ("1", "1", "1")
+    assert [env[k]["value"] for k in ("SLAM_SLOT", "SLAM_SLOT_EPOCH", "SLAM_RESTORE_SLOT")] == ["1", "1", "1"]
     # The failed pod's node is avoided where another node fits (preferred, so a one-node cluster still works).
     preferred = new["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert preferred[0]["preference"]["matchExpressions"][0]["values"] == [failed["spec"]["nodeName"]]

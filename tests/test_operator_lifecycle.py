@@ -97,7 +97,8 @@ async def test_delete_cleans_up_pods_services_and_checkpoints(k8s, kubelet, s3_e
     for name in kept + doomed:
         client.put_object(bucket, name, io.BytesIO(b"x"), 1)
     await k8s.put(SECRET, {"metadata": {"name": "s3", "namespace": NAMESPACE}, "data": {
-        "accessKey": base64.b64encode(access.encode()).decode(), "secretKey": base64.b64encode(secret.encode()).decode()}})
+        "accessKey": base64.b64encode(access.encode()).decode(),
+        "secretKey": base64.b64encode(secret.encode()).decode()}})
     checkpoint = {"endpoint": endpoint, "bucket": bucket, "prefix": prefix, "secretRef": {"name": "s3"},
                   "deleteOnCleanup": True}
     async with operator(k8s):
@@ -107,7 +108,8 @@ async def test_delete_cleans_up_pods_services_and_checkpoints(k8s, kubelet, s3_e
         await k8s.remove(SLAM, NAMESPACE, "llm")
         await eventually(lambda: k8s.get(SLAM, NAMESPACE, "llm") is None, what="the resource to go")
     assert not k8s.pods(NAMESPACE) and not k8s.list(SERVICE, NAMESPACE)
-    left = {o.object_name for p in (prefix, f"other-{prefix}") for o in client.list_objects(bucket, p + "/", recursive=True)}
+    left = {o.object_name for p in (prefix, f"other-{prefix}")
+            for o in client.list_objects(bucket, p + "/", recursive=True)}
     assert left == set(kept)
     assert "CheckpointsDeleted" in event_reasons(k8s)
 

@@ -90,7 +90,8 @@ def test_node_not_ready_within_grace_changes_nothing_and_after_it_fails_over():
 
 
 def test_failed_pod_is_replaced_at_the_next_epoch_and_its_node_shunned():
-    actions = plan(1, "t", [pod("p0", 0, epoch=2, phase="Failed", ready=False, reason="Evicted")], READY, {}, NOW, 60).actions
+    failed = pod("p0", 0, epoch=2, phase="Failed", ready=False, reason="Evicted")
+    actions = plan(1, "t", [failed], READY, {}, NOW, 60).actions
     assert [type(a).__name__ for a in actions] == ["Delete", "Create"]
     assert actions[0].force and actions[0].failover and actions[0].reason == "Evicted"
     assert actions[1] == Create(0, 3, "Evicted", shun_nodes=("a",))
@@ -106,7 +107,8 @@ def test_a_draining_pod_is_waited_for_and_its_slot_then_refilled():
 
 
 def test_duplicates_keep_the_ready_highest_epoch():
-    actions = plan(1, "t", [pod("old", 0, 1), pod("new", 0, 2), pod("cold", 0, 3, ready=False)], READY, {}, NOW, 60).actions
+    pods = [pod("old", 0, 1), pod("new", 0, 2), pod("cold", 0, 3, ready=False)]
+    actions = plan(1, "t", pods, READY, {}, NOW, 60).actions
     assert sorted(a.pod for a in actions) == ["cold", "old"] and all(a.reason == "Duplicate" for a in actions)
 
 
@@ -121,14 +123,15 @@ def test_rolling_replacement_one_slot_at_a_time_only_when_all_ready():
 def test_scale_down_is_graceful_and_scale_up_continues_the_epoch():
     actions = plan(1, "t", [pod("p0", 0), pod("p1", 1)], READY, {}, NOW, 60).actions
     assert actions == [Delete("p1", 1, "ScaledDown", message="slot 1 is beyond spec.replicas")]
-    assert plan(2, "t", [pod("p0", 0)], READY, {1: SlotMemory(3, "Removed")}, NOW, 60).actions == [Create(1, 4, "ScaledUp")]
+    removed = {1: SlotMemory(3, "Removed")}
+    assert plan(2, "t", [pod("p0", 0)], READY, removed, NOW, 60).actions == [Create(1, 4, "ScaledUp")]
 
 
 # --- status ------------------------------------------------------------------------------------------------
 def test_status_conditions_and_quiet_passes():
     pods = [pod("p0", 0), pod("p1", 1, ready=False, phase="Pending", node=None)]
     first = build_status("llm", 3, 2, pods, {}, plan(2, "t", pods, READY, {}, NOW, 60), None, NOW)
-    assert (first["phase"], first["replicas"], first["readyReplicas"], first["observedGeneration"]) == ("Pending", 2, 1, 3)
+    assert [first[k] for k in ("phase", "replicas", "readyReplicas", "observedGeneration")] == ["Pending", 2, 1, 3]
     kinds = {c["type"]: c for c in first["conditions"]}
     assert kinds["Ready"]["status"] == "False" and kinds["Progressing"]["reason"] == "Waiting"
     later = NOW + datetime.timedelta(minutes=1)

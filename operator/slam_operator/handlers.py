@@ -102,7 +102,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         message = f"slot {view.slot}: pod {view.name} {view.phase}: {view.reason or detail or 'no reason given'}"
         target = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "metadata": {
             "name": owner["name"], "uid": owner["uid"], "namespace": body.metadata.namespace}}
-        kopf.event(target, type="Warning", reason="PodFailed" if view.reason != "Evicted" else "Evicted", message=message)
+        reason = "Evicted" if view.reason == "Evicted" else "PodFailed"
+        kopf.event(target, type="Warning", reason=reason, message=message)
         logger.warning(message)
 
     @kopf.on.event("nodes", registry=registry, id="node_event")
