@@ -9,6 +9,7 @@ import pytest
 import yaml
 from slam.cli import main
 from slam_operator.failover import Create, Delete, NodeView, PodView, SlotMemory, plan
+from slam_operator.pods import pod_manifest, services
 from slam_operator.settings import server_settings
 from slam_operator.spec import SLAMInferenceSpec, SpecError, parse_spec
 from slam_operator.status import build_status, changes
@@ -75,6 +76,20 @@ def test_settings_restore_only_after_the_first_epoch():
     assert server_settings(spec, "x", "ns", 2, 0).restore_slot is None
     assert server_settings(spec, "x", "ns", 2, 3).restore_slot == 2
     assert server_settings(parse_spec({}), "x", "ns", 2, 3).restore_slot is None  # no store, nothing to restore
+
+
+def test_rendered_pod_and_services_are_valid_kubernetes_objects():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    spec = parse_spec({
+        "replicas": 2, "resources": {"gpus": 2, "cpu": 2, "memory": "8Gi"},
+        "model": {"source": "/models/m.gguf", "pvcName": "models", "dtype": "bfloat16"},
+        "checkpoint": {"endpoint": "minio:9000", "bucket": "slam", "secretRef": {"name": "s3"}},
+        "server": {"apiKeySecretRef": {"name": "keys"}}, "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    pod = pod_manifest("llm", "ns", spec, 1, 2, avoid_nodes=("n1",), shun_nodes=("n2",))
+    pod["metadata"]["name"] = "llm-1-abcde"  # what the API server makes of generateName
+    for obj in [pod, *services("llm", "ns", spec)]:
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
 
 
 # --- planning ----------------------------------------------------------------------------------------------
