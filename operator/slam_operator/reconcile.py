@@ -95,6 +95,7 @@ class Pass:
         self.name, self.namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         self.errors: list[str] = []
         self.drained: set[str] = set()  # gracefully deleted pods that are gone
+        self.done: list[Create | Delete] = []  # the actions that succeeded (only those count as failovers)
 
     async def ensure_services(self) -> None:
         """Apply the Services when they changed, and now and then anyway (someone may have deleted them)."""
@@ -140,6 +141,9 @@ class Pass:
 
     def plan(self, indexed: list[PodView], nodes: dict[str, NodeView], memory, now, template: str) -> Plan:
         self.drained = set(self.state.graceful) - {p.name for p in indexed}
+        for name in [n for n in self.drained if self.state.graceful[n] >= self.spec.replicas]:
+            del self.state.graceful[name]  # a removed slot's pod is gone: nothing to replace
+            self.drained.discard(name)
         return plan(self.spec.replicas, template, observed_pods(indexed, self.state), nodes, memory, now,
                     self.spec.nodeFailureGraceSeconds, frozenset(self.state.graceful[p] for p in self.drained))
 
@@ -153,6 +157,8 @@ class Pass:
                     await self.delete(action)
             except ApiException as e:
                 self.errors.append(f"slot {action.slot}: {action.reason}: {e.status} {e.reason}")
+            else:
+                self.done.append(action)
 
 
 async def reconcile(kube: Kube, body: Any, spec: SLAMInferenceSpec, indexed: list[PodView],
@@ -174,8 +180,8 @@ async def reconcile(kube: Kube, body: Any, spec: SLAMInferenceSpec, indexed: lis
             todo = work.plan(indexed, nodes, memory, now, template)
         await work.run(todo.actions, template)
         after = observed_pods(indexed, state)
-        new = build_status(work.name, body["metadata"].get("generation"), spec.replicas, after, memory, todo,
-                           status, now)
+        new = build_status(work.name, body["metadata"].get("generation"), spec.replicas, after, memory,
+                           Plan(work.done), status, now)
         patch.status.update(changes(status, new))
     if work.errors:
         raise kopf.TemporaryError("; ".join(work.errors), delay=2)
