@@ -370,5 +370,5 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         since = since or datetime.datetime.now(datetime.timezone.utc)
         condition = {"type": "Ready", "status": "True" if ready else "Unknown",
                      "reason": "KubeletReady" if ready else "NodeStatusUnknown",
-                     "lastTransitionTime": since.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                     "lastTransitionTime": since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
         await self.patch(NODE, None, name, {"status": {"conditions": [condition]}}, status=True)

@@ -22,7 +22,7 @@ from operator_fixtures import (NAMESPACE, SLAM, by_slot, event_reasons, eventual
 from s3_fixtures import free_port, s3_endpoint  # noqa: F401
 from slam_operator.pods import TEMPLATE_ANNOTATION
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
 
 def deletes_of(k8s, name: str) -> list:
@@ -120,7 +120,7 @@ async def test_restart_in_the_middle_of_a_failover_ends_with_one_pod_per_slot(k8
         before = await eventually(lambda: one_ready_pod_per_slot(k8s, 2), what="2 pods")
         failed = before[0]["metadata"]["name"]
         await kubelet.set_phase(before[0], "Failed", exit_code=1)
-        await eventually(lambda: k8s.get(POD, NAMESPACE, failed) is None, timeout=5, what="the failed pod deleted")
+        await eventually(lambda: k8s.get(POD, NAMESPACE, failed) is None, what="the failed pod deleted")
     # Stopped right after the delete. While no operator runs, a stray replacement of slot 1 appears too, as
     # if an operator had created it and died before recording it anywhere.
     stray = dict(before[1], metadata={**before[1]["metadata"], "name": None, "generateName": "llm-1-",
