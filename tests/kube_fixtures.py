@@ -15,6 +15,7 @@ as a real local process.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import threading
 import time
@@ -109,6 +110,21 @@ class Kubelet:
         best = min(fitting, key=lambda n: (_shunned(pod, n), load[n["metadata"]["name"]], n["metadata"]["name"]))
         await self.k8s.patch(POD, pod["metadata"]["namespace"], pod["metadata"]["name"],
                              {"spec": {"nodeName": best["metadata"]["name"]}})
+
+    def container_env(self, pod: dict[str, Any], container: int = 0) -> dict[str, str]:
+        """A container's environment as the kubelet gives it: values, and `secretKeyRef`s read from Secrets."""
+        env = {}
+        for item in pod["spec"]["containers"][container].get("env") or []:
+            ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+            if ref is None:
+                env[item["name"]] = item.get("value", "")
+                continue
+            secret = self.k8s.get(SECRET, pod["metadata"]["namespace"], ref["name"]) or {}
+            if ref["key"] in (secret.get("data") or {}):
+                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+            elif not ref.get("optional"):
+                raise KeyError(f"secret {ref['name']!r} has no key {ref['key']!r} (the pod could not start)")
+        return env
 
     async def start_pod(self, pod: dict[str, Any]) -> None:
         """Report the pod Running, and Ready when `ready_pods` (after `ready_delay`); a subclass starts the

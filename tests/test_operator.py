@@ -174,10 +174,12 @@ async def test_bad_spec_is_failed_with_a_message_until_fixed(k8s, kubelet):
         await eventually(lambda: status(k8s).get("phase") == "Running", what="Running")
 
 
-async def test_secret_for_s3_credentials_is_referenced_not_copied(k8s, kubelet):
-    await k8s.put(SECRET, {"metadata": {"name": "s3", "namespace": NAMESPACE},
-                                                       "data": {"accessKey": base64.b64encode(b"AK").decode()}})
+async def test_s3_credentials_are_referenced_not_copied(k8s, kubelet):
+    await k8s.put(SECRET, {"metadata": {"name": "s3", "namespace": NAMESPACE}, "data": {
+        "accessKey": base64.b64encode(b"AK").decode(), "secretKey": base64.b64encode(b"SK").decode()}})
     async with operator(k8s):
         await k8s.put(SLAM, slam_resource(replicas=1, checkpoint=CHECKPOINT))
         pods = await eventually(lambda: one_ready_pod_per_slot(k8s, 1), what="a pod")
     assert "AK" not in repr(pods[0]) and TEMPLATE_ANNOTATION in pods[0]["metadata"]["annotations"]
+    env = kubelet.container_env(pods[0])  # what the server process gets
+    assert (env["SLAM_S3_ACCESS_KEY"], env["SLAM_S3_SECRET_KEY"], env["SLAM_SLOT"]) == ("AK", "SK", "0")
