@@ -60,7 +60,10 @@ class Kubelet:
 
     Binds pending pods to Ready nodes that fit (nodeSelector, node affinity; spreading, honouring preferred
     anti-affinity), reports bound pods Running and Ready (when `ready_pods`), and confirms the termination
-    of Terminating pods on Ready nodes. Subclass `start_pod` / `stop_pod` to run real processes.
+    of Terminating pods on Ready nodes. Subclass `start_pod` / `stop_pod` to run real processes: `step`
+    awaits them one pod after another, so they should start or signal a process and return (report readiness
+    or failure later with `set_phase`); `container_env` gives a pod's environment with its Secrets resolved.
+    A node marked not Ready leaves its pods as they were (a dead kubelet reports nothing).
     """
 
     def __init__(self, k8s: ClusterEmulator, period: float = 0.05, ready_pods: bool = True, ready_delay: float = 0.0):
