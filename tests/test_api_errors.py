@@ -200,11 +200,11 @@ def test_not_ready_503_and_engine_failure_500(smol):
     app = create_app(settings, engine)
     assert_error(TestClient(app).get("/ready"), 503, code="not_ready")  # no lifespan: loop not started
 
-    real_run = engine.runner.run
-    engine.runner.run = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
+    real_run = engine.runner_step
+    engine.runner_step = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
     with TestClient(app) as client:
         assert client.get("/ready").status_code == 200
         assert_error(client.post("/v1/completions", json=body), 500, code="engine_error", contains="boom")
-        engine.runner.run = real_run
+        engine.runner_step = real_run
         assert client.post("/v1/completions", json=body).status_code == 200

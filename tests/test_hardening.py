@@ -119,24 +119,26 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts(engine):
 
 
 def test_a_failing_request_fails_alone(engine, monkeypatch):
-    """NaN logits make sampling raise: that request fails with an error, the batch's others go on."""
+    """NaN logits fail their request with an error; the batch's others go on."""
     ids = engine.encode(PROMPT)
     bad = engine.add_request(ids, SamplingParams(max_tokens=4, temperature=1.0, seed=1))
     good = engine.add_request(ids, SamplingParams(max_tokens=4))
-    real = engine.runner.run
+    real = engine.runner_step
 
     def nan_for_bad(batch):
-        logits = real(batch).clone()
-        for row, (seq, _) in enumerate(batch):
-            if seq is bad:
-                logits[row] = float("nan")
-        return logits
+        rows, logits = real(batch)
+        if logits is not None:
+            logits = logits.clone()
+            for i, seq in enumerate(rows):
+                if seq is bad:
+                    logits[i] = float("nan")
+        return rows, logits
 
-    monkeypatch.setattr(engine.runner, "run", nan_for_bad)
+    monkeypatch.setattr(engine, "runner_step", nan_for_bad)
     errors = []
     while engine.has_work():
         errors += [o for o in engine.step() if o.error]
-    assert [o.seq for o in errors] == [bad] and "probability tensor" in errors[0].error
+    assert [o.seq for o in errors] == [bad] and "NaN" in errors[0].error
     assert bad.finish_reason == "error" and good.finish_reason == "length" and len(good.output_ids) == 4
 
 

@@ -64,10 +64,16 @@ class EngineConfig(BaseModel):
     prefill_chunk: int = Field(default=512, ge=1)
     max_prompt_tokens: int = Field(default=32768, ge=1)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    # Pool columns per slot (the largest budget a request may ask for); None: the cache's budget, or
+    # max_model_len for `full`.
+    max_budget: int | None = Field(default=None, ge=2)
+    max_model_len: int | None = Field(default=None, ge=2)  # None: the model's trained length
     # Where the `slam` policy keeps evicted tokens: "auto" picks the measured default of the device.
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
+    select_every: int = Field(default=1, ge=1)
 
 
 def _split_commas(value: Any) -> Any:
@@ -109,13 +115,13 @@ class ServerSettings(BaseSettings):
                            "more get 429 with Retry-After")
     prefill_chunk: int = Field(default=512, ge=1, description="prompt tokens processed per step")
     max_prompt_tokens: int = Field(default=32768, ge=1, description="longest prompt accepted (400 beyond)")
-    max_model_len: int | None = Field(default=None, ge=1, description="longest prompt + max_tokens accepted "
+    max_model_len: int | None = Field(default=None, ge=2, description="longest prompt + max_tokens accepted "
                                       "(400 beyond); default: the model's trained length, unlimited for "
                                       "bounded policies with --position-mode cache")
     allowed_policies: CommaList | None = Field(default=None, description="cache policies a request may ask for "
                                                "in its `slam` field, comma-separated (default: all)")
-    max_budget: int | None = Field(default=None, ge=1, description="largest budget a request may ask for in its "
-                                   "`slam` field (default: --budget)")
+    max_budget: int | None = Field(default=None, ge=2, description="largest budget a request may ask for in its "
+                                   "`slam` field, which sizes the cache pool's slots (default: --budget)")
     max_body_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest request body accepted, in bytes "
                                 "(413 beyond)")
     max_n: int = Field(default=8, ge=1, description="largest `n` (choices per request) accepted")
@@ -128,6 +134,8 @@ class ServerSettings(BaseSettings):
     reserve_dtype: Literal["bfloat16", "int8"] = Field(default="bfloat16", description="bfloat16, or int8 "
                                                        "(per-token scales) for evicted tokens")
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
+    select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
+                              "its critical tokens")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
                                       "must send one as Authorization: Bearer")
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
@@ -231,4 +239,7 @@ class ServerSettings(BaseSettings):
             reserve_device=self.reserve_device,
             reserve_dtype=self.reserve_dtype,
             enforce_eager=self.enforce_eager,
+            select_every=self.select_every,
+            max_budget=self.max_budget,
+            max_model_len=self.max_model_len,
         )

@@ -96,15 +96,16 @@ def resolve_model_path(model: str | None) -> Path:
 @dataclass
 class LoadedModel:
     name: str
-    path: Path
+    path: Path | None
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None for random-weight speed runs
     device: torch.device
 
     @property
     def eos_token_ids(self) -> set[int]:
         ids = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+        tokenizer_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        for source in (self.model.generation_config.eos_token_id, tokenizer_eos):
             if isinstance(source, int):
                 ids.add(source)
             elif source:
@@ -128,10 +129,8 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
     target = pick_device(device)
     if dtype == "int8" and target.type != "cpu":
         raise ModelError("dtype int8 (dynamic int8 linear layers) runs on the CPU only; use bfloat16 on GPUs")
+    # int8 loads float32 weights: the engine's model runner fuses projections, then quantizes them.
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, torch.float32)).to(target).eval()
-    if dtype == "int8":
-        # int8 linears read 4x fewer weight bytes; on small models the per-operation overhead still dominates.
-        hf_model = torch.ao.quantization.quantize_dynamic(hf_model, {torch.nn.Linear}, dtype=torch.qint8)
     tokenizer = AutoTokenizer.from_pretrained(path)
     name = EMBEDDED_NAME if model is None else Path(model).name
     return LoadedModel(name=name, path=path, model=hf_model, tokenizer=tokenizer, device=target)

@@ -87,8 +87,8 @@ class Metrics:
         return now
 
     def cache_gauges(self, running: list) -> None:
-        running = [s for s in running if s.caches is not None]
+        running = [s for s in running if s.slot is not None]
         self.kv_cache_bytes.set(sum(s.cache_bytes() for s in running))
-        bounded = [s for s in running if s.policy.budget is not None]
+        bounded = [s for s in running if s.cache_config.bounded]
         budget = sum(s.policy.budget for s in bounded)
         self.kv_budget_ratio.set(sum(s.cache_tokens() for s in bounded) / budget if budget else 0.0)

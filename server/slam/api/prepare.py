@@ -40,7 +40,7 @@ class Prepared:
         if self.n == 1 or self.sampling.seed is None:
             return [self.sampling] * self.n
         seed = self.sampling.seed
-        return [self.sampling] + [self.sampling.model_copy(update={"seed": (seed + i) % 2**64}) for i in range(1, self.n)]
+        return [self.sampling] + [self.sampling.model_copy(update={"seed": (seed + i) % 2**63}) for i in range(1, self.n)]
 
 
 class Preparer:
@@ -104,12 +104,15 @@ class Preparer:
 
     def length_limit(self, cache: CacheConfig) -> int | None:
         """Most prompt + generated tokens of one request: --max-model-len, else the trained length, except
-        for bounded policies that number positions inside the cache (they run past it)."""
-        if self.settings.max_model_len is not None:
-            return self.settings.max_model_len
-        if cache.bounded and cache.position_mode == "cache":
-            return None
-        return self.trained_len
+        for bounded policies that number positions inside the cache (they run past it). A `full` cache
+        also has to fit the pool's slot, whose columns are the largest budget (--max-budget)."""
+        limit = self.settings.max_model_len
+        if limit is None and not (cache.bounded and cache.position_mode == "cache"):
+            limit = self.trained_len
+        slot = getattr(self.engine, "budget", None)
+        if not cache.bounded and slot is not None:
+            limit = slot if limit is None else min(limit, slot)
+        return limit
 
     def _prepared(self, req: SamplingFields, ids: list[int], field: str, given: tuple[str, int | None],
                   default_max: int, logprobs: int | None) -> Prepared:
@@ -137,7 +140,7 @@ class Preparer:
                 temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's default
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=req.top_k or 0,
-                seed=req.seed,
+                seed=None if req.seed is None else req.seed % 2**63,  # the sampler's seeds are int64
                 stop=[s for s in stop if s],  # an empty stop string would end every request at once
                 stop_token_ids=list(req.stop_token_ids or []),
                 ignore_eos=bool(req.ignore_eos),

@@ -7,8 +7,11 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.model_runner import ModelRunner
+from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import process, sample, token_logprobs
 from slam.engine.scheduler import Scheduler
 from slam.engine.sequence import SamplingParams, Sequence, Status
@@ -49,19 +52,28 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model, config.dtype, config.device)
         self.tokenizer = self.loaded.tokenizer
         self.eos_ids = self.loaded.eos_token_ids
-        self.runner = ModelRunner(self.loaded)
+        model_config = self.loaded.model.config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        # The pool's columns per slot: the largest budget a request may use (`full` needs its whole length).
+        self.budget = config.max_budget or (config.cache.budget if config.cache.bounded else self.max_model_len)
+        self.runner = ModelRunner(
+            self.loaded, config.max_batch, self.budget, reserve_device=self._reserve_device(),
+            reserve_int8=config.reserve_dtype == "int8", cache_positions=config.cache.position_mode == "cache",
+            int8_weights=config.dtype == "int8", enforce_eager=config.enforce_eager, select_every=config.select_every)
         self.scheduler = Scheduler(config.max_batch, config.prefill_chunk)
+        self.slots: list[Sequence] = []  # slots[i] runs in pool slot i; running requests fill [0, n)
         self.stats = EngineStats()
+        self.replaced_done = 0  # churn of requests that left their slots
         self.lock = threading.Lock()  # guards the scheduler's queues between the step and other threads
 
+    def _reserve_device(self) -> str:
+        # Measured (docs/benchmarks.md): on a GPU the device reserve wins as long as it fits.
+        return "auto" if self.config.reserve_device == "auto" else self.config.reserve_device
+
     # --- requests ------------------------------------------------------------------------------------
-    def add_request(
-        self,
-        prompt_ids: list[int],
-        sampling: SamplingParams | None = None,
-        cache: CacheConfig | None = None,
-        request_id: str | None = None,
-    ) -> Sequence:
+    def make_sequence(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
+                      cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
+        """A checked request, not yet queued (restores build theirs the same way)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         vocab = self.runner.vocab_size
@@ -71,8 +83,21 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the maximum is {self.config.max_prompt_tokens}"
             )
+        cache = cache or self.config.cache
+        if cache.position_mode != self.config.cache.position_mode:
+            raise RequestError(f"position_mode is {self.config.cache.position_mode!r} on this server")
+        if cache.bounded and cache.budget > self.budget:
+            raise RequestError(f"budget {cache.budget} exceeds this server's maximum of {self.budget}")
+        sampling = sampling or SamplingParams()
+        if not cache.bounded and len(prompt_ids) + sampling.max_tokens > self.budget:
+            raise RequestError(f"the full cache holds {self.budget} tokens; prompt ({len(prompt_ids)}) + "
+                               f"max_tokens ({sampling.max_tokens}) exceed it")
         extra = {} if request_id is None else {"request_id": request_id}
-        seq = Sequence(list(prompt_ids), sampling or SamplingParams(), cache or self.config.cache, **extra)
+        return Sequence(list(prompt_ids), sampling, cache, pool_budget=self.budget, **extra)
+
+    def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
+                    cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt_ids, sampling, cache, request_id)
         with self.lock:
             self.scheduler.add(seq)
         return seq
@@ -89,21 +114,80 @@ class LLMEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    # --- slots ---------------------------------------------------------------------------------------
+    def take_slot(self, seq: Sequence) -> int:
+        seq.slot = len(self.slots)
+        self.slots.append(seq)
+        pool = seq.pool = self.runner.pool
+        pool.clear(seq.slot)
+        seq.token_bytes = 2 * pool.layers * pool.kv_heads * pool.head_dim * pool.k[0].element_size()
+        if seq.policy.uses_reserve:
+            pool.ensure_reserve(max(seq.policy.middle, 1))
+        return seq.slot
+
+    def release_slot(self, seq: Sequence) -> None:
+        """Free a leaving request's slot; the last running slot moves into it so [0, n) stays compact."""
+        if seq.slot is None:
+            return
+        seq.replacements = self.replacements_of(seq)
+        self.replaced_done += seq.replacements
+        last = self.slots.pop()
+        if last is not seq:
+            self.runner.pool.move(last.slot, seq.slot)
+            self.slots[seq.slot] = last
+            last.slot = seq.slot
+        else:
+            self.runner.pool.clear(seq.slot)
+        seq.slot = None
+
+    def replacements_of(self, seq: Sequence) -> int:
+        """Critical tokens swapped in for this request so far (reads the device: not for every step)."""
+        if seq.slot is None:
+            return seq.replacements
+        return seq.replacements + int(self.runner.pool.replaced[seq.slot])
+
     # --- the step ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         with self.lock:
-            self.scheduler.reap_aborted()
+            for seq in self.scheduler.reap_aborted():
+                self.release_slot(seq)
             batch = self.scheduler.schedule()
         if not batch:
             return []
         try:
-            logits = self.runner.run(batch)
+            rows, logits = self.runner_step(batch)
         except Exception as exc:  # A failing step fails its own requests, never the engine.
             log.exception("engine step failed")
             return self.fail(batch, f"engine error: {type(exc).__name__}: {exc}")
         self.stats.steps += 1
-        self.stats.replacements = self.runner.replacements
-        return self.postprocess(batch, logits)
+        return self.postprocess(batch, rows, logits)
+
+    def runner_step(self, batch) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Prefill chunks, then one decode step; returns the requests that sample and their logits."""
+        rows, row_logits = [], []
+        decoding = []
+        for seq, chunk in batch:
+            if seq.slot is None:
+                self.take_slot(seq)
+            if seq.prefilled:
+                decoding.append(seq)
+                continue
+            logits = self.runner.prefill(seq.slot, seq.policy, chunk, seq.num_cached)
+            self.stats.prompt_tokens += max(0, min(seq.num_cached + len(chunk), len(seq.prompt_ids)) - seq.num_cached)
+            seq.num_cached += len(chunk)
+            if seq.num_cached == seq.length:
+                rows.append(seq)
+                row_logits.append(logits)
+        if decoding:
+            plan = decode_plan(self, decoding)
+            logits = self.runner.decode(*plan)
+            for seq in decoding:
+                seq.num_cached += 1
+            rows.extend(decoding)
+            row_logits.append(logits[[s.slot for s in decoding]])
+        if not rows:
+            return [], None
+        return rows, torch.cat([x.view(-1, x.shape[-1]) for x in row_logits])
 
     def fail(self, batch, message: str) -> list[StepOutput]:
         outputs = []
@@ -111,28 +195,46 @@ class LLMEngine:
             for seq, _ in batch:
                 seq.finish_reason = "error"
                 self.scheduler.finish(seq)
+                self.release_slot(seq)
                 outputs.append(StepOutput(seq, -1, "", True, error=message))
         return outputs
 
-    def postprocess(self, batch, logits) -> list[StepOutput]:
+    def postprocess(self, batch, rows: list[Sequence], logits: torch.Tensor | None) -> list[StepOutput]:
+        if not rows:
+            return []
+        tokens = sample(self.processed(rows, logits), sampling_batch(rows, logits.device))
+        # The step's one transfer to the host: sampled ids, which rows had NaN logits, and the churn counter.
+        pool = self.runner.pool
+        nan = torch.isnan(logits).any(dim=-1).long()
+        host = torch.cat([tokens, nan, pool.replaced[: len(self.slots)].sum().view(1)]).tolist()
+        self.stats.replacements = self.replaced_done + host[-1]
+        n = len(rows)
         outputs = []
-        for row, (seq, chunk) in enumerate(batch):
-            self.stats.prompt_tokens += max(0, min(seq.num_cached + len(chunk), len(seq.prompt_ids)) - seq.num_cached)
-            seq.num_cached += len(chunk)
-            if seq.num_cached < seq.length:
-                continue  # a prefill chunk that did not reach the end of the prompt
-            try:
-                outputs.append(self.next_token(seq, logits[row]))
-            except Exception as exc:  # sampling or detokenizing one request fails that request only
+        for i, (seq, token) in enumerate(zip(rows, host[:n])):
+            try:  # sampling or detokenizing one request fails that request only
+                if host[n + i]:
+                    raise FloatingPointError("the model produced NaN logits")
+                outputs.append(self.next_token(seq, token, logits[i]))
+            except Exception as exc:
                 log.exception("request %s failed in postprocess", seq.request_id)
-                outputs.extend(self.fail([(seq, chunk)], f"engine error: {type(exc).__name__}: {exc}"))
+                outputs.extend(self.fail([(seq, None)], f"engine error: {type(exc).__name__}: {exc}"))
         return outputs
 
-    def next_token(self, seq: Sequence, logits) -> StepOutput:
+    def processed(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Logits after each request's penalties and min_tokens mask (rows that have none stay as they are)."""
+        need = [i for i, s in enumerate(rows) if s.sampling.penalized or len(s.output_ids) < s.sampling.min_tokens]
+        if not need:
+            return logits
+        logits = logits.clone()
+        for i in need:
+            s = rows[i]
+            logits[i] = process(logits[i], s.sampling, s.prompt_ids, s.output_ids, self.eos_ids)
+        return logits
+
+    def next_token(self, seq: Sequence, token: int, raw: torch.Tensor) -> StepOutput:
         cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
         params = seq.sampling
-        token = sample(process(logits, params, seq.prompt_ids, seq.output_ids, self.eos_ids), params, seq.generator)
-        logprob, top = token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else (None, None)
+        logprob, top = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else (None, None)
         seq.output_ids.append(token)
         self.stats.generation_tokens += 1
         before = seq.output_text
@@ -143,16 +245,19 @@ class LLMEngine:
             seq.finish_reason = reason
             with self.lock:
                 self.scheduler.finish(seq)
+                self.release_slot(seq)
         return StepOutput(seq, token, text, reason is not None, cache_tokens, cache_bytes, logprob=logprob,
                           top_logprobs=top)
 
     def detokenize(self, seq: Sequence) -> str:
-        ids = seq.all_ids
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        if self.tokenizer is None:  # random-weight benchmark models have ids, not text
+            return ""
+        tail = seq.ids(seq.prefix_offset)  # only the last few tokens: never the whole context
+        prefix = self.tokenizer.decode(tail[: seq.read_offset - seq.prefix_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(tail, skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            seq.prefix_offset, seq.read_offset = seq.read_offset, seq.length
             seq.output_text += delta
             return delta
         return ""
