@@ -130,7 +130,8 @@ def references(smol, completed) -> dict:
         override = override or {}
         cache = CacheConfig(**{"policy": "slam", "budget": 24, "sink": 4, "recent": 8, **override,
                                **({"budget": None} if override.get("policy") == "full" else {})})
-        engine = LLMEngine(EngineConfig(max_batch=len(PROMPTS) * 2, cache=cache), loaded=smol)
+        # The server's pool holds --max-budget (64) columns per slot, which bounds `full` requests too.
+        engine = LLMEngine(EngineConfig(max_batch=len(PROMPTS) * 2, cache=cache, max_budget=64), loaded=smol)
         for m in MAX_TOKENS:
             keys = sorted(groups[(c, m)])
             prompts = [engine.encode_chat([{"role": "user", "content": PROMPTS[p]}]) if chat else
@@ -143,6 +144,7 @@ def references(smol, completed) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(SOAK_S + 300)
 def test_soak(smol, tmp_path):
+    t_start = time.monotonic()
     with running_server(*ARGS, log=tmp_path / "serve.log") as url:
         pid = _server_pid(url)
         soak = Soak(url, seed=9)
@@ -160,12 +162,15 @@ def test_soak(smol, tmp_path):
             time.sleep(0.2)
         rss_end = rss_kib(pid)
     counts = soak.counts
+    t_refs = time.monotonic()
     print("soak counts", json.dumps(dict(sorted(counts.items()))), "rss_kib", rss_start, rss_end,
           "completed", len(soak.completed))
     assert not [k for k in counts if k.split()[-1].startswith("5")], counts
     assert len(soak.completed) > CLIENTS
     refs = references(smol, soak.completed)
-    wrong = [(k, text, refs[k[:4]]) for *k, text in soak.completed if text != refs[tuple(k)]]
+    print(f"soak: start to run {t0 - t_start:.0f} s, run and drain {t_refs - t0:.0f} s, "
+          f"references {time.monotonic() - t_refs:.0f} s")
+    wrong = [(k, text, refs[tuple(k)]) for *k, text in soak.completed if text != refs[tuple(k)]]
     assert not wrong, wrong[:3]
     assert abs(rss_end - rss_start) <= 0.1 * rss_start, (rss_start, rss_end)
     out = os.environ.get("SLAM_SOAK_REPORT")
@@ -177,8 +182,7 @@ def test_soak(smol, tmp_path):
 async def warm_up(soak: Soak) -> None:
     """Every kind of request, CLIENTS at once (the soak's peak batch): what is allocated then stays."""
     async with httpx.AsyncClient(base_url=soak.url, timeout=120) as client:
-        for _ in range(2):
-            await asyncio.gather(*(soak.one(client) for _ in range(CLIENTS)))
+        await asyncio.gather(*(soak.one(client) for _ in range(2 * CLIENTS)))
     soak.counts.clear()
     soak.completed.clear()
 
