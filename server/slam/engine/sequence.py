@@ -8,27 +8,57 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from slam.cache import CachePolicy, make_policy
 from slam.config import CacheConfig
 
 
 class SamplingParams(BaseModel):
+    """How one request picks its tokens, with vLLM's semantics (OpenAI's where both define a field).
+
+    Order inside a step: the raw logits get the penalties (repetition over prompt and output tokens,
+    then frequency and presence over output tokens), then, while fewer than `min_tokens` were generated,
+    EOS and `stop_token_ids` are masked; then greedy argmax, or temperature, top-k, top-p and a draw.
+    `logprobs` (top-k count, 0: the chosen token only) reports log-probabilities of the raw model
+    distribution, before penalties and temperature (vLLM's default `raw_logprobs`).
+    No stop condition (EOS, stop token, stop string) applies before `min_tokens` tokens.
+    """
+
     model_config = {"extra": "forbid"}
 
     max_tokens: int = Field(default=16, ge=1)
+    min_tokens: int = Field(default=0, ge=0)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # 0: no top-k cut
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    # Multiplies (divides, for positive logits) the logits of every token seen in the prompt or output.
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=2.0)  # a tinier one overflows float32 logits
+    # Subtracted from the logit of each output token: once (presence), per occurrence (frequency).
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative token ids")
+        return self
 
     @property
     def greedy(self) -> bool:
         # Below this, dividing float32 logits by the temperature overflows; the limit is greedy anyway.
         return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class Status(enum.Enum):
