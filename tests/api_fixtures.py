@@ -1,6 +1,6 @@
 """Fixtures for the HTTP tests: real `slam serve` processes on free loopback ports, and a reference engine.
 
-The servers run as subprocesses through `python -m slam.api.commands serve`, so the tests exercise the same
+The servers run as subprocesses through `python -m slam.cli serve`, so the tests exercise the same
 code path as `slam serve`, over real HTTP.
 """
 
@@ -45,7 +45,7 @@ def server_env() -> dict[str, str]:
 
 
 def serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "slam.api.commands", "serve", *args]
+    return [sys.executable, "-m", "slam.cli", "serve", *args]
 
 
 @contextlib.contextmanager

@@ -176,7 +176,7 @@ def test_serve_bad_flags_exit_2():
 def test_flags_override_env(monkeypatch):
     import argparse
 
-    from slam.api.commands import register, settings_from
+    from slam.cli.serve import register, settings_from
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

@@ -1,0 +1,124 @@
+"""`slam eval niah` and `slam eval ppl`: quality of the cache policies."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from slam.cli.common import Parser, UsageError, cache_config, engine_from
+from slam.flags import add_cache_flags, add_model_flags, positive_list
+
+
+def run_niah(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm import tqdm
+
+    from slam.eval.niah import case_dict, run_niah
+
+    caches = [cache_config(args, p, b) for p in args.policies for b in ([None] if p == "full" else args.budgets)]
+    engine = engine_from(args, caches[0], max_batch=1)
+    total = len(caches) * len(args.lengths) * len(args.depths) * args.seeds
+    cases = []
+    with tqdm(total=total, desc="niah", file=sys.stderr, disable=args.json and not sys.stderr.isatty()) as bar:
+        for case in run_niah(engine, caches, args.lengths, args.depths, args.seeds, args.needle, args.question):
+            cases.append(case)
+            bar.update()
+            if args.json:
+                print(json.dumps(case_dict(case)), flush=True)
+    if not args.json:
+        table = Table(title="needle in a haystack: found / cases")
+        table.add_column("policy")
+        table.add_column("budget")
+        for length in args.lengths:
+            table.add_column(f"{length} tokens", justify="right")
+        for cache in caches:
+            row = [cache.policy, str(cache.budget or "-")]
+            for length in args.lengths:
+                hits = [c.found for c in cases if c.policy == cache.policy and c.budget == cache.budget and c.length == length]
+                row.append(f"{sum(hits)}/{len(hits)}")
+            table.add_row(*row)
+        Console().print(table)
+    if args.plot:
+        from slam.eval.plots import niah_heatmap
+
+        niah_heatmap(cases, args.plot)
+    return 0
+
+
+def run_ppl(args) -> int:
+    from tqdm import tqdm
+
+    from slam.eval.ppl import run_ppl
+
+    caches = [cache_config(args, p) for p in args.policies]
+    engine = engine_from(args, caches[0], max_batch=1)
+    results = []
+    for cache in caches:
+        with tqdm(total=args.tokens, desc=f"ppl {cache.policy}", file=sys.stderr) as bar:
+            result = run_ppl(engine, cache, args.tokens, on_token=bar.update)
+        results.append(result)
+        if args.json:
+            print(json.dumps({"policy": result.policy, "budget": result.budget, "tokens": result.tokens,
+                              "ppl": result.ppl, "max_cache_tokens": result.max_cache_tokens,
+                              "curve": result.curve(args.window)}), flush=True)
+        else:
+            print(f"{result.policy:10s} budget={result.budget or '-':>5} tokens={result.tokens} "
+                  f"ppl={result.ppl:.3f} max_cache={result.max_cache_tokens}")
+    if args.plot:
+        from slam.eval.plots import ppl_curves
+
+        ppl_curves(results, args.plot, args.window)
+    return 0
+
+
+def validate(args) -> None:
+    from slam.cache import POLICIES
+
+    for policy in args.policies:
+        if policy not in POLICIES:
+            raise UsageError(f"slam: error: --policies: unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    if getattr(args, "needle", "x") is None or getattr(args, "question", "x") is None:
+        from slam.eval import niah
+
+        args.needle = args.needle or niah.DEFAULT_NEEDLE
+        args.question = args.question or niah.DEFAULT_QUESTION
+    if getattr(args, "needle", None) and "{key}" not in args.needle:
+        raise UsageError("slam: error: --needle: the template must contain {key}")
+
+
+def checked(run):
+    def call(args) -> int:
+        validate(args)
+        return run(args)
+
+    return call
+
+
+def register(sub) -> None:
+    ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval", required=True,
+                                                                          parser_class=Parser)
+    niah = ev.add_parser("niah", help="needle in a haystack over the Paul Graham essays")
+    niah.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
+    niah.add_argument("--budgets", type=positive_list(int), default=[256])
+    niah.add_argument("--lengths", type=positive_list(int), default=[2000])
+    niah.add_argument("--depths", type=positive_list(float), default=[0.1, 0.5, 0.9])
+    niah.add_argument("--seeds", type=int, default=1)
+    niah.add_argument("--needle", default=None, help="needle template with {key}")
+    niah.add_argument("--question", default=None)
+    niah.add_argument("--json", action="store_true")
+    niah.add_argument("--plot", type=Path, default=None)
+    add_cache_flags(niah, with_policy=False)
+    add_model_flags(niah)
+    niah.set_defaults(func=checked(run_niah))
+
+    ppl = ev.add_parser("ppl", help="perplexity over long text, per policy")
+    ppl.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
+    ppl.add_argument("--tokens", type=int, default=2000)
+    ppl.add_argument("--window", type=int, default=128, help="tokens per point of the curve")
+    ppl.add_argument("--json", action="store_true")
+    ppl.add_argument("--plot", type=Path, default=None)
+    add_cache_flags(ppl, with_policy=False)
+    add_model_flags(ppl)
+    ppl.set_defaults(func=checked(run_ppl))
