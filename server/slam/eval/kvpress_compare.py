@@ -8,8 +8,10 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from slam.eval.split import SplitPrompt
+if TYPE_CHECKING:
+    from slam.eval.split import SplitPrompt
 
 RUNNER = Path(__file__).with_name("kvpress_runner.py")
 DEFAULT_PRESSES = ["streaming_llm", "snapkv", "observed_attention", "expected_attention", "tova", "knorm",
@@ -23,7 +25,7 @@ class KvpressError(RuntimeError):
 @dataclass(frozen=True)
 class KvpressJob:
     id: str
-    prompt: SplitPrompt
+    prompt: "SplitPrompt"
     max_tokens: int
 
 

@@ -34,6 +34,7 @@ class LongBenchSample:
     id: str
     length: int | None
     prompt_tokens: int
+    generated_tokens: int
     prediction: str
     score: float
 
@@ -125,7 +126,8 @@ def run_longbench(
                 prediction = seq.output_text
                 yield LongBenchSample(
                     task=task, policy=cache.policy, budget=cache.budget, id=str(record.get("_id", "")),
-                    length=record.get("length"), prompt_tokens=len(prompt), prediction=prediction,
+                    length=record.get("length"), prompt_tokens=len(prompt), generated_tokens=len(seq.output_ids),
+                    prediction=prediction,
                     score=score_sample(task, prediction, record["answers"], record.get("all_classes")),
                 )
 

@@ -55,3 +55,59 @@ def ppl_curves(results: list[PplResult], out: Path, window: int = 128) -> None:
     ax.grid(alpha=0.3)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def method_name(policy: str, budget: int | None) -> str:
+    return policy + (f"/{budget}" if budget else "")
+
+
+def ruler_lines(cases: list, out: Path) -> None:
+    """One panel per task plus their average: mean score by context length, one line per method."""
+    tasks = list(dict.fromkeys(c.task for c in cases))
+    methods = list(dict.fromkeys(method_name(c.policy, c.budget) for c in cases))
+    lengths = sorted({c.length for c in cases})
+    panels = tasks + (["average"] if len(tasks) > 1 else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.5, 3.4), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        for method in methods:
+            ys = []
+            for length in lengths:
+                picked = [c for c in cases if method_name(c.policy, c.budget) == method and c.length == length]
+                per_task = defaultdict(list)
+                for c in picked:
+                    per_task[c.task].append(c.score)
+                means = {t: sum(s) / len(s) for t, s in per_task.items()}
+                value = means.get(panel) if panel != "average" else (sum(means.values()) / len(means) if means else None)
+                ys.append(float("nan") if value is None else 100 * value)
+            style = "--" if method.startswith("kvpress:") else "-"
+            ax.plot(lengths, ys, style, marker="o", label=method)
+        ax.set_title(panel)
+        ax.set_xlabel("context tokens")
+        ax.set_xticks(lengths, [str(x) for x in lengths])
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("string-match score")
+    settings = sorted({c.setting for c in cases})
+    fig.suptitle(f"RULER-style tasks, question {' / '.join(settings)}", y=1.04)
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def longbench_bars(summary: dict, out: Path) -> None:
+    """Grouped bars: one group per task (and the average), one bar per method."""
+    methods = list(summary)
+    tasks = list(dict.fromkeys(t for m in summary.values() for t in m["tasks"])) + ["average"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(tasks) * max(len(methods), 2) / 2 + 2), 4))
+    for i, method in enumerate(methods):
+        scores = summary[method]["tasks"] | {"average": summary[method]["average"]}
+        xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, [scores.get(task, 0.0) for task in tasks], width, label=method)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_ylabel("score (official metric, 0-100)")
+    ax.set_title("LongBench")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from slam.config import CacheConfig
-from slam.engine.engine import LLMEngine
-from slam.engine.sequence import SamplingParams, Sequence, Status
+if TYPE_CHECKING:  # the engine pulls in torch; building prompts and the CLI's parsers must not
+    from slam.config import CacheConfig
+    from slam.engine.engine import LLMEngine
+    from slam.engine.sequence import SamplingParams, Sequence
 
 BOUNDARY_HOOK = "prefill_boundaries"
 
@@ -90,6 +92,8 @@ def generate_split(
     question_unseen: bool,
 ) -> list[Sequence]:
     """Generate for each prompt; when the question is unseen, no prefill chunk spans the boundary."""
+    from slam.engine.sequence import Status
+
     if not question_unseen:
         return engine.generate([p.ids for p in prompts], sampling, cache)
     require_boundaries(engine)

@@ -1,0 +1,87 @@
+"""The logic of `slam eval longbench`, `slam eval ruler` and the niah comparison flags.
+
+slam.cli owns the parsers and the engine's construction; these functions get the parsed arguments and an
+engine factory, and raise `EvalUsageError` (one line naming the flag) for input they cannot use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from slam.eval.kvpress_compare import DEFAULT_PRESSES, KvpressError, KvpressJob, kvpress_python, run_kvpress
+from slam.eval.split import EngineHookMissing, SplitPrompt, require_boundaries
+
+MakeEngine = Callable[[object, int], object]  # (CacheConfig, max_batch) -> LLMEngine
+
+
+class EvalUsageError(Exception):
+    """Input an evaluation cannot use; the message starts with the flag."""
+
+
+def csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+
+    return parse
+
+
+def add_compare_flags(p: argparse.ArgumentParser) -> None:
+    """--question-unseen and --compare kvpress, shared by niah and ruler."""
+    p.add_argument("--question-unseen", action="store_true",
+                   help="compress the context first, then append the question (kvpress's leaderboard setting)")
+    p.add_argument("--compare", choices=["kvpress"], default=None,
+                   help="also run the same prompts through kvpress's presses at the same budgets")
+    p.add_argument("--kvpress-python", default=None,
+                   help="Python of an environment with kvpress installed (default: $SLAM_KVPRESS_PYTHON)")
+    p.add_argument("--presses", type=csv(str), default=DEFAULT_PRESSES, help=", ".join(DEFAULT_PRESSES))
+
+
+def check_compare(args, engine) -> str | None:
+    """Fail before any work when the question-unseen hook or kvpress's Python is missing."""
+    if args.question_unseen:
+        try:
+            require_boundaries(engine)
+        except EngineHookMissing as e:
+            raise EvalUsageError(f"--question-unseen: {e}") from None
+    if args.compare != "kvpress":
+        return None
+    python = kvpress_python(args.kvpress_python)
+    if not python:
+        raise EvalUsageError("--kvpress-python: --compare kvpress needs the Python of a kvpress environment "
+                             "(or SLAM_KVPRESS_PYTHON)")
+    if not Path(python).is_file():
+        raise EvalUsageError(f"--kvpress-python: {python} does not exist")
+    unknown = [p for p in args.presses if p not in DEFAULT_PRESSES]
+    if unknown:
+        raise EvalUsageError(f"--presses: unknown press {unknown[0]!r}; choose from {', '.join(DEFAULT_PRESSES)}")
+    if getattr(args, "dtype", "float32") == "int8":
+        raise EvalUsageError("--dtype: kvpress runs float32, bfloat16 or float16 models, not int8")
+    return python
+
+
+def kvpress_answers(args, engine, python: str, jobs: list[KvpressJob], budgets: list[int]) -> dict:
+    """The kvpress runner's output for the jobs; prints the versions that ran on stderr."""
+    try:
+        out = run_kvpress(python, engine.loaded.path, jobs, budgets, args.presses, args.question_unseen,
+                          device=str(engine.loaded.device), dtype=args.dtype)
+    except KvpressError as e:
+        raise EvalUsageError(f"--kvpress-python: {e}") from None
+    versions = ", ".join(f"{k} {v}" for k, v in out["versions"].items())
+    print(f"kvpress comparison ran with {versions}", file=sys.stderr)
+    return out
+
+
+def emit(row: dict, json_lines: bool) -> None:
+    if json_lines:
+        print(json.dumps(row), flush=True)
+
+
+def split_jobs(prompts: list[tuple[str, SplitPrompt, int]]) -> list[KvpressJob]:
+    return [KvpressJob(i, p, n) for i, p, n in prompts]
