@@ -75,6 +75,10 @@ def kvpress_answers(args, engine, python: str, jobs: list[KvpressJob], budgets: 
         raise EvalUsageError(f"--kvpress-python: {e}") from None
     versions = ", ".join(f"{k} {v}" for k, v in out["versions"].items())
     print(f"kvpress comparison ran with {versions}", file=sys.stderr)
+    failed = [r for r in out["results"] if "error" in r]
+    if failed:  # scored as 0 and shown in the output, but said here too so that nobody misses it
+        print(f"kvpress: {len(failed)} of {len(out['results'])} runs failed, e.g. {failed[0]['press']}: "
+              f"{failed[0]['error']}", file=sys.stderr)
     return out
 
 
