@@ -10,11 +10,11 @@ import json
 import os
 
 import pytest
-
 from slam.cli import main
 from slam.eval.kvpress_compare import DEFAULT_PRESSES, KvpressJob, run_kvpress
 from slam.eval.ruler import make_sample
 from slam.eval.split import encode_split
+
 from tests.test_cli import run
 
 PYTHON = os.environ.get("SLAM_KVPRESS_PYTHON")

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
+from slam.cli import main
 from slam.config import CacheConfig
 from slam.eval.longbench import (
     LongBenchDataError,
@@ -18,7 +18,7 @@ from slam.eval.longbench import (
     summarize,
 )
 from slam.eval.longbench_tasks import MAX_NEW_TOKENS, PROMPTS, TASKS
-from slam.cli import main
+
 from tests.conftest import make_engine
 from tests.test_cli import run
 

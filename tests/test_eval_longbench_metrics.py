@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from slam.eval.longbench_metrics import (
     DATASET_METRIC,
     classification_score,

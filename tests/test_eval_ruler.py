@@ -7,11 +7,11 @@ import re
 from collections import Counter
 
 import pytest
-
 from slam.config import CacheConfig
 from slam.eval.ruler import TASKS, make_sample, string_match
 from slam.eval.ruler_run import ruler_samples, run_ruler, summarize
 from slam.eval.split import encode_split
+
 from tests.conftest import make_engine
 from tests.test_cli import run
 

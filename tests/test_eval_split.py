@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from slam.cli import main
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
@@ -18,6 +17,7 @@ from slam.eval.split import (
     generate_split,
     require_boundaries,
 )
+
 from tests.conftest import make_engine
 
 NO_HOOK = "the engine has no add_request(prefill_boundaries=...) yet; docs/evals.md says what it must do"

@@ -20,9 +20,8 @@ def run_niah(args) -> int:
     from rich.table import Table
     from tqdm import tqdm
 
-    from slam.eval.niah import case_dict, run_niah
-
     from slam.eval.commands import check_compare
+    from slam.eval.niah import case_dict, run_niah
     from slam.eval.niah_compare import niah_kvpress_cases
 
     caches = [cache_config(args, p, b) for p in args.policies for b in ([None] if p == "full" else args.budgets)]

@@ -25,7 +25,7 @@ class KvpressError(RuntimeError):
 @dataclass(frozen=True)
 class KvpressJob:
     id: str
-    prompt: "SplitPrompt"
+    prompt: SplitPrompt
     max_tokens: int
 
 

@@ -52,10 +52,9 @@ def versions() -> dict:
 
 
 def load_pipeline(model: str, device: str, dtype: str, eager: bool):
+    import kvpress  # noqa: F401 - registers the "kv-press-text-generation" pipeline
     import torch
     from transformers import pipeline
-
-    import kvpress  # noqa: F401 - registers the "kv-press-text-generation" pipeline
 
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "eager" if eager else "sdpa"}
     return pipeline("kv-press-text-generation", model=model, device=device, model_kwargs=kwargs)

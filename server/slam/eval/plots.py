@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # Files only; never open a window.
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from slam.eval.niah import NiahCase  # noqa: E402
-from slam.eval.ppl import PplResult  # noqa: E402
+from slam.eval.niah import NiahCase
+from slam.eval.ppl import PplResult
 
 
 def niah_heatmap(cases: list[NiahCase], out: Path) -> None:

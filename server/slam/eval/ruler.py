@@ -7,6 +7,7 @@ Wording follows RULER's templates; the haystack is essay text (RULER's "essay" n
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import string
@@ -123,7 +124,7 @@ def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4)
     chains = []
     for c in range(2):
         chain, value = names[c * (hops + 1) : (c + 1) * (hops + 1)], str(rng.randint(10_000, 99_999))
-        lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
+        lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(chain)]
         chains.append((chain, value, lines))
     # The chains interleave at random; each keeps its own order.
     turns = [0] * (hops + 1) + [1] * (hops + 1)
