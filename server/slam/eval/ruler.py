@@ -60,6 +60,8 @@ def haystack(tokenizer, tokens: int, rng: random.Random) -> str:
     """About `tokens` tokens of essay text from a place the seed picks."""
     ids = essay_ids(tokenizer)
     tokens = max(tokens, 8)
+    if tokens >= len(ids):  # longer than all the essays: they repeat
+        ids = ids * (tokens // len(ids) + 2)
     start = rng.randrange(max(len(ids) - tokens, 1))
     return tokenizer.decode(ids[start : start + tokens])
 
@@ -140,6 +142,21 @@ def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 4)
     return SplitPrompt(intro + hay, question, prefix), chain, 8 * (hops + 1)
 
 
+def numbered(words: list[str]) -> str:
+    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+
+
+def cwe_plan(items: int, common: int, freq_common: int, freq_rare: int, available: int) -> tuple[int, int, int]:
+    """(common words' frequency, rare words' frequency, rare words) for a list of about `items` entries.
+
+    Short lists lower the common frequency, keeping it above the rare one; lists longer than the essays'
+    vocabulary allows raise the rare frequency, and the common one with it."""
+    freq_common = max(freq_rare + 1, min(freq_common, items // (2 * common)))
+    slots = max(items - common * freq_common, 0)
+    freq_rare = max(freq_rare, -(-slots // available))
+    return max(freq_common, freq_rare + 1), freq_rare, min(slots // freq_rare, available)
+
+
 def common_words(tokenizer, length: int, rng: random.Random, common: int = 10,
                  freq_common: int = 30, freq_rare: int = 3) -> tuple[SplitPrompt, list[str], int]:
     """A numbered list of essay words in which `common` words appear more often than all others."""
@@ -148,20 +165,19 @@ def common_words(tokenizer, length: int, rng: random.Random, common: int = 10,
     question = f"\nQuestion: What are the {common} most common words in the above list?"
     prefix = f" Answer: The top {common} words that appear most often in the list are:"
     room = length - count(tokenizer, intro + question + prefix) - 16
-    per_item = 4  # tokens of "12. word " for most words; checked by the loop below
-    items = max(room // per_item, common * (freq_rare + 1))
-    # Short contexts lower the common words' frequency, keeping them above the rare words'.
-    freq_common = max(freq_rare + 1, min(freq_common, items // (2 * common)))
-    words = rng.sample(essay_words(), common + max((items - common * freq_common) // freq_rare, 0))
-    top, rare = words[:common], words[common:]
-    while True:
-        listed = top * freq_common + rare * freq_rare
+    vocabulary = essay_words()
+    items = max(room // 4, common * (freq_rare + 2))
+    for _ in range(4):  # guess the entries that fit, build, measure, rescale
+        f_common, f_rare, rare = cwe_plan(items, common, freq_common, freq_rare, len(vocabulary) - common)
+        words = rng.sample(vocabulary, common + rare)
+        listed = words[:common] * f_common + words[common:] * f_rare
         rng.shuffle(listed)
-        context = intro + " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed))
-        if not rare or count(tokenizer, context) <= room + count(tokenizer, intro):
+        context = numbered(listed)
+        used = count(tokenizer, context)
+        if abs(used - room) <= 0.02 * room or (used < room and rare == 0):
             break
-        rare = rare[: int(len(rare) * 0.9)]
-    return SplitPrompt(context, question, prefix), top, 12 * common
+        items = max(int(len(listed) * room / used), common * (freq_rare + 2))
+    return SplitPrompt(intro + context, question, prefix), words[:common], 12 * common
 
 
 TASKS: dict[str, Callable] = {
