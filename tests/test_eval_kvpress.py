@@ -64,6 +64,19 @@ def test_cli_ruler_compare_reports_presses_and_versions(tiny_dir):
     assert "kvpress comparison ran with kvpress " in result.stderr
 
 
+@needs_kvpress
+def test_cli_niah_compare(tiny_dir, tmp_path):
+    plot = tmp_path / "niah.png"
+    result = run("eval", "niah", "--model", str(tiny_dir), "--policies", "streaming", "--budgets", "48", "--sink",
+                 "4", "--recent", "16", "--lengths", "160", "--depths", "0.5", "--compare", "kvpress",
+                 "--kvpress-python", PYTHON, "--presses", "knorm,tova", "--json", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [(r["policy"], r["budget"]) for r in rows] == [("streaming", 48), ("kvpress:knorm", 48), ("kvpress:tova", 48)]
+    assert len({r["key"] for r in rows}) == 1  # the same needle for every method
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_compare_without_a_kvpress_python_names_the_flag(tiny_dir, monkeypatch, capsys):
     monkeypatch.delenv("SLAM_KVPRESS_PYTHON", raising=False)
     code = main(["eval", "niah", "--model", str(tiny_dir), "--lengths", "128", "--compare", "kvpress"])
