@@ -12,6 +12,7 @@ from slam.config import CacheConfig
 from slam.eval.longbench import (
     LongBenchDataError,
     build_prompt,
+    length_buckets,
     read_records,
     resolve_tasks,
     run_longbench,
@@ -67,7 +68,8 @@ def test_harness_runs_every_task_and_scores_with_the_official_metrics(engine):
     for method in summary.values():
         assert list(method["tasks"]) == TASKS
         assert method["average"] == round(sum(method["tasks"].values()) / len(TASKS), 2)
-        assert set(method["length_buckets"]) <= {"0-4k", "4-8k", "8k+"}
+        assert list(method["length_buckets"]) == TASKS
+        assert all(set(b) <= {"0-4k", "4-8k", "8k+"} for b in method["length_buckets"].values())
 
 
 def test_bad_data_is_reported_with_file_and_line(tmp_path):
@@ -88,6 +90,11 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path):
         read_records(bad)
     with pytest.raises(LongBenchDataError, match="no qasper.jsonl"):
         resolve_tasks(tmp_path, ["qasper"])
+
+
+def test_length_buckets_follow_longbench_e():
+    scores = [(100, 1.0), (3999, 0.0), (4000, 0.5), (9000, 1.0), (None, 1.0)]
+    assert length_buckets(scores) == {"0-4k": 50.0, "4-8k": 50.0, "8k+": 100.0}
 
 
 def test_longbench_e_file_names_are_found(tmp_path):

@@ -132,18 +132,25 @@ def run_longbench(
                 )
 
 
+def length_buckets(scores: list[tuple[int | None, float]]) -> dict[str, float]:
+    """LongBench-E's scores by the records' `length` field: 0-4k, 4-8k and 8k+ (empty buckets left out)."""
+    out, low = {}, 0
+    for name, high in LENGTH_BUCKETS:
+        inside = [score for length, score in scores if length is not None and low <= length < high]
+        if inside:
+            out[name] = score_task(inside)
+        low = high
+    return out
+
+
 def summarize(samples: list[LongBenchSample]) -> dict:
-    """Scores (0-100) per (policy, budget) and task, their average, and LongBench-E's length buckets."""
+    """Per (policy, budget): each task's score (0-100), their average, and each task's length buckets."""
     out: dict = {}
     for key in dict.fromkeys((s.policy, s.budget) for s in samples):
         mine = [s for s in samples if (s.policy, s.budget) == key]
-        tasks = {t: score_task([s.score for s in mine if s.task == t]) for t in dict.fromkeys(s.task for s in mine)}
-        buckets, low = {}, 0
-        for name, high in LENGTH_BUCKETS:
-            inside = [s.score for s in mine if s.length is not None and low <= s.length < high]
-            if inside:
-                buckets[name] = score_task(inside)
-            low = high
+        names = list(dict.fromkeys(s.task for s in mine))
+        tasks = {t: score_task([s.score for s in mine if s.task == t]) for t in names}
+        buckets = {t: length_buckets([(s.length, s.score) for s in mine if s.task == t]) for t in names}
         out[f"{key[0]}" + (f"/{key[1]}" if key[1] else "")] = {
             "policy": key[0], "budget": key[1], "tasks": tasks,
             "average": round(sum(tasks.values()) / len(tasks), 2), "length_buckets": buckets,
