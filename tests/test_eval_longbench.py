@@ -13,6 +13,7 @@ from slam.eval.longbench import (
     LongBenchDataError,
     build_prompt,
     length_buckets,
+    prepare,
     read_records,
     resolve_tasks,
     run_longbench,
@@ -36,7 +37,7 @@ def test_prompt_is_cut_in_the_middle_and_wrapped_in_the_chat_template(engine):
     tokenizer = engine.tokenizer
     plain = tokenizer.encode(PROMPTS["narrativeqa"].format(context=long["context"], input=long["input"]))
     assert len(plain) > 400
-    ids = build_prompt(engine, "narrativeqa", long, max_length=100)
+    ids = build_prompt(tokenizer, "narrativeqa", long, max_length=100)
     text = tokenizer.decode(ids)
     chat = engine.encode_chat([{"role": "user", "content": "x"}])
     assert len(chat) < len(ids) <= 100 + len(chat) + 2  # the kept half of each side, plus the template
@@ -49,7 +50,7 @@ def test_prompt_is_cut_in_the_middle_and_wrapped_in_the_chat_template(engine):
 
 def test_few_shot_and_code_tasks_get_no_chat_template(engine):
     [record] = read_records(FIXTURES / "lcc.jsonl")
-    ids = build_prompt(engine, "lcc", record, max_length=10_000)
+    ids = build_prompt(engine.tokenizer, "lcc", record, max_length=10_000)
     assert ids == engine.tokenizer.encode(PROMPTS["lcc"].format(context=record["context"], input=record["input"]))
 
 
@@ -57,7 +58,7 @@ def test_harness_runs_every_task_and_scores_with_the_official_metrics(engine):
     files = resolve_tasks(FIXTURES, None)
     assert list(files) == TASKS  # a fixture for every English task
     caches = [CacheConfig(policy="full", budget=None), CacheConfig(policy="slam", budget=48, sink=4, recent=16)]
-    samples = list(run_longbench(engine, caches, files, max_length=200, limit=1))
+    samples = list(run_longbench(engine, caches, prepare(engine.tokenizer, files, max_length=200, limit=1)))
     assert len(samples) == len(TASKS) * 2
     for sample in samples:
         assert 0.0 <= sample.score <= 1.0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from slam.cli.common import Parser, UsageError, cache_config, engine_from
+from slam.config import CacheConfig, EngineConfig
 from slam.eval.commands import add_compare_flags
 from slam.eval.longbench_command import add_longbench_flags
 from slam.eval.ruler_command import add_ruler_flags
@@ -20,13 +21,15 @@ def run_niah(args) -> int:
     from rich.table import Table
     from tqdm import tqdm
 
-    from slam.eval.commands import check_compare
+    from slam.engine.engine import LLMEngine
+    from slam.eval.commands import check_compare, pool_size
     from slam.eval.niah import case_dict, run_niah
     from slam.eval.niah_compare import niah_kvpress_cases
 
     caches = [cache_config(args, p, b) for p in args.policies for b in ([None] if p == "full" else args.budgets)]
-    engine = engine_from(args, caches[0], max_batch=1)
-    python = check_compare(args, engine)
+    python = check_compare(args, LLMEngine)
+    # A niah prompt stays under its length; the margin covers the chat template and the answer.
+    engine = EvalEngines(args)(caches[0], 1, pool_size(caches, max(args.lengths) + 128))
     total = len(caches) * len(args.lengths) * len(args.depths) * args.seeds
     cases = []
     with tqdm(total=total, desc="niah", file=sys.stderr, disable=args.json and not sys.stderr.isatty()) as bar:
@@ -36,7 +39,7 @@ def run_niah(args) -> int:
             bar.update()
             if args.json:
                 print(json.dumps(case_dict(case)), flush=True)
-    for case in niah_kvpress_cases(args, engine, python) if python else []:
+    for case in niah_kvpress_cases(args, engine, engine.loaded, python) if python else []:
         cases.append(case)
         if args.json:
             print(json.dumps(case_dict(case)), flush=True)
@@ -115,18 +118,42 @@ def checked(run):
     return call
 
 
+class EvalEngines:
+    """The model, loaded once, and engines over it sized for each evaluation's caches and prompts."""
+
+    def __init__(self, args):
+        self.args = args
+        self._loaded = None
+
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            from slam.model import load_model
+
+            self._loaded = load_model(self.args.model, self.args.dtype, self.args.device)
+        return self._loaded
+
+    def __call__(self, cache: CacheConfig, max_batch: int, max_budget: int | None):
+        from slam.engine.engine import LLMEngine
+
+        a = self.args
+        config = EngineConfig(model=a.model, dtype=a.dtype, device=a.device, max_batch=max_batch,
+                              prefill_chunk=a.prefill_chunk, cache=cache, max_budget=max_budget)
+        return LLMEngine(config, self.loaded)
+
+
 def run_ruler(args) -> int:
     from slam.eval.ruler_command import ruler_command
 
     caches = [cache_config(args, p, b) for p in args.policies for b in ([None] if p == "full" else args.budgets)]
-    return ruler_command(args, caches, lambda cache, batch: engine_from(args, cache, max_batch=batch))
+    return ruler_command(args, caches, EvalEngines(args))
 
 
 def run_longbench(args) -> int:
     from slam.eval.longbench_command import longbench_command
 
     caches = [cache_config(args, p) for p in args.policies]
-    return longbench_command(args, caches, lambda cache, batch: engine_from(args, cache, max_batch=batch))
+    return longbench_command(args, caches, EvalEngines(args))
 
 
 def register(sub) -> None:

@@ -9,13 +9,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from slam.eval.kvpress_compare import DEFAULT_PRESSES, KvpressError, KvpressJob, kvpress_python, run_kvpress
 from slam.eval.split import EngineHookMissing, SplitPrompt, require_boundaries
 
-MakeEngine = Callable[[object, int], object]  # (CacheConfig, max_batch) -> LLMEngine
+
+class Engines(Protocol):
+    """What slam.cli gives an evaluation: the loaded model, and engines over it."""
+
+    @property
+    def loaded(self): ...  # LoadedModel: .tokenizer, .path, .device
+
+    def __call__(self, cache, max_batch: int, max_budget: int | None): ...  # -> LLMEngine
+
+
+def pool_size(caches: list, longest_request: int) -> int:
+    """Cache columns per request an engine needs: the largest budget and, for `full`, the longest request
+    (prompt plus new tokens)."""
+    sizes = [c.budget for c in caches if c.budget is not None]
+    if any(c.budget is None for c in caches):
+        sizes.append(longest_request)
+    return max(sizes)
 
 
 class EvalUsageError(Exception):
@@ -44,7 +60,9 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check_compare(args, engine) -> str | None:
-    """Fail before any work when the question-unseen hook or kvpress's Python is missing."""
+    """Fail before any work when the question-unseen hook or kvpress's Python is missing.
+
+    `engine` may be the engine class: the hook is a parameter of its `add_request`."""
     if args.question_unseen:
         try:
             require_boundaries(engine)
@@ -66,11 +84,12 @@ def check_compare(args, engine) -> str | None:
     return python
 
 
-def kvpress_answers(args, engine, python: str, jobs: list[KvpressJob], budgets: list[int]) -> dict:
-    """The kvpress runner's output for the jobs; prints the versions that ran on stderr."""
+def kvpress_answers(args, loaded, python: str, jobs: list[KvpressJob], budgets: list[int]) -> dict:
+    """The kvpress runner's output for the jobs (on the same model files and device); prints the versions
+    that ran on stderr."""
     try:
-        out = run_kvpress(python, engine.loaded.path, jobs, budgets, args.presses, args.question_unseen,
-                          device=str(engine.loaded.device), dtype=args.dtype)
+        out = run_kvpress(python, loaded.path, jobs, budgets, args.presses, args.question_unseen,
+                          device=str(loaded.device), dtype=args.dtype)
     except KvpressError as e:
         raise EvalUsageError(f"--kvpress-python: {e}") from None
     versions = ", ".join(f"{k} {v}" for k, v in out["versions"].items())

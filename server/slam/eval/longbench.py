@@ -8,7 +8,7 @@ model's chat template except for the few-shot and code tasks. Decoding is greedy
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,8 +88,7 @@ def read_records(path: Path, limit: int | None = None) -> list[dict]:
     return records
 
 
-def build_prompt(engine: LLMEngine, task: str, record: dict, max_length: int) -> list[int]:
-    tokenizer = engine.tokenizer
+def build_prompt(tokenizer, task: str, record: dict, max_length: int) -> list[int]:
     prompt = PROMPTS[task].format(context=record["context"], input=record["input"])
     ids = tokenizer.encode(prompt)
     if len(ids) > max_length:
@@ -98,27 +97,40 @@ def build_prompt(engine: LLMEngine, task: str, record: dict, max_length: int) ->
             ids[-half:], skip_special_tokens=True
         )
     if task not in NO_CHAT_TASKS and getattr(tokenizer, "chat_template", None):
-        return engine.encode_chat([{"role": "user", "content": prompt}])
+        messages = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
     return tokenizer.encode(prompt)
 
 
-def default_max_length(engine: LLMEngine) -> int:
+def default_max_length(loaded) -> int:
     """The model's trained length less the longest answer, as the official model2maxlen values are set."""
-    trained = getattr(engine.loaded.model.config, "max_position_embeddings", 4096)
+    trained = getattr(loaded.model.config, "max_position_embeddings", 4096)
     return max(trained - max(MAX_NEW_TOKENS.values()), 256)
 
 
-def run_longbench(
-    engine: LLMEngine,
-    caches: list[CacheConfig],
-    files: dict[str, Path],
-    max_length: int,
-    limit: int | None = None,
-    on_sample: Callable[[LongBenchSample], None] | None = None,
-) -> Iterator[LongBenchSample]:
+@dataclass
+class TaskPrompts:
+    task: str
+    records: list[dict]
+    prompts: list[list[int]]
+
+    @property
+    def longest_request(self) -> int:
+        return max(len(p) for p in self.prompts) + MAX_NEW_TOKENS[self.task]
+
+
+def prepare(tokenizer, files: dict[str, Path], max_length: int, limit: int | None = None) -> list[TaskPrompts]:
+    """Each task's records and prompts, built before any engine so that it can be sized for them."""
+    out = []
     for task, path in files.items():
         records = read_records(path, limit)
-        prompts = [build_prompt(engine, task, r, max_length) for r in records]
+        out.append(TaskPrompts(task, records, [build_prompt(tokenizer, task, r, max_length) for r in records]))
+    return out
+
+
+def run_longbench(engine: LLMEngine, caches: list[CacheConfig], tasks: list[TaskPrompts]) -> Iterator[LongBenchSample]:
+    for task, records, prompts in ((t.task, t.records, t.prompts) for t in tasks):
         sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS[task], temperature=0.0)
         for cache in caches:
             seqs = engine.generate(prompts, sampling, cache)

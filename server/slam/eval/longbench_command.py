@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from slam.eval.commands import EvalUsageError, MakeEngine, csv, emit
+from slam.eval.commands import Engines, EvalUsageError, csv, emit, pool_size
 from slam.eval.longbench_tasks import TASKS
 
 
@@ -37,12 +37,13 @@ def print_table(summary: dict) -> None:
     Console().print(table)
 
 
-def longbench_command(args, caches, make_engine: MakeEngine) -> int:
+def longbench_command(args, caches, engines: Engines) -> int:
     from tqdm import tqdm
 
     from slam.eval.longbench import (
         LongBenchDataError,
         default_max_length,
+        prepare,
         read_records,
         resolve_tasks,
         run_longbench,
@@ -57,16 +58,17 @@ def longbench_command(args, caches, make_engine: MakeEngine) -> int:
     try:
         files = resolve_tasks(args.data, args.tasks)
         for path in files.values():
-            read_records(path, args.limit)  # every file is checked before the first generation
+            read_records(path, args.limit)  # every file is checked before the model loads
+        max_length = args.max_length or default_max_length(engines.loaded)
+        tasks = prepare(engines.loaded.tokenizer, files, max_length, args.limit)
     except LongBenchDataError as e:
         flag = "--tasks" if str(e).startswith(("unknown task", "task ")) else "--data"
         raise EvalUsageError(f"{flag}: {e}") from None
-    engine = make_engine(caches[0], 8)
-    max_length = args.max_length or default_max_length(engine)
+    engine = engines(caches[0], 8, pool_size(caches, max(t.longest_request for t in tasks)))
     samples = []
     quiet = args.json and not sys.stderr.isatty()
     with tqdm(desc="longbench", file=sys.stderr, disable=quiet) as bar:
-        for sample in run_longbench(engine, caches, files, max_length, args.limit):
+        for sample in run_longbench(engine, caches, tasks):
             samples.append(sample)
             bar.update()
             emit(sample_dict(sample), args.json)

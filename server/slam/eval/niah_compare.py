@@ -9,11 +9,11 @@ from slam.eval.kvpress_compare import KvpressJob
 from slam.eval.niah import NiahCase, niah_prompt
 
 
-def niah_kvpress_cases(args, engine, python: str, max_tokens: int = 16) -> list[NiahCase]:
+def niah_kvpress_cases(args, engine, loaded, python: str, max_tokens: int = 16) -> list[NiahCase]:
     grid = list(itertools.product(args.lengths, args.depths, range(args.seeds)))
     prompts = [niah_prompt(engine, n, d, s, args.needle, args.question) for n, d, s in grid]
     jobs = [KvpressJob(str(i), prompt, max_tokens) for i, (prompt, _) in enumerate(prompts)]
-    out = kvpress_answers(args, engine, python, jobs, args.budgets)
+    out = kvpress_answers(args, loaded, python, jobs, args.budgets)
     cases = []
     for row in out["results"]:
         i = int(row["id"])

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 from slam.eval.commands import (
+    Engines,
     EvalUsageError,
-    MakeEngine,
     add_compare_flags,
     check_compare,
     csv,
     emit,
     kvpress_answers,
+    pool_size,
 )
 from slam.eval.kvpress_compare import KvpressJob
 from slam.eval.ruler import TASKS, RulerSample
@@ -45,11 +46,11 @@ def validate(args) -> None:
         raise EvalUsageError("--budgets: each budget must be at least 1")
 
 
-def kvpress_cases(args, engine, python: str, samples: list[RulerSample]) -> list:
+def kvpress_cases(args, loaded, python: str, samples: list[RulerSample]) -> list:
     from slam.eval.ruler_run import RulerCase, setting_name
 
     jobs = [KvpressJob(str(i), s.prompt, s.max_tokens) for i, s in enumerate(samples)]
-    out = kvpress_answers(args, engine, python, jobs, args.budgets)
+    out = kvpress_answers(args, loaded, python, jobs, args.budgets)
     cases = []
     for row in out["results"]:
         sample = samples[int(row["id"])]
@@ -81,15 +82,19 @@ def print_table(summary: dict) -> None:
         Console().print(table)
 
 
-def ruler_command(args, caches, make_engine: MakeEngine) -> int:
+def ruler_command(args, caches, engines: Engines) -> int:
     from tqdm import tqdm
 
+    from slam.engine.engine import LLMEngine
     from slam.eval.ruler_run import case_dict, ruler_samples, run_ruler, summarize
+    from slam.eval.split import encode_split
 
     validate(args)
-    engine = make_engine(caches[0], 1)
-    python = check_compare(args, engine)
-    samples = ruler_samples(engine.tokenizer, args.tasks, args.lengths, args.seeds)
+    python = check_compare(args, LLMEngine)
+    tokenizer = engines.loaded.tokenizer
+    samples = ruler_samples(tokenizer, args.tasks, args.lengths, args.seeds)
+    longest = max(len(encode_split(tokenizer, s.prompt, args.question_unseen).ids) + s.max_tokens for s in samples)
+    engine = engines(caches[0], 1, pool_size(caches, longest))
     cases = []
     quiet = args.json and not sys.stderr.isatty()
     with tqdm(total=len(samples) * len(caches), desc="ruler", file=sys.stderr, disable=quiet) as bar:
@@ -98,7 +103,7 @@ def ruler_command(args, caches, make_engine: MakeEngine) -> int:
             bar.update()
             emit(case_dict(case), args.json)
     if python:
-        for case in kvpress_cases(args, engine, python, samples):
+        for case in kvpress_cases(args, engines.loaded, python, samples):
             cases.append(case)
             emit(case_dict(case), args.json)
     summary = summarize(cases)
