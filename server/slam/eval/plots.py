@@ -61,35 +61,50 @@ def method_name(policy: str, budget: int | None) -> str:
     return policy + (f"/{budget}" if budget else "")
 
 
+def ruler_scores(cases: list, panels: list[str], methods: list[str], lengths: list[int]) -> dict:
+    """{panel: {method: [mean score (0-100) per length]}}; the "average" panel averages the task means."""
+    out: dict = {p: {m: [] for m in methods} for p in panels}
+    for method in methods:
+        for length in lengths:
+            per_task = defaultdict(list)
+            for c in cases:
+                if method_name(c.policy, c.budget) == method and c.length == length:
+                    per_task[c.task].append(c.score)
+            means = {t: 100 * sum(s) / len(s) for t, s in per_task.items()}
+            for panel in panels:
+                value = means.get(panel) if panel != "average" else (sum(means.values()) / len(means) if means else None)
+                out[panel][method].append(float("nan") if value is None else value)
+    return out
+
+
 def ruler_lines(cases: list, out: Path) -> None:
-    """One panel per task plus their average: mean score by context length, one line per method."""
+    """One panel per task plus their average: score by context length, one line per method (kvpress
+    dashed); with a single length, one bar per method instead."""
     tasks = list(dict.fromkeys(c.task for c in cases))
     methods = list(dict.fromkeys(method_name(c.policy, c.budget) for c in cases))
     lengths = sorted({c.length for c in cases})
     panels = tasks + (["average"] if len(tasks) > 1 else [])
+    scores = ruler_scores(cases, panels, methods, lengths)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.5, 3.4), squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels):
-        for method in methods:
-            ys = []
-            for length in lengths:
-                picked = [c for c in cases if method_name(c.policy, c.budget) == method and c.length == length]
-                per_task = defaultdict(list)
-                for c in picked:
-                    per_task[c.task].append(c.score)
-                means = {t: sum(s) / len(s) for t, s in per_task.items()}
-                value = means.get(panel) if panel != "average" else (sum(means.values()) / len(means) if means else None)
-                ys.append(float("nan") if value is None else 100 * value)
-            style = "--" if method.startswith("kvpress:") else "-"
-            ax.plot(lengths, ys, style, marker="o", label=method)
+        if len(lengths) == 1:
+            ax.bar(range(len(methods)), [scores[panel][m][0] for m in methods], color=[f"C{i}" for i in range(len(methods))])
+            ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+        else:
+            for method in methods:
+                style = "--" if method.startswith("kvpress:") else "-"
+                ax.plot(lengths, scores[panel][method], style, marker="o", label=method)
+            ax.set_xlabel("context tokens")
+            ax.set_xticks(lengths, [str(x) for x in lengths])
         ax.set_title(panel)
-        ax.set_xlabel("context tokens")
-        ax.set_xticks(lengths, [str(x) for x in lengths])
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("string-match score")
-    settings = sorted({c.setting for c in cases})
-    fig.suptitle(f"RULER-style tasks, question {' / '.join(settings)}", y=1.04)
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    settings = " / ".join(sorted({c.setting for c in cases}))
+    at = f" at {lengths[0]} tokens" if len(lengths) == 1 else ""
+    fig.suptitle(f"RULER-style tasks, question {settings}{at}", y=1.04)
+    if len(lengths) > 1:
+        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
