@@ -111,3 +111,19 @@ def test_cli_json_and_plot(tiny_dir, tmp_path):
     assert {(c["policy"], c["budget"]) for c in cases} == {("full", None), ("slam", 48)}
     assert set(summary["known"]["slam/48"]) == {"128", "192"}
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_with_one_length_draws_bars(tmp_path):
+    from slam.eval.plots import ruler_lines, ruler_scores
+    from slam.eval.ruler_run import RulerCase
+
+    def case(task, policy, budget, score):
+        return RulerCase(task, policy, budget, 1000, 0, "unseen", 1000, ["1"], "", score)
+
+    cases = [case("vt", "slam", 256, 1.0), case("vt", "slam", 256, 0.5), case("cwe", "slam", 256, 0.0),
+             case("vt", "kvpress:snapkv", 256, 0.0), case("cwe", "kvpress:snapkv", 256, 0.2)]
+    scores = ruler_scores(cases, ["vt", "cwe", "average"], ["slam/256", "kvpress:snapkv/256"], [1000])
+    assert scores["vt"]["slam/256"] == [75.0] and scores["average"]["slam/256"] == [37.5]
+    assert scores["average"]["kvpress:snapkv/256"] == [10.0]
+    ruler_lines(cases, tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
