@@ -90,3 +90,20 @@ def test_compare_with_an_unknown_press_names_the_flag(tiny_dir, tmp_path, capsys
     code = main(["eval", "ruler", "--model", str(tiny_dir), "--lengths", "128", "--compare", "kvpress",
                  "--kvpress-python", str(python), "--presses", "snapkv,bogus"])
     assert code == 2 and "--presses: unknown press 'bogus'" in capsys.readouterr().err
+
+
+def test_runner_lists_the_same_presses_and_rejects_bad_requests_before_loading_kvpress():
+    import subprocess
+    import sys
+
+    from slam.eval import kvpress_runner
+    from slam.eval.kvpress_compare import RUNNER
+
+    def runner(stdin: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(RUNNER)], input=stdin, capture_output=True, text=True, check=False)
+
+    assert kvpress_runner.PRESSES == DEFAULT_PRESSES
+    bad_json = runner("{oops")
+    assert bad_json.returncode == 2 and "stdin is not JSON" in bad_json.stderr
+    bad_press = runner(json.dumps({"model": "x", "presses": ["snapkv", "bogus"], "budgets": [8], "samples": []}))
+    assert bad_press.returncode == 2 and "unknown press 'bogus'" in bad_press.stderr
