@@ -70,9 +70,11 @@ def run_ppl(args) -> int:
     from slam.eval.ppl import run_ppl
 
     caches = [cache_config(args, p) for p in args.policies]
-    engine = engine_from(args, caches[0], max_batch=1)
+    engines = EvalEngines(args)
     results = []
     for cache in caches:
+        # A full cache holds the whole text; the others take their own budget.
+        engine = engines(cache, 1, args.tokens + 8 if cache.policy == "full" else None)
         with tqdm(total=args.tokens, desc=f"ppl {cache.policy}", file=sys.stderr) as bar:
             result = run_ppl(engine, cache, args.tokens, on_token=bar.update)
         results.append(result)

@@ -236,6 +236,8 @@ class LLMEngine:
         return logits
 
     def next_token(self, seq: Sequence, token: int, raw: torch.Tensor) -> StepOutput:
+        if seq.forced_ids is not None:  # teacher forcing (perplexity): the text decides, not the sampler
+            token = seq.forced_ids[len(seq.output_ids)]
         cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
         params = seq.sampling
         logprob, top = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else (None, None)

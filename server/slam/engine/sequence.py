@@ -94,6 +94,7 @@ class Sequence:
     # No prefill chunk crosses these prompt positions: the context before one is compressed before any
     # later token is computed (the "question unseen" setting of kvpress's leaderboard).
     prefill_boundaries: list[int] = field(default_factory=list)
+    forced_ids: list[int] | None = None  # teacher forcing: these are the "generated" tokens, in order
 
     def __post_init__(self) -> None:
         self.policy: CachePolicy = make_policy(self.cache_config, self.pool_budget)
