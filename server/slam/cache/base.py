@@ -68,6 +68,10 @@ class CachePolicy:
         evicted = length - sink - ring
         return sink, min(self.middle, evicted), ring, evicted
 
+    def columns_used(self, length: int) -> int:
+        """Columns [0, n) of the slot that can hold a token (the ring sits at the end of the budget)."""
+        return self.budget
+
     def cache_tokens(self, length: int) -> int:
         sink, middle, ring, _ = self.counts(length)
         return sink + middle + ring
@@ -119,9 +123,7 @@ class CachePolicy:
         """A copy (host memory) of what this slot holds after `length` tokens: every column of every layer.
 
         k, v: [layers, kv_heads, columns, head_dim]; pos, score: [layers, kv_heads, columns]."""
-        # Columns past the last one in use hold nothing: a `full` slot's state grows with its length only.
-        used = self.budget if self.budget is not None and length > self.budget else min(length, pool.budget)
-        used = max(used, self.cache_tokens(length))
+        used = self.columns_used(length)
         copy = lambda group: torch.stack([t[slot, :, :used] for t in group]).to("cpu", copy=True)  # noqa: E731
         return {"k": copy(pool.k), "v": copy(pool.v), "pos": copy(pool.pos), "score": copy(pool.score)}
 
