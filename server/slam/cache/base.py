@@ -18,12 +18,12 @@ line in POLICIES, one entry in tests/test_policies.py's POLICY_CASES.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from slam.engine.pool import SlotPool, StepPlan
+# The engine's SlotPool and StepPlan (engine/pool.py). Not imported: the engine sits above the policies.
+SlotPool = StepPlan = Any
 
 
 @dataclass
