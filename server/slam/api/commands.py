@@ -74,8 +74,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"slam serve: {explain(exc)}", file=sys.stderr)
         return 2
+    from slam.api.failover import EpochConflict, check_epoch
     from slam.api.server import serve
     from slam.engine.engine import LLMEngine
+
+    try:
+        check_epoch(settings)  # fencing: before the model loads, so a second pod for a slot fails fast
+    except EpochConflict as exc:
+        print(f"slam serve: --slot-epoch (SLAM_SLOT_EPOCH): {exc}", file=sys.stderr)
+        return 2
 
     import time
 
@@ -89,7 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"slam: serving {settings.served_model_name or engine.loaded.name} on http://{settings.host}:{settings.port}",
           file=sys.stderr, flush=True)
     timings = {"main_unix": MAIN_UNIX, "load_start_unix": load_start_unix, "model_load_s": time.monotonic() - t0}
-    serve(settings, engine, timings)
+    try:
+        serve(settings, engine, timings)
+    except EpochConflict as exc:  # another pod claimed the slot while this one was loading
+        print(f"slam serve: --slot-epoch (SLAM_SLOT_EPOCH): {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
