@@ -297,6 +297,7 @@ def test_store_outage_does_not_block(loaded, text_ids):
     finish(eng, [seq])
     ckpt.after_step([seq])  # finished: its objects go
     # Only the epoch's claim stays: it keeps older epochs of the slot stale even with no request in flight.
-    assert ckpt.flush(30) and store.list(cfg.prefix) == [fmt.epoch_dir(cfg.prefix, cfg.slot, cfg.epoch) + fmt.EPOCH_MARKER]
+    claim = fmt.epoch_dir(cfg.prefix, cfg.slot, cfg.epoch) + fmt.EPOCH_MARKER
+    assert ckpt.flush(30) and store.list(cfg.prefix) == [claim]
     ckpt.close()
     server.stop()

@@ -1,9 +1,9 @@
 """Finding which replica owns a request (from the checkpoint manifests in S3) and proxying to it.
 
-A client that reconnects to a replica that does not hold the request's buffer is forwarded, streaming, to
-the URL in the newest manifest that names the request at the highest claimed epoch of its slot (format.py). A forwarded request
-carries `X-Slam-Proxied`, and is never forwarded again: two replicas that each think the other owns a
-request answer 404 instead of looping.
+A client that reconnects to a replica that does not hold the request's buffer is forwarded, streaming, to the URL in
+the newest manifest that names the request at the highest claimed epoch of its slot (format.py). A forwarded request
+carries `X-Slam-Proxied`, and is never forwarded again: two replicas that each think the other owns a request answer
+404 instead of looping.
 """
 
 from __future__ import annotations

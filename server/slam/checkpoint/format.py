@@ -7,6 +7,9 @@ tenure of it (the operator raises the epoch at every failover, design.md section
                                          restores and owner lookups read only the highest claimed epoch
     <request_id>/                        one directory per request in flight
 
+A pod cut off from the cluster that keeps writing its older epoch is thus ignored by everyone else, even when its
+objects are newer in time.
+
 and in each request directory:
 
     prompt.safetensors                   prompt ids, written once per request (never changes)
@@ -15,11 +18,9 @@ and in each request directory:
     v<version:08d>/state.safetensors     the active compressed cache (absent before the first forward pass)
     v<version:08d>/manifest.json         written last: a version without it does not exist
 
-Tokens live apart from the cache so that a corrupt cache still leaves a re-prefill from tokens, and the
-prompt lives apart from the versions so that a bounded policy's per-version state is bounded too.
-A pod cut off from the cluster that keeps writing its older epoch is thus ignored by everyone else, even
-when its objects are newer in time. Every manifest names the objects it needs (paths relative to the request directory) with size and
-sha256, and carries a checksum of itself.
+Tokens live apart from the cache so that a corrupt cache still leaves a re-prefill from tokens, and the prompt lives
+apart from the versions so that a bounded policy's per-version state is bounded too. Every manifest names the
+objects it needs (paths relative to the request directory) with size and sha256, and carries a checksum of itself.
 """
 
 from __future__ import annotations
