@@ -5,6 +5,10 @@ slot and then goes on generating and writing its epoch. B restores slot 0 at epo
 it must get B's lineage (the epoch-1 checkpoints), not A's newer epoch-0 objects, and a request A started after B's
 claim must not come back. Clients resume at C, directly or through D (slot 1), which must find C as the owner. A
 server whose epoch is not above the slot's claimed one refuses to start with exit code 2.
+
+Before that, the same rules at the library level (a tiny random model, no servers): an epoch counts only
+once claimed, a claimed epoch shadows older ones even when they are newer or it holds no request, and
+a restored request's write-once objects are copied into the new epoch on the store's side.
 """
 
 from __future__ import annotations
@@ -23,16 +27,58 @@ import httpx
 import pytest
 
 from api_fixtures import MODEL, free_port, serve_command, server_env
-from s3_fixtures import s3_endpoint  # noqa: F401  (fixture)
-from slam.checkpoint import ObjectStore, latest_epoch, load_slot
+from s3_fixtures import make_config, s3_endpoint  # noqa: F401  (fixture)
+from slam.api.proxy import find_owner
+from slam.checkpoint import Checkpointer, ObjectStore, latest_epoch, load_slot
 from slam.checkpoint import format as fmt
 from slam.checkpoint.store import CheckpointConfig
+from slam.config import CacheConfig, EngineConfig
+from slam.engine.engine import LLMEngine
+from slam.engine.sequence import SamplingParams
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 MAX_TOKENS, CUT_AT = 64, 12
 PROMPTS = ["Tell me about the sea.", "List some colors.", "Why is the sky blue?", "Write a short poem."]
 ARGS = ["--budget", "48", "--sink", "4", "--recent", "16", "--max-batch", "8", "--checkpoint-interval", "8"]
+
+
+def test_claimed_epoch_shadows_older_ones(tiny, s3_endpoint):  # noqa: F811
+    cfg0 = make_config(*s3_endpoint, advertise_url="http://old", interval_tokens=4)
+    cfg1 = cfg0.model_copy(update={"epoch": 1, "advertise_url": "http://new"})
+    store = ObjectStore(cfg0)
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4)), loaded=tiny)
+    seq = engine.add_request(list(range(5, 25)), SamplingParams(max_tokens=40, ignore_eos=True))
+    old = Checkpointer(store, cfg0)
+    for _ in range(6):
+        engine.step()
+    assert old.checkpoint(seq) and old.flush(30)
+
+    # The new pod stores what it took over at epoch 1, but until it claims the epoch, epoch 0 is in charge.
+    new = Checkpointer(store, cfg1, claim=False)
+    (r,) = load_slot(store, 0)
+    assert r.status == "exact" and r.reserve[0]["n"] > 0 and r.manifest["epoch"] == 0
+    assert new.adopt(r.request_id, r.store_state(), source=fmt.request_dir(cfg0.prefix, 0, r.request_id, 0))
+    assert new.checkpoint(seq) and new.flush(30)
+    assert latest_epoch(store, 0) == 0 and find_owner(store, seq.request_id) == "http://old"
+    assert new.claim(timeout=30) and latest_epoch(store, 0) == 1
+    (r1,) = load_slot(store, 0)
+    assert (r1.status, r1.manifest["epoch"], r1.output_ids) == ("exact", 1, r.output_ids)
+    assert set(new.last_upload[seq.request_id]) == {"tokens", "state", "manifest"}  # prompt, segments: copied
+
+    # The old pod writes on, newer in time and further along: restores and owner lookups do not see it.
+    for _ in range(8):
+        engine.step()
+    assert old.checkpoint(seq) and old.flush(30)
+    (r2,) = load_slot(store, 0)
+    assert r2.manifest["epoch"] == 1 and r2.output_ids == r1.output_ids
+    assert find_owner(store, seq.request_id) == "http://new"
+    # Finished at epoch 1: gone for good, although epoch 0 still has it.
+    new.delete_request(seq.request_id)
+    assert new.flush(30) and load_slot(store, 0) == [] and load_slot(store, 0, epoch=0) != []
+    assert find_owner(store, seq.request_id) is None
+    old.close()
+    new.close()
 
 
 class Servers:
