@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
 
+    __import__("slam_operator.cli", fromlist=["register"]).register(sub)  # `slam operator` (operator/slam_operator)
     try:
         from slam.api.commands import register
     except ImportError:  # The serving extra is part of the default install; this guards partial checkouts.
