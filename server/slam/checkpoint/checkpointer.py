@@ -271,7 +271,10 @@ class Checkpointer:
         log.info("claimed slot %d epoch %d", cfg.slot, cfg.epoch)
 
     def _delete(self, rid: str) -> None:
-        self.store.delete_prefix(self.root(rid))
+        # Manifests first: a restore that lists the request half-way through finds no version, not broken ones.
+        names = sorted(self.store.list(self.root(rid)), key=lambda n: not n.endswith(fmt.MANIFEST))
+        for name in names:
+            self.store.delete(name)
         with self._cond:
             self._trackers.pop(rid, None)
             self.last_upload.pop(rid, None)

@@ -11,7 +11,7 @@ from typing import TypeVar
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -90,7 +90,7 @@ class ObjectStore:
                 if e.code in MISSING_CODES:
                     raise ObjectMissing(what) from e
                 err: Exception = e
-            except (urllib3.exceptions.HTTPError, OSError) as e:
+            except (MinioException, urllib3.exceptions.HTTPError, OSError) as e:  # 5xx without S3 XML, network
                 err = e
             if attempt == self.config.retries:
                 raise StoreError(f"{what}: {type(err).__name__}: {err}") from err
