@@ -96,8 +96,9 @@ async def test_two_failures_clients_resume_exactly_once(k8s, s3_endpoint, smol, 
     prefix = f"lc-{uuid.uuid4().hex[:6]}"
     store = ObjectStore(CheckpointConfig(endpoint=endpoint, bucket="slam-lc", prefix=prefix, access_key=access,
                                          secret_key=secret))
-    await k8s.put(SECRET, {"metadata": {"name": "s3", "namespace": NAMESPACE}, "data": {
-        "accessKey": base64.b64encode(access.encode()).decode(), "secretKey": base64.b64encode(secret.encode()).decode()}})
+    keys = {"accessKey": access, "secretKey": secret}
+    await k8s.put(SECRET, {"metadata": {"name": "s3", "namespace": NAMESPACE},
+                           "data": {k: base64.b64encode(v.encode()).decode() for k, v in keys.items()}})
     spec = dict(replicas=2, nodeFailureGraceSeconds=GRACE, cache={"budget": BUDGET, "sink": SINK, "recent": RECENT},
                 checkpoint={"endpoint": "minio.slam.svc:9000", "bucket": "slam-lc", "prefix": prefix,
                             "intervalTokens": 8, "secretRef": {"name": "s3"}})
@@ -127,7 +128,7 @@ async def test_two_failures_clients_resume_exactly_once(k8s, s3_endpoint, smol, 
         epoch1 = _manifest(store, prefix, 0, 1, stalled_rid)
         await eventually(lambda: (m := _manifest(store, prefix, 0, 0, stalled_rid)) and
                          m["created_unix"] > epoch1["created_unix"] and
-                         m["counts"]["output_tokens"] > epoch1["counts"]["output_tokens"], 60, "the old server writes on")
+                         m["counts"]["output_tokens"] > epoch1["counts"]["output_tokens"], 60, "old server writes")
 
         # A restore now returns epoch 1's lineage, and owner lookups name the new servers.
         assert all(r.manifest["epoch"] == 1 and r.owner_url == owners[0] for r in load_slot(store, 0))
