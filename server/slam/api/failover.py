@@ -90,7 +90,8 @@ def restore(engine: LLMEngine, loop: EngineLoop, store: ObjectStore, ckpt: Check
         rec = loop.buffers.open(r.request_id, _replay_text(engine, seq, r.output_ids))
         # New versions continue the old numbering and reuse the stored prompt and segments (copied over).
         ckpt.adopt(r.request_id, r.store_state(), source=fmt.request_dir(own.prefix, slot, r.request_id, epoch))
-        ckpt.submit(ckpt.snapshot(seq), block=True, timeout=SHUTDOWN_CHECKPOINT_S)
+        if not ckpt.submit(ckpt.snapshot(seq), block=True, timeout=SHUTDOWN_CHECKPOINT_S):
+            raise RuntimeError(f"could not queue the checkpoint of restored request {r.request_id}")
         resumed[r.request_id] = {"status": r.status, "version": r.version, "output_tokens": len(r.output_ids),
                                  "epoch": epoch}
         rec.restore = resumed[r.request_id]
