@@ -53,7 +53,7 @@ async def kubelet(k8s: ClusterEmulator):
         yield stand_in
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
     """Poll `check` until it returns something truthy; fail with `what` and the last value."""
     deadline, value = time.monotonic() + timeout, None
     while time.monotonic() < deadline:

@@ -69,7 +69,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
     import kubernetes
 
-    from slam_operator.handlers import OperatorConfig, register as register_handlers
+    from slam_operator.handlers import OperatorConfig
+    from slam_operator.handlers import register as register_handlers
     from slam_operator.kube import load_configuration
 
     try:

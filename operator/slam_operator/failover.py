@@ -115,7 +115,9 @@ def _failures(slot: int, pods: list[PodView], nodes, now, grace) -> tuple[list[D
     deletes, remaining = [], []
     for p in pods:
         if node_failed(p.node, nodes, now, grace):
-            deletes.append(Delete(p.name, slot, "NodeFailure", force=True, failover=not p.deleting,
+            # Counted even when the pod was already Terminating: the taint manager evicts at the same grace,
+            # and a drain its node never finished is a failure too.
+            deletes.append(Delete(p.name, slot, "NodeFailure", force=True, failover=True,
                                   message=f"node {p.node} not Ready for {grace}s or more", node=p.node))
         elif p.phase in TERMINAL and not p.deleting:
             reason = "Evicted" if p.reason == "Evicted" else "PodFailed"

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 from typing import Any
 
 import kopf
 import kubernetes
 
-from slam_operator import cleanup as s3
+from slam_operator import cleanup
 from slam_operator import pods as render
-from slam_operator.failover import node_failed
 from slam_operator.kube import Kube
 from slam_operator.reconcile import node_view, pod_view, reconcile, state_of
 from slam_operator.spec import SpecError, parse_spec
-from slam_operator.status import changes, failed_status, slot_memory
+from slam_operator.status import changes, failed_status
 
 GROUP, VERSION, PLURAL = "slam.dev", "v1alpha1", "slaminferences"
 FINALIZER = "slam.dev/cleanup"
@@ -39,6 +37,8 @@ def _now() -> datetime.datetime:
 
 
 def _connection(configuration: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    if configuration.refresh_api_key_hook is not None:  # in-cluster: re-read the rotated service account token
+        configuration.refresh_api_key_hook(configuration)
     token = (configuration.api_key or {}).get("authorization") or (configuration.api_key or {}).get("BearerToken")
     scheme, _, value = (token or "").partition(" ")
     return kopf.ConnectionInfo(
@@ -66,7 +66,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="slam.dev")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="slam.dev", key="last-handled-configuration")
-        settings.posting.level = logging.INFO
 
     @kopf.on.login(registry=registry, id="login")
     async def login(**_: Any) -> kopf.ConnectionInfo:
@@ -102,7 +101,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         message = f"slot {view.slot}: pod {view.name} {view.phase}: {view.reason or detail or 'no reason given'}"
         target = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "metadata": {
             "name": owner["name"], "uid": owner["uid"], "namespace": body.metadata.namespace}}
-        kopf.event(target, type="Warning", reason="PodFailed" if view.reason != "Evicted" else "Evicted", message=message)
+        reason = "Evicted" if view.reason == "Evicted" else "PodFailed"
+        kopf.event(target, type="Warning", reason=reason, message=message)
         logger.warning(message)
 
     @kopf.on.event("nodes", registry=registry, id="node_event")
@@ -150,27 +150,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     async def delete(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                      memo: kopf.Memo, logger: kopf.Logger, slam_nodes: kopf.Index, **_: Any) -> None:
         patch.status["phase"] = "Terminating"
-        name, namespace = meta.name, meta.namespace
-        try:
-            parsed = parse_spec(spec)
-        except SpecError:
-            parsed = None
-        grace = parsed.nodeFailureGraceSeconds if parsed else 0
-        nodes, now = _nodes(slam_nodes), _now()
-        remaining = [p for p in map(pod_view, await kube.list_pods(namespace, name)) if p is not None]
-        async with state_of(memo).lock:
-            for pod in remaining:
-                force = node_failed(pod.node, nodes, now, grace) or pod.phase in ("Failed", "Succeeded")
-                if force or not pod.deleting:
-                    await kube.delete_pod(namespace, pod.name, force=force)
-        if remaining:
-            raise kopf.TemporaryError(f"waiting for {len(remaining)} pods to terminate",
-                                      delay=config.cleanup_poll_seconds)
-        for service in (name, f"{name}-pods"):
-            await kube.delete_service(namespace, service)
-        if parsed is not None and parsed.checkpoint.enabled and parsed.checkpoint.deleteOnCleanup:
-            slots = set(range(parsed.replicas)) | set(slot_memory(status))
-            count = await s3.delete_checkpoints(kube, namespace, parsed.checkpoint, sorted(slots))
-            kopf.event(body, type="Normal", reason="CheckpointsDeleted",
-                       message=f"deleted {count} checkpoint objects of slots {sorted(slots)}")
-        logger.info(f"cleaned up the pods and services of {namespace}/{name}")
+        await cleanup.finalize(kube, body, spec, status, _nodes(slam_nodes), state_of(memo).lock,
+                               config.cleanup_poll_seconds)
+        logger.info(f"cleaned up the pods and services of {meta.namespace}/{meta.name}")

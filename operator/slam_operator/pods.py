@@ -52,7 +52,8 @@ def _affinity(avoid_nodes: list[str], shun_nodes: list[str]) -> dict[str, Any] |
     if avoid_nodes:
         affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {"nodeSelectorTerms": [_not_on(avoid_nodes)]}
     if shun_nodes:
-        affinity["preferredDuringSchedulingIgnoredDuringExecution"] = [{"weight": 100, "preference": _not_on(shun_nodes)}]
+        preferred = [{"weight": 100, "preference": _not_on(shun_nodes)}]
+        affinity["preferredDuringSchedulingIgnoredDuringExecution"] = preferred
     return {"nodeAffinity": affinity} if affinity else None
 
 
@@ -72,7 +73,8 @@ def _volumes(spec: SLAMInferenceSpec) -> tuple[list[dict[str, Any]], list[dict[s
     volumes, mounts = [], []
     if spec.server.apiKeySecretRef is not None:
         ref = spec.server.apiKeySecretRef
-        volumes.append({"name": "api-key", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": ref.key}]}})
+        items = [{"key": ref.key, "path": ref.key}]
+        volumes.append({"name": "api-key", "secret": {"secretName": ref.name, "items": items}})
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
     if spec.model.pvcName:
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.model.pvcName, "readOnly": True}})

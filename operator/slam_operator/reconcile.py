@@ -24,6 +24,7 @@ from slam_operator.spec import SLAMInferenceSpec
 from slam_operator.status import build_status, changes, slot_memory
 
 EXPECT_SECONDS = 30.0  # how long a created pod counts as present before the index shows it
+SERVICES_RECHECK_SECONDS = 60.0
 FAILOVER_REASONS = {"NodeFailure", "PodFailed", "Evicted", "PodGone"}
 
 
@@ -34,7 +35,7 @@ class ResourceState:
     expected: dict[str, tuple[PodView, float]] = dataclasses.field(default_factory=dict)
     forced: dict[str, float] = dataclasses.field(default_factory=dict)  # force-deleted, maybe still indexed
     graceful: dict[str, int] = dataclasses.field(default_factory=dict)  # pod -> slot, deleted gracefully by us
-    services: str | None = None  # the Service manifests last applied
+    services: tuple[str, float] | None = None  # the Service manifests last applied, and when
 
 
 def state_of(memo: Any) -> ResourceState:
@@ -94,16 +95,19 @@ class Pass:
         self.name, self.namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         self.errors: list[str] = []
         self.drained: set[str] = set()  # gracefully deleted pods that are gone
+        self.done: list[Create | Delete] = []  # the actions that succeeded (only those count as failovers)
 
     async def ensure_services(self) -> None:
+        """Apply the Services when they changed, and now and then anyway (someone may have deleted them)."""
         manifests = render.services(self.name, self.namespace, self.spec)
         key = repr(manifests)
-        if self.state.services == key:
+        if self.state.services and self.state.services[0] == key and \
+                time.monotonic() - self.state.services[1] < SERVICES_RECHECK_SECONDS:
             return
         for manifest in manifests:
             kopf.adopt(manifest, owner=self.body)
             await self.kube.apply_service(self.namespace, manifest)
-        self.state.services = key
+        self.state.services = (key, time.monotonic())
 
     async def create(self, action: Create, template: str) -> None:
         manifest = render.pod_manifest(self.name, self.namespace, self.spec, action.slot, action.epoch,
@@ -135,6 +139,14 @@ class Pass:
             kopf.event(self.body, type="Warning" if warn else "Normal", reason=action.reason, message=message)
             self.logger.info(message)
 
+    def plan(self, indexed: list[PodView], nodes: dict[str, NodeView], memory, now, template: str) -> Plan:
+        self.drained = set(self.state.graceful) - {p.name for p in indexed}
+        for name in [n for n in self.drained if self.state.graceful[n] >= self.spec.replicas]:
+            del self.state.graceful[name]  # a removed slot's pod is gone: nothing to replace
+            self.drained.discard(name)
+        return plan(self.spec.replicas, template, observed_pods(indexed, self.state), nodes, memory, now,
+                    self.spec.nodeFailureGraceSeconds, frozenset(self.state.graceful[p] for p in self.drained))
+
     async def run(self, actions: list[Create | Delete], template: str) -> None:
         # Deletions first: a slot's replacement is created after its failed pod is gone.
         for action in sorted(actions, key=lambda a: isinstance(a, Create)):
@@ -145,6 +157,8 @@ class Pass:
                     await self.delete(action)
             except ApiException as e:
                 self.errors.append(f"slot {action.slot}: {action.reason}: {e.status} {e.reason}")
+            else:
+                self.done.append(action)
 
 
 async def reconcile(kube: Kube, body: Any, spec: SLAMInferenceSpec, indexed: list[PodView],
@@ -158,14 +172,16 @@ async def reconcile(kube: Kube, body: Any, spec: SLAMInferenceSpec, indexed: lis
         memory = slot_memory(status)
         now = datetime.datetime.now(datetime.timezone.utc)
         template = render.template_hash(work.name, work.namespace, spec)
-        observed = observed_pods(indexed, state)
-        work.drained = set(state.graceful) - {p.name for p in indexed}
-        todo = plan(spec.replicas, template, observed, nodes, memory, now, spec.nodeFailureGraceSeconds,
-                    frozenset(state.graceful[p] for p in work.drained))
+        todo = work.plan(indexed, nodes, memory, now, template)
+        if any(isinstance(a, Create) for a in todo.actions):
+            # The index can lag (at startup, after a peering pause, after a reconnect): before creating a
+            # pod, which cannot be undone without a failover, ask the API server itself.
+            indexed = [v for v in map(pod_view, await kube.list_pods(work.namespace, work.name)) if v]
+            todo = work.plan(indexed, nodes, memory, now, template)
         await work.run(todo.actions, template)
         after = observed_pods(indexed, state)
-        new = build_status(work.name, body["metadata"].get("generation"), spec.replicas, after, memory, todo,
-                           status, now)
+        new = build_status(work.name, body["metadata"].get("generation"), spec.replicas, after, memory,
+                           Plan(work.done), status, now)
         patch.status.update(changes(status, new))
     if work.errors:
         raise kopf.TemporaryError("; ".join(work.errors), delay=2)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
-
 from slam.config import ServerSettings
+
 from slam_operator.spec import EMBEDDED, SLAMInferenceSpec, SpecError
 
 ENV_PREFIX = ServerSettings.model_config["env_prefix"]
@@ -57,7 +57,8 @@ def server_settings(spec: SLAMInferenceSpec, name: str, namespace: str, slot: in
         # model_validate, not the constructor: BaseSettings' constructor would also read this process's SLAM_*.
         return ServerSettings.model_validate(values)
     except ValidationError as e:
-        raise SpecError("; ".join(f"{'.'.join(map(str, x['loc'])) or 'spec'}: {x['msg']}" for x in e.errors())) from None
+        problems = (f"{'.'.join(map(str, x['loc'])) or 'spec'}: {x['msg']}" for x in e.errors())
+        raise SpecError("; ".join(problems)) from None
 
 
 def _text(value: Any) -> str:

@@ -19,9 +19,10 @@ def slot_memory(status: dict[str, Any] | None) -> dict[int, SlotMemory]:
     memory = {}
     for entry in (status or {}).get("slots") or []:
         try:
-            memory[int(entry["slot"])] = SlotMemory(int(entry.get("epoch", 0)), entry.get("phase", ""), entry.get("pod"))
+            slot, epoch = int(entry["slot"]), int(entry.get("epoch", 0))
         except (KeyError, TypeError, ValueError):
             continue
+        memory[slot] = SlotMemory(epoch, entry.get("phase", ""), entry.get("pod"))
     return memory
 
 
@@ -63,7 +64,7 @@ def _progress(plan: Plan, slots: list[dict[str, Any]], replicas: int) -> tuple[b
         what = "; ".join(f"slot {a.slot}: {'create' if isinstance(a, Create) else 'delete'} ({a.reason})"
                          for a in plan.actions)
         return True, reasons[0], what
-    waiting = [s for s in slots if (s["slot"] < replicas and not s["ready"]) or (s["slot"] >= replicas and s["phase"] != REMOVED)]
+    waiting = [s for s in slots if (not s["ready"] if s["slot"] < replicas else s["phase"] != REMOVED)]
     if waiting:
         return True, "Waiting", "waiting for slots " + ", ".join(f"{s['slot']} ({s['phase']})" for s in waiting)
     return False, "Stable", "every slot has one ready pod"
@@ -113,7 +114,8 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in new.items() if old.get(k) != v}
 
 
-def failed_status(message: str, generation: int | None, old: dict[str, Any] | None, now: datetime.datetime) -> dict[str, Any]:
+def failed_status(message: str, generation: int | None, old: dict[str, Any] | None,
+                  now: datetime.datetime) -> dict[str, Any]:
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     conditions = (old or {}).get("conditions") or []
     return {"phase": "Failed", "observedGeneration": generation,
