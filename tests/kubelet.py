@@ -2,8 +2,8 @@
 `slam serve` process with the pod's rendered command and environment (design.md section 4).
 
 `Kubelet` (tests/kube_fixtures.py) plays the scheduler and reports phases; `ProcessKubelet` adds:
-- the pod's server container as a process: its command (`slam` runs as `python -m slam.cli`) and env, with
-  Secret references resolved from the emulator; the in-cluster host, port and advertise URL become a free
+- the pod's server container as a process: its command (`slam` runs as `python -m slam.cli`) and env
+  (`Kubelet.container_env`, Secrets resolved); the in-cluster host, port and advertise URL become a free
   loopback port, the S3 endpoint the test's (moto);
 - phases: Running at once, Ready once the server's /ready answers 200, Failed with the exit code when the
   process dies; a pod deleted from the API has its process killed, as a kubelet would;
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import signal
@@ -28,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from kube_fixtures import POD, SECRET, Kubelet
+from kube_fixtures import POD, Kubelet
 from s3_fixtures import free_port
 
 SLOT_LABEL, EPOCH_LABEL = "slam.dev/slot", "slam.dev/epoch"
@@ -79,8 +78,9 @@ class ProcessKubelet(Kubelet):
     # --- kubelet -----------------------------------------------------------------------------------------
     async def start_pod(self, pod: dict[str, Any]) -> None:
         meta, container = pod["metadata"], pod["spec"]["containers"][0]
-        env = self._env(meta["namespace"], container)
-        if env is None:
+        try:
+            env = {**base_env(), **self.container_env(pod)}
+        except KeyError:
             return  # a Secret is missing: the pod stays Pending, as with a real kubelet
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -126,19 +126,6 @@ class ProcessKubelet(Kubelet):
                 server.ready = (await self._http.get(f"{server.url}/ready")).status_code == 200
             if server.ready:
                 await self.set_phase(pod, "Running", ready=True)
-
-    def _env(self, namespace: str, container: dict[str, Any]) -> dict[str, str] | None:
-        env = base_env()
-        for item in container.get("env") or []:
-            ref = (item.get("valueFrom") or {}).get("secretKeyRef")
-            if ref is None:
-                env[item["name"]] = item.get("value", "")
-                continue
-            data = (self.k8s.get(SECRET, namespace, ref["name"]) or {}).get("data") or {}
-            if ref["key"] not in data:
-                return None
-            env[item["name"]] = base64.b64decode(data[ref["key"]]).decode()
-        return env
 
     # --- failures ----------------------------------------------------------------------------------------
     def server_of(self, pod_name: str) -> Server:
