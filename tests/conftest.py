@@ -54,6 +54,8 @@ def tiny(tiny_dir):
 def make_engine(loaded, policy: str = "full", **cache) -> LLMEngine:
     budget = cache.pop("budget", 256)
     budget = None if policy == "full" else budget
-    config = EngineConfig(max_batch=8, prefill_chunk=cache.pop("prefill_chunk", 512),
-                          cache=CacheConfig(policy=policy, budget=budget, **cache))
+    # A full cache holds whole requests: 1,024 tokens covers every test (also past a tiny model's 64).
+    max_budget = cache.pop("max_budget", 1024 if policy == "full" else None)
+    config = EngineConfig(max_batch=cache.pop("max_batch", 8), prefill_chunk=cache.pop("prefill_chunk", 512),
+                          max_budget=max_budget, cache=CacheConfig(policy=policy, budget=budget, **cache))
     return LLMEngine(config, loaded)

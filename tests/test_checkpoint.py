@@ -186,8 +186,8 @@ def test_int8_reserve_is_smaller_and_close(loaded, text_ids, cfg):
         ck.close()
     assert sizes[False] / sizes[True] > 3.5
     (r,) = load_slot(ObjectStore(c), c.slot)
-    res = seq.caches[0].extra["reserve"]
-    k = res.k[:, : res.n]  # [kv_heads, n, head_dim]
+    n = seq.policy.counts(seq.num_cached)[3]
+    k = seq.pool.rk[0][seq.slot, :, :n]  # [kv_heads, n, head_dim]
     step = k.abs().amax(dim=-1, keepdim=True) / 127
     assert r.status == "exact" and ((r.reserve[0]["k"] - k).abs() <= step / 2 + 1e-6).all()
     eng2 = engine(loaded)
@@ -200,7 +200,7 @@ def test_int8_reserve_is_smaller_and_close(loaded, text_ids, cfg):
 def test_bounded_state_and_interval_bytes(loaded, text_ids, cfg):
     short, long = CONTEXTS
     slam = CacheConfig(policy="slam", budget=256)
-    eng = engine(loaded, slam)
+    eng = engine(loaded, slam, max_budget=long + 8)  # room for the full-cache request beside the slam ones
     sp = SamplingParams(max_tokens=40, ignore_eos=True)
     a = eng.add_request(text_ids[:short], sp)
     b = eng.add_request(text_ids[:long], sp)
@@ -247,11 +247,11 @@ def test_bounded_state_and_interval_bytes(loaded, text_ids, cfg):
     print(f"\ncontexts {short}/{long}: slam state {la['state']} B; per interval {per_interval}; full {full_sizes}")
 
     # A lean restore keeps going with an empty reserve (later recalls only see tokens evicted afterwards).
-    eng2 = engine(loaded, slam)
+    eng2 = engine(loaded, slam, max_budget=long + 8)
     (r,) = [x for x in load_slot(lean.store, lean_cfg.slot) if x.request_id == a.request_id]
     assert r.status == "exact" and r.reserve is None and r.reserve_next_pos is not None
     seq = resume_into(eng2, r)
-    assert seq.caches[0].extra["reserve"].n == 0
+    assert not (seq.pool.rpos[seq.slot] >= 0).any()
     run_until(eng2, [seq], len(r.output_ids) + 4)
     ckpt.close()
     lean.close()

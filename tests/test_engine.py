@@ -73,13 +73,34 @@ def test_stop_strings_and_max_tokens(smol):
 def test_slam_cache_bounded_after_three_budgets_of_generation(smol):
     budget = 80
     engine = make_engine(smol, "slam", budget=budget, sink=4, recent=16)
+    pool = engine.runner.pool
     seq = engine.add_request(engine.encode("Write a long story about a dragon."), SamplingParams(max_tokens=3 * budget, ignore_eos=True))
-    caches = None
+    held = 0
     while engine.has_work():
         engine.step()
-        if seq.caches is not None:
-            caches = seq.caches
-            assert all(c.k.shape[1] <= budget and c.v.shape[1] <= budget for c in caches)
+        if seq.slot is not None:
+            held = max(int((pos[seq.slot] >= 0).sum(dim=-1).max()) for pos in pool.pos)
+            assert held <= budget and seq.cache_tokens() <= budget
     assert len(seq.output_ids) == 3 * budget
-    assert {c.k.shape for c in caches} == {(smol.model.config.num_key_value_heads, budget, caches[0].k.shape[-1])}
+    assert held == budget
     assert seq.replacements > 0
+
+
+def test_pool_keeps_shape_and_storage_while_requests_come_and_go(smol):
+    """200 decode steps with requests joining and leaving: the pool's tensors are never reallocated."""
+    engine = make_engine(smol, "slam", budget=64, sink=4, recent=16, max_batch=4)
+    pool = engine.runner.pool
+    engine.add_request(engine.encode("warm up the reserve " * 30), SamplingParams(max_tokens=2))
+    while engine.has_work():
+        engine.step()
+    before = [(t.data_ptr(), t.shape) for group in (pool.k, pool.v, pool.pos, pool.rk, pool.rv) for t in group]
+    texts = ["alpha", "a somewhat longer request about birds and trees", "short", "numbers 1 2 3 4 5 6 7"]
+    steps, added = 0, 0
+    while steps < 200:
+        if added < 12 and len(engine.scheduler.running) + len(engine.scheduler.waiting) < 4:
+            engine.add_request(engine.encode(texts[added % 4]), SamplingParams(max_tokens=10 + 7 * (added % 5), ignore_eos=True))
+            added += 1
+        engine.step()
+        steps += 1
+        assert [(t.data_ptr(), t.shape) for group in (pool.k, pool.v, pool.pos, pool.rk, pool.rv) for t in group] == before
+    assert added == 12

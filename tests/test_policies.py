@@ -43,11 +43,13 @@ def test_cache_stays_within_budget(tiny, policy, extra):
     budget = 24
     engine = make_engine(tiny, policy, budget=budget, sink=2, recent=8, prefill_chunk=16, **extra)
     sizes = []
+    pool = engine.runner.pool
 
     def record(out):
-        if out.seq.caches:
-            sizes.extend(cache.k.shape[1] for cache in out.seq.caches)
-            assert all(c.k.shape == c.v.shape and c.pos.shape == c.k.shape[:2] for c in out.seq.caches)
+        if out.seq.slot is not None:
+            # Columns holding a token, per layer and KV head, in this request's slot.
+            sizes.extend(int(n) for pos in pool.pos for n in (pos[out.seq.slot] >= 0).sum(dim=-1).flatten())
+            assert out.seq.cache_tokens() == max(sizes[-len(pool.pos) * pool.kv_heads:])
 
     long_prompt = tiny.tokenizer.encode("word " * 100)
     engine.generate([long_prompt], SamplingParams(max_tokens=3 * budget, ignore_eos=True), on_output=record)

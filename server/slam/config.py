@@ -63,6 +63,10 @@ class EngineConfig(BaseModel):
     prefill_chunk: int = Field(default=512, ge=1)
     max_prompt_tokens: int = Field(default=32768, ge=1)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    # Pool columns per slot (the largest budget a request may ask for); None: the cache's budget, or
+    # max_model_len for `full`.
+    max_budget: int | None = Field(default=None, ge=2)
+    max_model_len: int | None = Field(default=None, ge=2)  # None: the model's trained length
     # Where the `slam` policy keeps evicted tokens: "auto" picks the measured default of the device.
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"

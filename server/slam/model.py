@@ -128,10 +128,8 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
     target = pick_device(device)
     if dtype == "int8" and target.type != "cpu":
         raise ModelError("dtype int8 (dynamic int8 linear layers) runs on the CPU only; use bfloat16 on GPUs")
+    # int8 loads float32 weights: the engine's model runner fuses projections, then quantizes them.
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, torch.float32)).to(target).eval()
-    if dtype == "int8":
-        # int8 linears read 4x fewer weight bytes; on small models the per-operation overhead still dominates.
-        hf_model = torch.ao.quantization.quantize_dynamic(hf_model, {torch.nn.Linear}, dtype=torch.qint8)
     tokenizer = AutoTokenizer.from_pretrained(path)
     name = EMBEDDED_NAME if model is None else Path(model).name
     return LoadedModel(name=name, path=path, model=hf_model, tokenizer=tokenizer, device=target)

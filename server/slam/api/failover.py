@@ -83,7 +83,11 @@ def restore(engine: LLMEngine, loop: EngineLoop, store: ObjectStore, ckpt: Check
     fetched = time.monotonic()
     resumed: dict[str, dict] = {}
     for r in restored:
-        seq = resume_into(engine, r)
+        try:  # each request on its own: one odd request is reported, never stops the server
+            seq = resume_into(engine, r)
+        except Exception as e:
+            log.exception("request %s could not be restored: %s", r.request_id, e)
+            continue
         if seq is None:
             log.error("request %s could not be restored: %s", r.request_id, r.reason)
             continue

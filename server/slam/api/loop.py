@@ -246,8 +246,8 @@ class EngineLoop:
             pass
 
     def _update_gauges(self) -> None:
-        running = [s for s in list(self.engine.scheduler.running) if s.caches is not None]
+        running = [s for s in list(self.engine.scheduler.running) if s.slot is not None]
         self.metrics.kv_cache_bytes.set(sum(s.cache_bytes() for s in running))
-        bounded = [s for s in running if s.policy.budget is not None]
+        bounded = [s for s in running if s.cache_config.bounded]
         budget = sum(s.policy.budget for s in bounded)
         self.metrics.kv_budget_ratio.set(sum(s.cache_tokens() for s in bounded) / budget if budget else 0.0)

@@ -1,71 +1,45 @@
-"""The cache-policy interface and the per-request, per-layer cache it manages.
+"""The cache-policy interface: a policy is a selection rule over a slot of the pool.
 
-A policy is a small dataclass. The base class owns the life cycle of a layer cache in every step:
+A slot holds `budget` columns per layer and KV head (engine/pool.py): `[0, sink)` the first tokens,
+`[sink, sink + middle)` the middle tokens the policy chooses, and a ring of the `ring` newest tokens
+after them. When the ring is full, the token it overwrites is *evicted* and offered to the policy:
 
-    select(cache, q)                  before attention: may swap tokens into the active cache (query-aware)
-    attention over cache + new keys   done by the model runner, with `visible_mask` from the policy
-    update(cache, k, v, pos, probs)   append the new keys, record statistics, evict down to the budget
+    on_evict      slam appends it to the reserve; h2o and snapkv keep it in the middle if it outranks the
+                  weakest middle token; streaming drops it
+    select        before attention, slam refills the middle from the reserve by the current query
+    observe       after attention, h2o and snapkv add the attention each token received to its score
 
-Eviction keeps the `sink` first tokens and the `window` newest ones and fills the remaining slots with
-the middle tokens of highest `score`. A policy usually only defines `score`.
+Decode hooks are class methods over all running slots at once (`mine` marks the slots of this policy),
+with static shapes so a step can be captured in a CUDA graph; per-slot settings live in the pool.
+Prefill hooks run eagerly for one slot and one chunk. Adding a policy: one file with a subclass, one
+line in POLICIES, one entry in tests/test_policies.py's POLICY_CASES.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+if TYPE_CHECKING:
+    from slam.engine.pool import SlotPool, StepPlan
+
 
 @dataclass
-class LayerCache:
-    """One request's cache for one layer: all tensors are sorted by original position along dim 1."""
+class Evicted:
+    """Tokens leaving the ring of one slot (prefill) or of every slot (decode, one token each)."""
 
-    k: torch.Tensor  # [kv_heads, n, head_dim]
-    v: torch.Tensor  # [kv_heads, n, head_dim]
-    pos: torch.Tensor  # [kv_heads, n] original token positions, int64
-    score: torch.Tensor  # [kv_heads, n] policy statistic, float32
-    extra: dict = field(default_factory=dict)  # policy-owned state (e.g. the reserve tier)
-    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # RoPE at given positions
-
-    @classmethod
-    def empty(cls, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LayerCache:
-        return cls(
-            k=torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device),
-            v=torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device),
-            pos=torch.empty(kv_heads, 0, dtype=torch.long, device=device),
-            score=torch.empty(kv_heads, 0, dtype=torch.float32, device=device),
-        )
-
-    @property
-    def size(self) -> int:
-        return self.k.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
-
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep the entries at `index` ([kv_heads, m], sorted) and drop the others."""
-        d = self.k.shape[-1]
-        self.k = self.k.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
-        self.v = self.v.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
-        self.pos = self.pos.gather(1, index)
-        self.score = self.score.gather(1, index)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        # k, v: [kv_heads, t, head_dim]; pos: [t]
-        h, t = k.shape[0], k.shape[1]
-        self.k = torch.cat([self.k, k], dim=1)
-        self.v = torch.cat([self.v, v], dim=1)
-        self.pos = torch.cat([self.pos, pos.to(self.pos.device).expand(h, t)], dim=1)
-        self.score = torch.cat([self.score, self.score.new_zeros(h, t)], dim=1)
+    k: torch.Tensor  # [..., kv_heads, m, head_dim] as stored (rotated unless position_mode="cache")
+    v: torch.Tensor  # [..., kv_heads, m, head_dim]
+    pos: torch.Tensor  # [..., m] original positions (the same in every head: they come from the ring)
+    score: torch.Tensor  # [..., kv_heads, m] float32
+    k_score: torch.Tensor | None = None  # keys rotated at their original positions (position_mode="cache")
 
 
 @dataclass
 class CachePolicy:
-    """Base of all policies. `budget=None` means unbounded."""
+    """Base of all policies. `budget=None` means unbounded (only `full`)."""
 
     budget: int | None = None
     sink: int = 4
@@ -73,61 +47,114 @@ class CachePolicy:
     position_mode: str = "original"
 
     name: ClassVar[str] = "base"
-    needs_attention: ClassVar[bool] = False  # whether `update` wants the attention probabilities
-    sliding_window: ClassVar[bool] = False  # whether each query sees only its own window (plus sinks)
+    uses_reserve: ClassVar[bool] = False  # evicted tokens go to the reserve tier (slam)
+    keeps_scores: ClassVar[bool] = False  # the middle holds the evicted tokens of highest score
+    decode_attention: ClassVar[bool] = False  # observe() wants attention probabilities at decode steps
+    prefill_attention: ClassVar[bool] = False  # observe_prefill() wants them for prompt chunks
 
-    # --- sizes -------------------------------------------------------------------------------------
+    # --- layout of a slot ---------------------------------------------------------------------------
     @property
-    def window(self) -> int:
+    def ring(self) -> int:
         return self.recent
 
     @property
-    def middle_slots(self) -> int:
-        return 0 if self.budget is None else max(self.budget - self.sink - self.window, 0)
+    def middle(self) -> int:
+        return 0 if self.budget is None else max(self.budget - self.sink - self.ring, 0)
 
-    # --- hooks ---------------------------------------------------------------------------------------
-    def select(self, cache: LayerCache, q: torch.Tensor, q_pos: torch.Tensor) -> int:
-        """Before attention: bring query-relevant tokens into the cache. Returns the number replaced."""
-        return 0
+    def counts(self, length: int) -> tuple[int, int, int, int]:
+        """(sink, middle, ring, evicted) tokens held after `length` tokens went through the slot."""
+        sink = min(length, self.sink)
+        ring = min(self.ring, length - sink)
+        evicted = length - sink - ring
+        return sink, min(self.middle, evicted), ring, evicted
 
-    def visible_mask(self, key_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """Which keys each query may attend to. key_pos: [kv_heads, n]; q_pos: [t] -> [kv_heads, t, n]."""
-        causal = key_pos.unsqueeze(1) <= q_pos.view(1, -1, 1)
-        if not self.sliding_window:
-            return causal
-        in_window = (q_pos.view(1, -1, 1) - key_pos.unsqueeze(1)) < self.window
-        return causal & (in_window | (key_pos.unsqueeze(1) < self.sink))
+    def cache_tokens(self, length: int) -> int:
+        sink, middle, ring, _ = self.counts(length)
+        return sink + middle + ring
 
-    def score(self, cache: LayerCache, probs: torch.Tensor | None, new_tokens: int) -> torch.Tensor:
-        """Importance of each cached token ([kv_heads, n]); higher survives eviction."""
-        return cache.score
+    # --- decode hooks (all slots, static shapes) ----------------------------------------------------
+    @classmethod
+    def on_evict(cls, pool: SlotPool, layer: int, plan: StepPlan, ev: Evicted, mine: torch.Tensor) -> None:
+        """The ring's oldest token of each slot is about to be overwritten (ev: one token per slot)."""
+        if not cls.keeps_scores:
+            return
+        # The evicted token replaces the weakest middle token of its head if it outranks it; an empty
+        # middle column ranks lowest. Columns outside the middle never take part.
+        b = ev.k.shape[0]
+        score = pool.score[layer][:b].masked_fill(pool.pos[layer][:b] < 0, float("-inf"))
+        score = score.masked_fill(~plan.is_middle.unsqueeze(1), float("inf"))  # [b, kv_heads, columns]
+        weakest, col = score.min(dim=-1)  # [b, kv_heads]
+        take = mine.unsqueeze(1) & plan.evict.unsqueeze(1) & (ev.score.squeeze(-1) > weakest)
+        col = torch.where(take, col, pool.budget)  # the scratch column otherwise
+        ar = torch.arange(b, device=col.device).unsqueeze(1)
+        heads = torch.arange(col.shape[1], device=col.device).unsqueeze(0)
+        pool.k[layer][ar, heads, col] = ev.k.squeeze(2)
+        pool.v[layer][ar, heads, col] = ev.v.squeeze(2)
+        pool.pos[layer][ar, heads, col] = torch.where(take, ev.pos.expand_as(col), -1)
+        pool.score[layer][ar, heads, col] = ev.score.squeeze(-1)
 
-    def update(
-        self,
-        cache: LayerCache,
-        k: torch.Tensor,  # [kv_heads, t, head_dim]
-        v: torch.Tensor,  # [kv_heads, t, head_dim]
-        pos: torch.Tensor,  # [t]
-        probs: torch.Tensor | None,  # [kv_heads, group, t, n + t] attention over cache + new keys
-    ) -> None:
-        cache.append(k, v, pos)
-        cache.score = self.score(cache, probs, k.shape[1])
-        self.on_append(cache)
-        if self.budget is not None and cache.size > self.budget:
-            self.evict(cache)
+    @classmethod
+    def select(cls, pool: SlotPool, layer: int, plan: StepPlan, q: torch.Tensor, mine: torch.Tensor) -> None:
+        """Before attention. q: [slots, q_heads, head_dim], rotated at the original positions."""
 
-    def on_append(self, cache: LayerCache) -> None:
-        """Called after new tokens were appended, before eviction (the reserve tier hooks in here)."""
+    @classmethod
+    def observe(cls, pool: SlotPool, layer: int, probs: torch.Tensor, mine: torch.Tensor) -> None:
+        """After attention. probs: [slots, kv_heads, group, columns] (only when decode_attention)."""
 
-    def evict(self, cache: LayerCache) -> None:
-        pos = cache.pos
-        newest = pos[:, -1:]
-        protected = (pos < self.sink) | (pos > newest - self.window)
-        # Protected tokens outrank every middle token; among middle tokens the score decides.
-        rank = torch.where(protected, torch.full_like(cache.score, float("inf")), cache.score)
-        keep = torch.topk(rank, self.budget, dim=1).indices.sort(dim=1).values
-        cache.keep(keep)
+    # --- prefill hooks (one slot, one chunk, eager) -------------------------------------------------
+    def evict_prefill(self, pool: SlotPool, layer: int, slot: int, ev: Evicted, evicted_before: int) -> None:
+        """`ev` holds the tokens of this chunk that leave the ring, oldest first."""
 
-    # --- helpers -------------------------------------------------------------------------------------
-    def new_cache(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LayerCache:
-        return LayerCache.empty(kv_heads, head_dim, dtype, device)
+    def select_prefill(self, pool: SlotPool, layer: int, slot: int, q: torch.Tensor, evicted: int) -> None:
+        """Before a chunk's attention. q: [q_heads, t, head_dim]; `evicted`: tokens evicted so far."""
+
+    def observe_prefill(self, pool: SlotPool, layer: int, slot: int, probs: torch.Tensor, columns: int,
+                        chunk_pos: torch.Tensor) -> torch.Tensor | None:
+        """probs: [kv_heads, group, t, columns + t] over the slot's columns then the chunk's tokens.
+        Updates the slot's scores; returns the chunk tokens' scores [kv_heads, t] (None: zeros)."""
+        return None
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def state(self, pool: SlotPool, slot: int, length: int, reserve_from: int = 0) -> dict[str, torch.Tensor]:
+        """A copy (host memory) of what this slot holds after `length` tokens: every column of every layer.
+
+        k, v: [layers, kv_heads, columns, head_dim]; pos, score: [layers, kv_heads, columns]."""
+        # Columns past the last one in use hold nothing: a `full` slot's state grows with its length only.
+        used = self.budget if self.budget is not None and length > self.budget else min(length, pool.budget)
+        used = max(used, self.cache_tokens(length))
+        copy = lambda group: torch.stack([t[slot, :, :used] for t in group]).to("cpu", copy=True)  # noqa: E731
+        return {"k": copy(pool.k), "v": copy(pool.v), "pos": copy(pool.pos), "score": copy(pool.score)}
+
+    def load_state(self, pool: SlotPool, slot: int, state: dict[str, torch.Tensor]) -> None:
+        """Put a `state()` back into (another) slot; raises ValueError when it does not fit this pool."""
+        for name in ("k", "v", "pos", "score"):
+            group, saved = getattr(pool, name), state[name]
+            used = saved.shape[2]
+            if saved.shape[0] != len(group) or saved.shape[1] != group[0].shape[1] or used > pool.budget \
+                    or saved.shape[3:] != group[0].shape[3:]:
+                raise ValueError(f"cache {name} has shape {tuple(saved.shape)}; this server's slot is "
+                                 f"{(len(group), *group[0].shape[1:])}")
+            for layer, t in enumerate(group):
+                t[slot, :, :used].copy_(saved[layer])
+
+    # --- shared rule of the score-keeping policies ---------------------------------------------------
+    @staticmethod
+    def keep_best(pool: SlotPool, layer: int, slot: int, ev: Evicted, middle: int, sink: int) -> None:
+        """Middle := the `middle` best of (middle, evicted) by score, per KV head; empty columns lose."""
+        if middle == 0:
+            return
+        cols = slice(sink, sink + middle)
+        k, v = pool.k[layer][slot, :, cols], pool.v[layer][slot, :, cols]
+        pos, score = pool.pos[layer][slot, :, cols], pool.score[layer][slot, :, cols]
+        empty = pos < 0
+        heads = k.shape[0]
+        cand_k = torch.cat([k, ev.k], dim=1)
+        cand_v = torch.cat([v, ev.v], dim=1)
+        cand_pos = torch.cat([pos, ev.pos.expand(heads, -1)], dim=1)
+        cand_score = torch.cat([score.masked_fill(empty, float("-inf")), ev.score], dim=1)
+        best = cand_score.topk(middle, dim=1).indices  # [kv_heads, middle]
+        d = k.shape[-1]
+        pool.k[layer][slot, :, cols] = cand_k.gather(1, best.unsqueeze(-1).expand(-1, -1, d))
+        pool.v[layer][slot, :, cols] = cand_v.gather(1, best.unsqueeze(-1).expand(-1, -1, d))
+        pool.pos[layer][slot, :, cols] = cand_pos.gather(1, best)
+        pool.score[layer][slot, :, cols] = cand_score.gather(1, best)

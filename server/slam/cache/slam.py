@@ -1,13 +1,9 @@
-"""SLAM: sink + recent window + critical middle tokens recalled from a reserve tier by the current query.
+"""SLAM: sink + recent ring + critical middle tokens recalled from a reserve tier by the current query.
 
-Every token that leaves the recent window is appended, once, to the request's reserve (host memory by
-default, so accelerator memory stays bounded by the budget). Before each attention the current query
-scores the reserve and the highest-scoring tokens become the critical slots of the active cache;
-tokens no longer wanted are simply dropped from the active cache, since the reserve still holds them.
-
-The score is an estimate of the attention the query will pay. `sketch_dims` (SparQ-style) reads only
-the key channels where the query is largest, then rescores the best candidates exactly; 0 scores all
-reserve keys exactly.
+Every token that leaves the ring is appended, once, to the slot's reserve (engine/pool.py). Before each
+attention the current query scores every reserve token (softmax of q.k, maximised over the KV head's
+query group) and the best `middle` tokens fill the critical columns. The active cache stays bounded by
+the budget; the reserve grows with the context, on the device or in host memory.
 """
 
 from __future__ import annotations
@@ -17,132 +13,122 @@ from typing import ClassVar
 
 import torch
 
-from slam.cache.base import CachePolicy, LayerCache
+from slam.cache.base import CachePolicy, Evicted
 
 
-class Reserve:
-    """Append-only store of evicted middle tokens for one layer, grown by doubling."""
+def reserve_scores(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, scale: float,
+                   rpos: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention each query would pay each reserve token, max over the group (and queries).
 
-    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
-        self.n = 0
-        self.next_pos = 0  # every middle token below this original position is stored
-        self.k = torch.empty(kv_heads, 64, head_dim, dtype=dtype, device=device)  # keys as the cache stores them
-        self.v = torch.empty_like(self.k)
-        self.k_score = self.k  # keys rotated at their original positions; the same tensor in "original" mode
-        self.pos = torch.empty(64, dtype=torch.long, device=device)
-
-    def _grow(self, need: int) -> None:
-        cap = self.k.shape[1]
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap)
-        shared = self.k_score is self.k
-
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_empty(t.shape[0], new_cap, t.shape[2])
-            out[:, : self.n] = t[:, : self.n]
-            return out
-
-        self.k, self.v = grown(self.k), grown(self.v)
-        pos = self.pos.new_empty(new_cap)
-        pos[: self.n] = self.pos[: self.n]
-        self.pos = pos
-        self.k_score = self.k if shared else grown(self.k_score)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, k_score: torch.Tensor | None, pos: torch.Tensor) -> None:
-        # k, v, k_score: [kv_heads, m, head_dim]; pos: [m]
-        m = k.shape[1]
-        if k_score is not None and self.k_score is self.k:
-            self.k_score = self.k.clone()
-        self._grow(self.n + m)
-        dev = self.k.device
-        self.k[:, self.n : self.n + m] = k.to(dev)
-        self.v[:, self.n : self.n + m] = v.to(dev)
-        if self.k_score is not self.k:
-            self.k_score[:, self.n : self.n + m] = (k if k_score is None else k_score).to(dev)
-        self.pos[self.n : self.n + m] = pos.to(dev)
-        self.n += m
-
-    def nbytes(self) -> int:
-        tensors = [self.k, self.v] + ([] if self.k_score is self.k else [self.k_score])
-        return sum(t.shape[0] * t.shape[2] * t.element_size() for t in tensors) * self.n
+    q: [slots, kv_heads, queries, head_dim]; keys: [slots, kv_heads, cap, head_dim]; n: [slots] tokens
+    stored -> [slots, kv_heads, cap], -1 where nothing is stored.
+    """
+    logits = (q @ keys.transpose(-1, -2)).float() * scale  # [slots, kv_heads, queries, cap]
+    stored = torch.arange(keys.shape[2], device=keys.device) < n.view(-1, 1)  # [slots, cap]
+    if rpos is not None:
+        stored &= rpos >= 0  # a reserve restored without its tokens holds none
+    logits = logits.masked_fill(~stored.view(stored.shape[0], 1, 1, -1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).amax(dim=2)  # NaN where a slot stores nothing
+    return torch.where(stored.unsqueeze(1), probs, -1.0)
 
 
 @dataclass
 class SlamPolicy(CachePolicy):
     name: ClassVar[str] = "slam"
-    reserve_device: str = "cpu"
-    sketch_dims: int = 0
-    sketch_candidates: int = 4  # exact rescoring of this many times the critical slots
+    uses_reserve: ClassVar[bool] = True
 
-    def on_append(self, cache: LayerCache) -> None:
-        reserve: Reserve | None = cache.extra.get("reserve")
-        if reserve is None:
-            reserve = Reserve(cache.k.shape[0], cache.k.shape[2], cache.k.dtype, self.reserve_device)
-            reserve.next_pos = self.sink
-            cache.extra["reserve"] = reserve
-        newest = int(cache.pos[0, -1])
-        leaving_upto = newest - self.window + 1  # positions below this have left the window
-        if leaving_upto <= reserve.next_pos:
+    @classmethod
+    def on_evict(cls, pool, layer, plan, ev: Evicted, mine) -> None:
+        # Slots that evict nothing, or use another policy, write to the reserve's scratch index.
+        b = ev.k.shape[0]
+        ar = torch.arange(b, device=plan.reserve_at.device)
+        idx = plan.reserve_at.to(pool.reserve_device, non_blocking=True)
+        ar_r = ar.to(pool.reserve_device, non_blocking=True)
+        pool.reserve_write(layer, (ar_r, slice(None), idx), ev.k.squeeze(2), ev.v.squeeze(2))
+        if ev.k_score is not None:
+            pool.rks[layer][ar_r, :, idx] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
+        if layer == 0:
+            pool.rpos[ar, plan.reserve_at] = torch.where(plan.reserve_at < pool.cap, ev.pos.squeeze(1), -1)
+
+    @classmethod
+    def select(cls, pool, layer, plan, q, mine) -> None:
+        b, kc = q.shape[0], plan.kc
+        if kc == 0:
             return
-        # Tokens at or above next_pos are the same in every head (critical tokens all lie below it).
-        row = cache.pos[0]
-        idx = ((row >= reserve.next_pos) & (row < leaving_upto)).nonzero().squeeze(1)
-        k, v = cache.k[:, idx], cache.v[:, idx]
-        pos = row[idx]
-        k_score = cache.rotate(k, pos) if self.position_mode == "cache" else None
-        reserve.append(k, v, k_score, pos)
-        reserve.next_pos = leaving_upto
+        keys = pool.reserve_keys(layer, scoring=True)[:b]
+        qg = q.view(b, pool.kv_heads, -1, pool.head_dim)  # [b, kv_heads, group, head_dim]
+        scores = reserve_scores(qg, keys, plan.reserve_n, pool.head_dim**-0.5, pool.rpos[:b])
+        top = scores.topk(kc, dim=-1)  # [b, kv_heads, kc]
+        idx = top.indices
+        d = pool.head_dim
+        stored_k = keys if not pool.cache_positions else pool.reserve_keys(layer)[:b]
+        k = stored_k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        v = pool.reserve_values(layer)[:b].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        pos = pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx)
+        pos = torch.where(top.values >= 0, pos, -1)
+        j = torch.arange(kc, device=q.device)
+        col = torch.where(mine.view(-1, 1) & (j < plan.middle.view(-1, 1)), plan.sink.view(-1, 1) + j, pool.budget)
+        col = col.unsqueeze(1).expand(-1, pool.kv_heads, -1)  # [b, kv_heads, kc]
+        before = pool.pos[layer][:b].gather(2, col)
+        pool.k[layer][:b].scatter_(2, col.unsqueeze(-1).expand(-1, -1, -1, d), k)
+        pool.v[layer][:b].scatter_(2, col.unsqueeze(-1).expand(-1, -1, -1, d), v)
+        pool.pos[layer][:b].scatter_(2, col, pos)
+        pool.pos[layer][:, :, pool.budget] = -1  # the scratch column stays empty
+        # Churn: chosen tokens that were not in the middle before this step.
+        old = before.masked_fill(before < 0, -2).sort(dim=-1).values
+        hit = old.gather(2, torch.searchsorted(old, pos).clamp_max(kc - 1)) == pos
+        pool.replaced[:b] += ((~hit) & (pos >= 0) & (col < pool.budget)).sum(dim=(1, 2))
 
-    def evict(self, cache: LayerCache) -> None:
-        # The next step selects critical tokens from the reserve anyway, so eviction needs no scores:
-        # keep the sink, the oldest middle tokens up to the critical slots, and the window. Rows share
-        # these counts because sink and window are the same positions in every head.
-        row = cache.pos[0]
-        head = int((row < self.sink).sum()) + self.middle_slots
-        window = cache.size - int((row <= row[-1] - self.window).sum())
-        for name in ("k", "v", "pos", "score"):
-            t = getattr(cache, name)
-            setattr(cache, name, torch.cat([t[:, :head], t[:, t.shape[1] - window :]], dim=1))
+    def state(self, pool, slot, length, reserve_from=0):
+        """Adds the reserve tokens [reserve_from, n) of the slot: rk, rv (and rks) [layers, kv_heads, m,
+        head_dim] in the cache dtype, rpos [m]."""
+        out = super().state(pool, slot, length)
+        n = min(self.counts(length)[3], pool.cap)
+        part = (slot, slice(None), slice(reserve_from, n))
+        out["rk"] = torch.stack([pool.reserve_keys_at(layer, part) for layer in range(pool.layers)]).cpu()
+        out["rv"] = torch.stack([pool.reserve_values_at(layer, part) for layer in range(pool.layers)]).cpu()
+        if pool.cache_positions:
+            out["rks"] = torch.stack([t[part] for t in pool.rks]).to("cpu", copy=True)
+        out["rpos"] = pool.rpos[slot, reserve_from:n].to("cpu", copy=True)
+        out["reserve_from"] = torch.tensor(reserve_from)
+        return out
 
-    def estimate(self, q: torch.Tensor, reserve: Reserve) -> torch.Tensor:
-        """Approximate attention of the queries on every reserve token. q: [q_heads, t, d] -> [kv_heads, n]."""
-        keys = reserve.k_score[:, : reserve.n]  # [kv_heads, n, d]
-        h, n, d = keys.shape
-        qg = q.to(keys.device, keys.dtype).reshape(h, -1, d)  # [kv_heads, group * t, d]
-        if self.sketch_dims and self.sketch_dims < d:
-            channels = qg.abs().sum(dim=1).topk(self.sketch_dims, dim=-1).indices  # [kv_heads, r]
-            q_r = qg.gather(2, channels.unsqueeze(1).expand(-1, qg.shape[1], -1))
-            k_r = keys.gather(2, channels.unsqueeze(1).expand(-1, n, -1))
-            rough = (q_r @ k_r.transpose(1, 2)).amax(dim=1)  # [kv_heads, n]
-            m = min(n, self.middle_slots * self.sketch_candidates)
-            cand = rough.topk(m, dim=1).indices  # [kv_heads, m]
-            exact = torch.softmax(qg @ keys.gather(1, cand.unsqueeze(-1).expand(-1, -1, d)).transpose(1, 2) * d**-0.5, dim=-1).amax(dim=1)
-            out = torch.full((h, n), -1.0, device=keys.device)
-            return out.scatter(1, cand, exact.float())
-        return torch.softmax((qg @ keys.transpose(1, 2)).float() * d**-0.5, dim=-1).amax(dim=1)
+    def load_state(self, pool, slot, state):
+        super().load_state(pool, slot, state)
+        if "rk" not in state:
+            return  # restored without its reserve: only tokens evicted from now on can be recalled
+        start, m = int(state["reserve_from"]), state["rk"].shape[2]
+        pool.ensure_reserve(max(start + m, self.middle, 1))
+        part = (slot, slice(None), slice(start, start + m))
+        for layer in range(pool.layers):
+            pool.reserve_write(layer, part, state["rk"][layer].to(pool.device), state["rv"][layer].to(pool.device))
+            if pool.cache_positions:
+                pool.rks[layer][part] = state["rks"][layer].to(pool.reserve_device)
+        pool.rpos[slot, start : start + m] = state["rpos"].to(pool.device)
 
-    def select(self, cache: LayerCache, q: torch.Tensor, q_pos: torch.Tensor) -> int:
-        reserve: Reserve | None = cache.extra.get("reserve")
-        slots = self.middle_slots
-        if reserve is None or reserve.n <= slots:
-            return 0  # every middle token is still in the active cache
-        chosen = self.estimate(q, reserve).topk(slots, dim=1).indices.sort(dim=1).values  # [kv_heads, slots]
-        row = cache.pos[0]
-        head = int((row < self.sink).sum())
-        tail_start = int((row < reserve.next_pos).sum())
-        old_pos = cache.pos[:, head:tail_start]  # [kv_heads, current critical]
-        new_pos = reserve.pos[chosen].to(cache.pos.device)
-        kept = (new_pos.unsqueeze(-1) == old_pos.unsqueeze(1)).any(-1)  # [kv_heads, slots]
-        d = cache.k.shape[-1]
-        gather = chosen.unsqueeze(-1).expand(-1, -1, d)
-        dev = cache.k.device
-        crit_k = reserve.k.gather(1, gather.to(reserve.k.device)).to(dev)
-        crit_v = reserve.v.gather(1, gather.to(reserve.v.device)).to(dev)
-        cache.k = torch.cat([cache.k[:, :head], crit_k, cache.k[:, tail_start:]], dim=1)
-        cache.v = torch.cat([cache.v[:, :head], crit_v, cache.v[:, tail_start:]], dim=1)
-        cache.pos = torch.cat([cache.pos[:, :head], new_pos, cache.pos[:, tail_start:]], dim=1)
-        cache.score = torch.cat(
-            [cache.score[:, :head], cache.score.new_zeros(new_pos.shape), cache.score[:, tail_start:]], dim=1
-        )
-        return int((~kept).sum())
+    def evict_prefill(self, pool, layer, slot, ev: Evicted, evicted_before: int) -> None:
+        m = ev.k.shape[1]
+        pool.ensure_reserve(evicted_before + m)
+        idx = (slot, slice(None), slice(evicted_before, evicted_before + m))
+        pool.reserve_write(layer, idx, ev.k, ev.v)
+        if ev.k_score is not None:
+            pool.rks[layer][idx] = ev.k_score.to(pool.reserve_device)
+        if layer == 0:
+            pool.rpos[slot, evicted_before : evicted_before + m] = ev.pos
+
+    def select_prefill(self, pool, layer, slot, q, evicted) -> None:
+        kc = min(evicted, self.middle)
+        if kc == 0:
+            return
+        keys = pool.reserve_keys(layer, scoring=True)[slot : slot + 1, :, :evicted]
+        qg = q.reshape(1, pool.kv_heads, -1, pool.head_dim)  # the group's queries of every chunk token
+        n = torch.tensor([evicted], device=pool.device)
+        idx = reserve_scores(qg, keys, n, pool.head_dim**-0.5, pool.rpos[slot : slot + 1, :evicted])[0]
+        idx = idx.topk(kc, dim=-1).indices  # [kv_heads, kc]
+        d = pool.head_dim
+        stored_k = keys[0] if not pool.cache_positions else pool.reserve_keys(layer)[slot, :, :evicted]
+        cols = slice(self.sink, self.sink + kc)
+        pool.k[layer][slot, :, cols] = stored_k.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
+        pool.v[layer][slot, :, cols] = pool.reserve_values(layer)[slot, :, :evicted].gather(
+            1, idx.unsqueeze(-1).expand(-1, -1, d))
+        pool.pos[layer][slot, :, cols] = pool.rpos[slot, :evicted].expand(pool.kv_heads, -1).gather(1, idx)

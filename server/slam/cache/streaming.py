@@ -16,5 +16,5 @@ class StreamingPolicy(CachePolicy):
     sliding_window: ClassVar[bool] = True
 
     @property
-    def window(self) -> int:
+    def ring(self) -> int:
         return self.budget - self.sink

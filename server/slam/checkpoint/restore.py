@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from slam.cache import LayerCache
-from slam.cache.slam import Reserve
 from slam.checkpoint import format as fmt
 from slam.checkpoint.store import ObjectMissing, ObjectStore
 from slam.config import CacheConfig
@@ -226,49 +224,43 @@ def _decode_reserve(info: dict, segments: list[dict], fetch, layers: int, dtype:
 def resume_into(engine: Any, r: RestoredRequest) -> Sequence | None:
     """Put a restored request into `engine` (an LLMEngine) so the next step continues it.
 
-    Exact restores go straight to scheduler.running with their caches; re-prefills go to the front of
-    the waiting queue with num_cached = 0, so prefill covers prompt + generated tokens and the token
-    sampled after it is the next one. Returns None for a lost request.
+    Exact restores take a free pool slot and load their cache through the policy's `load_state`;
+    otherwise (no slot free, a cache that does not fit this server) the request re-prefills from its
+    tokens at the front of the queue, and the token sampled after that is the next one. Returns None for
+    a lost request; raises RequestError when this server cannot take the request at all.
     """
     if r.status == "lost":
         return None
     sampling, cache_config = SamplingParams(**r.sampling), CacheConfig(**r.cache_config)
-    seq = Sequence(list(r.prompt_ids), sampling, cache_config, request_id=r.request_id)
+    seq = engine.make_sequence(list(r.prompt_ids), sampling, cache_config, request_id=r.request_id)
     seq.output_ids = list(r.output_ids)
-    if r.rng_state is not None:
-        seq.generator.set_state(r.rng_state.clone())
+    if r.rng_state is not None and r.rng_state.dtype == torch.int64 and r.rng_state.numel() == 1:
+        seq.seed = int(r.rng_state[0])
     seq.output_text = r.detok.get("output_text", "")
     seq.prefix_offset = r.detok.get("prefix_offset", len(seq.prompt_ids))
     seq.read_offset = r.detok.get("read_offset", len(seq.prompt_ids))
     seq.replacements = r.replacements
-    if r.status == "exact" and r.layers is not None:
-        seq.caches = build_caches(engine.runner, seq, r)
-        seq.num_cached = r.num_cached
-    else:
-        seq.num_cached, seq.caches = 0, None
     with engine.lock:
+        if r.status == "exact" and r.layers is not None and len(engine.slots) < engine.runner.pool.slots:
+            engine.take_slot(seq)
+            try:
+                load_cache(seq, r)
+                seq.num_cached = r.num_cached
+            except (ValueError, RuntimeError) as e:
+                log.warning("request %s: cache does not fit (%s); re-prefilling", r.request_id, e)
+                engine.release_slot(seq)
         engine.scheduler.resume(seq)
     return seq
 
 
 @torch.inference_mode()  # the same kind of tensors the runner makes, so its in-place updates stay legal
-def build_caches(runner: Any, seq: Sequence, r: RestoredRequest) -> list[LayerCache]:
-    dev = runner.device
-    caches = []
-    for i, (k, v, pos, score) in enumerate(r.layers):
-        k, v, pos, score = (t.to(dev).clone() for t in (k, v, pos, score))
-        cache = LayerCache(k, v, pos, score, rotate=runner.rope)
-        if r.reserve_next_pos is not None:
-            # Without stored reserve tokens (include_reserve=False) the reserve restarts empty at the
-            # saved window edge: only tokens evicted after the restore can be recalled later.
-            rdev = getattr(seq.policy, "reserve_device", "cpu")
-            res = Reserve(k.shape[0], k.shape[2], k.dtype, rdev)
-            res.next_pos = r.reserve_next_pos
-            if r.reserve is not None:
-                rr = r.reserve[i]
-                res.k, res.v, res.pos = rr["k"].to(rdev).clone(), rr["v"].to(rdev).clone(), rr["pos"].to(rdev).clone()
-                res.k_score = res.k if rr["k_score"] is None else rr["k_score"].to(rdev).clone()
-                res.n = rr["n"]
-            cache.extra["reserve"] = res
-        caches.append(cache)
-    return caches
+def load_cache(seq: Sequence, r: RestoredRequest) -> None:
+    state = {name: torch.stack([layer[i] for layer in r.layers]) for i, name in enumerate(("k", "v", "pos", "score"))}
+    if r.reserve is not None and r.reserve[0]["k"] is not None:
+        state["rk"] = torch.stack([x["k"] for x in r.reserve])
+        state["rv"] = torch.stack([x["v"] for x in r.reserve])
+        if r.reserve[0]["k_score"] is not None:
+            state["rks"] = torch.stack([x["k_score"] for x in r.reserve])
+        state["rpos"] = r.reserve[0]["pos"]
+        state["reserve_from"] = torch.tensor(0)
+    seq.policy.load_state(seq.pool, seq.slot, state)

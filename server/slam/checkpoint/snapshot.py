@@ -29,7 +29,7 @@ class ReserveSnap:
 
     start: int
     n: int
-    next_pos: int
+    next_pos: int  # tokens evicted so far (equal to n)
     k: torch.Tensor  # [kv_heads, n - start, head_dim]
     v: torch.Tensor  # [kv_heads, n - start, head_dim]
     k_score: torch.Tensor | None  # same shape; None when the reserve scores with `k` itself ("original" mode)
@@ -42,7 +42,7 @@ class Snapshot:
     prompt_ids: list[int]
     output_ids: list[int]
     num_cached: int
-    rng_state: torch.Tensor  # uint8, torch.Generator.get_state()
+    rng_state: torch.Tensor  # int64 [1]: the sampler's seed (its noise depends on seed and step only)
     sampling: dict
     cache_config: dict
     output_text: str
@@ -51,7 +51,7 @@ class Snapshot:
     replacements: int
     layers: list[LayerSnap] | None  # None before the first forward pass
     reserve: list[ReserveSnap] | None  # None: no reserve tier, or not checkpointed (include_reserve=False)
-    reserve_next_pos: int | None  # kept even without the reserve, so a restore knows where the window starts
+    reserve_next_pos: int | None  # tokens evicted to the reserve (kept when the reserve itself is not)
     taken_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -59,41 +59,29 @@ class Snapshot:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
-def _copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
-
-
 def take_snapshot(seq: Sequence, reserve_from: list[int] | None = None, include_reserve: bool = True) -> Snapshot:
-    """Copy `seq` at a step boundary. `reserve_from[i]`: reserve tokens of layer i already stored."""
-    layers, reserve, next_pos = None, None, None
-    if seq.caches is not None:
-        # Clones: the cache code replaces these tensors today, but must stay free to update them in place.
-        layers = [LayerSnap(_copy(c.k), _copy(c.v), _copy(c.pos), _copy(c.score)) for c in seq.caches]
-        reserves = [c.extra.get("reserve") for c in seq.caches]
-        if all(r is not None for r in reserves) and reserves:
-            next_pos = int(reserves[0].next_pos)
+    """Copy `seq` at a step boundary through its policy's `state()`. `reserve_from[i]`: reserve tokens of
+    layer i already stored."""
+    layers, reserve, evicted = None, None, None
+    if seq.slot is not None and seq.num_cached:
+        start = min(reserve_from) if reserve_from else 0
+        state = seq.policy.state(seq.pool, seq.slot, seq.num_cached, start)
+        layers = [LayerSnap(*(state[n][i] for n in ("k", "v", "pos", "score"))) for i in range(state["k"].shape[0])]
+        if "rk" in state:
+            evicted = start + state["rk"].shape[2]
             if include_reserve:
-                reserve = []
-                for i, r in enumerate(reserves):
-                    start = min(reserve_from[i] if reserve_from else 0, r.n)
-                    shared = r.k_score is r.k
-                    reserve.append(
-                        ReserveSnap(
-                            start=start,
-                            n=r.n,
-                            next_pos=int(r.next_pos),
-                            k=_copy(r.k[:, start : r.n]),
-                            v=_copy(r.v[:, start : r.n]),
-                            k_score=None if shared else _copy(r.k_score[:, start : r.n]),
-                            pos=_copy(r.pos[start : r.n]),
-                        )
-                    )
+                rks = state.get("rks")
+                reserve = [
+                    ReserveSnap(start=start, n=evicted, next_pos=evicted, k=state["rk"][i], v=state["rv"][i],
+                                k_score=None if rks is None else rks[i], pos=state["rpos"])
+                    for i in range(len(layers))
+                ]
     return Snapshot(
         request_id=seq.request_id,
         prompt_ids=list(seq.prompt_ids),
         output_ids=list(seq.output_ids),
         num_cached=seq.num_cached,
-        rng_state=seq.generator.get_state().clone(),
+        rng_state=torch.tensor([seq.seed], dtype=torch.int64),
         sampling=seq.sampling.model_dump(),
         cache_config=seq.cache_config.model_dump(),
         output_text=seq.output_text,
@@ -102,7 +90,7 @@ def take_snapshot(seq: Sequence, reserve_from: list[int] | None = None, include_
         replacements=seq.replacements,
         layers=layers,
         reserve=reserve,
-        reserve_next_pos=next_pos,
+        reserve_next_pos=evicted,
     )
 
 

@@ -1,100 +1,69 @@
-"""Hot-path functions of one decoder layer's attention over a compressed cache.
-
-They are small top-level functions of tensors so they can be compiled; the policy decides which keys
-exist and which of them each query may see.
-"""
+"""Hot-path functions of attention over the slot pool: small top-level functions of tensors, so a decode
+step can be compiled or captured in a CUDA graph. Shapes in comments: b slots, H KV heads, G queries per
+KV head, C pool columns (budget + 1), D head_dim, t new tokens of a prefill chunk."""
 
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
-
-from slam.cache.base import CachePolicy, LayerCache
+import torch.nn.functional as F
 
 
 class Rope:
-    """cos/sin tables of the model's rotary embedding, extended on demand, indexed by position."""
+    """cos/sin tables of the model's rotary embedding by position, grown eagerly (never inside a graph)."""
 
     def __init__(self, rotary_emb: torch.nn.Module, head_dim: int, device: torch.device, dtype: torch.dtype):
-        self.rotary_emb = rotary_emb
-        self.device, self.dtype, self.head_dim = device, dtype, head_dim
+        self.rotary_emb, self.head_dim, self.device, self.dtype = rotary_emb, head_dim, device, dtype
         self.cos = torch.empty(0, head_dim, device=device, dtype=dtype)
         self.sin = torch.empty(0, head_dim, device=device, dtype=dtype)
 
-    def _extend(self, upto: int) -> None:
+    def ensure(self, upto: int) -> bool:
+        """Make the tables cover positions [0, upto); True when they were reallocated."""
+        if upto <= self.cos.shape[0]:
+            return False
         size = max(upto, 2 * self.cos.shape[0], 4096)
         positions = torch.arange(size, device=self.device).unsqueeze(0)
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
         cos, sin = self.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]
-
-    def at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at positions pos ([t]) -> two [t, head_dim] tensors."""
-        top = int(pos.max()) + 1 if pos.numel() else 0
-        if top > self.cos.shape[0]:
-            self._extend(top)
-        return self.cos[pos], self.sin[pos]
-
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x: [heads, t, head_dim]; pos: [t] -> x rotated to those positions
-        return rotate(x, *self.at(pos))
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        return True
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [heads, t, head_dim]; cos, sin: [t, head_dim]
-    return x * cos + rotate_half(x) * sin
+    """RoPE: x [..., D] with cos, sin broadcastable to it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
-def attend(
-    q: torch.Tensor,  # [q_heads, t, head_dim] queries in the positions keys are compared at
-    keys: torch.Tensor,  # [kv_heads, n, head_dim]
-    values: torch.Tensor,  # [kv_heads, n, head_dim]
-    mask: torch.Tensor | None,  # [kv_heads, t, n] True where the query may attend; None: everywhere
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped-query attention; returns the output [q_heads, t, head_dim] and probs [kv_heads, group, t, n]."""
-    h, n, d = keys.shape
-    t = q.shape[1]
-    qg = q.reshape(h, -1, d)  # [kv_heads, group * t, d]; query head j belongs to KV head j // group
-    logits = (qg @ keys.transpose(1, 2)).float() * scale  # [kv_heads, group * t, n]
-    logits = logits.view(h, -1, t, n)
-    if mask is not None:
-        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # [kv_heads, group, t, n]
-    out = probs.to(values.dtype).view(h, -1, n) @ values  # [kv_heads, group * t, d]
-    return out.view(-1, t, d), probs
+def cache_ranks(pos: torch.Tensor) -> torch.Tensor:
+    """Rank of each column among the valid ones by original position (position_mode="cache").
+
+    pos: [..., C] with -1 for empty columns -> [..., C] ranks 0..n-1 (empty columns get ranks >= n)."""
+    key = pos.masked_fill(pos < 0, torch.iinfo(torch.long).max)
+    order = key.argsort(dim=-1)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(-1, order, torch.arange(pos.shape[-1], device=pos.device).expand_as(order))
 
 
-def cached_attention(
-    policy: CachePolicy,
-    cache: LayerCache,
-    q: torch.Tensor,  # [q_heads, t, head_dim], before rotation
-    k: torch.Tensor,  # [kv_heads, t, head_dim], before rotation
-    v: torch.Tensor,  # [kv_heads, t, head_dim]
-    pos: torch.Tensor,  # [t] original positions of the new tokens
-    cos_sin: tuple[torch.Tensor, torch.Tensor],  # rope.at(pos), computed once per step for all layers
-    rope: Rope,
-    scale: float,
-) -> tuple[torch.Tensor, int]:
-    """One request's attention for one layer: select, attend over cache + new tokens, update the cache."""
-    q_rot, k_rot = rotate(q, *cos_sin), rotate(k, *cos_sin)
-    replaced = policy.select(cache, q_rot, pos)
-    kv_heads, t = k.shape[0], k.shape[1]
-    values = torch.cat([cache.v, v], dim=1)
-    if policy.position_mode == "cache":
-        # Keys are stored unrotated; they take positions 0..n+t-1 in cache order, which is original order.
-        slots = torch.arange(cache.size + t, device=k.device)
-        keys = rope(torch.cat([cache.k, k], dim=1), slots)
-        queries = rope(q, slots[cache.size :])
-        stored_k = k
-    else:
-        keys = torch.cat([cache.k, k_rot], dim=1)
-        queries = q_rot
-        stored_k = k_rot
-    mask = None
-    if t > 1 or policy.sliding_window:  # A single new token may see every cached key: no mask needed.
-        key_pos = torch.cat([cache.pos, pos.expand(kv_heads, t)], dim=1)  # [kv_heads, n + t]
-        mask = policy.visible_mask(key_pos, pos)
-    out, probs = attend(queries, keys, values, mask, scale)
-    policy.update(cache, stored_k, v, pos, probs if policy.needs_attention else None)
-    return out, replaced
+def expand_mask(valid: torch.Tensor, group: int) -> torch.Tensor:
+    """A per-KV-head mask [b, H, t, C] for all query heads [b, H * G, t, C]."""
+    return valid.repeat_interleave(group, dim=1) if group > 1 else valid
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA over the pool. q: [b, H*G, t, D]; k, v: [b, H, C, D]; valid: [b, H, t, C] bool."""
+    mask = expand_mask(valid, q.shape[1] // k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def attend_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns the probabilities [b, H, G, t, C] (for policies that score tokens)."""
+    b, qh, t, d = q.shape
+    h = k.shape[1]
+    qg = q.view(b, h, -1, t, d)  # query head j belongs to KV head j // G
+    logits = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [b, H, G, t, C]
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = probs.to(v.dtype) @ v.unsqueeze(2)  # [b, H, G, t, D]
+    return out.view(b, qh, t, d), probs

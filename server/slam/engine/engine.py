@@ -7,8 +7,11 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.model_runner import ModelRunner
+from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import sample
 from slam.engine.scheduler import Scheduler
 from slam.engine.sequence import SamplingParams, Sequence, Status
@@ -47,19 +50,28 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model, config.dtype, config.device)
         self.tokenizer = self.loaded.tokenizer
         self.eos_ids = self.loaded.eos_token_ids
-        self.runner = ModelRunner(self.loaded)
+        model_config = self.loaded.model.config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        # The pool's columns per slot: the largest budget a request may use (`full` needs its whole length).
+        self.budget = config.max_budget or (config.cache.budget if config.cache.bounded else self.max_model_len)
+        self.runner = ModelRunner(
+            self.loaded, config.max_batch, self.budget, reserve_device=self._reserve_device(),
+            reserve_int8=config.reserve_dtype == "int8", cache_positions=config.cache.position_mode == "cache",
+            int8_weights=config.dtype == "int8", enforce_eager=config.enforce_eager)
         self.scheduler = Scheduler(config.max_batch, config.prefill_chunk)
+        self.slots: list[Sequence] = []  # slots[i] runs in pool slot i; running requests fill [0, n)
         self.stats = EngineStats()
+        self.replaced_done = 0  # churn of requests that left their slots
         self.lock = threading.Lock()  # guards the scheduler's queues between the step and other threads
 
+    def _reserve_device(self) -> str:
+        # Measured (docs/benchmarks.md): on a GPU the device reserve wins as long as it fits.
+        return "auto" if self.config.reserve_device == "auto" else self.config.reserve_device
+
     # --- requests ------------------------------------------------------------------------------------
-    def add_request(
-        self,
-        prompt_ids: list[int],
-        sampling: SamplingParams | None = None,
-        cache: CacheConfig | None = None,
-        request_id: str | None = None,
-    ) -> Sequence:
+    def make_sequence(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
+                      cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
+        """A checked request, not yet queued (restores build theirs the same way)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         vocab = self.runner.vocab_size
@@ -69,8 +81,21 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the maximum is {self.config.max_prompt_tokens}"
             )
+        cache = cache or self.config.cache
+        if cache.position_mode != self.config.cache.position_mode:
+            raise RequestError(f"position_mode is {self.config.cache.position_mode!r} on this server")
+        if cache.bounded and cache.budget > self.budget:
+            raise RequestError(f"budget {cache.budget} exceeds this server's maximum of {self.budget}")
+        sampling = sampling or SamplingParams()
+        if not cache.bounded and len(prompt_ids) + sampling.max_tokens > self.budget:
+            raise RequestError(f"the full cache holds {self.budget} tokens; prompt ({len(prompt_ids)}) + "
+                               f"max_tokens ({sampling.max_tokens}) exceed it")
         extra = {} if request_id is None else {"request_id": request_id}
-        seq = Sequence(list(prompt_ids), sampling or SamplingParams(), cache or self.config.cache, **extra)
+        return Sequence(list(prompt_ids), sampling, cache, pool_budget=self.budget, **extra)
+
+    def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
+                    cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt_ids, sampling, cache, request_id)
         with self.lock:
             self.scheduler.add(seq)
         return seq
@@ -87,21 +112,80 @@ class LLMEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    # --- slots ---------------------------------------------------------------------------------------
+    def take_slot(self, seq: Sequence) -> int:
+        seq.slot = len(self.slots)
+        self.slots.append(seq)
+        pool = seq.pool = self.runner.pool
+        pool.clear(seq.slot)
+        seq.token_bytes = 2 * pool.layers * pool.kv_heads * pool.head_dim * pool.k[0].element_size()
+        if seq.policy.uses_reserve:
+            pool.ensure_reserve(max(seq.policy.middle, 1))
+        return seq.slot
+
+    def release_slot(self, seq: Sequence) -> None:
+        """Free a leaving request's slot; the last running slot moves into it so [0, n) stays compact."""
+        if seq.slot is None:
+            return
+        seq.replacements = self.replacements_of(seq)
+        self.replaced_done += seq.replacements
+        last = self.slots.pop()
+        if last is not seq:
+            self.runner.pool.move(last.slot, seq.slot)
+            self.slots[seq.slot] = last
+            last.slot = seq.slot
+        else:
+            self.runner.pool.clear(seq.slot)
+        seq.slot = None
+
+    def replacements_of(self, seq: Sequence) -> int:
+        """Critical tokens swapped in for this request so far (reads the device: not for every step)."""
+        if seq.slot is None:
+            return seq.replacements
+        return seq.replacements + int(self.runner.pool.replaced[seq.slot])
+
     # --- the step ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         with self.lock:
-            self.scheduler.reap_aborted()
+            for seq in self.scheduler.reap_aborted():
+                self.release_slot(seq)
             batch = self.scheduler.schedule()
         if not batch:
             return []
         try:
-            logits = self.runner.run(batch)
+            rows, logits = self.runner_step(batch)
         except Exception as exc:  # A failing step fails its own requests, never the engine.
             log.exception("engine step failed")
             return self.fail(batch, f"engine error: {type(exc).__name__}: {exc}")
         self.stats.steps += 1
-        self.stats.replacements = self.runner.replacements
-        return self.postprocess(batch, logits)
+        return self.postprocess(batch, rows, logits)
+
+    def runner_step(self, batch) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Prefill chunks, then one decode step; returns the requests that sample and their logits."""
+        rows, row_logits = [], []
+        decoding = []
+        for seq, chunk in batch:
+            if seq.slot is None:
+                self.take_slot(seq)
+            if seq.prefilled:
+                decoding.append(seq)
+                continue
+            logits = self.runner.prefill(seq.slot, seq.policy, chunk, seq.num_cached)
+            self.stats.prompt_tokens += max(0, min(seq.num_cached + len(chunk), len(seq.prompt_ids)) - seq.num_cached)
+            seq.num_cached += len(chunk)
+            if seq.num_cached == seq.length:
+                rows.append(seq)
+                row_logits.append(logits)
+        if decoding:
+            plan = decode_plan(self, decoding)
+            logits = self.runner.decode(*plan)
+            for seq in decoding:
+                seq.num_cached += 1
+            rows.extend(decoding)
+            row_logits.append(logits[[s.slot for s in decoding]])
+        if not rows:
+            return [], None
+        return rows, torch.cat([x.view(-1, x.shape[-1]) for x in row_logits])
 
     def fail(self, batch, message: str) -> list[StepOutput]:
         outputs = []
@@ -109,18 +193,21 @@ class LLMEngine:
             for seq, _ in batch:
                 seq.finish_reason = "error"
                 self.scheduler.finish(seq)
+                self.release_slot(seq)
                 outputs.append(StepOutput(seq, -1, "", True, error=message))
         return outputs
 
-    def postprocess(self, batch, logits) -> list[StepOutput]:
+    def postprocess(self, batch, rows: list[Sequence], logits: torch.Tensor | None) -> list[StepOutput]:
+        if not rows:
+            return []
+        tokens = sample(logits, sampling_batch(rows, logits.device))
+        # The step's one transfer to the host: sampled ids and the running churn counter.
+        pool = self.runner.pool
+        host = torch.cat([tokens, pool.replaced[: len(self.slots)].sum().view(1)]).tolist()
+        self.stats.replacements = self.replaced_done + host[-1]
         outputs = []
-        for row, (seq, chunk) in enumerate(batch):
-            self.stats.prompt_tokens += max(0, min(seq.num_cached + len(chunk), len(seq.prompt_ids)) - seq.num_cached)
-            seq.num_cached += len(chunk)
-            if seq.num_cached < seq.length:
-                continue  # a prefill chunk that did not reach the end of the prompt
+        for seq, token in zip(rows, host[:-1]):
             cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
-            token = sample(logits[row], seq.sampling, seq.generator)
             seq.output_ids.append(token)
             self.stats.generation_tokens += 1
             text = self.detokenize(seq)
@@ -131,6 +218,7 @@ class LLMEngine:
                 seq.finish_reason = reason
                 with self.lock:
                     self.scheduler.finish(seq)
+                    self.release_slot(seq)
             outputs.append(StepOutput(seq, token, text, reason is not None, cache_tokens, cache_bytes))
         return outputs
 

@@ -1,78 +1,196 @@
-"""The only code that touches the device: one forward pass over a packed batch of request chunks.
+"""The only code that touches the device: the slot pool, the decode step over it, prefill chunks, graphs.
 
-The batch is packed: all requests' new tokens form one [tokens, hidden] matrix, so projections and MLPs
-run as single matrix products whatever the mix of prefill chunks and decode tokens. Only attention is
-per request, because each request has its own compressed cache and policy.
+A decode step runs every slot in [0, bucket) at once with static shapes: per layer, fused QKV, the ring
+write (its oldest token evicted to the slot's policy), the policy's selection, one SDPA over the pool,
+MLP. On CUDA it is captured once per bucket as a CUDA graph and replayed. Prefill runs eagerly, one
+request chunk at a time.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
-from slam.engine.attention import Rope, cached_attention
-from slam.engine.sequence import Sequence
+from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted
+from slam.engine import attention as A
+from slam.engine.pool import SlotPool, StepPlan
+from slam.engine.prefill import prefill_layer
 from slam.model import LoadedModel
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+PLAN_ROWS = ("tokens", "pos", "write", "evict", "reserve_at", "reserve_n", "middle", "sink", "rank", "policy")
+
+
+def fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One Linear computing several projections of the same input (one matrix product instead of three)."""
+    w = torch.cat([p.weight for p in parts])
+    bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    out.weight.data.copy_(w)
+    if bias is not None:
+        out.bias.data.copy_(bias)
+    return out
+
+
+class Layer(nn.Module):
+    def __init__(self, hf_layer: nn.Module):
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.input_norm, self.post_norm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
+        self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o = attn.o_proj
+        self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj)
+        self.down = mlp.down_proj
+        self.act = mlp.act_fn
+        self.q_norm = getattr(attn, "q_norm", None)  # Qwen3 normalizes queries and keys per head
+        self.k_norm = getattr(attn, "k_norm", None)
+
+    def qkv_heads(self, x: torch.Tensor, q_heads: int, kv_heads: int, d: int):
+        # x: [n, hidden] -> q [n, q_heads, d], k and v [n, kv_heads, d]
+        q, k, v = self.qkv(self.input_norm(x)).split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q, k, v = q.unflatten(-1, (q_heads, d)), k.unflatten(-1, (kv_heads, d)), v.unflatten(-1, (kv_heads, d))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel):
-        self.loaded = loaded
+    def __init__(self, loaded: LoadedModel, slots: int, budget: int, reserve_device: str = "auto",
+                 reserve_int8: bool = False, cache_positions: bool = False, int8_weights: bool = False,
+                 enforce_eager: bool = False):
         model = loaded.model
-        self.config = model.config
-        self.device = loaded.device
+        self.config, self.device = model.config, loaded.device
         self.dtype = next(model.parameters()).dtype
-        self.backbone = model.model
-        self.lm_head = model.lm_head
-        self.layers = list(self.backbone.layers)
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.scale = attn.scaling
-        self.q_heads = self.config.num_attention_heads
-        self.kv_heads = self.config.num_key_value_heads
+        self.embed, self.norm, self.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
+        self.layers = nn.ModuleList(Layer(layer) for layer in model.model.layers)
+        attn = model.model.layers[0].self_attn
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.q_heads, self.kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         self.vocab_size = self.config.vocab_size
-        self.replacements = 0  # critical tokens swapped in, over the runner's life (a metric)
-        self.rope = Rope(self.backbone.rotary_emb, self.head_dim, self.device, self.dtype)
+        if int8_weights:
+            # Weight bytes bound a CPU decode step: int8 dynamic linears read 4x fewer of them.
+            self.layers = torch.ao.quantization.quantize_dynamic(self.layers, {nn.Linear}, dtype=torch.qint8)
+            self.lm_head = torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(self.lm_head), {nn.Linear}, dtype=torch.qint8)[0]
+        rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
+        self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, self.dtype,
+                             self.device, rdev, reserve_int8, cache_positions)
+        self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
+        self.rope.ensure(budget + 1)
+        self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = None
+        self.plan_buf = torch.zeros(len(PLAN_ROWS), slots, dtype=torch.long, device=self.device)
 
-    def allocate(self, seq: Sequence) -> None:
-        seq.caches = [seq.policy.new_cache(self.kv_heads, self.head_dim, self.dtype, self.device) for _ in self.layers]
-        for cache in seq.caches:
-            cache.rotate = self.rope
+    # --- decode -----------------------------------------------------------------------------------
+    def plan(self, b: int, kc: int) -> StepPlan:
+        rows = dict(zip(PLAN_ROWS, self.plan_buf[:, :b].unbind(0)))
+        rows["evict"] = rows["evict"].bool()
+        return StepPlan(**rows, kc=kc)
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
-        """Process each request's chunk of new tokens; return logits [len(batch), vocab] of each chunk's last token."""
-        ids, positions, spans, start = [], [], [], 0
-        for seq, chunk in batch:
-            if seq.caches is None:
-                self.allocate(seq)
-            ids.extend(chunk)
-            positions.append(torch.arange(seq.num_cached, seq.num_cached + len(chunk)))
-            spans.append((start, start + len(chunk)))
-            start += len(chunk)
-        tokens = torch.tensor(ids, device=self.device)
-        pos = torch.cat(positions).to(self.device)
-        x = self.backbone.embed_tokens(tokens)  # [tokens, hidden]
-        rotations = [self.rope.at(pos[a:b]) for a, b in spans]
-        n = x.shape[0]
+    def decode(self, plan_rows: torch.Tensor, kc: int, policies: frozenset[str]) -> torch.Tensor:
+        """One step over slots [0, b); plan_rows: [len(PLAN_ROWS), b] on the host. Returns logits [b, vocab]."""
+        b = plan_rows.shape[1]
+        if not self.use_graphs:
+            self.plan_buf[:, :b].copy_(plan_rows)
+            return self.forward_decode(self.plan(b, kc), policies)
+        key = (b, kc, policies, self.pool.version, self.rope.cos.data_ptr())
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(b, kc, policies)
+        self.plan_buf[:, :b].copy_(plan_rows, non_blocking=True)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits
+
+    def dry_rows(self, b: int) -> torch.Tensor:
+        """A plan in which every slot is inactive: all writes land in scratch columns."""
+        rows = torch.zeros(len(PLAN_ROWS), b, dtype=torch.long)
+        rows[PLAN_ROWS.index("write")] = self.pool.budget
+        rows[PLAN_ROWS.index("reserve_at")] = self.pool.cap
+        rows[PLAN_ROWS.index("policy")] = -1
+        return rows
+
+    def capture(self, b: int, kc: int, policies: frozenset[str]):
+        # The warm-up executes (lazy init, autotuning) with a dry plan so it changes no request's cache;
+        # the capture only records. Replays then read whatever plan the buffer holds.
+        self.plan_buf[:, :b].copy_(self.dry_rows(b))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.forward_decode(self.plan(b, kc), policies)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self.forward_decode(self.plan(b, kc), policies)
+        self.graph_pool = graph.pool()
+        return graph, logits
+
+    def forward_decode(self, plan: StepPlan, policies: frozenset[str]) -> torch.Tensor:
+        pool, b, d = self.pool, plan.tokens.shape[0], self.head_dim
+        classes = [POLICIES[name] for name in sorted(policies)]
+        mine = {cls: (plan.policy == POLICY_IDS[cls.name]) for cls in classes}
+        cols = torch.arange(pool.budget + 1, device=self.device)
+        plan.is_middle = (cols >= plan.sink.view(-1, 1)) & (cols < (plan.sink + plan.middle).view(-1, 1))
+        active = plan.policy >= 0
+        cos, sin = self.rope.cos[plan.pos].unsqueeze(1), self.rope.sin[plan.pos].unsqueeze(1)  # [b, 1, D]
+        cache_pos = pool.cache_positions
+        ar = torch.arange(b, device=self.device)
+        x = self.embed(plan.tokens)  # [b, hidden]
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(n, -1, self.head_dim)  # [tokens, q_heads, head_dim]
-            k = attn.k_proj(h).view(n, -1, self.head_dim)  # [tokens, kv_heads, head_dim]
-            v = attn.v_proj(h).view(n, -1, self.head_dim)
-            if hasattr(attn, "q_norm"):  # Qwen3 normalizes queries and keys per head before rotation.
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-            outs = []
-            for (seq, _), (a, b), cos_sin in zip(batch, spans, rotations):
-                out, replaced = cached_attention(
-                    seq.policy, seq.caches[li], q[:, a:b], k[:, a:b], v[:, a:b], pos[a:b], cos_sin, self.rope, self.scale
-                )
-                seq.replacements += replaced
-                self.replacements += replaced
-                outs.append(out)
-            o = torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1)  # [tokens, q_heads * head_dim]
-            x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = torch.tensor([b - 1 for _, b in spans], device=self.device)
-        return self.lm_head(self.backbone.norm(x[last])).float()
+            q, k, v = layer.qkv_heads(x, self.q_heads, self.kv_heads, d)  # [b, heads, D]
+            q_rot, k_rot = A.rotate(q, cos, sin), A.rotate(k, cos, sin)
+            old_pos = pool.pos[li][ar, 0, plan.write]  # [b]
+            old_k = pool.k[li][ar, :, plan.write]  # [b, H, D]
+            k_score = None
+            if cache_pos:
+                c = old_pos.clamp_min(0)
+                k_score = A.rotate(old_k, self.rope.cos[c].unsqueeze(1), self.rope.sin[c].unsqueeze(1)).unsqueeze(2)
+            ev = Evicted(old_k.unsqueeze(2), pool.v[li][ar, :, plan.write].unsqueeze(2), old_pos.unsqueeze(1),
+                         pool.score[li][ar, :, plan.write].unsqueeze(-1), k_score)
+            for cls in classes:
+                cls.on_evict(pool, li, plan, ev, mine[cls])
+            pool.k[li][ar, :, plan.write] = k if cache_pos else k_rot
+            pool.v[li][ar, :, plan.write] = v
+            pool.pos[li][ar, :, plan.write] = torch.where(active, plan.pos, -1).unsqueeze(1)
+            pool.score[li][ar, :, plan.write] = 0.0
+            pool.pos[li][:, :, pool.budget] = -1
+            for cls in classes:
+                cls.select(pool, li, plan, q_rot, mine[cls])
+            keys, values, pos = pool.k[li][:b], pool.v[li][:b], pool.pos[li][:b]
+            valid = (pos >= 0).unsqueeze(2)  # [b, H, 1, C]
+            q_att = q_rot
+            if cache_pos:
+                ranks = A.cache_ranks(pos)  # [b, H, C]
+                keys = A.rotate(keys, self.rope.cos[ranks], self.rope.sin[ranks])
+                q_att = A.rotate(q, self.rope.cos[plan.rank].unsqueeze(1), self.rope.sin[plan.rank].unsqueeze(1))
+            q_att = q_att.unsqueeze(2)  # [b, QH, 1, D]
+            scorers = [cls for cls in classes if cls.decode_attention]
+            if scorers:
+                out, probs = A.attend_with_probs(q_att, keys, values, valid, self.scale)
+                for cls in scorers:
+                    cls.observe(pool, li, probs[:, :, :, 0], mine[cls])
+            else:
+                out = A.attend(q_att, keys, values, valid, self.scale)
+            x = x + layer.o(out.reshape(b, -1))
+            x = x + layer.mlp(x)
+        return self.lm_head(self.norm(x)).float()
+
+    # --- prefill ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, policy: CachePolicy, ids: list[int], start: int) -> torch.Tensor:
+        """Run tokens at positions [start, start + len(ids)) of the request in `slot`; logits of the last."""
+        t = len(ids)
+        self.rope.ensure(start + t + 1)
+        evicted_after = policy.counts(start + t)[3]
+        if policy.uses_reserve and evicted_after:
+            self.pool.ensure_reserve(evicted_after)
+        x = self.embed(torch.tensor(ids, device=self.device))  # [t, hidden]
+        positions = torch.arange(start, start + t, device=self.device)
+        for li, layer in enumerate(self.layers):
+            x = prefill_layer(self, li, layer, x, slot, policy, start, positions)
+        return self.lm_head(self.norm(x[-1:])).float()[0]

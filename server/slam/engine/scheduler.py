@@ -10,8 +10,8 @@ from slam.engine.sequence import Sequence, Status
 class Scheduler:
     """Continuous batching: decoding requests get one token a step, prefills share `prefill_chunk` tokens.
 
-    New requests join the running batch between steps while fewer than `max_batch` run; aborted ones
-    leave at the next step. `add` and `abort` may be called from other threads.
+    New requests join the running batch between steps while a pool slot is free (`max_batch` slots);
+    aborted ones leave at the next step. `add` and `abort` may be called from other threads.
     """
 
     def __init__(self, max_batch: int, prefill_chunk: int):
@@ -24,10 +24,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def resume(self, seq: Sequence) -> None:
-        """Take back a restored request: with its cache it decodes at the next step, without it prefills first.
-
-        Restored requests come before new ones, so they run even when they exceed `max_batch` for a while."""
-        if seq.caches is not None:
+        """Take back a restored request: with its slot it decodes at the next step, without it prefills first
+        (ahead of new requests)."""
+        if seq.slot is not None:
             seq.status = Status.RUNNING
             self.running.append(seq)
         else:
@@ -41,7 +40,6 @@ class Scheduler:
         gone = [s for s in list(self.waiting) + self.running if s.aborted]
         for seq in gone:
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
-            seq.free()
         self.waiting = collections.deque(s for s in self.waiting if not s.aborted)
         self.running = [s for s in self.running if not s.aborted]
         return gone
@@ -65,5 +63,4 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED
-        seq.free()
         self.running.remove(seq)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import random
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 
-from slam.cache import CachePolicy, LayerCache, make_policy
+from slam.cache import CachePolicy, make_policy
 from slam.config import CacheConfig
 
 
@@ -45,25 +46,25 @@ class Sequence:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    pool_budget: int | None = None  # columns of a pool slot; `full` takes them all
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    num_cached: int = 0  # tokens whose keys and values are in the cache (or were evicted from it)
+    num_cached: int = 0  # tokens that went through the model (held in the slot or evicted from it)
     finish_reason: str | None = None
     output_text: str = ""
-    caches: list[LayerCache] | None = None
+    slot: int | None = None  # the pool slot while the request runs
+    token_bytes: int = 0  # bytes of keys and values per cached token (all layers), set with the slot
+    pool: Any = None  # the engine's SlotPool while the request holds a slot (checkpoints read it)
     replacements: int = 0
     aborted: bool = False
     # Offsets for incremental detokenization: text of ids[prefix:read] has already been emitted.
     prefix_offset: int = 0
     read_offset: int = 0
+    seed: int = 0  # the sampler's counter-based noise depends only on (seed, tokens generated)
 
     def __post_init__(self) -> None:
-        self.policy: CachePolicy = make_policy(self.cache_config)
-        self.generator = torch.Generator(device="cpu")
-        if self.sampling.seed is not None:
-            self.generator.manual_seed(self.sampling.seed)
-        else:
-            self.generator.seed()
+        self.policy: CachePolicy = make_policy(self.cache_config, self.pool_budget)
+        self.seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(62)
         self.prefix_offset = self.read_offset = len(self.prompt_ids)
 
     @property
@@ -90,12 +91,9 @@ class Sequence:
         return self.all_ids[self.num_cached : self.num_cached + limit]
 
     def cache_tokens(self) -> int:
-        """Tokens per layer and KV head in the active cache (the largest over layers)."""
-        return max((c.size for c in self.caches), default=0) if self.caches else 0
+        """Tokens per layer and KV head in the active cache."""
+        return self.policy.cache_tokens(self.num_cached) if self.slot is not None else 0
 
     def cache_bytes(self) -> int:
         """Bytes of the active cache (what a budget bounds), without the slam reserve tier."""
-        return sum(c.nbytes() for c in self.caches) if self.caches else 0
-
-    def free(self) -> None:
-        self.caches = None
+        return self.cache_tokens() * self.token_bytes

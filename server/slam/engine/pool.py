@@ -1,0 +1,161 @@
+"""The slot pool: every running request's compressed cache in static, per-layer device buffers.
+
+    k[l], v[l]:  [slots, kv_heads, budget + 1, head_dim]   column `budget` is scratch: masked writes go there
+    pos[l]:      [slots, kv_heads, budget + 1]  original position of each column, -1 when empty (the mask)
+    score[l]:    [slots, kv_heads, budget + 1]  float32, for the score-keeping policies (h2o, snapkv)
+    reserve (slam only, allocated on first use, grown by doubling):
+    rk[l], rv[l]: [slots, kv_heads, cap + 1, head_dim]  evicted tokens, append-only (int8 + scales optional)
+    rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
+    rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
+
+One tensor per layer (not views of one big tensor): compiled in-place writes stay cheap. Every buffer is
+made and changed in inference mode, like the forward passes that write it. Running requests
+occupy slots [0, n): a finished request's slot is filled by moving the last one, so a decode step over
+slots [0, bucket) covers every running request and CUDA graphs per bucket stay valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepPlan:
+    """Per-step inputs of a decode step, computed on the host and copied to the device in one transfer."""
+
+    tokens: torch.Tensor  # [b] int64 input ids
+    pos: torch.Tensor  # [b] original position of the new token
+    write: torch.Tensor  # [b] column the new token goes to
+    evict: torch.Tensor  # [b] bool: the column held the ring's oldest token, which leaves now
+    reserve_at: torch.Tensor  # [b] reserve index the evicted token takes (slam), else the scratch index
+    reserve_n: torch.Tensor  # [b] reserve tokens after this step
+    middle: torch.Tensor  # [b] middle columns of the slot
+    sink: torch.Tensor  # [b] sink columns of the slot
+    rank: torch.Tensor  # [b] position of the new token inside the cache (position_mode="cache")
+    policy: torch.Tensor  # [b] policy index of the slot (engine's POLICY_IDS), -1 inactive
+    kc: int  # static: middle columns the slam selection fills (max over slam slots)
+    is_middle: torch.Tensor | None = None  # [b, columns] bool, derived on the device from sink and middle
+
+
+class SlotPool:
+    @torch.inference_mode()
+    def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
+                 reserve_int8: bool = False, cache_positions: bool = False):
+        self.layers, self.slots, self.kv_heads, self.budget, self.head_dim = layers, slots, kv_heads, budget, head_dim
+        self.dtype, self.device = dtype, device
+        cols = budget + 1
+        shape = (slots, kv_heads, cols, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.pos = [torch.full(shape[:3], -1, dtype=torch.long, device=device) for _ in range(layers)]
+        self.score = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(layers)]
+        self.replaced = torch.zeros(slots, dtype=torch.long, device=device)  # slam churn per slot
+        self.reserve_device = reserve_device or device
+        self.reserve_int8 = reserve_int8
+        self.cache_positions = cache_positions
+        self.cap = 0  # reserve capacity per slot; 0: not allocated
+        self.rk: list[torch.Tensor] = []
+        self.rv: list[torch.Tensor] = []
+        self.rk_scale: list[torch.Tensor] = []
+        self.rv_scale: list[torch.Tensor] = []
+        self.rks: list[torch.Tensor] = []
+        self.rpos = torch.empty(0)
+        self.version = 0  # bumped when buffers are reallocated: captured graphs must be recaptured
+
+    # --- reserve tier ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def ensure_reserve(self, need: int) -> None:
+        """Make room for `need` evicted tokens per slot (grows every layer's reserve by doubling)."""
+        if need <= self.cap:
+            return
+        cap = max(need, 2 * self.cap, 256)
+        dev, n = self.reserve_device, self.cap
+        pin = dev.type == "cpu" and self.device.type == "cuda"
+
+        def grown(old: torch.Tensor | None, shape, dtype, fill=0) -> torch.Tensor:
+            t = torch.full(shape, fill, dtype=dtype, device=dev, pin_memory=pin) if fill else \
+                torch.zeros(shape, dtype=dtype, device=dev, pin_memory=pin)
+            if old is not None and n:
+                t[:, :, :n] = old[:, :, :n] if t.dim() > 2 else old[:, :n]
+            return t
+
+        shape = (self.slots, self.kv_heads, cap + 1, self.head_dim)
+        kv_dtype = torch.int8 if self.reserve_int8 else self.dtype
+        old = lambda lst, i: lst[i] if lst else None  # noqa: E731
+        self.rk = [grown(old(self.rk, i), shape, kv_dtype) for i in range(self.layers)]
+        self.rv = [grown(old(self.rv, i), shape, kv_dtype) for i in range(self.layers)]
+        if self.reserve_int8:
+            self.rk_scale = [grown(old(self.rk_scale, i), shape[:3], torch.float32) for i in range(self.layers)]
+            self.rv_scale = [grown(old(self.rv_scale, i), shape[:3], torch.float32) for i in range(self.layers)]
+        if self.cache_positions:
+            self.rks = [grown(old(self.rks, i), shape, self.dtype) for i in range(self.layers)]
+        rpos = torch.full((self.slots, cap + 1), -1, dtype=torch.long, device=dev)
+        if n:
+            rpos[:, :n] = self.rpos[:, :n]
+        self.rpos = rpos.to(self.device)  # positions are small: always on the compute device
+        self.cap = cap
+        self.version += 1
+
+    def reserve_write(self, layer: int, idx: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys and values at reserve index `idx` (a tuple of index tensors / slices)."""
+        k, v = k.to(self.reserve_device, non_blocking=True), v.to(self.reserve_device, non_blocking=True)
+        if self.reserve_int8:
+            for store, scale, x in ((self.rk, self.rk_scale, k), (self.rv, self.rv_scale, v)):
+                s = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
+                store[layer][idx] = (x.float() / s.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+                scale[layer][idx] = s
+        else:
+            self.rk[layer][idx] = k
+            self.rv[layer][idx] = v
+
+    def reserve_keys(self, layer: int, scoring: bool = False) -> torch.Tensor:
+        """Reserve keys [slots, kv_heads, cap + 1, head_dim] in the compute dtype, on the compute device."""
+        if scoring and self.cache_positions:
+            return self.rks[layer].to(self.device, non_blocking=True)
+        return self._dequant(self.rk, self.rk_scale, layer)
+
+    def reserve_values(self, layer: int) -> torch.Tensor:
+        return self._dequant(self.rv, self.rv_scale, layer)
+
+    def reserve_keys_at(self, layer: int, part: tuple) -> torch.Tensor:
+        return self._dequant(self.rk, self.rk_scale, layer, part)
+
+    def reserve_values_at(self, layer: int, part: tuple) -> torch.Tensor:
+        return self._dequant(self.rv, self.rv_scale, layer, part)
+
+    def _dequant(self, store, scale, layer: int, part: tuple = (slice(None),)) -> torch.Tensor:
+        x = store[layer][part].to(self.device, non_blocking=True)
+        if self.reserve_int8:
+            s = scale[layer][part].to(self.device, non_blocking=True)
+            return (x.float() * s.unsqueeze(-1)).to(self.dtype)
+        return x
+
+    # --- slots -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def clear(self, slot: int) -> None:
+        for pos in self.pos:
+            pos[slot].fill_(-1)
+        for score in self.score:
+            score[slot].zero_()
+        if self.cap:
+            self.rpos[slot].fill_(-1)
+        self.replaced[slot] = 0
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into `dst` (compaction after a request leaves)."""
+        for group in (self.k, self.v, self.pos, self.score, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks):
+            for t in group:
+                t[dst].copy_(t[src])
+        if self.cap:
+            self.rpos[dst].copy_(self.rpos[src])
+        self.replaced[dst] = self.replaced[src]
+        self.clear(src)
+
+    def nbytes_per_slot(self) -> int:
+        """Bytes of one slot's active cache (keys and values, all layers): what the budget bounds."""
+        per = self.kv_heads * self.budget * self.head_dim * self.k[0].element_size()
+        return 2 * self.layers * per
