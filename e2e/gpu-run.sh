@@ -2,6 +2,7 @@
 # Runs SLAM on a GPU machine that has no network: the model GGUF and pure-Python wheels arrive carried
 # (see docs/benchmarks.md). Usage: e2e/gpu-run.sh setup|test|bench|niah|ppl  (results go to $OUT).
 set -euo pipefail
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/server:$PWD/operator:$PWD PYTHONUNBUFFERED=1 SLAM_HOME=/root/slamhome
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}
@@ -13,9 +14,19 @@ setup)  # stage2/ carries the second half of the GGUF; the first half is already
   python3 -c "from slam.model import ensure_embedded_model; print(ensure_embedded_model())" ;;
 test)
   python3 -m pytest -q -p no:cacheprovider tests/test_policies.py tests/test_engine.py 2>&1 | tee "$OUT/gpu-tests.log" ;;
-bench)
-  python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --policies full,streaming,slam \
-    --contexts 1000,4000,8000 --batches 1,8 --tokens 32 --json --plot "$OUT/bench-decode-h100.png" | tee "$OUT/bench-decode-h100.jsonl" ;;
+checks)  # sync-free decode step, CUDA graphs equal eager (random weights: no model needed)
+  python3 e2e/gpu_checks.py 2>&1 | tee "$OUT/gpu-checks.log" ;;
+bench-r)  # the same at budget 256 with layers refreshing every 1, 2 and 4 steps
+  for r in 1 2 4; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m \
+    --policies slam --budget 256 --contexts 4000 --batches 1,32 --tokens 32 --select-every $r --json; done \
+    | tee "$OUT/bench-decode-refresh.jsonl" ;;
+bench)  # issue 7's targets: budget 256 at 4K over batches, then budget 2048 at batch 32 over contexts
+  python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --baseline transformers \
+    --policies full,streaming,slam --budget 256 --contexts 4000 --batches 1,8,32 --tokens 32 --json \
+    | tee "$OUT/bench-decode-256.jsonl"
+  python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --baseline transformers \
+    --policies full,streaming,slam --budget 2048 --contexts 4000,16000,32000 --batches 32 --tokens 32 --json \
+    | tee "$OUT/bench-decode-2048.jsonl" ;;
 niah)
   python3 -m slam.cli eval niah --device cuda --policies full,streaming,slam --budgets 256,512 \
     --lengths 4000,8000 --depths 0.1,0.5,0.9 --seeds 3 --json --plot "$OUT/niah-h100.png" | tee "$OUT/niah-h100.jsonl" ;;

@@ -1,6 +1,6 @@
 """Fixtures for the HTTP tests: real `slam serve` processes on free loopback ports, and a reference engine.
 
-The servers run as subprocesses through `python -m slam.api.commands serve`, so the tests exercise the same
+The servers run as subprocesses through `python -m slam.cli serve`, so the tests exercise the same
 code path as `slam serve`, over real HTTP.
 """
 
@@ -26,8 +26,11 @@ MODEL = "SmolLM2-135M-Instruct"
 # Small everything: short prompts, a small budget so eviction happens, few tokens per request.
 BUDGET, SINK, RECENT = 24, 4, 8
 MAX_PROMPT_TOKENS = 200
+RESUME_GRACE_S = 2.0
+MAX_N = 4
 SERVER_ARGS = ["--budget", str(BUDGET), "--sink", str(SINK), "--recent", str(RECENT), "--max-batch", "16",
-               "--max-queue", "16", "--max-prompt-tokens", str(MAX_PROMPT_TOKENS)]
+               "--max-queue", "16", "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--resume-grace-s",
+               str(RESUME_GRACE_S), "--max-n", str(MAX_N)]
 READY_TIMEOUT_S = 120
 
 
@@ -45,7 +48,7 @@ def server_env() -> dict[str, str]:
 
 
 def serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "slam.api.commands", "serve", *args]
+    return [sys.executable, "-m", "slam.cli", "serve", *args]
 
 
 @contextlib.contextmanager
@@ -109,7 +112,8 @@ def api_key_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_server_url(tmp_path_factory, api_key_file) -> Iterator[str]:
     """One batch slot, no queue, API keys required: for 429 and 401."""
-    args = [*SERVER_ARGS[:6], "--max-batch", "1", "--max-queue", "0", "--api-key-file", str(api_key_file)]
+    args = [*SERVER_ARGS[:6], "--max-batch", "1", "--max-queue", "0", "--api-key-file", str(api_key_file),
+            "--resume-grace-s", "1"]
     yield from _shared_server("serve-small", args, tmp_path_factory)
 
 

@@ -228,7 +228,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         else:
             self.objects[key] = obj
         await self._emit(resource, event, obj)
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        # The last finalizer gone, the object goes; a terminating pod goes when its kubelet confirms instead.
+        terminating = resource == POD and meta.get("deletionGracePeriodSeconds")
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not terminating:
             self.objects[key].delete()
             await self._emit(resource, "DELETED", obj)
         return copy.deepcopy(obj)
@@ -335,6 +337,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             pod = self._current(POD, namespace, name)
             if pod["metadata"].get("deletionTimestamp"):
                 await self._remove(POD, pod)
+
+    def history(self) -> list[tuple[int, Any, dict[str, Any]]]:
+        """Every watch event so far, as (resourceVersion, resource, event), oldest first."""
+        return list(self._log)
 
     def get(self, resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         key = (resource, namespace, name)

@@ -19,7 +19,7 @@ TESTS = Path(__file__).parent
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slam.api.commands", "bench", "serve", "--no-progress", *args],
+    return subprocess.run([sys.executable, "-m", "slam.cli", "bench", "serve", "--no-progress", *args],
                           env=server_env(), capture_output=True, text=True, timeout=240)
 
 

@@ -83,3 +83,93 @@ def test_eval_niah_json_table_and_plot(tiny_dir, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     table = run(*args)
     assert table.returncode == 0 and "slam" in table.stdout and "/2" in table.stdout
+
+
+# --- the package itself ----------------------------------------------------------------------------------
+SERVER = __import__("pathlib").Path(__file__).resolve().parents[1] / "server" / "slam"
+# Which slam packages a package may import (design.md 2.5: none imports one above it).
+LAYERS = {"cli": {"api", "bench"}, "bench": set(), "api": set()}
+# bench/decode.py (the engine rewrite's file) still takes two flag helpers from slam.cli; they now live in
+# slam.flags, and its rewrite imports them from there.
+PENDING = {("bench/decode.py", "cli")}
+
+
+def slam_imports(path) -> set[str]:
+    """Top-level slam packages a module imports anywhere in it (function-level imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        found |= {n.split(".")[1] for n in names if n.startswith("slam.") and n.count(".") >= 1}
+    return found
+
+
+def test_no_import_cycle_between_cli_api_and_bench():
+    for package, allowed in LAYERS.items():
+        for path in sorted((SERVER / package).glob("*.py")):
+            rel = str(path.relative_to(SERVER))
+            above = {p for p in slam_imports(path) & set(LAYERS) if p != package and p not in allowed}
+            above -= {p for f, p in PENDING if f == rel}
+            assert not above, f"{rel} imports slam.{above}"
+
+
+def test_serve_flags_are_the_settings_fields():
+    """No second list of flag names: every ServerSettings field but the secrets is a flag, with its help."""
+    from slam.cli import build_parser
+    from slam.config import ServerSettings
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {a.dest: a for a in serve._actions if a.dest != "help"}
+    secrets = {"s3_access_key", "s3_secret_key", "replica_token"}
+    assert set(flags) == set(ServerSettings.model_fields) - secrets
+    for name, action in flags.items():
+        assert action.option_strings == ["--" + name.replace("_", "-")]
+        assert action.help and ServerSettings.model_fields[name].description in action.help, name
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--max-model-len", "0"], {}, "--max-model-len (SLAM_MAX_MODEL_LEN): "),
+    (["--allowed-policies", "slam,magic"], {}, "unknown policy 'magic'"),
+    ([], {"SLAM_RESUME_GRACE_S": "-1"}, "--resume-grace-s (SLAM_RESUME_GRACE_S): "),
+    (["--policy", "slam", "--allowed-policies", "full"], {}, "--allowed-policies (SLAM_ALLOWED_POLICIES): "),
+    (["--checkpoint-max-age", "5"], {}, "--checkpoint-max-age (SLAM_CHECKPOINT_MAX_AGE): "),
+])
+def test_serve_errors_name_flag_and_env(args, env, message, monkeypatch, capsys):
+    from slam.cli import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", *args]) == 2  # settings fail before the model loads
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_env_lists_and_one_prefix(monkeypatch):
+    from slam.config import ServerSettings
+
+    monkeypatch.setenv("SLAM_ALLOWED_POLICIES", "slam,streaming")
+    monkeypatch.setenv("SLAM_PEER_DOMAIN", "web-pods.default.svc.cluster.local")
+    monkeypatch.setenv("SLAM_CHECKPOINT_RETENTION", "9")  # the checkpoint library's own prefix: not read
+    settings = ServerSettings(s3_endpoint="127.0.0.1:9000", slot=3)
+    assert settings.allowed_policies == ["slam", "streaming"]
+    assert settings.peers == ["web-pods.default.svc.cluster.local"]
+    ckpt = settings.checkpoint_config()
+    assert (ckpt.retention, ckpt.slot, ckpt.endpoint) == (2, 3, "127.0.0.1:9000")
+    assert settings.engine_config().cache == settings.cache_config()
+
+
+def test_plugin_command_groups(monkeypatch, tmp_path, capsys):
+    """`slam operator` comes from the operator package through the PLUGINS hook."""
+    import slam.cli
+
+    (tmp_path / "fake_plugin.py").write_text(
+        "def register(sub):\n    sub.add_parser('operator').set_defaults(func=lambda args: 7)\n")
+    (tmp_path / "broken_plugin.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(slam.cli, "PLUGINS", {"fake_plugin": "operator", "not_installed_plugin": "other",
+                                              "broken_plugin": "broken"})
+    assert slam.cli.main(["operator"]) == 7
+    assert slam.cli.main(["broken"]) == 2  # says which module and extra are missing, other commands still work
+    assert "no_such_dependency" in capsys.readouterr().err

@@ -77,7 +77,10 @@ async def test_spec_change_replaces_pods_one_at_a_time(k8s):
             worst = max(worst, len(unready))
             await asyncio.sleep(0.02)
     assert worst == 1
+    versions = {(e["type"], e["object"]["metadata"]["name"]): v for v, r, e in k8s.history() if r == POD}
     for slot, pod in pods.items():
+        # The successor is created only once the old pod has drained and is gone: it restores the drain's checkpoint.
+        assert versions["ADDED", pod["metadata"]["name"]] > versions["DELETED", old[slot]["metadata"]["name"]]
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env["SLAM_MAX_BATCH"] == "4" and pod["metadata"]["labels"]["slam.dev/epoch"] == "1"
         [delete] = deletes_of(k8s, old[slot]["metadata"]["name"])  # graceful: the pod drains and checkpoints

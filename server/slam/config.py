@@ -7,10 +7,11 @@ configure a pod with environment variables and a user can do the same with flags
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PositionMode = Literal["original", "cache"]
 
@@ -71,47 +72,98 @@ class EngineConfig(BaseModel):
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
+    select_every: int = Field(default=1, ge=1)
+
+
+def _split_commas(value: Any) -> Any:
+    """Lists from flags and the environment are comma-separated (`--allowed-policies slam,streaming`)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
 class ServerSettings(BaseSettings):
-    """Everything `slam serve` takes; each field is also the environment variable `SLAM_<FIELD>`."""
+    """Everything `slam serve` takes; each field is also the environment variable `SLAM_<FIELD>`.
+
+    The one settings tree of the server: the engine, cache and checkpoint settings are built from these
+    fields (`engine_config()`, `cache_config()`, `checkpoint_config()`), never read from the environment on
+    their own. `slam serve` generates one flag per field from this class, with the description as its help.
+    """
 
     model_config = SettingsConfigDict(env_prefix="SLAM_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    model: str | None = None
-    served_model_name: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
-    device: str = "auto"
-    policy: str = "slam"
-    budget: int = Field(default=256, ge=1)
-    sink: int = Field(default=4, ge=0)
-    recent: int = Field(default=64, ge=1)
-    position_mode: PositionMode = "original"
-    max_batch: int = Field(default=8, ge=1)
-    max_queue: int = Field(default=64, ge=0)
-    prefill_chunk: int = Field(default=512, ge=1)
-    max_prompt_tokens: int = Field(default=32768, ge=1)
-    reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
-    reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
-    enforce_eager: bool = False
-    api_key_file: Path | None = None
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    model: str | None = Field(default=None, description="model directory or .gguf file "
+                              "(default: the embedded SmolLM2-135M-Instruct)")
+    served_model_name: str | None = Field(default=None, description="model id clients use (default: the model's name)")
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
+        default="float32", description="weights: float32, bfloat16, float16, or int8 (dynamic int8 linears, CPU only)")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    policy: str = Field(default="slam", description="default cache policy: full, streaming, slam, snapkv, h2o")
+    budget: int = Field(default=256, ge=1, description="default tokens kept per layer and KV head")
+    sink: int = Field(default=4, ge=0, description="default first tokens never evicted")
+    recent: int = Field(default=64, ge=1, description="default window of newest tokens")
+    position_mode: PositionMode = Field(default="original", description="original, or cache: positions inside "
+                                        "the cache, which runs bounded policies past the trained length")
+    max_batch: int = Field(default=8, ge=1, description="requests decoded together")
+    max_queue: int = Field(default=64, ge=0, description="requests allowed to wait beyond max-batch; "
+                           "more get 429 with Retry-After")
+    prefill_chunk: int = Field(default=512, ge=1, description="prompt tokens processed per step")
+    max_prompt_tokens: int = Field(default=32768, ge=1, description="longest prompt accepted (400 beyond)")
+    max_model_len: int | None = Field(default=None, ge=2, description="longest prompt + max_tokens accepted "
+                                      "(400 beyond); default: the model's trained length, unlimited for "
+                                      "bounded policies with --position-mode cache")
+    allowed_policies: CommaList | None = Field(default=None, description="cache policies a request may ask for "
+                                               "in its `slam` field, comma-separated (default: all)")
+    max_budget: int | None = Field(default=None, ge=2, description="largest budget a request may ask for in its "
+                                   "`slam` field, which sizes the cache pool's slots (default: --budget)")
+    max_body_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest request body accepted, in bytes "
+                                "(413 beyond)")
+    max_n: int = Field(default=8, ge=1, description="largest `n` (choices per request) accepted")
+    resume_grace_s: float = Field(default=30.0, ge=0, description="seconds a streaming request keeps running "
+                                  "after its client dropped, so it can resume with GET /v1/requests/{id}/stream")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM without checkpoints: seconds "
+                                   "running requests get to finish before the server exits")
+    reserve_device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="where slam keeps "
+                                                           "evicted tokens: auto, cuda, cpu")
+    reserve_dtype: Literal["bfloat16", "int8"] = Field(default="bfloat16", description="bfloat16, or int8 "
+                                                       "(per-token scales) for evicted tokens")
+    enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
+    select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
+                              "its critical tokens")
+    api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
+                                      "must send one as Authorization: Bearer")
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
-    s3_endpoint: str | None = None  # host:port, no scheme
-    s3_bucket: str = "slam"
-    s3_prefix: str = "checkpoints"
-    s3_secure: bool = False
-    # Credentials only from the environment (SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY): never flags, which
-    # show up in `ps`; SecretStr keeps them out of reprs and logs.
+    s3_endpoint: str | None = Field(default=None, description="S3 host:port for checkpoints (none: "
+                                    "checkpointing off); credentials from SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY")
+    s3_bucket: str = Field(default="slam", description="checkpoint bucket")
+    s3_prefix: str = Field(default="checkpoints", description="object prefix of checkpoints")
+    s3_secure: bool = Field(default=False, description="true: HTTPS to the S3 endpoint")
+    # Credentials only from the environment (SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY / SLAM_REPLICA_TOKEN):
+    # never flags, which show up in `ps`; SecretStr keeps them out of reprs and logs.
     s3_access_key: SecretStr = SecretStr("")
     s3_secret_key: SecretStr = SecretStr("")
-    slot: int = Field(default=0, ge=0)
+    replica_token: SecretStr = SecretStr("")
+    slot: int = Field(default=0, ge=0, description="checkpoint slot this replica writes")
     # Fencing: the operator bumps a slot's epoch at every failover; checkpoints live under <slot>/<epoch>/.
-    slot_epoch: int = Field(default=0, ge=0)
-    advertise_url: str | None = None  # default http://<host>:<port>
-    checkpoint_interval: int = Field(default=16, ge=1)
-    restore_slot: int | None = Field(default=None, ge=0)
+    slot_epoch: int = Field(default=0, ge=0, description="fencing epoch of the slot, raised by the operator "
+                            "at every failover")
+    advertise_url: str | None = Field(default=None, description="URL other replicas proxy resumed streams to "
+                                      "(default http://HOST:PORT)")
+    peer_domain: CommaList | None = Field(default=None, description="hosts (or domains, e.g. the headless "
+                                          "Service's) a resumed stream may be proxied to, comma-separated "
+                                          "(default: the host of --advertise-url)")
+    checkpoint_interval: int = Field(default=16, ge=1, description="generated tokens between checkpoints "
+                                     "of a request")
+    checkpoint_max_age: int = Field(default=86400, ge=60, description="seconds after which a checkpoint that "
+                                    "was not refreshed is deleted by the slot's owner")
+    restore_slot: int | None = Field(default=None, ge=0, description="resume the requests checkpointed in "
+                                     "this slot before admitting new ones")
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
@@ -120,6 +172,15 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"api key file {self.api_key_file} does not exist")
         if self.restore_slot is not None and not self.s3_endpoint:
             raise ValueError("--restore-slot needs --s3-endpoint")
+        from slam.cache import POLICIES
+
+        unknown = [p for p in self.allowed_policies or [] if p not in POLICIES]
+        if unknown:
+            raise ValueError(f"allowed_policies: unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+        if self.allowed_policies is not None and self.policy not in self.allowed_policies:
+            raise ValueError(f"allowed_policies must include the default policy {self.policy!r}")
+        if self.max_budget is not None and self.policy != "full" and self.max_budget < self.budget:
+            raise ValueError(f"max_budget ({self.max_budget}) is below the default budget ({self.budget})")
         self.checkpoint_config()  # the checkpoint library validates its own fields
         return self
 
@@ -127,17 +188,35 @@ class ServerSettings(BaseSettings):
     def public_url(self) -> str:
         return self.advertise_url or f"http://{self.host}:{self.port}"
 
+    @property
+    def peers(self) -> list[str]:
+        """Hosts or domains a resumed stream may be proxied to."""
+        return self.peer_domain or [urlsplit(self.public_url).hostname or self.host]
+
+    @property
+    def policies(self) -> list[str]:
+        from slam.cache import POLICIES
+
+        return list(self.allowed_policies or POLICIES)
+
+    @property
+    def budget_limit(self) -> int:
+        return self.max_budget or self.budget
+
     def checkpoint_config(self):  # -> CheckpointConfig | None (imported lazily: minio is a serving dependency)
         """The checkpoint library's config built from these settings (one source of truth); None when off."""
         if not self.s3_endpoint:
             return None
         from slam.checkpoint.store import CheckpointConfig
 
-        return CheckpointConfig(
+        # Every field is given (its default unless set here): CheckpointConfig would otherwise also read
+        # its own SLAM_CHECKPOINT_* variables, a second environment prefix; these settings are the only source.
+        defaults = {name: f.get_default(call_default_factory=True) for name, f in CheckpointConfig.model_fields.items()}
+        return CheckpointConfig(**defaults | dict(
             endpoint=self.s3_endpoint, bucket=self.s3_bucket, prefix=self.s3_prefix, secure=self.s3_secure,
             access_key=self.s3_access_key, secret_key=self.s3_secret_key, slot=self.slot,
             epoch=self.slot_epoch, advertise_url=self.public_url, interval_tokens=self.checkpoint_interval,
-        )
+        ))
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -160,4 +239,7 @@ class ServerSettings(BaseSettings):
             reserve_device=self.reserve_device,
             reserve_dtype=self.reserve_dtype,
             enforce_eager=self.enforce_eager,
+            select_every=self.select_every,
+            max_budget=self.max_budget,
+            max_model_len=self.max_model_len,
         )

@@ -96,15 +96,16 @@ def resolve_model_path(model: str | None) -> Path:
 @dataclass
 class LoadedModel:
     name: str
-    path: Path
+    path: Path | None
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None for random-weight speed runs
     device: torch.device
 
     @property
     def eos_token_ids(self) -> set[int]:
         ids = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+        tokenizer_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        for source in (self.model.generation_config.eos_token_id, tokenizer_eos):
             if isinstance(source, int):
                 ids.add(source)
             elif source:

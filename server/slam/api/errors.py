@@ -12,7 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("slam.api")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+         405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+         502: "bad_gateway", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -31,19 +32,29 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """(message, param, code) of the first error; a field the server does not implement comes first."""
+    # An unsupported field first; then our own checks (value_error), which say more than the alternatives
+    # of a union ("should be a valid string") they were tried against.
+    errors = sorted(exc.errors(), key=lambda e: (e.get("type") != "extra_forbidden", e.get("type") != "value_error"))
     if not errors:
-        return "invalid request", None
+        return "invalid request", None, "invalid_value"
     first = errors[0]
-    # loc starts with "body"; the rest names the field, e.g. ("body", "messages", 0, "role").
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # loc starts with "body"; the rest names the field, e.g. ("body", "messages", 0, "role"), with the
+    # alternatives of a union in between ("str", "function-after[...]"), which name no field.
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not (isinstance(x, str) and _is_tag(x))]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None, "invalid_json"
+    if first.get("type") == "extra_forbidden":
+        return f"{param}: this server does not support this field", param, "unsupported_parameter"
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param, "invalid_value"
+
+
+def _is_tag(part: str) -> bool:
+    return "[" in part or part in {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def install(app: FastAPI) -> None:
@@ -54,8 +65,8 @@ def install(app: FastAPI) -> None:
     # FastAPI answers 422 for bodies that do not validate; OpenAI clients expect 400.
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(400, message, param, "invalid_value")
+        message, param, code = _validation_message(exc)
+        return error_response(400, message, param, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,8 +2,10 @@
 their tokens through per-request queues.
 
 Continuous batching comes from the engine's scheduler: requests join and leave between steps. This thread
-only routes each step's outputs to the request that owns them, via `loop.call_soon_threadsafe`, and keeps
-the metrics that need the step's view (cache sizes, token timings).
+routes each step's outputs to the request that owns them, via `loop.call_soon_threadsafe`, and keeps the
+metrics that need the step's view. It is supervised: an exception while handling one request's output
+fails that request; an exception of a whole step fails the requests of that step; only when steps keep
+failing does the loop give up, which turns /health into 503 so that the pod is restarted.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from slam.api.events import Draining, QueueFull, Stream, TokenEvent
 from slam.api.metrics import Metrics
 from slam.api.streams import StreamBuffers
 from slam.config import CacheConfig
@@ -26,68 +27,33 @@ if TYPE_CHECKING:
     from slam.checkpoint import Checkpointer
 
 log = logging.getLogger("slam.api")
-
-
-class QueueFull(Exception):
-    """More requests in flight than max_batch + max_queue."""
-
-
-@dataclass
-class TokenEvent:
-    index: int  # 0-based index of this token among the generated ones (the SSE id)
-    token_id: int
-    text: str
-    finished: bool
-    finish_reason: str | None
-    cache_tokens: int  # the request's active cache, per layer and KV head, after this step
-    cache_bytes: int
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class Stream:
-    seq: Sequence
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    arrival: float = field(default_factory=time.monotonic)
-    last_token: float | None = None
-    last: TokenEvent | None = None
-
-    async def next_event(self) -> TokenEvent:
-        event: TokenEvent = await self.queue.get()
-        self.last = event
-        return event
-
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self.next_event()
-            yield event
-            if event.finished or event.error:
-                return
-
-
-class Draining(Exception):
-    """The server is shutting down: it admits nothing new."""
+MAX_FAILED_STEPS = 3  # consecutive failed iterations before the loop gives up
+__all__ = ["Draining", "EngineLoop", "QueueFull", "Stream", "TokenEvent"]
 
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: Metrics, max_queue: int,
-                 checkpointer: Checkpointer | None = None, buffers: StreamBuffers | None = None):
+                 checkpointer: Checkpointer | None = None, buffers: StreamBuffers | None = None,
+                 resume_grace_s: float = 0.0):
         self.engine = engine
         self.metrics = metrics
         self.capacity = engine.config.max_batch + max_queue
         self.checkpointer = checkpointer
         self.buffers = buffers or StreamBuffers()
+        self.resume_grace_s = resume_grace_s
         self._streams: dict[str, Stream] = {}
+        self._detached: dict[str, tuple[Sequence, float]] = {}  # dropped streams within their resume grace
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._aborted: list[str] = []  # their checkpoints are deleted on the loop thread, after any snapshot
         self.draining = False
-        self._drain_timeout = 0.0
+        self._drain_timeout = 30.0  # for the shutdown checkpoint; drain() sets it
+        self._drain_deadline = 0.0
         self._drained = threading.Event()
         self.drain_ok: bool | None = None
+        self.fatal: str | None = None  # why the loop gave up
         self.on_first_output: list = []  # callbacks (request id, monotonic time), for restore timings
 
     # --- life cycle ------------------------------------------------------------------------------------
@@ -105,16 +71,27 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
-    def drain(self, timeout: float) -> bool:
-        """Graceful shutdown: admit nothing more, and let the loop thread stop stepping and checkpoint every
-        request at once (snapshots must be taken at a step boundary, on the thread that steps). Blocks."""
-        self.draining = True
+    @property
+    def healthy(self) -> bool:
+        """False once the loop gave up or its thread died: no request would ever be served again."""
+        return self.fatal is None and (self._thread is None or self._thread.is_alive() or self._stop.is_set())
+
+    def stop_admission(self, finish_timeout: float) -> None:
+        if not self.draining:
+            self._drain_deadline = time.monotonic() + finish_timeout
+            self.draining = True
+            self._wake.set()
+
+    def drain(self, timeout: float, finish_timeout: float = 0.0) -> bool:
+        """Graceful shutdown: admit nothing more. With checkpoints, the loop thread stops stepping and
+        checkpoints every request at once (snapshots are taken at a step boundary, on the thread that
+        steps); without, running requests get up to `finish_timeout` seconds to finish. Blocks."""
         self._drain_timeout = timeout
-        self._wake.set()
+        self.stop_admission(finish_timeout)
         if self._thread is None or not self._thread.is_alive():
             self._checkpoint_all()
         else:
-            self._drained.wait(timeout + 10)
+            self._drained.wait((timeout if self.checkpointer else finish_timeout) + 10)
         return bool(self.drain_ok)
 
     def _checkpoint_all(self) -> None:
@@ -126,56 +103,151 @@ class EngineLoop:
             self.drain_ok = self.checkpointer.checkpoint_all(seqs, self._drain_timeout)
             log.warning("shutdown checkpoint of %d requests %s in %.2fs", len(seqs),
                         "done" if self.drain_ok else "TIMED OUT", time.monotonic() - t0)
-        else:
-            self.drain_ok = True
+        elif self.drain_ok is None:
+            self.drain_ok = not self.engine.has_work()  # False: the drain timeout cut running requests
         self._drained.set()
 
     # --- called from asyncio handlers -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, cache: CacheConfig, request_id: str) -> Stream:
+        return self.submit_choices(prompt_ids, [sampling], cache, request_id)[0]
+
+    def submit_choices(self, prompt_ids: list[int], choices: list[SamplingParams], cache: CacheConfig,
+                       request_id: str) -> list[Stream]:
+        """Admit all choices of a request, or none (429). Choice i > 0 runs as `<request_id>-<i>`."""
         loop = asyncio.get_running_loop()
-        if self.draining:
+        if self.draining or not self.healthy:
             raise Draining
+        queue: asyncio.Queue = asyncio.Queue()
+        streams = []
         with self._lock:
             # Counted over our own registry, not the scheduler's queues, so the decision is exact under
             # concurrency; finished requests leave the registry in the loop thread, at once.
-            if len(self._streams) >= self.capacity:
+            if len(self._streams) + len(self._detached) + len(choices) > self.capacity:
                 self.metrics.rejected.inc()
                 raise QueueFull
-            # Registered under the lock before the loop thread can produce output for it.
-            seq = self.engine.add_request(prompt_ids, sampling, cache, request_id=request_id)
-            stream = Stream(seq, loop)
-            self._streams[seq.request_id] = stream
-            self.buffers.open(seq.request_id)
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
+            for i, sampling in enumerate(choices):
+                rid = request_id if i == 0 else f"{request_id}-{i}"
+                # Registered under the lock before the loop thread can produce output for it.
+                seq = self.engine.add_request(prompt_ids, sampling, cache, request_id=rid)
+                streams.append(Stream(seq, loop, queue, choice=i))
+                self._streams[rid] = streams[-1]
+                self.buffers.open(rid)
+        self.metrics.prompt_tokens.inc(len(prompt_ids) * len(choices))
         self._wake.set()
-        return stream
+        return streams
 
     def release(self, stream: Stream) -> None:
         """The handler is done with a request: abort it if it still runs (client gone), so its cache frees."""
         with self._lock:
             self._streams.pop(stream.seq.request_id, None)
-        if not stream.seq.finished and not stream.seq.aborted and not self.draining:
-            # While draining, a closing connection is the shutdown itself: the request stays checkpointed.
-            self.engine.abort(stream.seq)
-            self.metrics.aborted.inc()
-            self.buffers.finish(stream.seq.request_id, "aborted", "abort")
-            with self._lock:
-                self._aborted.append(stream.seq.request_id)
-            self._wake.set()
+            self._detached.pop(stream.seq.request_id, None)
+        if stream.seq.finished or stream.seq.aborted:
+            return
+        if self.draining and self.checkpointer is not None:
+            return  # a closing connection while draining is the shutdown itself: the request stays checkpointed
+        self._abort(stream.seq)
+
+    def detach(self, stream: Stream) -> None:
+        """A streaming client went away: keep the request running for the resume grace, so the client can
+        follow it again with GET /v1/requests/{id}/stream; abort it if nobody does."""
+        if self.resume_grace_s <= 0 or stream.seq.finished or stream.seq.aborted or self.draining:
+            return self.release(stream)
+        with self._lock:
+            if self._streams.pop(stream.seq.request_id, None) is None:
+                return  # already finished or released
+            self._detached[stream.seq.request_id] = (stream.seq, time.monotonic() + self.resume_grace_s)
+        self._wake.set()
+
+    def _abort(self, seq: Sequence) -> None:
+        self.engine.abort(seq)
+        self.metrics.aborted.inc()
+        self.buffers.finish(seq.request_id, "aborted", "abort")
+        with self._lock:
+            self._aborted.append(seq.request_id)
+        self._wake.set()
 
     # --- the thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.draining:
-                self._checkpoint_all()
-                self._stop.wait(0.1)
-                continue
-            if not self.engine.has_work():
-                self._delete_aborted()
-                self._wake.wait(0.1)
-                self._wake.clear()
-                continue
-            self._step()
+        failures = 0
+        while not self._stop.is_set() and self.fatal is None:
+            try:
+                self._iteration()
+                failures = 0
+            except Exception as exc:  # a whole step failed: fail its requests, go on unless it keeps failing
+                failures += 1
+                log.exception("engine loop iteration failed (%d in a row)", failures)
+                self._recover(f"engine error: {type(exc).__name__}: {exc}", failures)
+
+    def _recover(self, message: str, failures: int) -> None:
+        if failures >= MAX_FAILED_STEPS:
+            self.fatal = message
+            log.critical("the engine loop gives up after %d failed steps; /health is now 503", failures)
+        try:
+            self._fail_running(message, everything=self.fatal is not None)
+        except Exception:  # not even failing requests works: nothing here can be trusted any more
+            log.exception("failing the requests of a failed step failed too")
+            self.fatal = self.fatal or message
+
+    def _iteration(self) -> None:
+        if self.draining and (self.checkpointer is not None or not self._finishing()):
+            self._checkpoint_all()
+            self._stop.wait(0.1)
+            return
+        self._expire_detached()
+        if not self.engine.has_work():
+            self._delete_aborted()
+            self._wake.wait(0.1)
+            self._wake.clear()
+            return
+        self._step()
+
+    def _finishing(self) -> bool:
+        """Draining without checkpoints: keep stepping while requests run and the drain timeout allows."""
+        return self.engine.has_work() and time.monotonic() < self._drain_deadline
+
+    def _expire_detached(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            detached = list(self._detached.items())
+        for rid, (seq, deadline) in detached:
+            rec = self.buffers.get(rid)
+            if rec is not None and rec.waiters:  # a client follows it again: the grace starts over when it leaves
+                with self._lock:
+                    if rid in self._detached:
+                        self._detached[rid] = (seq, now + self.resume_grace_s)
+            elif now >= deadline:
+                with self._lock:
+                    self._detached.pop(rid, None)
+                if not seq.finished and not seq.aborted:
+                    self._abort(seq)
+
+    def _fail_running(self, message: str, everything: bool = False) -> None:
+        """Fail the requests of a step that could not complete (all open requests when giving up)."""
+        with self.engine.lock:
+            seqs = list(self.engine.scheduler.running)
+            if everything:
+                seqs += list(self.engine.scheduler.waiting)
+        with self._lock:
+            if everything:
+                seqs += [s.seq for s in self._streams.values()] + [seq for seq, _ in self._detached.values()]
+            for seq in {id(s): s for s in seqs}.values():
+                self._fail(seq, message)
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Fail one request (caller holds self._lock): its client gets an error, its cache is freed."""
+        seq.aborted = True
+        if seq.finish_reason is None:
+            seq.finish_reason = "error"
+        self.metrics.failed.inc()
+        self._detached.pop(seq.request_id, None)
+        stream = self._streams.pop(seq.request_id, None)
+        if stream is not None:
+            self._deliver(stream, TokenEvent(len(seq.output_ids), -1, "", True, None, 0, 0, error=message,
+                                             choice=stream.choice))
+        try:
+            self.buffers.finish(seq.request_id, "failed", "error")
+        except Exception:  # the client already has its error; a resumed stream may miss the end
+            log.exception("could not mark request %s failed in its buffer", seq.request_id)
 
     def _step(self) -> None:
         replaced_before = self.engine.stats.replacements
@@ -186,42 +258,60 @@ class EngineLoop:
         generated = 0
         with self._lock:
             for out in outputs:
-                stream = self._streams.get(out.seq.request_id)
-                if out.error:
-                    self.metrics.failed.inc()
-                    if stream is not None:
-                        del self._streams[out.seq.request_id]
-                        self._deliver(stream, TokenEvent(len(out.seq.output_ids), -1, "", True, None, 0, 0, error=out.error))
-                    continue
-                generated += 1
-                if stream is None:
-                    continue  # released by its handler: aborted, reaped at the next step
-                self._timing(stream, now)
-                event = TokenEvent(len(out.seq.output_ids) - 1, out.token_id, out.text, out.finished,
-                                   out.seq.finish_reason if out.finished else None, out.cache_tokens, out.cache_bytes)
-                if out.finished:
-                    del self._streams[out.seq.request_id]
-                    self.metrics.success.labels(out.seq.finish_reason or "stop").inc()
-                    self.metrics.e2e.observe(now - stream.arrival)
-                self._deliver(stream, event)
+                try:
+                    generated += self._route(out, now)
+                except Exception as exc:  # this request's output could not be handled: it alone fails
+                    log.exception("request %s failed while routing its output", out.seq.request_id)
+                    self._fail(out.seq, f"server error: {type(exc).__name__}: {exc}")
         self.metrics.generation_tokens.inc(generated)
         self._record(outputs, now)
-        self._update_gauges()
+        self.metrics.cache_gauges(list(self.engine.scheduler.running))
+
+    def _route(self, out, now: float) -> int:
+        rid = out.seq.request_id
+        stream = self._streams.get(rid)
+        if out.error:
+            self.metrics.failed.inc()
+            self._detached.pop(rid, None)
+            if stream is not None:
+                del self._streams[rid]
+                self._deliver(stream, TokenEvent(len(out.seq.output_ids), -1, "", True, None, 0, 0,
+                                                 error=out.error, choice=stream.choice))
+            return 0
+        if out.finished:
+            self._detached.pop(rid, None)
+        if stream is None:
+            return 1  # detached, or released by its handler (aborted, reaped at the next step)
+        stream.last_token = self.metrics.token_timing(stream.arrival, stream.last_token, now)
+        event = TokenEvent(len(out.seq.output_ids) - 1, out.token_id, out.text, out.finished,
+                           out.seq.finish_reason if out.finished else None, out.cache_tokens, out.cache_bytes,
+                           choice=stream.choice, logprob=out.logprob, top_logprobs=out.top_logprobs)
+        if out.finished:
+            del self._streams[rid]
+            self.metrics.success.labels(out.seq.finish_reason or "stop").inc()
+            self.metrics.e2e.observe(now - stream.arrival)
+        self._deliver(stream, event)
+        return 1
 
     def _record(self, outputs: list, now: float) -> None:
         """Buffer every token for resumable streams, then checkpoint (snapshots happen here, at the step
-        boundary; uploads run on the checkpointer's thread)."""
+        boundary; uploads run on the checkpointer's thread). A failure fails only its request."""
         for out in outputs:
             seq = out.seq
-            if out.error:
-                self.buffers.finish(seq.request_id, "failed", "error")
-                continue
-            for cb in list(self.on_first_output):
-                cb(seq.request_id, now)
-            self.buffers.append(seq.request_id, len(seq.output_ids) - 1, out.token_id, out.text,
-                                seq.finish_reason if out.finished else None)
-        if self.checkpointer is not None:
-            self.checkpointer.after_step([o.seq for o in outputs if not o.seq.aborted])
+            try:
+                if out.error:
+                    self.buffers.finish(seq.request_id, "failed", "error")
+                    continue
+                for cb in list(self.on_first_output):
+                    cb(seq.request_id, now)
+                self.buffers.append(seq.request_id, len(seq.output_ids) - 1, out.token_id, out.text,
+                                    seq.finish_reason if out.finished else None)
+                if self.checkpointer is not None and not seq.aborted:
+                    self.checkpointer.after_step([seq])
+            except Exception as exc:
+                log.exception("request %s failed after its step", seq.request_id)
+                with self._lock:
+                    self._fail(seq, f"server error: {type(exc).__name__}: {exc}")
         self._delete_aborted()
 
     def _delete_aborted(self) -> None:
@@ -231,23 +321,9 @@ class EngineLoop:
             for rid in gone:
                 self.checkpointer.delete_request(rid)
 
-    def _timing(self, stream: Stream, now: float) -> None:
-        if stream.last_token is None:
-            self.metrics.ttft.observe(now - stream.arrival)
-        else:
-            self.metrics.itl.observe(now - stream.last_token)
-        stream.last_token = now
-
     @staticmethod
     def _deliver(stream: Stream, event: TokenEvent) -> None:
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
-
-    def _update_gauges(self) -> None:
-        running = [s for s in list(self.engine.scheduler.running) if s.slot is not None]
-        self.metrics.kv_cache_bytes.set(sum(s.cache_bytes() for s in running))
-        bounded = [s for s in running if s.cache_config.bounded]
-        budget = sum(s.policy.budget for s in bounded)
-        self.metrics.kv_budget_ratio.set(sum(s.cache_tokens() for s in bounded) / budget if budget else 0.0)

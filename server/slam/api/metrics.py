@@ -77,3 +77,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def token_timing(self, arrival: float, last_token: float | None, now: float) -> float:
+        """Record time to first token or between tokens; returns `now`, the request's new last-token time."""
+        if last_token is None:
+            self.ttft.observe(now - arrival)
+        else:
+            self.itl.observe(now - last_token)
+        return now
+
+    def cache_gauges(self, running: list) -> None:
+        running = [s for s in running if s.slot is not None]
+        self.kv_cache_bytes.set(sum(s.cache_bytes() for s in running))
+        bounded = [s for s in running if s.cache_config.bounded]
+        budget = sum(s.policy.budget for s in bounded)
+        self.kv_budget_ratio.set(sum(s.cache_tokens() for s in bounded) / budget if budget else 0.0)

@@ -1,9 +1,13 @@
 """Finding which replica owns a request (from the checkpoint manifests in S3) and proxying to it.
 
-A client that reconnects to a replica that does not hold the request's buffer is forwarded, streaming, to the URL in
-the newest manifest that names the request at the highest claimed epoch of its slot (format.py). A forwarded request
-carries `X-Slam-Proxied`, and is never forwarded again: two replicas that each think the other owns a request answer
-404 instead of looping.
+A client that reconnects to a replica that does not hold the request's buffer is forwarded, streaming, to
+the URL in the newest manifest that names the request at the highest claimed epoch of its slot (format.py;
+a pod cut off from the cluster may still write older epochs, with newer timestamps), if that URL's host is
+one of the trusted peers (--peer-domain); a manifest naming any other host is ignored, since anyone who
+can write to the bucket could otherwise point replicas anywhere. The forward authenticates with this
+replica's own token (SLAM_REPLICA_TOKEN), never with the client's credentials. A forwarded request
+carries `X-Slam-Proxied`, and is never forwarded again: two replicas that each think the other owns a
+request answer 404 instead of looping.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.background import BackgroundTask
@@ -22,13 +27,12 @@ from slam.checkpoint.restore import MANIFEST_RE, latest_epoch
 
 log = logging.getLogger("slam.api")
 PROXIED_HEADER = "X-Slam-Proxied"
-FORWARD_HEADERS = ("last-event-id", "authorization", "accept")
+FORWARD_HEADERS = ("last-event-id", "accept")
 
 
 def find_owner(store: ObjectStore, request_id: str) -> str | None:
     """Owner URL in the newest readable manifest of `request_id` at the highest claimed epoch of any slot;
-    None if there is none. Older epochs are never read: a pod cut off from the cluster may still write
-    them, with newer timestamps, but it owns nothing any more."""
+    None if there is none."""
     prefix = store.config.prefix
     try:
         fmt.request_dir(prefix, 0, request_id)  # rejects ids that cannot name a directory
@@ -62,11 +66,26 @@ def _slot_owner(store: ObjectStore, prefix: str, slot: int, request_id: str) -> 
     return None
 
 
-async def forward(owner: str, path: str, headers: dict[str, str]) -> Response:
-    """GET `owner`+`path`, streamed back as it arrives (SSE included)."""
+def trusted(url: str, peers: list[str]) -> bool:
+    """Whether `url` is an http(s) URL whose host is one of `peers` or lies in one of their domains."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower().rstrip(".")
+        _ = parts.port  # raises on a malformed port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
+        return False
+    return any(host == p or host.endswith("." + p) for p in (p.lower().strip(".") for p in peers) if p)
+
+
+async def forward(owner: str, path: str, headers: dict[str, str], token: str = "") -> Response:
+    """GET `owner`+`path`, streamed back as it arrives (SSE included), authenticated with `token`."""
     client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
     sent = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
     sent[PROXIED_HEADER] = "1"
+    if token:
+        sent["Authorization"] = f"Bearer {token}"
     try:
         upstream = await client.send(client.build_request("GET", owner.rstrip("/") + path, headers=sent), stream=True)
     except httpx.HTTPError:

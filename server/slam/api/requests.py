@@ -7,6 +7,8 @@ proxied to the owner named in its checkpoint manifest (api/proxy.py), else 404 i
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,22 +16,36 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slam.api.errors import APIError
-from slam.api.proxy import PROXIED_HEADER, forward, owner_of
+from slam.api.proxy import PROXIED_HEADER, forward, owner_of, trusted
 from slam.api.streams import Record, StreamBuffers
 
 router = APIRouter()
+log = logging.getLogger("slam.api")
+# Ids this server gives (cmpl-<hex>, chatcmpl-<hex>, and -<choice>): anything else is not a request here.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def is_resume_path(path: str) -> bool:
+    return path.startswith("/v1/requests/")
 
 
 async def _local_or_proxy(request: Request, request_id: str) -> Record | Response:
+    if not REQUEST_ID.fullmatch(request_id):
+        raise APIError(404, "no such request: request ids are letters, digits, '.', '_' and '-'", None,
+                       "request_not_found")
     buffers: StreamBuffers = request.app.state.loop.buffers
     rec = buffers.get(request_id)
     if rec is not None:
         return rec
     if not request.headers.get(PROXIED_HEADER):
         owner = await owner_of(request.app.state.store, request_id)
-        if owner and owner.rstrip("/") != request.app.state.public_url.rstrip("/"):
+        settings = request.app.state.settings
+        if owner and not trusted(owner, settings.peers):
+            log.warning("ignoring the owner %r of request %s: not a trusted peer (--peer-domain)", owner, request_id)
+        elif owner and owner.rstrip("/") != request.app.state.public_url.rstrip("/"):
             try:
-                return await forward(owner, request.url.path, dict(request.headers))
+                return await forward(owner, request.url.path, dict(request.headers),
+                                     settings.replica_token.get_secret_value())
             except httpx.HTTPError as exc:
                 raise APIError(502, f"request {request_id} belongs to {owner}, which does not answer: {exc}",
                                None, "owner_unreachable") from exc
@@ -42,9 +58,12 @@ def _last_event_id(request: Request) -> int:
     if not raw:
         return -1  # from the first token
     try:
-        return int(raw)
+        index = int(raw)
     except ValueError:
-        raise APIError(400, f"Last-Event-ID must be a token index, got {raw!r}", None, "invalid_value") from None
+        index = -2
+    if index < -1:
+        raise APIError(400, f"Last-Event-ID must be a token index, got {raw!r}", None, "invalid_value")
+    return index
 
 
 @router.get("/v1/requests/{request_id}")

@@ -13,9 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from slam.api import errors, failover
+from slam.api.janitor import Janitor, live_ids
+from slam.api.limits import BodyLimit
 from slam.api.loop import EngineLoop
 from slam.api.metrics import Metrics
 from slam.api.prepare import Preparer
+from slam.api.requests import is_resume_path
 from slam.api.requests import router as requests_router
 from slam.api.routes import router
 from slam.config import ServerSettings
@@ -32,15 +35,21 @@ def read_api_keys(path: Path) -> set[str]:
 def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
     metrics = Metrics(running=lambda: len(engine.scheduler.running), waiting=lambda: len(engine.scheduler.waiting))
     store, ckpt = failover.setup(settings, metrics.registry)
-    loop = EngineLoop(engine, metrics, settings.max_queue, ckpt)
+    loop = EngineLoop(engine, metrics, settings.max_queue, ckpt, resume_grace_s=settings.resume_grace_s)
     keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
+    replica_token = settings.replica_token.get_secret_value()
+    janitor = Janitor(store, settings, lambda: live_ids(engine)) if store is not None else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop.start()
+        if janitor is not None:
+            janitor.start()
         try:
             yield
         finally:
+            if janitor is not None:
+                janitor.stop()
             loop.stop()
             if ckpt is not None:
                 ckpt.close(timeout=5.0)
@@ -51,10 +60,11 @@ def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
     app.state.metrics = metrics
     app.state.store, app.state.checkpointer = store, ckpt
     app.state.public_url = settings.public_url
+    app.state.settings = settings
     app.state.started = int(time.time())
-    app.state.preparer = Preparer(engine, settings.served_model_name or engine.loaded.name,
-                                  engine.config.cache, settings.max_prompt_tokens)
+    app.state.preparer = Preparer(engine, settings.served_model_name or engine.loaded.name, settings)
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(router)
     app.include_router(requests_router)
 
@@ -64,8 +74,11 @@ def create_app(settings: ServerSettings, engine: LLMEngine) -> FastAPI:
             if request.url.path not in OPEN_PATHS:
                 given = request.headers.get("authorization", "")
                 token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+                # A peer replica proxying a resumed stream authenticates with the replica token, on those
+                # routes only; the client's own key was checked by that replica.
+                accepted = keys | ({replica_token} if replica_token and is_resume_path(request.url.path) else set())
                 # compare_digest against each key: no timing hint about how much of a key matched
-                if not token or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                if not token or not any(hmac.compare_digest(token.encode(), k.encode()) for k in accepted):
                     return errors.error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
                                                  None, "invalid_api_key")
             return await call_next(request)
@@ -88,14 +101,15 @@ def serve(settings: ServerSettings, engine: LLMEngine, timings: dict | None = No
     # resume elsewhere with Last-Event-ID) instead of holding the exit until they finish.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2)
-    DrainingServer(config, app.state.loop).run()
+    DrainingServer(config, app.state.loop, settings.drain_timeout_s).run()
 
 
 class DrainingServer:
-    """uvicorn.Server whose first SIGTERM/SIGINT first stops admission and checkpoints every request, and only
-    then lets uvicorn shut down (its own shutdown would otherwise wait for streams that never end)."""
+    """uvicorn.Server whose first SIGTERM/SIGINT first stops admission and checkpoints every request (without
+    checkpoints: lets running requests finish for up to `drain_timeout_s`), and only then lets uvicorn shut
+    down (its own shutdown would otherwise wait for streams that never end)."""
 
-    def __new__(cls, config, loop: EngineLoop):
+    def __new__(cls, config, loop: EngineLoop, drain_timeout_s: float = 0.0):
         import uvicorn
 
         class _Server(uvicorn.Server):
@@ -105,12 +119,12 @@ class DrainingServer:
                 if self.draining:  # a second signal: the usual uvicorn behaviour (SIGINT twice forces)
                     return super().handle_exit(sig, frame)
                 self.draining = True
-                loop.draining = True  # 503 from now on, before the checkpoint even starts
+                loop.stop_admission(drain_timeout_s)  # 503 from now on, before the checkpoint even starts
                 threading.Thread(target=self._drain, args=(sig, frame), name="slam-drain", daemon=True).start()
 
             def _drain(self, sig, frame) -> None:
                 try:
-                    loop.drain(failover.SHUTDOWN_CHECKPOINT_S)
+                    loop.drain(failover.SHUTDOWN_CHECKPOINT_S, drain_timeout_s)
                 finally:
                     super(_Server, self).handle_exit(sig, frame)
 

@@ -1,11 +1,17 @@
-"""`slam bench decode`: engine throughput per policy, context length and batch size, without HTTP.
+"""`slam bench decode`: decode throughput per policy, context and batch, beside a same-run baseline.
 
-For each combination it prefills `batch` prompts of `context` tokens, then times `tokens` decode steps.
-Memory is what the policy keeps: bytes of the active cache per request, and on CUDA the peak allocated.
+Each row times `tokens` decode steps of `batch` requests that hold `context` tokens. With `--shape` the
+model is built from a config with random weights (nothing is downloaded) and each request's cache is
+filled with random keys and values as if its prompt had been prefilled: the decode step, not prefill,
+is measured. `--baseline transformers` times transformers' own full-cache decode at the same batch and
+context in the same process, shown as a ratio. The roofline is the step time if the bytes a step must
+read (weights, plus the keys and values it attends to or scores) streamed at the bandwidth measured at
+start.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -14,24 +20,27 @@ from pathlib import Path
 
 import torch
 
+from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request, weight_bytes
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
-from slam.eval.corpus import essays_text
 
 
 @dataclass
 class DecodeResult:
+    engine: str  # "slam" or "transformers"
     policy: str
     budget: int | None
     context: int
     batch: int
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float  # generated tokens per second over the whole batch
-    step_ms: float
-    cache_mib_per_request: float
+    decode_tokens_per_s: float | None  # whole batch; None: did not fit
+    step_ms: float | None
+    roofline_ms: float
+    roofline_pct: float | None
     peak_gpu_mib: float | None
     device: str
+    baseline_ratio: float | None = None  # tokens/s over the baseline's at the same batch and context
+    note: str = ""
 
 
 def _sync(device: torch.device) -> None:
@@ -39,38 +48,88 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_one(engine: LLMEngine, cache: CacheConfig, context: int, batch: int, tokens: int) -> DecodeResult:
-    corpus = engine.tokenizer.encode(essays_text())
-    prompts = [corpus[i * 997 : i * 997 + context] for i in range(batch)]
-    device = engine.runner.device
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: int) -> int:
+    """Bytes of keys and values one decode step reads: the pool slots, plus the reserve keys slam scores."""
+    pool = engine.runner.pool
+    per_col = pool.layers * pool.kv_heads * pool.head_dim * pool.k[0].element_size()
+    read = 2 * per_col * (pool.budget + 1) * batch
+    if cache.policy == "slam":
+        evicted = max(context - cache.sink - cache.recent, 0)
+        read += per_col * evicted * batch  # keys scored; values of the chosen ones are small next to it
+    return read
+
+
+def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: int, args, gbps: float) -> DecodeResult:
+    device = loaded.device
+    full = cache.policy == "full"
+    config = EngineConfig(max_batch=batch, cache=cache, max_budget=context + tokens + 8 if full else None,
+                          max_model_len=max(context + tokens + 8, 16), enforce_eager=args.enforce_eager,
+                          reserve_device=args.reserve_device, reserve_dtype=args.reserve_dtype,
+                          select_every=args.select_every)
+    engine = LLMEngine(config, loaded)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    # No length limit: the timed steps below must each decode every request of the batch. Requests that
-    # finish their prefill early already decode while others prefill; that is not timed.
-    sampling = SamplingParams(max_tokens=10**9, ignore_eos=True)
-    seqs = [engine.add_request(p, sampling, cache) for p in prompts]
-    _sync(device)
-    start = time.perf_counter()
-    while not all(s.output_ids for s in seqs):
+    sampling = SamplingParams(max_tokens=tokens + 4, ignore_eos=True)
+    seqs = [synthetic_request(engine, context, sampling, seed=i) for i in range(batch)]
+    for _ in range(3):  # graph capture and warm-up
         engine.step()
     _sync(device)
-    prefill_s = time.perf_counter() - start
-    cache_bytes = max(s.cache_bytes() for s in seqs)
     start = time.perf_counter()
     for _ in range(tokens):
         engine.step()
     _sync(device)
-    decode_s = time.perf_counter() - start
-    for seq in seqs:
-        engine.abort(seq)
-    engine.step()  # reaps the aborted requests and frees their caches
+    step_s = (time.perf_counter() - start) / tokens
+    assert all(len(s.output_ids) >= tokens for s in seqs)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return DecodeResult(
-        policy=cache.policy, budget=cache.budget, context=context, batch=batch,
-        prefill_tokens_per_s=batch * context / prefill_s, decode_tokens_per_s=batch * tokens / decode_s,
-        step_ms=1000 * decode_s / tokens, cache_mib_per_request=cache_bytes / 2**20,
-        peak_gpu_mib=peak, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-    )
+    roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
+    del engine, seqs
+    return DecodeResult("slam", cache.policy, cache.budget, context, batch, batch / step_s, 1000 * step_s,
+                        1000 * roof, 100 * roof / step_s, peak, _device_name(device))
+
+
+@torch.inference_mode()
+def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: float) -> DecodeResult:
+    """transformers' decode with its full DynamicCache (sdpa), the cache filled with random keys/values."""
+    from transformers import DynamicCache
+
+    model, device = loaded.model, loaded.device
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * batch * model.dtype.itemsize
+    roof = (weight_bytes(model) + kv_bytes) / (gbps * 1e9)
+    name = _device_name(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        cache = DynamicCache()
+        shape = (batch, cfg.num_key_value_heads, context, head_dim)
+        for layer in range(cfg.num_hidden_layers):
+            cache.update(torch.randn(shape, device=device, dtype=model.dtype),
+                         torch.randn(shape, device=device, dtype=model.dtype), layer)
+        ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
+        mask = torch.ones(batch, context + 1, dtype=torch.long, device=device)
+        for i in range(tokens + 3):
+            if i == 3:
+                _sync(device)
+                start = time.perf_counter()
+            out = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True)
+            ids = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, mask[:, :1]], dim=1)
+        _sync(device)
+        step_s = (time.perf_counter() - start) / tokens
+    except torch.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return DecodeResult("transformers", "full", None, context, batch, None, None, 1000 * roof, None, None, name,
+                            note="does not fit")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    del cache, out
+    return DecodeResult("transformers", "full", None, context, batch, batch / step_s, 1000 * step_s, 1000 * roof,
+                        100 * roof / step_s, peak, name)
 
 
 def run(args) -> int:
@@ -78,27 +137,49 @@ def run(args) -> int:
     from rich.table import Table
     from tqdm import tqdm
 
+    if args.shape:
+        loaded = random_model(SHAPES[args.shape], args.dtype, args.device)
+    else:
+        from slam.model import load_model
+
+        loaded = load_model(args.model, args.dtype, args.device)
+    gbps = bandwidth(loaded.device)
     caches = [CacheConfig(policy=p, budget=None if p == "full" else args.budget, sink=args.sink, recent=args.recent)
               for p in args.policies]
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                    max_batch=max(args.batches), prefill_chunk=args.prefill_chunk, cache=caches[0]))
-    # One short run first, so that one-time costs (allocator, kernels) are not charged to the first row.
-    bench_one(engine, caches[0], min(args.contexts), 1, 4)
-    combos = [(c, n, b) for c in caches for n in args.contexts for b in args.batches]
-    results = []
-    for cache, context, batch in tqdm(combos, desc="bench decode", file=sys.stderr):
-        result = bench_one(engine, cache, context, batch, args.tokens)
-        results.append(result)
-        if args.json:
-            print(json.dumps(asdict(result)), flush=True)
+    combos = [(n, b) for n in args.contexts for b in args.batches]
+    results: list[DecodeResult] = []
+    for context, batch in tqdm(combos, desc="bench decode", file=sys.stderr):
+        base = bench_transformers(loaded, context, batch, args.tokens, gbps) if args.baseline == "transformers" else None
+        rows = [base] if base else []
+        for cache in caches:
+            try:
+                row = bench_engine(loaded, cache, context, batch, args.tokens, args, gbps)
+            except torch.OutOfMemoryError:
+                row = DecodeResult("slam", cache.policy, cache.budget, context, batch, None, None, 0.0, None, None,
+                                   _device_name(loaded.device), note="does not fit")
+            if base and base.decode_tokens_per_s and row.decode_tokens_per_s:
+                row.baseline_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
+            rows.append(row)
+            gc.collect()
+            if loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+        for row in rows:
+            results.append(row)
+            if args.json:
+                print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
+                                  "select_every": args.select_every, "graphs": not args.enforce_eager,
+                                  "torch": torch.__version__}), flush=True)
     if not args.json:
-        table = Table(title=f"slam bench decode on {results[0].device}")
-        for column in ("policy", "budget", "context", "batch", "prefill tok/s", "decode tok/s", "step ms", "cache MiB/req", "peak GPU MiB"):
+        table = Table(title=f"slam bench decode on {results[0].device} ({args.shape or 'model'}, {args.dtype}, "
+                            f"{gbps:.0f} GB/s measured)")
+        for column in ("engine", "policy", "context", "batch", "tok/s", "step ms", "roofline ms", "% roofline",
+                       "peak GPU MiB", "x baseline"):
             table.add_column(column, justify="right")
+        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         for r in results:
-            table.add_row(r.policy, str(r.budget or "-"), str(r.context), str(r.batch), f"{r.prefill_tokens_per_s:.0f}",
-                          f"{r.decode_tokens_per_s:.1f}", f"{r.step_ms:.1f}", f"{r.cache_mib_per_request:.2f}",
-                          "-" if r.peak_gpu_mib is None else f"{r.peak_gpu_mib:.0f}")
+            table.add_row(r.engine, r.policy, str(r.context), str(r.batch), fmt(r.decode_tokens_per_s, ".1f") + (
+                f" ({r.note})" if r.note else ""), fmt(r.step_ms, ".2f"), f"{r.roofline_ms:.2f}",
+                fmt(r.roofline_pct, ".0f"), fmt(r.peak_gpu_mib, ".0f"), fmt(r.baseline_ratio, ".1f"))
         Console().print(table)
     if args.plot:
         plot(results, args.plot)
@@ -111,19 +192,23 @@ def plot(results: list[DecodeResult], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for policy in dict.fromkeys(r.policy for r in results):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in dict.fromkeys((r.engine, r.policy) for r in results):
         for batch in sorted({r.batch for r in results}):
-            rows = [r for r in results if r.policy == policy and r.batch == batch]
-            label = f"{policy}, batch {batch}"
+            rows = [r for r in results if (r.engine, r.policy) == key and r.batch == batch and r.step_ms]
+            if not rows:
+                continue
+            label = f"{key[0]} {key[1]}, batch {batch}"
             axes[0].plot([r.context for r in rows], [r.decode_tokens_per_s for r in rows], marker="o", label=label)
-            axes[1].plot([r.context for r in rows], [r.cache_mib_per_request for r in rows], marker="o", label=label)
+            axes[1].plot([r.context for r in rows], [r.peak_gpu_mib or 0 for r in rows], marker="o", label=label)
     axes[0].set_ylabel("decode tokens/s (batch total)")
-    axes[1].set_ylabel("active cache MiB per request")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("peak GPU MiB")
     for ax in axes:
         ax.set_xlabel("context tokens")
+        ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -131,7 +216,7 @@ def plot(results: list[DecodeResult], out: Path) -> None:
 def add_parser(sub) -> None:
     from slam.cli import add_model_flags, positive_list
 
-    p = sub.add_parser("decode", help="engine prefill/decode throughput and cache memory per policy")
+    p = sub.add_parser("decode", help="decode throughput per policy, context and batch, beside a baseline")
     p.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
     p.add_argument("--contexts", type=positive_list(int), default=[512, 2000, 4000])
     p.add_argument("--batches", type=positive_list(int), default=[1])
@@ -139,6 +224,14 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=64)
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="random weights from this model shape's config instead of --model (nothing downloaded)")
+    p.add_argument("--baseline", choices=["none", "transformers"], default="none",
+                   help="also time transformers' full-cache decode at each batch and context")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--reserve-dtype", choices=["bfloat16", "int8"], default="bfloat16")
+    p.add_argument("--select-every", type=int, default=1, help="slam: steps between a layer's refreshes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, default=None)
     add_model_flags(p)

@@ -62,7 +62,7 @@ class Bench:
 
     def start(self, prefix: str, *extra: str) -> tuple[subprocess.Popen, str, float]:
         port = _port()
-        cmd = [sys.executable, "-m", "slam.api.commands", "serve", "--port", str(port), "--s3-endpoint",
+        cmd = [sys.executable, "-m", "slam.cli", "serve", "--port", str(port), "--s3-endpoint",
                f"127.0.0.1:{self.s3_port}", "--s3-prefix", prefix, "--checkpoint-interval", str(self.args.interval),
                "--max-prompt-tokens", "100000", *MODEL_ARGS, *extra]
         spawned = time.time()
@@ -238,7 +238,7 @@ def print_tables(result: dict) -> None:
 
 
 def add_parser(sub) -> None:
-    from slam.cli import positive_list
+    from slam.flags import positive_list
 
     p = sub.add_parser("failover", help="recovery time after a crash: restore vs re-prefill vs restart")
     p.add_argument("--contexts", type=positive_list(int), default=[500, 1000, 2000])

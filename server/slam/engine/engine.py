@@ -12,7 +12,7 @@ import torch
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.model_runner import ModelRunner
 from slam.engine.plan import decode_plan, sampling_batch
-from slam.engine.sampler import sample
+from slam.engine.sampler import process, sample, token_logprobs
 from slam.engine.scheduler import Scheduler
 from slam.engine.sequence import SamplingParams, Sequence, Status
 from slam.model import LoadedModel, load_model
@@ -34,6 +34,8 @@ class StepOutput:
     cache_tokens: int = 0  # the request's active cache per layer and KV head after this step
     cache_bytes: int = 0  # measured before a finished request's cache is freed
     error: str | None = None
+    logprob: float | None = None  # of the chosen token, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
 
 
 @dataclass
@@ -57,7 +59,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.loaded, config.max_batch, self.budget, reserve_device=self._reserve_device(),
             reserve_int8=config.reserve_dtype == "int8", cache_positions=config.cache.position_mode == "cache",
-            int8_weights=config.dtype == "int8", enforce_eager=config.enforce_eager)
+            int8_weights=config.dtype == "int8", enforce_eager=config.enforce_eager, select_every=config.select_every)
         self.scheduler = Scheduler(config.max_batch, config.prefill_chunk)
         self.slots: list[Sequence] = []  # slots[i] runs in pool slot i; running requests fill [0, n)
         self.stats = EngineStats()
@@ -70,7 +72,8 @@ class LLMEngine:
 
     # --- requests ------------------------------------------------------------------------------------
     def make_sequence(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                      cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
+                      cache: CacheConfig | None = None, request_id: str | None = None,
+                      prefill_boundaries: list[int] | None = None) -> Sequence:
         """A checked request, not yet queued (restores build theirs the same way)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
@@ -91,11 +94,14 @@ class LLMEngine:
             raise RequestError(f"the full cache holds {self.budget} tokens; prompt ({len(prompt_ids)}) + "
                                f"max_tokens ({sampling.max_tokens}) exceed it")
         extra = {} if request_id is None else {"request_id": request_id}
-        return Sequence(list(prompt_ids), sampling, cache, pool_budget=self.budget, **extra)
+        return Sequence(list(prompt_ids), sampling, cache, pool_budget=self.budget,
+                        prefill_boundaries=sorted(prefill_boundaries or []), **extra)
 
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                    cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
-        seq = self.make_sequence(prompt_ids, sampling, cache, request_id)
+                    cache: CacheConfig | None = None, request_id: str | None = None,
+                    prefill_boundaries: list[int] | None = None) -> Sequence:
+        """Queue a request. `prefill_boundaries`: prompt positions no prefill chunk may cross."""
+        seq = self.make_sequence(prompt_ids, sampling, cache, request_id, prefill_boundaries)
         with self.lock:
             self.scheduler.add(seq)
         return seq
@@ -200,56 +206,107 @@ class LLMEngine:
     def postprocess(self, batch, rows: list[Sequence], logits: torch.Tensor | None) -> list[StepOutput]:
         if not rows:
             return []
-        tokens = sample(logits, sampling_batch(rows, logits.device))
-        # The step's one transfer to the host: sampled ids and the running churn counter.
+        tokens = sample(self.processed(rows, logits), sampling_batch(rows, logits.device))
+        # The step's one transfer to the host: sampled ids, which rows had NaN logits, and the churn counter.
         pool = self.runner.pool
-        host = torch.cat([tokens, pool.replaced[: len(self.slots)].sum().view(1)]).tolist()
+        nan = torch.isnan(logits).any(dim=-1).long()
+        host = torch.cat([tokens, nan, pool.replaced[: len(self.slots)].sum().view(1)]).tolist()
         self.stats.replacements = self.replaced_done + host[-1]
+        n = len(rows)
         outputs = []
-        for seq, token in zip(rows, host[:-1]):
-            cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
-            seq.output_ids.append(token)
-            self.stats.generation_tokens += 1
-            text = self.detokenize(seq)
-            reason = self.stop_reason(seq, token)
-            if reason == "stop" and seq.sampling.stop:
-                text = self.cut_at_stop(seq, text)
-            if reason:
-                seq.finish_reason = reason
-                with self.lock:
-                    self.scheduler.finish(seq)
-                    self.release_slot(seq)
-            outputs.append(StepOutput(seq, token, text, reason is not None, cache_tokens, cache_bytes))
+        for i, (seq, token) in enumerate(zip(rows, host[:n])):
+            try:  # sampling or detokenizing one request fails that request only
+                if host[n + i]:
+                    raise FloatingPointError("the model produced NaN logits")
+                outputs.append(self.next_token(seq, token, logits[i]))
+            except Exception as exc:
+                log.exception("request %s failed in postprocess", seq.request_id)
+                outputs.extend(self.fail([(seq, None)], f"engine error: {type(exc).__name__}: {exc}"))
         return outputs
 
+    def processed(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Logits after each request's penalties and min_tokens mask (rows that have none stay as they are)."""
+        need = [i for i, s in enumerate(rows) if s.sampling.penalized or len(s.output_ids) < s.sampling.min_tokens]
+        if not need:
+            return logits
+        logits = logits.clone()
+        for i in need:
+            s = rows[i]
+            logits[i] = process(logits[i], s.sampling, s.prompt_ids, s.output_ids, self.eos_ids)
+        return logits
+
+    def next_token(self, seq: Sequence, token: int, raw: torch.Tensor) -> StepOutput:
+        if seq.forced_ids is not None:  # teacher forcing (perplexity): the text decides, not the sampler
+            token = seq.forced_ids[len(seq.output_ids)]
+        cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
+        params = seq.sampling
+        logprob, top = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else (None, None)
+        seq.output_ids.append(token)
+        self.stats.generation_tokens += 1
+        before = seq.output_text
+        self.detokenize(seq)
+        reason = self.stop_reason(seq, token, before)
+        text = self.visible_delta(seq, before, reason is not None)
+        if reason:
+            seq.finish_reason = reason
+            with self.lock:
+                self.scheduler.finish(seq)
+                self.release_slot(seq)
+        return StepOutput(seq, token, text, reason is not None, cache_tokens, cache_bytes, logprob=logprob,
+                          top_logprobs=top)
+
     def detokenize(self, seq: Sequence) -> str:
-        ids = seq.all_ids
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        if self.tokenizer is None:  # random-weight benchmark models have ids, not text
+            return ""
+        tail = seq.ids(seq.prefix_offset)  # only the last few tokens: never the whole context
+        prefix = self.tokenizer.decode(tail[: seq.read_offset - seq.prefix_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(tail, skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            seq.prefix_offset, seq.read_offset = seq.read_offset, seq.length
             seq.output_text += delta
             return delta
         return ""
 
-    def stop_reason(self, seq: Sequence, token: int) -> str | None:
-        if token in self.eos_ids and not seq.sampling.ignore_eos:
-            return "stop"
-        if any(s in seq.output_text for s in seq.sampling.stop):
-            return "stop"
-        if len(seq.output_ids) >= seq.sampling.max_tokens:
+    def stop_reason(self, seq: Sequence, token: int, before: str) -> str | None:
+        """Why `seq` ends with `token` (None: it goes on). `before` is its text before this token's.
+
+        As in vLLM: no stop condition applies before `min_tokens`; a stop token's own text is dropped; a
+        stop string ends the text right before it, searched only where this token's text could complete it."""
+        params = seq.sampling
+        if len(seq.output_ids) >= params.min_tokens:
+            if token in params.stop_token_ids:
+                seq.output_text = before
+                return "stop"
+            if token in self.eos_ids and not params.ignore_eos:
+                return "stop"
+            text = seq.output_text
+            found = [i for s in params.stop if (i := text.find(s, max(0, len(before) - len(s) + 1))) >= 0]
+            if found:
+                seq.output_text = text[: min(found)]
+                return "stop"
+        if len(seq.output_ids) >= params.max_tokens:
             return "length"
         return None
 
     @staticmethod
-    def cut_at_stop(seq: Sequence, delta: str) -> str:
-        cut = min((seq.output_text.find(s) for s in seq.sampling.stop if s in seq.output_text), default=-1)
-        if cut < 0:
-            return delta
-        before = len(seq.output_text) - len(delta)
-        seq.output_text = seq.output_text[:cut]
-        return delta[: max(cut - before, 0)]
+    def held_back(text: str, stops: list[str]) -> int:
+        """Length of the longest end of `text` that could be the start of a stop string."""
+        held = 0
+        for stop in stops:
+            for k in range(min(len(stop) - 1, len(text)), held, -1):
+                if text.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+    def visible_delta(self, seq: Sequence, before: str, finished: bool) -> str:
+        """The text a client may see now: never text a later stop string could cut. What was held back
+        earlier is released once it can no longer start a stop string, or when the request ends."""
+        stops = seq.sampling.stop
+        start = len(before) - self.held_back(before, stops)
+        end = len(seq.output_text) if finished else len(seq.output_text) - self.held_back(seq.output_text, stops)
+        return seq.output_text[start:end]
 
     # --- convenience ---------------------------------------------------------------------------------
     def generate(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted
 from slam.engine import attention as A
@@ -32,11 +33,25 @@ def fused_linear(*parts: nn.Linear) -> nn.Linear:
     return out
 
 
+class RMSNorm(nn.Module):
+    """The model's RMSNorm as one fused kernel (on CUDA; the CPU keeps the model's own, bit for bit)."""
+
+    def __init__(self, hf_norm: nn.Module):
+        super().__init__()
+        self.hf_norm, self.weight = hf_norm, hf_norm.weight
+        self.eps = getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return self.hf_norm(x)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
 class Layer(nn.Module):
     def __init__(self, hf_layer: nn.Module):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.input_norm, self.post_norm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
+        self.input_norm, self.post_norm = RMSNorm(hf_layer.input_layernorm), RMSNorm(hf_layer.post_attention_layernorm)
         self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj)
         self.o = attn.o_proj
         self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj)
@@ -61,7 +76,7 @@ class Layer(nn.Module):
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, slots: int, budget: int, reserve_device: str = "auto",
                  reserve_int8: bool = False, cache_positions: bool = False, int8_weights: bool = False,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, select_every: int = 1):
         model = loaded.model
         self.config, self.device = model.config, loaded.device
         self.dtype = next(model.parameters()).dtype
@@ -81,10 +96,15 @@ class ModelRunner:
                              self.device, rdev, reserve_int8, cache_positions)
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
+        # Layer l refreshes its selection when (step + l) % select_every == 0: staggered, so every step costs
+        # the same; between refreshes a layer keeps the critical tokens it chose last.
+        self.select_every = select_every
+        self.steps = 0
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
         self.plan_buf = torch.zeros(len(PLAN_ROWS), slots, dtype=torch.long, device=self.device)
+        self.zero = torch.zeros((), dtype=torch.float32, device=self.device)  # a device scalar: graph-safe writes
 
     # --- decode -----------------------------------------------------------------------------------
     def plan(self, b: int, kc: int) -> StepPlan:
@@ -96,12 +116,14 @@ class ModelRunner:
     def decode(self, plan_rows: torch.Tensor, kc: int, policies: frozenset[str]) -> torch.Tensor:
         """One step over slots [0, b); plan_rows: [len(PLAN_ROWS), b] on the host. Returns logits [b, vocab]."""
         b = plan_rows.shape[1]
+        phase = self.steps % self.select_every
+        self.steps += 1
         if not self.use_graphs:
             self.plan_buf[:, :b].copy_(plan_rows)
-            return self.forward_decode(self.plan(b, kc), policies)
-        key = (b, kc, policies, self.pool.version, self.rope.cos.data_ptr())
+            return self.forward_decode(self.plan(b, kc), policies, phase)
+        key = (b, kc, policies, phase, self.pool.version, self.rope.cos.data_ptr())
         if key not in self.graphs:
-            self.graphs[key] = self.capture(b, kc, policies)
+            self.graphs[key] = self.capture(b, kc, policies, phase)
         self.plan_buf[:, :b].copy_(plan_rows, non_blocking=True)
         graph, logits = self.graphs[key]
         graph.replay()
@@ -109,28 +131,28 @@ class ModelRunner:
 
     def dry_rows(self, b: int) -> torch.Tensor:
         """A plan in which every slot is inactive: all writes land in scratch columns."""
-        rows = torch.zeros(len(PLAN_ROWS), b, dtype=torch.long)
+        rows = torch.zeros(len(PLAN_ROWS), b, dtype=torch.long, pin_memory=self.device.type == "cuda")
         rows[PLAN_ROWS.index("write")] = self.pool.budget
         rows[PLAN_ROWS.index("reserve_at")] = self.pool.cap
         rows[PLAN_ROWS.index("policy")] = -1
         return rows
 
-    def capture(self, b: int, kc: int, policies: frozenset[str]):
+    def capture(self, b: int, kc: int, policies: frozenset[str], phase: int):
         # The warm-up executes (lazy init, autotuning) with a dry plan so it changes no request's cache;
         # the capture only records. Replays then read whatever plan the buffer holds.
         self.plan_buf[:, :b].copy_(self.dry_rows(b))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.forward_decode(self.plan(b, kc), policies)
+            self.forward_decode(self.plan(b, kc), policies, phase)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self.forward_decode(self.plan(b, kc), policies)
+            logits = self.forward_decode(self.plan(b, kc), policies, phase)
         self.graph_pool = graph.pool()
         return graph, logits
 
-    def forward_decode(self, plan: StepPlan, policies: frozenset[str]) -> torch.Tensor:
+    def forward_decode(self, plan: StepPlan, policies: frozenset[str], phase: int = 0) -> torch.Tensor:
         pool, b, d = self.pool, plan.tokens.shape[0], self.head_dim
         classes = [POLICIES[name] for name in sorted(policies)]
         mine = {cls: (plan.policy == POLICY_IDS[cls.name]) for cls in classes}
@@ -157,10 +179,11 @@ class ModelRunner:
             pool.k[li][ar, :, plan.write] = k if cache_pos else k_rot
             pool.v[li][ar, :, plan.write] = v
             pool.pos[li][ar, :, plan.write] = torch.where(active, plan.pos, -1).unsqueeze(1)
-            pool.score[li][ar, :, plan.write] = 0.0
+            pool.score[li][ar, :, plan.write] = self.zero
             pool.pos[li][:, :, pool.budget] = -1
-            for cls in classes:
-                cls.select(pool, li, plan, q_rot, mine[cls])
+            if (phase + li) % self.select_every == 0:
+                for cls in classes:
+                    cls.select(pool, li, plan, q_rot, mine[cls])
             keys, values, pos = pool.k[li][:b], pool.v[li][:b], pool.pos[li][:b]
             valid = (pos >= 0).unsqueeze(2)  # [b, H, 1, C]
             q_att = q_rot

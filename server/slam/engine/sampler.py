@@ -1,4 +1,6 @@
-"""Batched token selection on the device: greedy, or temperature with top-k and top-p, per request.
+"""Batched token selection on the device: greedy, or temperature with top-k and top-p, per request; before
+it, per-request penalties and min_tokens masking (SamplingParams has the semantics); and the
+log-probabilities reported to clients.
 
 Randomness is counter-based: the noise for request r at generation step s is a hash of (seed_r, s, token
 id), turned into Gumbel noise, so `argmax(logits / T + noise)` samples softmax(logits / T). A request's
@@ -8,9 +10,12 @@ or another device give the same tokens, and the checkpoint needs only the seed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from slam.engine.sequence import SamplingParams
 
 _M32 = 0xFFFFFFFF
 
@@ -65,3 +70,42 @@ def sample(logits: torch.Tensor, p: SamplingBatch) -> torch.Tensor:
     gumbel = -torch.log(-torch.log(uniform(p.seeds, p.steps, logits.shape[1])))
     choice = order.gather(1, (ordered + gumbel.gather(1, order)).argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(p.temperature < 1e-5, greedy, choice)
+
+
+def process(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+            eos_ids: Iterable[int]) -> torch.Tensor:
+    """One request's logits [vocab] to choose from (a new tensor when anything changes; `logits` stays raw)."""
+    if params.penalized:
+        logits = penalize(logits, params, prompt_ids, output_ids)
+    if len(output_ids) < params.min_tokens:
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        stops = [t for t in stops if t < logits.numel()]
+        if stops:
+            logits = logits.clone()
+            logits[stops] = float("-inf")
+    return logits
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+             output_ids: list[int]) -> torch.Tensor:
+    logits = logits.float().clone()
+    vocab = logits.numel()
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        seen[torch.tensor(prompt_ids + output_ids, dtype=torch.long, device=logits.device)] = True
+        p = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if output_ids and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+        counts = counts.to(device=logits.device, dtype=logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of `token` and the `top` most likely (token, log-probability), best first, under the
+    distribution of the raw logits [vocab]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, min(top, logp.numel())) if top else None
+    pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))
+    return float(logp[token]), pairs

@@ -8,27 +8,57 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from slam.cache import CachePolicy, make_policy
 from slam.config import CacheConfig
 
 
 class SamplingParams(BaseModel):
+    """How one request picks its tokens, with vLLM's semantics (OpenAI's where both define a field).
+
+    Order inside a step: the raw logits get the penalties (repetition over prompt and output tokens,
+    then frequency and presence over output tokens), then, while fewer than `min_tokens` were generated,
+    EOS and `stop_token_ids` are masked; then greedy argmax, or temperature, top-k, top-p and a draw.
+    `logprobs` (top-k count, 0: the chosen token only) reports log-probabilities of the raw model
+    distribution, before penalties and temperature (vLLM's default `raw_logprobs`).
+    No stop condition (EOS, stop token, stop string) applies before `min_tokens` tokens.
+    """
+
     model_config = {"extra": "forbid"}
 
     max_tokens: int = Field(default=16, ge=1)
+    min_tokens: int = Field(default=0, ge=0)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # 0: no top-k cut
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    # Multiplies (divides, for positive logits) the logits of every token seen in the prompt or output.
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=2.0)  # a tinier one overflows float32 logits
+    # Subtracted from the logit of each output token: once (presence), per occurrence (frequency).
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative token ids")
+        return self
 
     @property
     def greedy(self) -> bool:
         # Below this, dividing float32 logits by the temperature overflows; the limit is greedy anyway.
         return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class Status(enum.Enum):
@@ -61,6 +91,10 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     seed: int = 0  # the sampler's counter-based noise depends only on (seed, tokens generated)
+    # No prefill chunk crosses these prompt positions: the context before one is compressed before any
+    # later token is computed (the "question unseen" setting of kvpress's leaderboard).
+    prefill_boundaries: list[int] = field(default_factory=list)
+    forced_ids: list[int] | None = None  # teacher forcing: these are the "generated" tokens, in order
 
     def __post_init__(self) -> None:
         self.policy: CachePolicy = make_policy(self.cache_config, self.pool_budget)
@@ -87,8 +121,18 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def ids(self, start: int, stop: int | None = None) -> list[int]:
+        """all_ids[start:stop] without building the whole list (which grows with the context)."""
+        n = len(self.prompt_ids)
+        stop = self.length if stop is None else min(stop, self.length)
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        return self.prompt_ids[start:stop] + (self.output_ids[: stop - n] if stop > n else [])
+
     def next_chunk(self, limit: int) -> list[int]:
-        return self.all_ids[self.num_cached : self.num_cached + limit]
+        end = self.num_cached + limit
+        end = min([b for b in self.prefill_boundaries if self.num_cached < b < end] + [end])
+        return self.ids(self.num_cached, end)
 
     def cache_tokens(self) -> int:
         """Tokens per layer and KV head in the active cache."""

@@ -1,0 +1,102 @@
+"""Model shapes for speed runs with random weights, and what a speed run needs besides: the measured
+memory bandwidth, the weight bytes a step reads, requests whose caches look prefilled."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slam.engine.prefill import column
+from slam.model import DTYPES, LoadedModel, pick_device
+
+SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                     max_position_embeddings=131072, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                     max_position_embeddings=131072, tie_word_embeddings=False),
+}
+
+
+def random_model(shape: dict, dtype: str = "bfloat16", device: str = "auto") -> LoadedModel:
+    target = pick_device(device)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES.get(dtype, torch.float32))
+    try:
+        with target:
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return LoadedModel(name="random", path=None, model=model, tokenizer=None, device=target)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads of the weights (an untied embedding is only indexed, not read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    if embed is not model.get_output_embeddings().weight:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def bandwidth(device: torch.device) -> float:
+    """Copy bandwidth in GB/s (bytes read plus written), measured now on `device`."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, iters = time.perf_counter(), 10
+    for _ in range(iters):
+        dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n * iters / (time.perf_counter() - start) / 1e9
+
+
+@torch.inference_mode()
+def synthetic_request(engine, context: int, sampling, seed: int = 0):
+    """A request whose slot holds random keys and values for `context` tokens, as if prefilled; it decodes at
+    the next step. Only for speed runs: the tokens mean nothing."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, engine.runner.vocab_size, (context,), generator=g).tolist()
+    seq = engine.make_sequence(prompt, sampling)
+    seq.output_ids = [prompt[-1]]
+    pool, policy = engine.runner.pool, seq.policy
+    dev_gen = torch.Generator(device=pool.device).manual_seed(seed)
+    randn = lambda shape: torch.randn(shape, device=pool.device, dtype=pool.dtype, generator=dev_gen)  # noqa: E731
+    with engine.lock:
+        engine.take_slot(seq)
+        sink, _, ring, evicted = policy.counts(context)
+        kept = list(range(sink)) + list(range(context - ring, context))
+        if policy.keeps_scores:
+            kept += list(range(sink, sink + min(policy.middle, evicted)))
+        cols = torch.tensor([column(policy, p) for p in kept[: sink + ring]] +
+                            [policy.sink + j for j in range(len(kept) - sink - ring)], dtype=torch.long,
+                            device=pool.device)
+        positions = torch.tensor(kept, dtype=torch.long, device=pool.device)
+        for layer in range(pool.layers):
+            shape = (pool.kv_heads, len(kept), pool.head_dim)
+            pool.k[layer][seq.slot][:, cols] = randn(shape)
+            pool.v[layer][seq.slot][:, cols] = randn(shape)
+            pool.pos[layer][seq.slot][:, cols] = positions
+        if policy.uses_reserve and evicted:
+            pool.ensure_reserve(evicted)
+            part = (seq.slot, slice(None), slice(0, evicted))
+            for layer in range(pool.layers):
+                shape = (pool.kv_heads, evicted, pool.head_dim)
+                pool.reserve_write(layer, part, randn(shape), randn(shape))
+            pool.rpos[seq.slot, :evicted] = torch.arange(sink, sink + evicted, device=pool.device)
+        seq.num_cached = context
+        engine.scheduler.resume(seq)
+    return seq

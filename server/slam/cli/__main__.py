@@ -1,0 +1,5 @@
+import sys
+
+from slam.cli import main
+
+sys.exit(main())
