@@ -28,6 +28,7 @@ import pytest
 
 from api_fixtures import MODEL, free_port, serve_command, server_env
 from s3_fixtures import make_config, s3_endpoint  # noqa: F401  (fixture)
+from slam.api.janitor import collect
 from slam.api.proxy import find_owner
 from slam.checkpoint import Checkpointer, ObjectStore, latest_epoch, load_slot
 from slam.checkpoint import format as fmt
@@ -79,6 +80,25 @@ def test_claimed_epoch_shadows_older_ones(tiny, s3_endpoint):  # noqa: F811
     assert find_owner(store, seq.request_id) is None
     old.close()
     new.close()
+
+
+def test_an_old_pods_collector_leaves_newer_epochs_alone(tiny, s3_endpoint):  # noqa: F811
+    cfg0 = make_config(*s3_endpoint)
+    cfg1 = cfg0.model_copy(update={"epoch": 1})
+    store = ObjectStore(cfg0)
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4)), loaded=tiny)
+    seqs = [engine.add_request(list(range(5, 25)), SamplingParams(max_tokens=40, ignore_eos=True)) for _ in range(2)]
+    engine.step()
+    for cfg, seq in zip((cfg0, cfg1), seqs):
+        ckpt = Checkpointer(store, cfg)
+        assert ckpt.checkpoint(seq) and ckpt.flush(30)
+        ckpt.close()
+    old, new = (fmt.request_dir(cfg0.prefix, 0, s.request_id, e) for e, s in enumerate(seqs))
+    # The epoch-0 pod holds neither request live, yet collects only its own epoch.
+    assert collect(store, 0, live=set(), max_age_s=3600, orphan_grace_s=0, epoch=0)["requests"] == 1
+    assert not store.list(old) and store.list(new)
+    assert collect(store, 0, live={seqs[1].request_id}, max_age_s=3600, orphan_grace_s=0, epoch=1)["requests"] == 0
+    assert store.list(new)
 
 
 class Servers:
