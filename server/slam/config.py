@@ -215,7 +215,7 @@ class ServerSettings(BaseSettings):
         return CheckpointConfig(**defaults | dict(
             endpoint=self.s3_endpoint, bucket=self.s3_bucket, prefix=self.s3_prefix, secure=self.s3_secure,
             access_key=self.s3_access_key, secret_key=self.s3_secret_key, slot=self.slot,
-            advertise_url=self.public_url, interval_tokens=self.checkpoint_interval,
+            epoch=self.slot_epoch, advertise_url=self.public_url, interval_tokens=self.checkpoint_interval,
         ))
 
     def cache_config(self) -> CacheConfig:

@@ -10,7 +10,8 @@ from typing import TypeVar
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.commonconfig import CopySource
+from minio.error import MinioException, S3Error
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,6 +37,7 @@ class CheckpointConfig(BaseSettings):
     access_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_ACCESS_KEY")
     secret_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_SECRET_KEY")
     slot: int = Field(default=0, ge=0)
+    epoch: int = Field(default=0, ge=0)  # fencing: this pod's tenure of the slot; objects go under <slot>/<epoch>/
     advertise_url: str = ""
     interval_tokens: int = Field(default=16, ge=1)
     retention: int = Field(default=2, ge=1)  # complete versions kept per request
@@ -88,7 +90,7 @@ class ObjectStore:
                 if e.code in MISSING_CODES:
                     raise ObjectMissing(what) from e
                 err: Exception = e
-            except (urllib3.exceptions.HTTPError, OSError) as e:
+            except (MinioException, urllib3.exceptions.HTTPError, OSError) as e:  # 5xx without S3 XML, network
                 err = e
             if attempt == self.config.retries:
                 raise StoreError(f"{what}: {type(err).__name__}: {err}") from err
@@ -149,6 +151,21 @@ class ObjectStore:
             )
         except ObjectMissing:
             return []
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """The "directories" one level below `prefix` (names ending in "/"); empty without the bucket."""
+        try:
+            return self._retry(
+                f"list {prefix}",
+                lambda: [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix) if o.is_dir],
+            )
+        except ObjectMissing:
+            return []
+
+    def copy(self, source: str, name: str) -> None:
+        """Server-side copy: the bytes never pass through this process (reserve segments can be large)."""
+        self._retry(f"copy {source} to {name}", lambda: self.client.copy_object(
+            self.bucket, name, CopySource(self.bucket, source)))
 
     def delete(self, name: str) -> None:
         try:
