@@ -103,7 +103,7 @@ def test_restore_at_server_defaults_after_a_short_request(s3, smol, tmp_path):
         proc.wait()
     request_ids = [g[0] for g in got]
     corrupt_policy(s3, prefix, request_ids[2])
-    with default_server(s3, prefix, tmp_path / "b.log", "--restore-slot", "0") as (_, url):
+    with default_server(s3, prefix, tmp_path / "b.log", "--restore-slot", "0", "--slot-epoch", "1") as (_, url):
         log = (tmp_path / "b.log").read_text()
         assert request_ids[2] in log  # reported, not fatal
         engine = LLMEngine(EngineConfig(), loaded=smol)  # the server's defaults, uninterrupted
