@@ -12,8 +12,8 @@ import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import MinioException, S3Error
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slam.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -21,33 +21,6 @@ T = TypeVar("T")
 MIN_PART = 5 * 1024 * 1024
 MAX_PART = 5 * 1024 * 1024 * 1024
 MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
-
-
-class CheckpointConfig(BaseSettings):
-    """Where and how often checkpoints go. Credentials come from SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY
-    and are SecretStr, so they never appear in repr, logs or model_dump_json."""
-
-    model_config = SettingsConfigDict(env_prefix="SLAM_CHECKPOINT_", extra="ignore", populate_by_name=True)
-
-    endpoint: str = "127.0.0.1:9000"  # host:port, no scheme
-    bucket: str = "slam-checkpoints"
-    prefix: str = "slam"
-    secure: bool = False
-    region: str = "us-east-1"
-    access_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_ACCESS_KEY")
-    secret_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_SECRET_KEY")
-    slot: int = Field(default=0, ge=0)
-    epoch: int = Field(default=0, ge=0)  # fencing: this pod's tenure of the slot; objects go under <slot>/<epoch>/
-    advertise_url: str = ""
-    interval_tokens: int = Field(default=16, ge=1)
-    retention: int = Field(default=2, ge=1)  # complete versions kept per request
-    include_reserve: bool = True  # False: a restored slam request recalls only tokens evicted after restore
-    reserve_int8: bool = False  # True: 4x smaller reserve segments, but restored outputs may differ
-    queue_size: int = Field(default=8, ge=1)  # pending snapshots (each holds a copy of an active cache)
-    retries: int = Field(default=3, ge=1)  # attempts per store operation
-    backoff_s: float = Field(default=0.2, gt=0)  # first retry delay, doubled per attempt
-    backoff_max_s: float = Field(default=10.0, gt=0)  # ceiling of the checkpointer's re-upload delay
-    timeout_s: float = Field(default=10.0, gt=0)  # connect and read timeout of one HTTP request
 
 
 class ObjectMissing(KeyError):
