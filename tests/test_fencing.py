@@ -8,7 +8,8 @@ server whose epoch is not above the slot's claimed one refuses to start with exi
 
 Before that, the same rules at the library level (a tiny random model, no servers): an epoch counts only
 once claimed, a claimed epoch shadows older ones even when they are newer or it holds no request, and
-a restored request's write-once objects are copied into the new epoch on the store's side.
+a restored request's write-once objects are copied into the new epoch on the store's side, and an old
+pod's checkpoint collector never takes a newer epoch's requests for garbage.
 """
 
 from __future__ import annotations
