@@ -20,6 +20,14 @@ bench-r)  # the same at budget 256 with layers refreshing every 1, 2 and 4 steps
   for r in 1 2 4; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m \
     --policies slam --budget 256 --contexts 4000 --batches 1,32 --tokens 32 --select-every $r --json; done \
     | tee "$OUT/bench-decode-refresh.jsonl" ;;
+bench-reserve)  # where the slam reserve lives: device memory against pinned host memory
+  for dev in cuda cpu; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m \
+    --policies slam --budget 256 --contexts 4000 --batches 1,32 --tokens 32 --reserve-device $dev --json; done \
+    | tee "$OUT/bench-decode-reserve.jsonl" ;;
+bench-flat)  # budget 2048, batch 32, over context (streaming should be flat)
+  python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --baseline transformers \
+    --policies full,streaming,slam --budget 2048 --contexts 4000,16000,32000 --batches 32 --tokens 32 --json \
+    --select-every 4 | tee "$OUT/bench-decode-2048-r4.jsonl" ;;
 bench)  # issue 7's targets: budget 256 at 4K over batches, then budget 2048 at batch 32 over contexts
   python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --baseline transformers \
     --policies full,streaming,slam --budget 256 --contexts 4000 --batches 1,8,32 --tokens 32 --json \

@@ -176,7 +176,7 @@ def test_sigkill_then_restore(s3, reference, tmp_path):
     for t in threads:
         t.join(timeout=30)
     assert all(c.last_id >= CUT_AT - 1 and c.last_id < MAX_TOKENS - 1 for c in clients)
-    with server(s3, prefix, tmp_path / "b.log", "--slot", "0", "--restore-slot", "0") as (_, url_b):
+    with server(s3, prefix, tmp_path / "b.log", "--slot", "0", "--slot-epoch", "1", "--restore-slot", "0") as (_, url_b):
         _resume_all(clients, [url_b] * len(clients))
         check(clients, reference, url_b)
         assert "slam-restore" in (tmp_path / "b.log").read_text()
@@ -197,7 +197,7 @@ def test_sigterm_checkpoints_then_resume_through_proxy(s3, reference, tmp_path):
         t.join(timeout=30)
     log_a = (tmp_path / "a.log").read_text()
     assert "shutdown checkpoint of 4 requests done" in log_a, log_a[-2000:]
-    with server(s3, prefix, tmp_path / "b.log", "--slot", "0", "--restore-slot", "0") as (_, url_b):
+    with server(s3, prefix, tmp_path / "b.log", "--slot", "0", "--slot-epoch", "1", "--restore-slot", "0") as (_, url_b):
         restored = {c.request_id: httpx.get(f"{url_b}/v1/requests/{c.request_id}", timeout=10).json()
                     for c in clients}
         for c in clients:  # the graceful checkpoint holds every token A generated (at least all it delivered)

@@ -86,6 +86,33 @@ def _split_commas(value: Any) -> Any:
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
+class CheckpointConfig(BaseSettings):
+    """Where and how often checkpoints go. Credentials come from SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY
+    and are SecretStr, so they never appear in repr, logs or model_dump_json."""
+
+    model_config = SettingsConfigDict(env_prefix="SLAM_CHECKPOINT_", extra="ignore", populate_by_name=True)
+
+    endpoint: str = "127.0.0.1:9000"  # host:port, no scheme
+    bucket: str = "slam-checkpoints"
+    prefix: str = "slam"
+    secure: bool = False
+    region: str = "us-east-1"
+    access_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_ACCESS_KEY")
+    secret_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_SECRET_KEY")
+    slot: int = Field(default=0, ge=0)
+    epoch: int = Field(default=0, ge=0)  # fencing: this pod's tenure of the slot; objects go under <slot>/<epoch>/
+    advertise_url: str = ""
+    interval_tokens: int = Field(default=16, ge=1)
+    retention: int = Field(default=2, ge=1)  # complete versions kept per request
+    include_reserve: bool = True  # False: a restored slam request recalls only tokens evicted after restore
+    reserve_int8: bool = False  # True: 4x smaller reserve segments, but restored outputs may differ
+    queue_size: int = Field(default=8, ge=1)  # pending snapshots (each holds a copy of an active cache)
+    retries: int = Field(default=3, ge=1)  # attempts per store operation
+    backoff_s: float = Field(default=0.2, gt=0)  # first retry delay, doubled per attempt
+    backoff_max_s: float = Field(default=10.0, gt=0)  # ceiling of the checkpointer's re-upload delay
+    timeout_s: float = Field(default=10.0, gt=0)  # connect and read timeout of one HTTP request
+
+
 class ServerSettings(BaseSettings):
     """Everything `slam serve` takes; each field is also the environment variable `SLAM_<FIELD>`.
 
@@ -203,19 +230,17 @@ class ServerSettings(BaseSettings):
     def budget_limit(self) -> int:
         return self.max_budget or self.budget
 
-    def checkpoint_config(self):  # -> CheckpointConfig | None (imported lazily: minio is a serving dependency)
+    def checkpoint_config(self) -> CheckpointConfig | None:
         """The checkpoint library's config built from these settings (one source of truth); None when off."""
         if not self.s3_endpoint:
             return None
-        from slam.checkpoint.store import CheckpointConfig
-
         # Every field is given (its default unless set here): CheckpointConfig would otherwise also read
         # its own SLAM_CHECKPOINT_* variables, a second environment prefix; these settings are the only source.
         defaults = {name: f.get_default(call_default_factory=True) for name, f in CheckpointConfig.model_fields.items()}
         return CheckpointConfig(**defaults | dict(
             endpoint=self.s3_endpoint, bucket=self.s3_bucket, prefix=self.s3_prefix, secure=self.s3_secure,
             access_key=self.s3_access_key, secret_key=self.s3_secret_key, slot=self.slot,
-            advertise_url=self.public_url, interval_tokens=self.checkpoint_interval,
+            epoch=self.slot_epoch, advertise_url=self.public_url, interval_tokens=self.checkpoint_interval,
         ))
 
     def cache_config(self) -> CacheConfig:

@@ -62,12 +62,22 @@ def group(names: list[str]) -> dict[str, RequestObjects]:
     return found
 
 
+def slot_objects(store: ObjectStore, slot: int, epoch: int | None = None) -> list[str]:
+    """Objects of `slot`, only of epochs up to `epoch` when given: a fenced-off older pod, which still runs
+    its collector, must never take a newer epoch's requests (none of them is live in it) for garbage."""
+    base = fmt.slot_dir(store.config.prefix, slot)
+    if epoch is None:
+        return store.list(base)
+    return [n for d in store.list_dirs(base) if (e := fmt.dir_number(d)) is not None and e <= epoch
+            for n in store.list(d)]
+
+
 def collect(store: ObjectStore, slot: int, live: set[str], max_age_s: float, orphan_grace_s: float,
-            now: float | None = None) -> dict[str, int]:
-    """One pass over `slot`. Returns counts of what was deleted."""
+            now: float | None = None, epoch: int | None = None) -> dict[str, int]:
+    """One pass over `slot` (its epochs up to `epoch`). Returns counts of what was deleted."""
     now = time.time() if now is None else now
     counts = {"requests": 0, "versions": 0, "objects": 0}
-    for req in group(store.list(fmt.slot_dir(store.config.prefix, slot))).values():
+    for req in group(slot_objects(store, slot, epoch)).values():
         manifests = req.manifests()
         newest = _created(store, manifests[max(manifests)]) if manifests else None
         age = now - newest if newest is not None else None
@@ -108,7 +118,7 @@ class Janitor:
     """Runs `collect` over this replica's slot every `interval_s`, on its own daemon thread."""
 
     def __init__(self, store: ObjectStore, settings: ServerSettings, live: Callable[[], set[str]]):
-        self.store, self.slot, self.live = store, settings.slot, live
+        self.store, self.slot, self.epoch, self.live = store, settings.slot, settings.slot_epoch, live
         self.max_age_s = float(settings.checkpoint_max_age)
         self.orphan_grace_s = max(UPLOAD_GRACE_S, settings.resume_grace_s)
         self.interval_s = min(300.0, self.max_age_s / 4)
@@ -124,7 +134,8 @@ class Janitor:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                counts = collect(self.store, self.slot, self.live(), self.max_age_s, self.orphan_grace_s)
+                counts = collect(self.store, self.slot, self.live(), self.max_age_s, self.orphan_grace_s,
+                                 epoch=self.epoch)
                 if counts["objects"]:
                     log.warning("checkpoint collector removed %s from slot %d", counts, self.slot)
             except Exception as exc:  # the store is down: try again at the next interval

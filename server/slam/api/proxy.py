@@ -1,7 +1,8 @@
 """Finding which replica owns a request (from the checkpoint manifests in S3) and proxying to it.
 
 A client that reconnects to a replica that does not hold the request's buffer is forwarded, streaming, to
-the URL in the newest manifest that names the request, in any slot under the prefix, if that URL's host is
+the URL in the newest manifest that names the request at the highest claimed epoch of its slot (format.py;
+a pod cut off from the cluster may still write older epochs, with newer timestamps), if that URL's host is
 one of the trusted peers (--peer-domain); a manifest naming any other host is ignored, since anyone who
 can write to the bucket could otherwise point replicas anywhere. The forward authenticates with this
 replica's own token (SLAM_REPLICA_TOKEN), never with the client's credentials. A forwarded request
@@ -22,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from slam.checkpoint import ObjectStore
 from slam.checkpoint import format as fmt
-from slam.checkpoint.restore import MANIFEST_RE
+from slam.checkpoint.restore import MANIFEST_RE, latest_epoch
 
 log = logging.getLogger("slam.api")
 PROXIED_HEADER = "X-Slam-Proxied"
@@ -30,35 +31,39 @@ FORWARD_HEADERS = ("last-event-id", "accept")
 
 
 def find_owner(store: ObjectStore, request_id: str) -> str | None:
-    """Owner URL of the newest readable manifest of `request_id` in any slot; None if there is none."""
-    prefix = store.config.prefix.strip("/")
-    base = prefix + "/" if prefix else ""
+    """Owner URL in the newest readable manifest of `request_id` at the highest claimed epoch of any slot;
+    None if there is none."""
+    prefix = store.config.prefix
     try:
         fmt.request_dir(prefix, 0, request_id)  # rejects ids that cannot name a directory
     except ValueError:
         return None
-    # One level down are the slots; listing them (not every object of every request) keeps this cheap.
     try:
-        store.ensure_bucket()
-        slots = [o.object_name for o in store.client.list_objects(store.bucket, prefix=base, recursive=False)
-                 if o.is_dir]
+        # One level down are the slots; listing them (not every object of every request) keeps this cheap.
+        slots = [n for d in store.list_dirs(fmt.root_dir(prefix)) if (n := fmt.dir_number(d)) is not None]
+        found = [owner for slot in slots if (owner := _slot_owner(store, prefix, slot, request_id))]
     except Exception as e:  # store down: we cannot know, so we say we do not
         log.warning("owner lookup of %s failed: %s", request_id, e)
         return None
-    best: tuple[float, str] | None = None
-    for slot_dir in slots:
-        root = f"{slot_dir}{request_id}/"
-        for name in store.list(root):
-            if not MANIFEST_RE.match(name[len(root):]):
-                continue
-            try:
-                m = fmt.decode_manifest(store.get(name))
-            except Exception:
-                continue
-            if m.get("request_id") == request_id and m.get("owner_url"):
-                key = (float(m.get("created_unix", 0)), m["owner_url"])
-                best = key if best is None or key > best else best
-    return None if best is None else best[1]
+    # A request in two slots is one whose restore by another slot has not yet deleted the old copy.
+    return max(found)[1] if found else None
+
+
+def _slot_owner(store: ObjectStore, prefix: str, slot: int, request_id: str) -> tuple[float, str] | None:
+    epoch = latest_epoch(store, slot, prefix)
+    if epoch is None:
+        return None
+    root = fmt.request_dir(prefix, slot, request_id, epoch)
+    versions = sorted((m.group(1) for name in store.list(root) if (m := MANIFEST_RE.match(name[len(root):]))),
+                      reverse=True)
+    for v in versions:
+        try:
+            m = fmt.decode_manifest(store.get(f"{root}v{v}/{fmt.MANIFEST}"))
+        except Exception:
+            continue
+        if m.get("request_id") == request_id and m.get("owner_url"):
+            return float(m.get("created_unix", 0)), m["owner_url"]
+    return None
 
 
 def trusted(url: str, peers: list[str]) -> bool:

@@ -214,7 +214,7 @@ def plot(results: list[DecodeResult], out: Path) -> None:
 
 
 def add_parser(sub) -> None:
-    from slam.cli import add_model_flags, positive_list
+    from slam.flags import add_model_flags, positive_list
 
     p = sub.add_parser("decode", help="decode throughput per policy, context and batch, beside a baseline")
     p.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])

@@ -140,7 +140,7 @@ class Bench:
         if mode == "scratch":
             proc, url, _ = self.start(prefix, "--slot", "1")
         else:
-            proc, url, _ = self.start(prefix, "--slot", "0", "--restore-slot", "0")
+            proc, url, _ = self.start(prefix, "--slot", "0", "--slot-epoch", "1", "--restore-slot", "0")
         try:
             timings = self.wait_ready(proc, url)
             if mode == "scratch":

@@ -18,12 +18,12 @@ line in POLICIES, one entry in tests/test_policies.py's POLICY_CASES.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from slam.engine.pool import SlotPool, StepPlan
+# The engine's SlotPool and StepPlan (engine/pool.py). Not imported: the engine sits above the policies.
+SlotPool = StepPlan = Any
 
 
 @dataclass
@@ -67,6 +67,10 @@ class CachePolicy:
         ring = min(self.ring, length - sink)
         evicted = length - sink - ring
         return sink, min(self.middle, evicted), ring, evicted
+
+    def columns_used(self, length: int) -> int:
+        """Columns [0, n) of the slot that can hold a token (the ring sits at the end of the budget)."""
+        return self.budget
 
     def cache_tokens(self, length: int) -> int:
         sink, middle, ring, _ = self.counts(length)
@@ -119,9 +123,7 @@ class CachePolicy:
         """A copy (host memory) of what this slot holds after `length` tokens: every column of every layer.
 
         k, v: [layers, kv_heads, columns, head_dim]; pos, score: [layers, kv_heads, columns]."""
-        # Columns past the last one in use hold nothing: a `full` slot's state grows with its length only.
-        used = self.budget if self.budget is not None and length > self.budget else min(length, pool.budget)
-        used = max(used, self.cache_tokens(length))
+        used = self.columns_used(length)
         copy = lambda group: torch.stack([t[slot, :, :used] for t in group]).to("cpu", copy=True)  # noqa: E731
         return {"k": copy(pool.k), "v": copy(pool.v), "pos": copy(pool.pos), "score": copy(pool.score)}
 

@@ -19,3 +19,6 @@ class FullPolicy(CachePolicy):
     @property
     def ring(self) -> int:
         return self.budget or 0
+
+    def columns_used(self, length: int) -> int:
+        return min(length, self.budget)  # tokens fill columns in order: the state grows with the length only

@@ -1,11 +1,15 @@
 """Checkpoints of in-flight requests in S3, so they survive a crash of the server (design.md section 3).
 
     store = ObjectStore(CheckpointConfig(...))
-    ckpt = Checkpointer(store, config, registry)       # one background upload thread
+    ckpt = Checkpointer(store, config, registry)       # one background upload thread; claims config.epoch
     ckpt.after_step([out.seq for out in engine.step()])  # decode loop: snapshot due requests, drop finished
     ckpt.checkpoint_all(engine.scheduler.running, 30)   # SIGTERM
-    for r in load_slot(store, slot):                    # start with --restore-slot
-        seq = resume_into(engine, r); ckpt.adopt(r.request_id, r.store_state())
+    ckpt = Checkpointer(store, config, claim=False)    # start with --restore-slot, at a higher epoch:
+    epoch = latest_epoch(store, slot)                   # the highest claimed epoch; older ones are stale
+    for r in load_slot(store, slot, epoch=epoch):
+        seq = resume_into(engine, r); ckpt.adopt(r.request_id, r.store_state(), source=<its directory>)
+        ckpt.checkpoint(seq)
+    ckpt.flush(30); ckpt.claim(timeout=30)              # the new epoch counts only once it holds them all
 
 Tradeoffs (CheckpointConfig):
 - reserve_int8=False (default): reserve segments are stored in the cache dtype, so a restore continues
@@ -20,7 +24,7 @@ Tradeoffs (CheckpointConfig):
 """
 
 from slam.checkpoint.checkpointer import Checkpointer
-from slam.checkpoint.restore import RestoredRequest, load_slot, resume_into
+from slam.checkpoint.restore import RestoredRequest, latest_epoch, load_slot, resume_into
 from slam.checkpoint.snapshot import Snapshot, take_snapshot
 from slam.checkpoint.store import CheckpointConfig, ObjectMissing, ObjectStore, StoreError
 
@@ -32,6 +36,7 @@ __all__ = [
     "RestoredRequest",
     "Snapshot",
     "StoreError",
+    "latest_epoch",
     "load_slot",
     "resume_into",
     "take_snapshot",

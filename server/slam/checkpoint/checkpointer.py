@@ -6,6 +6,11 @@ pending older one: the older is obsolete), so memory stays bounded whatever the 
 store is down, uploads fail, are counted, and the request's latest snapshot is retried with exponential
 backoff; reserve tokens not yet stored are always part of the next snapshot, so dropping any pending
 snapshot loses nothing but recency.
+
+Objects go under the slot's epoch (format.py). The epoch counts once its claim marker is stored: a fresh
+checkpointer claims it before its first upload; a restoring server claims it only after the restored
+requests are stored at the new epoch (`Checkpointer(claim=False)`, then `claim`), so a pod that dies
+half-way through a restore leaves the epoch below it in charge.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from slam.checkpoint.store import CheckpointConfig, ObjectStore
 from slam.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+CLAIM = fmt.EPOCH_MARKER  # the claim's key in the queue: no request id starts with a dot
 
 
 @dataclass
@@ -40,20 +46,23 @@ class _Tracker:
 
 @dataclass
 class _Item:
-    kind: str  # "upload" | "delete"
+    kind: str  # "upload" | "delete" | "claim"
     snap: Snapshot | None = None
+    body: dict | None = None  # the claim's marker
     not_before: float = 0.0
     attempts: int = 0
 
 
 class Checkpointer:
-    def __init__(self, store: ObjectStore, config: CheckpointConfig, registry: Any | None = None):
+    def __init__(self, store: ObjectStore, config: CheckpointConfig, registry: Any | None = None,
+                 claim: bool = True):
         self.store, self.config = store, config
         self._trackers: dict[str, _Tracker] = {}
         self._pending: collections.OrderedDict[str, _Item] = collections.OrderedDict()
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
+        self.claimed = False  # the epoch's marker is stored
         # Counters for the server's metrics; read them or register callbacks.
         self.uploads_total = 0
         self.bytes_total = 0
@@ -66,8 +75,13 @@ class Checkpointer:
         self.on_failure: list[Callable[[], None]] = []
         if registry is not None:
             self._register(registry)
+        if claim:
+            self.claim()
         self._thread = threading.Thread(target=self._run, name="slam-checkpoint", daemon=True)
         self._thread.start()
+
+    def root(self, request_id: str) -> str:
+        return fmt.request_dir(self.config.prefix, self.config.slot, request_id, self.config.epoch)
 
     def _register(self, registry: Any) -> None:
         from prometheus_client import Counter, Histogram
@@ -145,11 +159,39 @@ class Checkpointer:
             self._pending[request_id] = _Item("delete")
             self._cond.notify_all()
 
-    def adopt(self, request_id: str, state: dict[str, Any]) -> None:
+    def claim(self, restored_from: dict[str, int] | None = None, timeout: float | None = None) -> bool:
+        """Store this epoch's marker before any later upload. With `timeout`, wait for it; False when it
+        is not stored by then."""
+        cfg = self.config
+        body = {"slot": cfg.slot, "epoch": cfg.epoch, "owner_url": cfg.advertise_url, "claimed_unix": time.time(),
+                "restored_from": restored_from}
+        with self._cond:
+            self._pending[CLAIM] = _Item("claim", body=body)
+            self._pending.move_to_end(CLAIM, last=False)
+            self._cond.notify_all()
+        if timeout is None:
+            return self.claimed
+        return self.flush(timeout) and self.claimed
+
+    def adopt(self, request_id: str, state: dict[str, Any], source: str | None = None) -> bool:
         """Continue a restored request's numbering and reuse its stored prompt and segments
-        (`state` is RestoredRequest.store_state())."""
+        (`state` is RestoredRequest.store_state()). `source`: the request directory it was restored from,
+        when that is not ours (an older epoch, another slot); its prompt and segments are then copied into
+        ours on the store's side. False when that copy fails: the next checkpoint then uploads everything."""
+        state = dict(state)
+        root = self.root(request_id)
+        if source is not None and source != root:
+            entries = [e for e in (state.get("prompt"), *state.get("segments", [])) if e]
+            try:
+                for entry in entries:
+                    self.store.copy(source + entry["name"], root + entry["name"])
+            except Exception as e:
+                log.warning("could not copy %s from %s, it is uploaded again: %s", request_id, source, e)
+                return False
+            state["versions"] = []
         with self._cond:
             self._trackers[request_id] = _Tracker(**state)
+        return True
 
     def flush(self, timeout: float) -> bool:
         """Wait until every pending upload and delete is done; False on timeout."""
@@ -180,7 +222,9 @@ class Checkpointer:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                ready = next(((k, it) for k, it in self._pending.items() if it.not_before <= now), None)
+                # The claim goes first: nothing is written at an epoch before its marker is.
+                items = [(CLAIM, self._pending[CLAIM])] if CLAIM in self._pending else self._pending.items()
+                ready = next(((k, it) for k, it in items if it.not_before <= now), None)
                 if ready is not None:
                     del self._pending[ready[0]]
                     self._busy = True
@@ -195,6 +239,8 @@ class Checkpointer:
             try:
                 if item.kind == "delete":
                     self._delete(rid)
+                elif item.kind == "claim":
+                    self._claim(item.body)
                 else:
                     self._upload(item.snap)
             except Exception as e:  # store outage, or anything else: count it, retry later, keep serving
@@ -218,8 +264,17 @@ class Checkpointer:
             if rid not in self._pending and not self._closed:  # a newer snapshot or a delete supersedes it
                 self._pending[rid] = item
 
+    def _claim(self, body: dict) -> None:
+        cfg = self.config
+        self.store.put(fmt.epoch_dir(cfg.prefix, cfg.slot, cfg.epoch) + fmt.EPOCH_MARKER, fmt.encode_manifest(body))
+        self.claimed = True
+        log.info("claimed slot %d epoch %d", cfg.slot, cfg.epoch)
+
     def _delete(self, rid: str) -> None:
-        self.store.delete_prefix(fmt.request_dir(self.config.prefix, self.config.slot, rid))
+        # Manifests first: a restore that lists the request half-way through finds no version, not broken ones.
+        names = sorted(self.store.list(self.root(rid)), key=lambda n: not n.endswith(fmt.MANIFEST))
+        for name in names:
+            self.store.delete(name)
         with self._cond:
             self._trackers.pop(rid, None)
             self.last_upload.pop(rid, None)
@@ -230,7 +285,7 @@ class Checkpointer:
         rid = snap.request_id
         with self._cond:
             tr = self._trackers.setdefault(rid, _Tracker())
-        root = fmt.request_dir(cfg.prefix, cfg.slot, rid)
+        root = self.root(rid)
         sizes: dict[str, int] = {}
 
         def put(kind: str, name: str, data: bytes) -> dict:
@@ -281,6 +336,7 @@ class Checkpointer:
             "request_id": snap.request_id,
             "version": version,
             "slot": self.config.slot,
+            "epoch": self.config.epoch,
             "owner_url": self.config.advertise_url,
             "created_unix": time.time(),
             "counts": {

@@ -1,6 +1,16 @@
 """On-store format of a request checkpoint: object names, safetensors payloads, the JSON manifest.
 
-Layout under `<prefix>/<slot>/<request_id>/`:
+Layout under `<prefix>/<slot>/<epoch>/`: a slot is one replica's place in the store, an epoch one pod's
+tenure of it (the operator raises the epoch at every failover, design.md section 3):
+
+    .epoch.json                          the claim: written once the epoch holds everything it took over;
+                                         restores and owner lookups read only the highest claimed epoch
+    <request_id>/                        one directory per request in flight
+
+A pod cut off from the cluster that keeps writing its older epoch is thus ignored by everyone else, even when its
+objects are newer in time.
+
+and in each request directory:
 
     prompt.safetensors                   prompt ids, written once per request (never changes)
     reserve/seg-<first>-<last>.safetensors  reserve-tier tokens [first, last] of every layer, written once
@@ -8,10 +18,9 @@ Layout under `<prefix>/<slot>/<request_id>/`:
     v<version:08d>/state.safetensors     the active compressed cache (absent before the first forward pass)
     v<version:08d>/manifest.json         written last: a version without it does not exist
 
-Tokens live apart from the cache so that a corrupt cache still leaves a re-prefill from tokens, and the
-prompt lives apart from the versions so that a bounded policy's per-version state is bounded too.
-Every manifest names the objects it needs (paths relative to the request directory) with size and
-sha256, and carries a checksum of itself.
+Tokens live apart from the cache so that a corrupt cache still leaves a re-prefill from tokens, and the prompt lives
+apart from the versions so that a bounded policy's per-version state is bounded too. Every manifest names the
+objects it needs (paths relative to the request directory) with size and sha256, and carries a checksum of itself.
 """
 
 from __future__ import annotations
@@ -26,17 +35,33 @@ from safetensors.torch import save as st_save
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+EPOCH_MARKER = ".epoch.json"  # a leading dot: no request id can collide with it
 
 
 # --- names -------------------------------------------------------------------------------------------
-def request_dir(prefix: str, slot: int, request_id: str) -> str:
+def request_dir(prefix: str, slot: int, request_id: str, epoch: int = 0) -> str:
     if not request_id or "/" in request_id or request_id.startswith("."):
         raise ValueError(f"request id {request_id!r} cannot name a checkpoint directory")
-    return "/".join(p for p in (prefix.strip("/"), str(slot), request_id) if p) + "/"
+    return epoch_dir(prefix, slot, epoch) + request_id + "/"
+
+
+def root_dir(prefix: str) -> str:
+    """The directory that holds the slots ("" for an empty prefix: the bucket's top)."""
+    return prefix.strip("/") + "/" if prefix.strip("/") else ""
 
 
 def slot_dir(prefix: str, slot: int) -> str:
-    return "/".join(p for p in (prefix.strip("/"), str(slot)) if p) + "/"
+    return f"{root_dir(prefix)}{slot}/"
+
+
+def epoch_dir(prefix: str, slot: int, epoch: int) -> str:
+    return f"{slot_dir(prefix, slot)}{epoch}/"
+
+
+def dir_number(name: str) -> int | None:
+    """The slot or epoch a listed directory (`.../<number>/`) stands for; None for any other name."""
+    last = name.rstrip("/").rpartition("/")[2]
+    return int(last) if last.isascii() and last.isdigit() else None
 
 
 def version_dir(version: int) -> str:

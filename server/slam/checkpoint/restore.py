@@ -65,12 +65,38 @@ class RestoredRequest:
         }
 
 
-def load_slot(store: ObjectStore, slot: int, prefix: str | None = None) -> list[RestoredRequest]:
-    """Every request checkpointed in `slot`, each restored as well as its objects allow."""
+def latest_epoch(store: ObjectStore, slot: int, prefix: str | None = None) -> int | None:
+    """The highest epoch of `slot` that was claimed (its marker exists); None when none was.
+
+    An epoch whose pod died before claiming it never served anything, so the one below it still holds
+    the slot's requests; every epoch below the highest claimed one is stale, however recent its objects.
+    """
     base = fmt.slot_dir(store.config.prefix if prefix is None else prefix, slot)
+    epochs = sorted((e for d in store.list_dirs(base) if (e := fmt.dir_number(d)) is not None), reverse=True)
+    for epoch in epochs:
+        try:
+            store.get(f"{base}{epoch}/{fmt.EPOCH_MARKER}")
+        except ObjectMissing:
+            continue
+        return epoch
+    return None
+
+
+def load_slot(store: ObjectStore, slot: int, prefix: str | None = None, epoch: int | None = None
+              ) -> list[RestoredRequest]:
+    """Every request checkpointed in `slot` at `epoch` (default: the highest claimed one), each restored as
+    well as its objects allow."""
+    prefix = store.config.prefix if prefix is None else prefix
+    if epoch is None:
+        epoch = latest_epoch(store, slot, prefix)
+        if epoch is None:
+            return []
+    base = fmt.epoch_dir(prefix, slot, epoch)
     by_request: dict[str, list[int]] = {}
     for name in store.list(base):
-        rid, _, rest = name[len(base) :].partition("/")
+        rid, slash, rest = name[len(base) :].partition("/")
+        if not slash:  # the epoch's own marker
+            continue
         match = MANIFEST_RE.match(rest)
         by_request.setdefault(rid, [])
         if match:

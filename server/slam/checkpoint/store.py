@@ -10,9 +10,10 @@ from typing import TypeVar
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from minio.commonconfig import CopySource
+from minio.error import MinioException, S3Error
+
+from slam.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -20,32 +21,6 @@ T = TypeVar("T")
 MIN_PART = 5 * 1024 * 1024
 MAX_PART = 5 * 1024 * 1024 * 1024
 MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
-
-
-class CheckpointConfig(BaseSettings):
-    """Where and how often checkpoints go. Credentials come from SLAM_S3_ACCESS_KEY / SLAM_S3_SECRET_KEY
-    and are SecretStr, so they never appear in repr, logs or model_dump_json."""
-
-    model_config = SettingsConfigDict(env_prefix="SLAM_CHECKPOINT_", extra="ignore", populate_by_name=True)
-
-    endpoint: str = "127.0.0.1:9000"  # host:port, no scheme
-    bucket: str = "slam-checkpoints"
-    prefix: str = "slam"
-    secure: bool = False
-    region: str = "us-east-1"
-    access_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_ACCESS_KEY")
-    secret_key: SecretStr = Field(default=SecretStr(""), validation_alias="SLAM_S3_SECRET_KEY")
-    slot: int = Field(default=0, ge=0)
-    advertise_url: str = ""
-    interval_tokens: int = Field(default=16, ge=1)
-    retention: int = Field(default=2, ge=1)  # complete versions kept per request
-    include_reserve: bool = True  # False: a restored slam request recalls only tokens evicted after restore
-    reserve_int8: bool = False  # True: 4x smaller reserve segments, but restored outputs may differ
-    queue_size: int = Field(default=8, ge=1)  # pending snapshots (each holds a copy of an active cache)
-    retries: int = Field(default=3, ge=1)  # attempts per store operation
-    backoff_s: float = Field(default=0.2, gt=0)  # first retry delay, doubled per attempt
-    backoff_max_s: float = Field(default=10.0, gt=0)  # ceiling of the checkpointer's re-upload delay
-    timeout_s: float = Field(default=10.0, gt=0)  # connect and read timeout of one HTTP request
 
 
 class ObjectMissing(KeyError):
@@ -88,7 +63,7 @@ class ObjectStore:
                 if e.code in MISSING_CODES:
                     raise ObjectMissing(what) from e
                 err: Exception = e
-            except (urllib3.exceptions.HTTPError, OSError) as e:
+            except (MinioException, urllib3.exceptions.HTTPError, OSError) as e:  # 5xx without S3 XML, network
                 err = e
             if attempt == self.config.retries:
                 raise StoreError(f"{what}: {type(err).__name__}: {err}") from err
@@ -149,6 +124,21 @@ class ObjectStore:
             )
         except ObjectMissing:
             return []
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """The "directories" one level below `prefix` (names ending in "/"); empty without the bucket."""
+        try:
+            return self._retry(
+                f"list {prefix}",
+                lambda: [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix) if o.is_dir],
+            )
+        except ObjectMissing:
+            return []
+
+    def copy(self, source: str, name: str) -> None:
+        """Server-side copy: the bytes never pass through this process (reserve segments can be large)."""
+        self._retry(f"copy {source} to {name}", lambda: self.client.copy_object(
+            self.bucket, name, CopySource(self.bucket, source)))
 
     def delete(self, name: str) -> None:
         try:

@@ -1,4 +1,6 @@
-"""`slam eval niah` and `slam eval ppl`: quality of the cache policies."""
+"""`slam eval niah`, `ppl`, `ruler` and `longbench`: quality of the cache policies.
+
+The ruler and longbench logic lives in slam.eval; this module builds their parsers and engines."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import sys
 from pathlib import Path
 
 from slam.cli.common import Parser, UsageError, cache_config, engine_from
+from slam.config import CacheConfig, EngineConfig
+from slam.eval.commands import add_compare_flags
+from slam.eval.longbench_command import add_longbench_flags
+from slam.eval.ruler_command import add_ruler_flags
 from slam.flags import add_cache_flags, add_model_flags, positive_list
 
 
@@ -15,28 +21,39 @@ def run_niah(args) -> int:
     from rich.table import Table
     from tqdm import tqdm
 
+    from slam.engine.engine import LLMEngine
+    from slam.eval.commands import check_compare, pool_size
     from slam.eval.niah import case_dict, run_niah
+    from slam.eval.niah_compare import niah_kvpress_cases
 
     caches = [cache_config(args, p, b) for p in args.policies for b in ([None] if p == "full" else args.budgets)]
-    engine = engine_from(args, caches[0], max_batch=1)
+    python = check_compare(args, LLMEngine)
+    # A niah prompt stays under its length; the margin covers the chat template and the answer.
+    engine = EvalEngines(args)(caches[0], 1, pool_size(caches, max(args.lengths) + 128))
     total = len(caches) * len(args.lengths) * len(args.depths) * args.seeds
     cases = []
     with tqdm(total=total, desc="niah", file=sys.stderr, disable=args.json and not sys.stderr.isatty()) as bar:
-        for case in run_niah(engine, caches, args.lengths, args.depths, args.seeds, args.needle, args.question):
+        for case in run_niah(engine, caches, args.lengths, args.depths, args.seeds, args.needle, args.question,
+                             question_unseen=args.question_unseen):
             cases.append(case)
             bar.update()
             if args.json:
                 print(json.dumps(case_dict(case)), flush=True)
+    for case in niah_kvpress_cases(args, engine, engine.loaded, python) if python else []:
+        cases.append(case)
+        if args.json:
+            print(json.dumps(case_dict(case)), flush=True)
     if not args.json:
-        table = Table(title="needle in a haystack: found / cases")
+        setting = "unseen" if args.question_unseen else "known"
+        table = Table(title=f"needle in a haystack, question {setting}: found / cases")
         table.add_column("policy")
         table.add_column("budget")
         for length in args.lengths:
             table.add_column(f"{length} tokens", justify="right")
-        for cache in caches:
-            row = [cache.policy, str(cache.budget or "-")]
+        for policy, budget in dict.fromkeys((c.policy, c.budget) for c in cases):
+            row = [policy, str(budget or "-")]
             for length in args.lengths:
-                hits = [c.found for c in cases if c.policy == cache.policy and c.budget == cache.budget and c.length == length]
+                hits = [c.found for c in cases if c.policy == policy and c.budget == budget and c.length == length]
                 row.append(f"{sum(hits)}/{len(hits)}")
             table.add_row(*row)
         Console().print(table)
@@ -53,9 +70,11 @@ def run_ppl(args) -> int:
     from slam.eval.ppl import run_ppl
 
     caches = [cache_config(args, p) for p in args.policies]
-    engine = engine_from(args, caches[0], max_batch=1)
+    engines = EvalEngines(args)
     results = []
     for cache in caches:
+        # A full cache holds the whole text; the others take their own budget.
+        engine = engines(cache, 1, args.tokens + 8 if cache.policy == "full" else None)
         with tqdm(total=args.tokens, desc=f"ppl {cache.policy}", file=sys.stderr) as bar:
             result = run_ppl(engine, cache, args.tokens, on_token=bar.update)
         results.append(result)
@@ -90,10 +109,53 @@ def validate(args) -> None:
 
 def checked(run):
     def call(args) -> int:
+        from slam.eval.commands import EvalUsageError
+
         validate(args)
-        return run(args)
+        try:
+            return run(args)
+        except EvalUsageError as e:
+            raise UsageError(f"slam: error: {e}") from None
 
     return call
+
+
+class EvalEngines:
+    """The model, loaded once, and engines over it sized for each evaluation's caches and prompts."""
+
+    def __init__(self, args):
+        self.args = args
+        self._loaded = None
+
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            from slam.model import load_model
+
+            self._loaded = load_model(self.args.model, self.args.dtype, self.args.device)
+        return self._loaded
+
+    def __call__(self, cache: CacheConfig, max_batch: int, max_budget: int | None):
+        from slam.engine.engine import LLMEngine
+
+        a = self.args
+        config = EngineConfig(model=a.model, dtype=a.dtype, device=a.device, max_batch=max_batch,
+                              prefill_chunk=a.prefill_chunk, cache=cache, max_budget=max_budget)
+        return LLMEngine(config, self.loaded)
+
+
+def run_ruler(args) -> int:
+    from slam.eval.ruler_command import ruler_command
+
+    caches = [cache_config(args, p, b) for p in args.policies for b in ([None] if p == "full" else args.budgets)]
+    return ruler_command(args, caches, EvalEngines(args))
+
+
+def run_longbench(args) -> int:
+    from slam.eval.longbench_command import longbench_command
+
+    caches = [cache_config(args, p) for p in args.policies]
+    return longbench_command(args, caches, EvalEngines(args))
 
 
 def register(sub) -> None:
@@ -109,6 +171,7 @@ def register(sub) -> None:
     niah.add_argument("--question", default=None)
     niah.add_argument("--json", action="store_true")
     niah.add_argument("--plot", type=Path, default=None)
+    add_compare_flags(niah)
     add_cache_flags(niah, with_policy=False)
     add_model_flags(niah)
     niah.set_defaults(func=checked(run_niah))
@@ -122,3 +185,15 @@ def register(sub) -> None:
     add_cache_flags(ppl, with_policy=False)
     add_model_flags(ppl)
     ppl.set_defaults(func=checked(run_ppl))
+
+    ruler = ev.add_parser("ruler", help="RULER-style synthetic tasks over the essays (needles, variables, words)")
+    add_ruler_flags(ruler)
+    add_cache_flags(ruler, with_policy=False)
+    add_model_flags(ruler)
+    ruler.set_defaults(func=checked(run_ruler))
+
+    longbench = ev.add_parser("longbench", help="LongBench's English tasks from your JSONL files, official metrics")
+    add_longbench_flags(longbench)
+    add_cache_flags(longbench, with_policy=False)
+    add_model_flags(longbench)
+    longbench.set_defaults(func=checked(run_longbench))

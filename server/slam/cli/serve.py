@@ -44,8 +44,15 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"slam serve: {explain(exc, FIELD_TO_FLAG, env=True)}", file=sys.stderr)
         return 2
+    from slam.api.failover import EpochConflict, check_epoch
     from slam.api.server import serve
     from slam.engine.engine import LLMEngine
+
+    try:
+        check_epoch(settings)  # fencing: before the model loads, so a second pod for a slot fails fast
+    except EpochConflict as exc:
+        print(f"slam serve: --slot-epoch (SLAM_SLOT_EPOCH): {exc}", file=sys.stderr)
+        return 2
 
     t0, load_start_unix = time.monotonic(), time.time()
     try:
@@ -57,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"slam: serving {settings.served_model_name or engine.loaded.name} on http://{settings.host}:{settings.port}",
           file=sys.stderr, flush=True)
     timings = {"main_unix": MAIN_UNIX, "load_start_unix": load_start_unix, "model_load_s": time.monotonic() - t0}
-    serve(settings, engine, timings)
+    try:
+        serve(settings, engine, timings)
+    except EpochConflict as exc:  # another pod claimed the slot while this one was loading
+        print(f"slam serve: --slot-epoch (SLAM_SLOT_EPOCH): {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

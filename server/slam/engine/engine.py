@@ -72,7 +72,8 @@ class LLMEngine:
 
     # --- requests ------------------------------------------------------------------------------------
     def make_sequence(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                      cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
+                      cache: CacheConfig | None = None, request_id: str | None = None,
+                      prefill_boundaries: list[int] | None = None) -> Sequence:
         """A checked request, not yet queued (restores build theirs the same way)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
@@ -93,11 +94,14 @@ class LLMEngine:
             raise RequestError(f"the full cache holds {self.budget} tokens; prompt ({len(prompt_ids)}) + "
                                f"max_tokens ({sampling.max_tokens}) exceed it")
         extra = {} if request_id is None else {"request_id": request_id}
-        return Sequence(list(prompt_ids), sampling, cache, pool_budget=self.budget, **extra)
+        return Sequence(list(prompt_ids), sampling, cache, pool_budget=self.budget,
+                        prefill_boundaries=sorted(prefill_boundaries or []), **extra)
 
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                    cache: CacheConfig | None = None, request_id: str | None = None) -> Sequence:
-        seq = self.make_sequence(prompt_ids, sampling, cache, request_id)
+                    cache: CacheConfig | None = None, request_id: str | None = None,
+                    prefill_boundaries: list[int] | None = None) -> Sequence:
+        """Queue a request. `prefill_boundaries`: prompt positions no prefill chunk may cross."""
+        seq = self.make_sequence(prompt_ids, sampling, cache, request_id, prefill_boundaries)
         with self.lock:
             self.scheduler.add(seq)
         return seq
@@ -232,6 +236,8 @@ class LLMEngine:
         return logits
 
     def next_token(self, seq: Sequence, token: int, raw: torch.Tensor) -> StepOutput:
+        if seq.forced_ids is not None:  # teacher forcing (perplexity): the text decides, not the sampler
+            token = seq.forced_ids[len(seq.output_ids)]
         cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
         params = seq.sampling
         logprob, top = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else (None, None)

@@ -91,6 +91,10 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     seed: int = 0  # the sampler's counter-based noise depends only on (seed, tokens generated)
+    # No prefill chunk crosses these prompt positions: the context before one is compressed before any
+    # later token is computed (the "question unseen" setting of kvpress's leaderboard).
+    prefill_boundaries: list[int] = field(default_factory=list)
+    forced_ids: list[int] | None = None  # teacher forcing: these are the "generated" tokens, in order
 
     def __post_init__(self) -> None:
         self.policy: CachePolicy = make_policy(self.cache_config, self.pool_budget)
@@ -126,7 +130,9 @@ class Sequence:
         return self.prompt_ids[start:stop] + (self.output_ids[: stop - n] if stop > n else [])
 
     def next_chunk(self, limit: int) -> list[int]:
-        return self.ids(self.num_cached, self.num_cached + limit)
+        end = self.num_cached + limit
+        end = min([b for b in self.prefill_boundaries if self.num_cached < b < end] + [end])
+        return self.ids(self.num_cached, end)
 
     def cache_tokens(self) -> int:
         """Tokens per layer and KV head in the active cache."""

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 from slam.config import CacheConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
-from slam.eval.corpus import essays_text
+from slam.eval.ruler import essay_ids
+from slam.eval.split import SplitPrompt, encode_split, generate_split
 
 DEFAULT_NEEDLE = "The secret passphrase is {key}. Remember it: {key}."
 DEFAULT_QUESTION = "What is the secret passphrase? Answer with the number only."
@@ -26,27 +27,33 @@ class NiahCase:
     key: str
     answer: str
     found: bool
+    setting: str = "known"  # whether the question was part of the prefill that the cache compressed
 
 
 def needle_key(seed: int) -> str:
     return str(random.Random(seed).randint(10_000, 99_999))
 
 
-def build_prompt(engine: LLMEngine, length: int, depth: float, seed: int, needle: str, question: str) -> tuple[list[int], str]:
-    """A chat prompt of about `length` tokens with the needle at `depth` of the haystack."""
+def niah_prompt(engine: LLMEngine, length: int, depth: float, seed: int, needle: str, question: str) -> tuple[SplitPrompt, str]:
+    """A prompt of about `length` tokens with the needle at `depth` of the haystack, and the needle's key."""
     key = needle_key(seed)
     needle_text = needle.format(key=key)
     shell = engine.encode_chat([{"role": "user", "content": f"\n\n{question}"}])
     hay_tokens = max(length - len(shell) - len(engine.encode(needle_text)) - 2, 16)
-    corpus = engine.tokenizer.encode(essays_text())
+    corpus = essay_ids(engine.tokenizer)
     # Each seed reads a different stretch of the essays so that cases differ in more than the key.
     offset = (seed * 7919) % max(len(corpus) - hay_tokens, 1)
     hay = engine.tokenizer.decode(corpus[offset : offset + hay_tokens])
     cut = int(len(hay) * depth)
     sentence_end = hay.find(". ", cut)
     cut = sentence_end + 2 if 0 <= sentence_end < cut + 400 else cut
-    text = f"{hay[:cut]}{needle_text} {hay[cut:]}"
-    return engine.encode_chat([{"role": "user", "content": f"{text}\n\n{question}"}]), key
+    return SplitPrompt(f"{hay[:cut]}{needle_text} {hay[cut:]}", f"\n\n{question}"), key
+
+
+def build_prompt(engine: LLMEngine, length: int, depth: float, seed: int, needle: str, question: str) -> tuple[list[int], str]:
+    """The question-known prompt's token ids: the chat template around the haystack and the question."""
+    prompt, key = niah_prompt(engine, length, depth, seed, needle, question)
+    return encode_split(engine.tokenizer, prompt, question_unseen=False).ids, key
 
 
 def run_niah(
@@ -58,12 +65,15 @@ def run_niah(
     needle: str = DEFAULT_NEEDLE,
     question: str = DEFAULT_QUESTION,
     max_tokens: int = 16,
+    question_unseen: bool = False,
 ) -> Iterator[NiahCase]:
+    """Each case once per cache; with `question_unseen` the context is compressed before the question arrives."""
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     for length, depth, seed in itertools.product(lengths, depths, range(seeds)):
-        prompt, key = build_prompt(engine, length, depth, seed, needle, question)
+        prompt, key = niah_prompt(engine, length, depth, seed, needle, question)
+        ids = encode_split(engine.tokenizer, prompt, question_unseen)
         for cache in caches:
-            [seq] = engine.generate([prompt], sampling, cache)
+            [seq] = generate_split(engine, [ids], sampling, cache, question_unseen)
             yield NiahCase(
                 policy=cache.policy,
                 budget=cache.budget,
@@ -73,6 +83,7 @@ def run_niah(
                 key=key,
                 answer=seq.output_text.strip(),
                 found=key in seq.output_text,
+                setting="unseen" if question_unseen else "known",
             )
 
 

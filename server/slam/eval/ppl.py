@@ -6,11 +6,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from slam.config import CacheConfig
 from slam.engine.engine import LLMEngine
-from slam.engine.sequence import Sequence
+from slam.engine.sequence import SamplingParams
 from slam.eval.corpus import essays_text
 
 
@@ -39,14 +37,18 @@ def run_ppl(
     on_token: Callable[[], None] | None = None,
 ) -> PplResult:
     ids = engine.tokenizer.encode(essays_text())[: tokens + 1]
-    seq = Sequence(ids[:1], cache_config=cache)
+    # Token by token through the decode path, so each policy evicts exactly as in generation.
+    sampling = SamplingParams(max_tokens=len(ids) - 1, ignore_eos=True, logprobs=0)
+    seq = engine.add_request(ids[:1], sampling, cache)
+    seq.forced_ids = ids[1:]
     nll, max_cache = [], 0
-    for i in range(len(ids) - 1):
-        logits = engine.runner.run([(seq, [ids[i]])])[0]  # [vocab]
-        seq.num_cached += 1
-        nll.append(float(-torch.log_softmax(logits, dim=-1)[ids[i + 1]]))
-        max_cache = max(max_cache, seq.cache_tokens())
-        if on_token:
-            on_token()
+    while not seq.finished:
+        for out in engine.step():
+            if out.error:
+                raise RuntimeError(out.error)
+            nll.append(-out.logprob)
+            max_cache = max(max_cache, out.cache_tokens)
+            if on_token:
+                on_token()
     ppl = math.exp(sum(nll) / len(nll))
     return PplResult(cache.policy, cache.budget, len(nll), ppl, nll, max_cache)
