@@ -89,9 +89,6 @@ def test_eval_niah_json_table_and_plot(tiny_dir, tmp_path):
 SERVER = __import__("pathlib").Path(__file__).resolve().parents[1] / "server" / "slam"
 # Which slam packages a package may import (design.md 2.5: none imports one above it).
 LAYERS = {"cli": {"api", "bench"}, "bench": set(), "api": set()}
-# bench/decode.py (the engine rewrite's file) still takes two flag helpers from slam.cli; they now live in
-# slam.flags, and its rewrite imports them from there.
-PENDING = {("bench/decode.py", "cli")}
 
 
 def slam_imports(path) -> set[str]:
@@ -111,7 +108,6 @@ def test_no_import_cycle_between_cli_api_and_bench():
         for path in sorted((SERVER / package).glob("*.py")):
             rel = str(path.relative_to(SERVER))
             above = {p for p in slam_imports(path) & set(LAYERS) if p != package and p not in allowed}
-            above -= {p for f, p in PENDING if f == rel}
             assert not above, f"{rel} imports slam.{above}"
 
 
