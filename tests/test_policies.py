@@ -105,3 +105,24 @@ def test_batched_pool_equals_per_request_reference(tiny, policy):
         assert seq.output_ids == reference_generate(tiny.model, prompt, steps, policy, budget, sink, recent)
     if policy == "slam":
         assert sum(s.replacements for s in seqs) > steps  # the critical set kept changing
+
+
+@pytest.mark.parametrize("policy", ["h2o", "slam"])
+def test_reused_engine_never_reads_what_idle_slots_wrote(tiny, policy):
+    """Slots that sit idle in a decode step (free, or prefilling) must not leave NaN or stale values for
+    their next request: a reused engine gives each batch the tokens a fresh engine gives it."""
+    import random
+
+    def engine():
+        return make_engine(tiny, policy, budget=32, sink=4, recent=8, max_budget=64, prefill_chunk=16)
+
+    reused = engine()
+    prompts = [tiny.tokenizer.encode(f"item {i} " * n) for i, n in enumerate([2, 9, 3, 14, 5, 11])]
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    rng = random.Random(0)
+    for _ in range(5):
+        batch = [prompts[i] for i in rng.sample(range(len(prompts)), rng.randint(2, len(prompts)))]
+        errors = []
+        seqs = reused.generate(batch, greedy, on_output=lambda out: errors.append(out.error) if out.error else None)
+        assert not errors
+        assert [s.output_ids for s in seqs] == [s.output_ids for s in engine().generate(batch, greedy)]

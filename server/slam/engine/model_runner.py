@@ -185,7 +185,9 @@ class ModelRunner:
                 for cls in classes:
                     cls.select(pool, li, plan, q_rot, mine[cls])
             keys, values, pos = pool.k[li][:b], pool.v[li][:b], pool.pos[li][:b]
-            valid = (pos >= 0).unsqueeze(2)  # [b, H, 1, C]
+            # An inactive slot attends to its scratch column: a row with no key at all would turn NaN, and
+            # its NaN keys and values would land in that column for the slot's next request to read.
+            valid = ((pos >= 0) | (cols == pool.budget) & ~active.view(-1, 1, 1)).unsqueeze(2)  # [b, H, 1, C]
             q_att = q_rot
             if cache_pos:
                 ranks = A.cache_ranks(pos)  # [b, H, C]

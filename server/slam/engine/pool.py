@@ -138,6 +138,8 @@ class SlotPool:
     def clear(self, slot: int) -> None:
         for pos in self.pos:
             pos[slot].fill_(-1)
+        for t in self.k + self.v:
+            t[slot, :, self.budget].zero_()  # scratch: whatever an idle step wrote there stays out of sight
         for score in self.score:
             score[slot].zero_()
         if self.cap:
