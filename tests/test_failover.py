@@ -65,13 +65,14 @@ def _sampling(i: int) -> SamplingParams:
 
 
 @contextlib.contextmanager
-def server(s3: MotoS3, prefix: str, log: Path, *args: str):
-    """A `slam serve` process checkpointing to `s3`; yields (process, url) once /ready is 200."""
+def server(s3: MotoS3, prefix: str, log: Path, *args: str, base_args: list[str] = BASE_ARGS):
+    """A `slam serve` process checkpointing to `s3` (with this file's small caches unless `base_args` says
+    otherwise); yields (process, url) once /ready is 200."""
     port = free_port()
     env = {**server_env(), "SLAM_S3_ACCESS_KEY": "testing", "SLAM_S3_SECRET_KEY": "testing"}
     with open(log, "ab") as out:
         proc = subprocess.Popen(serve_command("--port", str(port), "--s3-endpoint", s3.endpoint, "--s3-prefix",
-                                              prefix, *BASE_ARGS, *args), env=env, stdout=out, stderr=subprocess.STDOUT)
+                                              prefix, *base_args, *args), env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -19,8 +18,9 @@ import uuid
 import httpx
 import pytest
 
-from api_fixtures import MODEL, free_port, serve_command, server_env
+from api_fixtures import MODEL
 from s3_fixtures import MotoS3
+from test_failover import server
 from slam.checkpoint import CheckpointConfig, ObjectStore
 from slam.checkpoint import format as fmt
 from slam.config import EngineConfig
@@ -31,28 +31,9 @@ MAX_TOKENS, CUT_AT = 48, 20
 REQUESTS = [{"temperature": 0.0}, {"temperature": 0.8, "seed": 7}, {"temperature": 0.0}]  # the last is corrupted
 
 
-@contextlib.contextmanager
 def default_server(s3: MotoS3, prefix: str, log, *args: str):
-    port = free_port()
-    env = {**server_env(), "SLAM_S3_ACCESS_KEY": "testing", "SLAM_S3_SECRET_KEY": "testing"}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(serve_command("--port", str(port), "--s3-endpoint", s3.endpoint, "--s3-prefix",
-                                              prefix, *args), env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    """A checkpointing `slam serve` at every default but the S3 settings."""
+    return server(s3, prefix, log, *args, base_args=[])
 
 
 @pytest.fixture(scope="module")

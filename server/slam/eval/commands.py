@@ -14,6 +14,7 @@ from typing import Protocol
 
 from slam.eval.kvpress_compare import DEFAULT_PRESSES, KvpressError, KvpressJob, kvpress_python, run_kvpress
 from slam.eval.split import EngineHookMissing, SplitPrompt, require_boundaries
+from slam.flags import positive_list
 
 
 class Engines(Protocol):
@@ -38,16 +39,6 @@ class EvalUsageError(Exception):
     """Input an evaluation cannot use; the message starts with the flag."""
 
 
-def csv(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(x) for x in text.split(",") if x]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
-
-    return parse
-
-
 def add_compare_flags(p: argparse.ArgumentParser) -> None:
     """--question-unseen and --compare kvpress, shared by niah and ruler."""
     p.add_argument("--question-unseen", action="store_true",
@@ -56,7 +47,7 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
                    help="also run the same prompts through kvpress's presses at the same budgets")
     p.add_argument("--kvpress-python", default=None,
                    help="Python of an environment with kvpress installed (default: $SLAM_KVPRESS_PYTHON)")
-    p.add_argument("--presses", type=csv(str), default=DEFAULT_PRESSES, help=", ".join(DEFAULT_PRESSES))
+    p.add_argument("--presses", type=positive_list(str), default=DEFAULT_PRESSES, help=", ".join(DEFAULT_PRESSES))
 
 
 def check_compare(args, engine) -> str | None:

@@ -6,15 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from slam.eval.commands import Engines, EvalUsageError, csv, emit, pool_size
+from slam.eval.commands import Engines, EvalUsageError, emit, pool_size
+from slam.flags import positive_list
 from slam.eval.longbench_tasks import TASKS
 
 
 def add_longbench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True,
                    help="directory of LongBench JSONL files named <task>.jsonl or <task>_e.jsonl")
-    p.add_argument("--tasks", type=csv(str), default=None, help=f"default: every task with a file; {', '.join(TASKS)}")
-    p.add_argument("--policies", type=csv(str), default=["full", "streaming", "slam"])
+    p.add_argument("--tasks", type=positive_list(str), default=None, help=f"default: every task with a file; {', '.join(TASKS)}")
+    p.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
     p.add_argument("--max-length", type=int, default=None,
                    help="prompt tokens kept, cut in the middle (default: the model's trained length less 512)")
     p.add_argument("--limit", type=int, default=None, help="first N records of each task")

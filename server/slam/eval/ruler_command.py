@@ -11,20 +11,20 @@ from slam.eval.commands import (
     EvalUsageError,
     add_compare_flags,
     check_compare,
-    csv,
     emit,
     kvpress_answers,
     pool_size,
 )
 from slam.eval.kvpress_compare import KvpressJob
 from slam.eval.ruler import TASKS, RulerSample
+from slam.flags import positive_list
 
 
 def add_ruler_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", type=csv(str), default=list(TASKS), help=", ".join(TASKS))
-    p.add_argument("--policies", type=csv(str), default=["full", "streaming", "slam"])
-    p.add_argument("--budgets", type=csv(int), default=[256])
-    p.add_argument("--lengths", type=csv(int), default=[2000], help="context lengths in tokens")
+    p.add_argument("--tasks", type=positive_list(str), default=list(TASKS), help=", ".join(TASKS))
+    p.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
+    p.add_argument("--budgets", type=positive_list(int), default=[256])
+    p.add_argument("--lengths", type=positive_list(int), default=[2000], help="context lengths in tokens")
     p.add_argument("--seeds", type=int, default=1, help="samples per task and length")
     p.add_argument("--json", action="store_true", help="one JSON object per case, then the summary")
     p.add_argument("--plot", type=Path, default=None, help="PNG of scores by length, one panel per task")
