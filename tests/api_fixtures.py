@@ -103,6 +103,13 @@ def server_url(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def fuzz_server_url(tmp_path_factory) -> Iterator[str]:
+    """The shared settings plus --max-model-len 96: the server's own limit, not the fuzzer, bounds how long
+    a fuzzed request may generate (at the trained length one request could decode 8K tokens)."""
+    yield from _shared_server("serve-fuzz", [*SERVER_ARGS, "--max-model-len", "96"], tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def api_key_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "keys.txt"
     path.write_text("\nfirst-key\n  second-key  \n")

@@ -2,7 +2,7 @@
 
 Fuzzed bodies name a random model, which is a 404 before any other check; the served name is put in so
 fuzzing reaches the rest of the request (the 404 has its own test). Nothing else is changed: in particular
-`max_tokens` is not capped here; the server's own limits (--max-model-len) must bound the work.
+`max_tokens` is not capped here; the server's own limits (the fixture's --max-model-len) must bound the work.
 """
 
 import schemathesis

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from api_fixtures import server_env
-from api_fixtures import server_url  # noqa: F401  (fixture)
+from api_fixtures import fuzz_server_url, server_url  # noqa: F401  (fixtures)
 
 from slam.bench.serve import percentile
 
@@ -54,12 +54,12 @@ def test_percentile():
     assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
 
 
-def test_schema_fuzz_no_server_errors(server_url, tmp_path):
+def test_schema_fuzz_no_server_errors(fuzz_server_url, tmp_path):
     """schemathesis against the server's own OpenAPI schema: no response is a 5xx."""
     exe = Path(sys.executable).with_name("schemathesis")
     env = {**server_env(), "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([str(exe), "run", f"{server_url}/openapi.json", "--checks", "not_a_server_error",
+    r = subprocess.run([str(exe), "run", f"{fuzz_server_url}/openapi.json", "--checks", "not_a_server_error",
                         "--max-examples", "10", "--workers", "1", "--request-timeout", "60",
                         "--phases", "fuzzing", "--no-color"],
                        env=env, capture_output=True, text=True, timeout=280,
