@@ -35,6 +35,20 @@ bench)  # issue 7's targets: budget 256 at 4K over batches, then budget 2048 at 
   python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --baseline transformers \
     --policies full,streaming,slam --budget 2048 --contexts 4000,16000,32000 --batches 32 --tokens 32 --json \
     | tee "$OUT/bench-decode-2048.jsonl" ;;
+bench-select)  # issue 10: two-stage against exact selection, then budget 2048 over batches and contexts
+  B="python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --policies slam --budget 2048 --tokens 16 --json"
+  for os in 0 4; do $B --contexts 32000 --batches 32 --select-every 4 --select-oversample $os; done \
+    | tee "$OUT/bench-select-exact-vs-two-stage.jsonl"
+  $B --baseline transformers --contexts 4000,32000 --batches 1,32,64 --select-every 4 | tee "$OUT/bench-select-2048.jsonl" ;;
+bench-host)  # the reserve in pinned host memory against the device, 4K to 128K
+  B="python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape ${SHAPE:-smollm2-135m} --policies slam --budget 2048 --tokens 16 --json --select-every 4"
+  for dev in cpu cuda; do $B --contexts ${CONTEXTS:-4000,32000,131072} --batches ${BATCHES:-1,8} --reserve-device $dev; done \
+    | tee "$OUT/bench-host-${SHAPE:-smollm2-135m}.jsonl" ;;
+niah-select)  # issue 10: exact recall against two-stage selection across refresh intervals
+  for cfg in "0 1" "4 1" "4 2" "4 4" "4 8"; do set -- $cfg
+    python3 -m slam.cli eval niah --device cuda --policies slam --budgets ${BUDGETS:-256} --lengths ${LENGTHS:-8000} \
+      --depths 0.1,0.5,0.9 --seeds 3 --select-oversample $1 --select-every $2 --json \
+      | sed "s/^{/{\"select_oversample\": $1, \"select_every\": $2, /"; done | tee "$OUT/niah-select.jsonl" ;;
 niah)
   python3 -m slam.cli eval niah --device cuda --policies full,streaming,slam --budgets 256,512 \
     --lengths 4000,8000 --depths 0.1,0.5,0.9 --seeds 3 --json --plot "$OUT/niah-h100.png" | tee "$OUT/niah-h100.jsonl" ;;

@@ -2,7 +2,9 @@
 
 1. a decode step (forward over the pool, selection, sampling) runs under
    torch.cuda.set_sync_debug_mode("error"): no host synchronisation before the one transfer of token ids;
-2. CUDA-graph replay gives the same tokens as eager execution from the same starting state, for every policy.
+2. CUDA-graph replay gives the same tokens as eager execution from the same starting state, for every policy
+   and for slam's variants (two-stage or exact selection, reserve in device or pinned host memory, int8);
+3. the host reserve gives the same tokens as the device reserve.
 """
 
 from __future__ import annotations
@@ -19,13 +21,25 @@ from slam.engine.sampler import sample
 from slam.engine.sequence import SamplingParams
 
 
-def engine_for(loaded, policy: str, eager: bool) -> LLMEngine:
+VARIANTS = {  # name: (policy, engine settings)
+    "full": ("full", {}), "streaming": ("streaming", {}), "snapkv": ("snapkv", {}), "h2o": ("h2o", {}),
+    "slam": ("slam", {}),  # two-stage selection, the default
+    "slam exact": ("slam", {"select_oversample": 0}),
+    "slam host reserve": ("slam", {"reserve_device": "cpu"}),
+    "slam host int8 reserve": ("slam", {"reserve_device": "cpu", "reserve_dtype": "int8"}),
+    "slam device int8 reserve": ("slam", {"reserve_dtype": "int8"}),
+}
+
+
+def engine_for(loaded, variant: str, eager: bool) -> LLMEngine:
+    policy, settings = VARIANTS[variant]
     cache = CacheConfig(policy=policy, budget=None if policy == "full" else 256, sink=4, recent=64)
-    return LLMEngine(EngineConfig(max_batch=8, cache=cache, enforce_eager=eager, max_budget=3000 if policy == "full" else None), loaded)
+    return LLMEngine(EngineConfig(max_batch=8, cache=cache, enforce_eager=eager, max_budget=3000 if policy == "full" else None,
+                                  **settings), loaded)
 
 
-def run(loaded, policy: str, eager: bool, steps: int = 24) -> list[list[int]]:
-    engine = engine_for(loaded, policy, eager)
+def run(loaded, variant: str, eager: bool, steps: int = 24) -> list[list[int]]:
+    engine = engine_for(loaded, variant, eager)
     samplings = [SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=t, top_p=0.9, seed=i)
                  for i, t in enumerate([0.0, 0.0, 1.0, 0.7, 0.0])]
     seqs = [synthetic_request(engine, 1500 + 211 * i, s, seed=i) for i, s in enumerate(samplings)]
@@ -34,8 +48,8 @@ def run(loaded, policy: str, eager: bool, steps: int = 24) -> list[list[int]]:
     return [s.output_ids for s in seqs]
 
 
-def sync_free_step(loaded, policy: str) -> None:
-    engine = engine_for(loaded, policy, eager=False)
+def sync_free_step(loaded, variant: str) -> None:
+    engine = engine_for(loaded, variant, eager=False)
     seqs = [synthetic_request(engine, 1800, SamplingParams(max_tokens=8, temperature=0.8, seed=i), seed=i)
             for i in range(4)]
     engine.step()  # captures the graph for this bucket
@@ -54,8 +68,10 @@ def sync_free_step(loaded, policy: str) -> None:
 def main() -> int:
     loaded = random_model(SHAPES["smollm2-135m"], "bfloat16", "cuda")
     failures = 0
-    for policy in ("full", "streaming", "slam", "snapkv", "h2o"):
+    outputs = {}
+    for policy in VARIANTS:
         eager, graphed = run(loaded, policy, True), run(loaded, policy, False)
+        outputs[policy] = graphed
         same = eager == graphed
         failures += not same
         print(f"{policy}: graph replay {'equals' if same else 'DIFFERS FROM'} eager over {len(eager[0])} tokens", flush=True)
@@ -65,6 +81,10 @@ def main() -> int:
         except Exception as e:  # report every policy, then fail
             failures += 1
             print(f"{policy}: sync check FAILED: {type(e).__name__}: {e}", flush=True)
+    for host, device in (("slam host reserve", "slam"), ("slam host int8 reserve", "slam device int8 reserve")):
+        same = outputs[host] == outputs[device]
+        failures += not same
+        print(f"{host}: tokens {'equal' if same else 'DIFFER FROM'} {device}'s", flush=True)
     return 1 if failures else 0
 
 

@@ -74,6 +74,10 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
     select_every: int = Field(default=1, ge=1)
+    # slam: two-stage selection scores chunks of `select_chunk` reserve tokens by their key bounds and
+    # rescores the tokens of the best `select_oversample` x middle's worth of chunks; 0: score all exactly.
+    select_chunk: int = Field(default=16, ge=1)
+    select_oversample: int = Field(default=4, ge=0)
 
 
 def _split_commas(value: Any) -> Any:
@@ -163,6 +167,10 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
     select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
                               "its critical tokens")
+    select_chunk: int = Field(default=16, ge=1, description="slam: reserve tokens per chunk whose key bounds "
+                              "the first selection stage scores")
+    select_oversample: int = Field(default=4, ge=0, description="slam: chunks worth this many times the "
+                                   "critical columns are rescored exactly (0: score every reserve token)")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
                                       "must send one as Authorization: Bearer")
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
@@ -265,6 +273,8 @@ class ServerSettings(BaseSettings):
             reserve_dtype=self.reserve_dtype,
             enforce_eager=self.enforce_eager,
             select_every=self.select_every,
+            select_chunk=self.select_chunk,
+            select_oversample=self.select_oversample,
             max_budget=self.max_budget,
             max_model_len=self.max_model_len,
         )

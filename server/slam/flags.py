@@ -34,3 +34,23 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                    help="int8: dynamic int8 linear layers (CPU only)")
     p.add_argument("--prefill-chunk", type=int, default=512)
+
+
+def add_selection_flags(p: argparse.ArgumentParser) -> None:
+    """slam's selection knobs, with the engine's defaults (EngineConfig); `selection(args)` reads them back."""
+    from slam.config import EngineConfig
+
+    d = EngineConfig()
+    p.add_argument("--select-every", type=int, default=d.select_every, help="slam: steps between a layer's refreshes")
+    p.add_argument("--select-chunk", type=int, default=d.select_chunk,
+                   help="slam: reserve tokens per chunk bound (two-stage selection)")
+    p.add_argument("--select-oversample", type=int, default=d.select_oversample,
+                   help="slam: chunks rescored, in multiples of the critical columns (0: score the whole reserve)")
+    p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default=d.reserve_device)
+    p.add_argument("--reserve-dtype", choices=["bfloat16", "int8"], default=d.reserve_dtype)
+
+
+def selection(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields that add_selection_flags set."""
+    return {name: getattr(args, name) for name in
+            ("select_every", "select_chunk", "select_oversample", "reserve_device", "reserve_dtype")}

@@ -24,6 +24,7 @@ from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
+from slam.flags import selection
 
 
 @dataclass
@@ -41,6 +42,7 @@ class DecodeResult:
     device: str
     baseline_ratio: float | None = None  # tokens/s over the baseline's at the same batch and context
     note: str = ""
+    kv_mib_per_request: float | None = None  # device memory of one request's cache (and reserve tier)
 
 
 def _sync(device: torch.device) -> None:
@@ -53,13 +55,18 @@ def _device_name(device: torch.device) -> str:
 
 
 def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: int) -> int:
-    """Bytes of keys and values one decode step reads: the pool slots, plus the reserve keys slam scores."""
+    """Bytes of keys and values one decode step reads: the pool slots, plus what slam's selection reads
+    (every reserve key, or two chunk bounds per chunk and the candidates' keys) and the chosen values."""
     pool = engine.runner.pool
     per_col = pool.layers * pool.kv_heads * pool.head_dim * pool.k[0].element_size()
     read = 2 * per_col * (pool.budget + 1) * batch
     if cache.policy == "slam":
         evicted = max(context - cache.sink - cache.recent, 0)
-        read += per_col * evicted * batch  # keys scored; values of the chosen ones are small next to it
+        middle = cache.budget - cache.sink - cache.recent
+        keys = evicted
+        if pool.chunk:
+            keys = 2 * -(-evicted // pool.chunk) + min(evicted, pool.oversample * middle)
+        read += per_col * (keys + min(evicted, middle)) * batch // engine.runner.select_every
     return read
 
 
@@ -68,8 +75,7 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     full = cache.policy == "full"
     config = EngineConfig(max_batch=batch, cache=cache, max_budget=context + tokens + 8 if full else None,
                           max_model_len=max(context + tokens + 8, 16), enforce_eager=args.enforce_eager,
-                          reserve_device=args.reserve_device, reserve_dtype=args.reserve_dtype,
-                          select_every=args.select_every)
+                          **selection(args))
     engine = LLMEngine(config, loaded)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -86,9 +92,13 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     assert all(len(s.output_ids) >= tokens for s in seqs)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
-    del engine, seqs
+    pool = engine.runner.pool
+    kv_mib = (pool.nbytes_per_slot() + pool.reserve_nbytes_on_device() / pool.slots) / 2**20
+    if device.type != "cuda":
+        kv_mib = None
+    del engine, seqs, pool
     return DecodeResult("slam", cache.policy, cache.budget, context, batch, batch / step_s, 1000 * step_s,
-                        1000 * roof, 100 * roof / step_s, peak, _device_name(device))
+                        1000 * roof, 100 * roof / step_s, peak, _device_name(device), kv_mib_per_request=kv_mib)
 
 
 @torch.inference_mode()
@@ -125,11 +135,11 @@ def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: floa
         gc.collect()
         torch.cuda.empty_cache()
         return DecodeResult("transformers", "full", None, context, batch, None, None, 1000 * roof, None, None, name,
-                            note="does not fit")
+                            note="does not fit", kv_mib_per_request=kv_bytes / batch / 2**20)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     del cache, out
     return DecodeResult("transformers", "full", None, context, batch, batch / step_s, 1000 * step_s, 1000 * roof,
-                        100 * roof / step_s, peak, name)
+                        100 * roof / step_s, peak, name, kv_mib_per_request=kv_bytes / batch / 2**20)
 
 
 def run(args) -> int:
@@ -167,19 +177,22 @@ def run(args) -> int:
             results.append(row)
             if args.json:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
-                                  "select_every": args.select_every, "graphs": not args.enforce_eager,
+                                  "select_every": args.select_every,
+                                  "select_oversample": args.select_oversample, "select_chunk": args.select_chunk,
+                                  "reserve_device": args.reserve_device, "reserve_dtype": args.reserve_dtype, "graphs": not args.enforce_eager,
                                   "torch": torch.__version__}), flush=True)
     if not args.json:
         table = Table(title=f"slam bench decode on {results[0].device} ({args.shape or 'model'}, {args.dtype}, "
                             f"{gbps:.0f} GB/s measured)")
         for column in ("engine", "policy", "context", "batch", "tok/s", "step ms", "roofline ms", "% roofline",
-                       "peak GPU MiB", "x baseline"):
+                       "peak GPU MiB", "KV MiB/request", "x baseline"):
             table.add_column(column, justify="right")
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         for r in results:
             table.add_row(r.engine, r.policy, str(r.context), str(r.batch), fmt(r.decode_tokens_per_s, ".1f") + (
                 f" ({r.note})" if r.note else ""), fmt(r.step_ms, ".2f"), f"{r.roofline_ms:.2f}",
-                fmt(r.roofline_pct, ".0f"), fmt(r.peak_gpu_mib, ".0f"), fmt(r.baseline_ratio, ".1f"))
+                fmt(r.roofline_pct, ".0f"), fmt(r.peak_gpu_mib, ".0f"), fmt(r.kv_mib_per_request, ".1f"),
+                fmt(r.baseline_ratio, ".1f"))
         Console().print(table)
     if args.plot:
         plot(results, args.plot)
@@ -214,7 +227,7 @@ def plot(results: list[DecodeResult], out: Path) -> None:
 
 
 def add_parser(sub) -> None:
-    from slam.flags import add_model_flags, positive_list
+    from slam.flags import add_model_flags, add_selection_flags, positive_list
 
     p = sub.add_parser("decode", help="decode throughput per policy, context and batch, beside a baseline")
     p.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
@@ -229,9 +242,7 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", choices=["none", "transformers"], default="none",
                    help="also time transformers' full-cache decode at each batch and context")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--reserve-dtype", choices=["bfloat16", "int8"], default="bfloat16")
-    p.add_argument("--select-every", type=int, default=1, help="slam: steps between a layer's refreshes")
+    add_selection_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, default=None)
     add_model_flags(p)

@@ -96,6 +96,7 @@ def synthetic_request(engine, context: int, sampling, seed: int = 0):
             for layer in range(pool.layers):
                 shape = (pool.kv_heads, evicted, pool.head_dim)
                 pool.reserve_write(layer, part, randn(shape), randn(shape))
+                pool.summarize(layer, seq.slot, 0, evicted)
             pool.rpos[seq.slot, :evicted] = torch.arange(sink, sink + evicted, device=pool.device)
         seq.num_cached = context
         engine.scheduler.resume(seq)

@@ -1,8 +1,9 @@
 """SLAM: sink + recent ring + critical middle tokens recalled from a reserve tier by the current query.
 
-Every token that leaves the ring is appended, once, to the slot's reserve (engine/pool.py). Before each
-attention the current query scores every reserve token (softmax of q.k, maximised over the KV head's
-query group) and the best `middle` tokens fill the critical columns. The active cache stays bounded by
+Every token that leaves the ring is appended, once, to the slot's reserve (engine/pool.py). Before
+attention the current query scores the reserve (softmax of q.k, maximised over the KV head's query group;
+every token, or in two stages through chunk bounds: cache/selection.py) and the best `middle` tokens
+fill the critical columns. The active cache stays bounded by
 the budget; the reserve grows with the context, on the device or in host memory.
 """
 
@@ -14,22 +15,7 @@ from typing import ClassVar
 import torch
 
 from slam.cache.base import CachePolicy, Evicted
-
-
-def reserve_scores(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, scale: float,
-                   rpos: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention each query would pay each reserve token, max over the group (and queries).
-
-    q: [slots, kv_heads, queries, head_dim]; keys: [slots, kv_heads, cap, head_dim]; n: [slots] tokens
-    stored -> [slots, kv_heads, cap], -1 where nothing is stored.
-    """
-    logits = (q @ keys.transpose(-1, -2)).float() * scale  # [slots, kv_heads, queries, cap]
-    stored = torch.arange(keys.shape[2], device=keys.device) < n.view(-1, 1)  # [slots, cap]
-    if rpos is not None:
-        stored &= rpos >= 0  # a reserve restored without its tokens holds none
-    logits = logits.masked_fill(~stored.view(stored.shape[0], 1, 1, -1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).amax(dim=2)  # NaN where a slot stores nothing
-    return torch.where(stored.unsqueeze(1), probs, -1.0)
+from slam.cache.selection import group_scores, select_reserve
 
 
 @dataclass
@@ -47,6 +33,9 @@ class SlamPolicy(CachePolicy):
         pool.reserve_write(layer, (ar_r, slice(None), idx), ev.k.squeeze(2), ev.v.squeeze(2))
         if ev.k_score is not None:
             pool.rks[layer][ar_r, :, idx] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
+        if pool.chunk:
+            keys = ev.k if ev.k_score is None else ev.k_score
+            pool.summarize_append(layer, ar, plan.reserve_at, keys.squeeze(2))
         if layer == 0:
             pool.rpos[ar, plan.reserve_at] = torch.where(plan.reserve_at < pool.cap, ev.pos.squeeze(1), -1)
 
@@ -55,17 +44,12 @@ class SlamPolicy(CachePolicy):
         b, kc = q.shape[0], plan.kc
         if kc == 0:
             return
-        keys = pool.reserve_keys(layer, scoring=True)[:b]
         qg = q.view(b, pool.kv_heads, -1, pool.head_dim)  # [b, kv_heads, group, head_dim]
-        scores = reserve_scores(qg, keys, plan.reserve_n, pool.head_dim**-0.5, pool.rpos[:b])
-        top = scores.topk(kc, dim=-1)  # [b, kv_heads, kc]
-        idx = top.indices
-        d = pool.head_dim
-        stored_k = keys if not pool.cache_positions else pool.reserve_keys(layer)[:b]
-        k = stored_k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
-        v = pool.reserve_values(layer)[:b].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc)  # [b, kv_heads, kc]
+        k, v = pool.reserve_gather(layer, idx, "k"), pool.reserve_gather(layer, idx, "v")
         pos = pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx)
-        pos = torch.where(top.values >= 0, pos, -1)
+        pos = torch.where(score >= 0, pos, -1)
+        d = pool.head_dim
         j = torch.arange(kc, device=q.device)
         col = torch.where(mine.view(-1, 1) & (j < plan.middle.view(-1, 1)), plan.sink.view(-1, 1) + j, pool.budget)
         col = col.unsqueeze(1).expand(-1, pool.kv_heads, -1)  # [b, kv_heads, kc]
@@ -105,6 +89,8 @@ class SlamPolicy(CachePolicy):
             if pool.cache_positions:
                 pool.rks[layer][part] = state["rks"][layer].to(pool.reserve_device)
         pool.rpos[slot, start : start + m] = state["rpos"].to(pool.device)
+        for layer in range(pool.layers):
+            pool.summarize(layer, slot, start, start + m)
 
     def evict_prefill(self, pool, layer, slot, ev: Evicted, evicted_before: int) -> None:
         m = ev.k.shape[1]
@@ -115,6 +101,7 @@ class SlamPolicy(CachePolicy):
             pool.rks[layer][idx] = ev.k_score.to(pool.reserve_device)
         if layer == 0:
             pool.rpos[slot, evicted_before : evicted_before + m] = ev.pos
+        pool.summarize(layer, slot, evicted_before, evicted_before + m)
 
     def select_prefill(self, pool, layer, slot, q, evicted) -> None:
         kc = min(evicted, self.middle)
@@ -122,8 +109,8 @@ class SlamPolicy(CachePolicy):
             return
         keys = pool.reserve_keys(layer, scoring=True)[slot : slot + 1, :, :evicted]
         qg = q.reshape(1, pool.kv_heads, -1, pool.head_dim)  # the group's queries of every chunk token
-        n = torch.tensor([evicted], device=pool.device)
-        idx = reserve_scores(qg, keys, n, pool.head_dim**-0.5, pool.rpos[slot : slot + 1, :evicted])[0]
+        stored = (pool.rpos[slot : slot + 1, :evicted] >= 0).unsqueeze(1)
+        idx = group_scores(qg, keys, stored, pool.head_dim**-0.5)[0]
         idx = idx.topk(kc, dim=-1).indices  # [kv_heads, kc]
         d = pool.head_dim
         stored_k = keys[0] if not pool.cache_positions else pool.reserve_keys(layer)[slot, :, :evicted]

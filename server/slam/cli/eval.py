@@ -13,7 +13,7 @@ from slam.config import CacheConfig, EngineConfig
 from slam.eval.commands import add_compare_flags
 from slam.eval.longbench_command import add_longbench_flags
 from slam.eval.ruler_command import add_ruler_flags
-from slam.flags import add_cache_flags, add_model_flags, positive_list
+from slam.flags import add_cache_flags, add_model_flags, add_selection_flags, positive_list, selection
 
 
 def run_niah(args) -> int:
@@ -140,7 +140,7 @@ class EvalEngines:
 
         a = self.args
         config = EngineConfig(model=a.model, dtype=a.dtype, device=a.device, max_batch=max_batch,
-                              prefill_chunk=a.prefill_chunk, cache=cache, max_budget=max_budget)
+                              prefill_chunk=a.prefill_chunk, cache=cache, max_budget=max_budget, **selection(a))
         return LLMEngine(config, self.loaded)
 
 
@@ -173,6 +173,7 @@ def register(sub) -> None:
     niah.add_argument("--plot", type=Path, default=None)
     add_compare_flags(niah)
     add_cache_flags(niah, with_policy=False)
+    add_selection_flags(niah)
     add_model_flags(niah)
     niah.set_defaults(func=checked(run_niah))
 
@@ -183,17 +184,20 @@ def register(sub) -> None:
     ppl.add_argument("--json", action="store_true")
     ppl.add_argument("--plot", type=Path, default=None)
     add_cache_flags(ppl, with_policy=False)
+    add_selection_flags(ppl)
     add_model_flags(ppl)
     ppl.set_defaults(func=checked(run_ppl))
 
     ruler = ev.add_parser("ruler", help="RULER-style synthetic tasks over the essays (needles, variables, words)")
     add_ruler_flags(ruler)
     add_cache_flags(ruler, with_policy=False)
+    add_selection_flags(ruler)
     add_model_flags(ruler)
     ruler.set_defaults(func=checked(run_ruler))
 
     longbench = ev.add_parser("longbench", help="LongBench's English tasks from your JSONL files, official metrics")
     add_longbench_flags(longbench)
     add_cache_flags(longbench, with_policy=False)
+    add_selection_flags(longbench)
     add_model_flags(longbench)
     longbench.set_defaults(func=checked(run_longbench))

@@ -7,6 +7,12 @@
     rk[l], rv[l]: [slots, kv_heads, cap + 1, head_dim]  evicted tokens, append-only (int8 + scales optional)
     rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
     rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
+    smin[l], smax[l]: [slots, kv_heads, cap // chunk + 1, head_dim]  element-wise bounds of the scoring keys
+                 of each `chunk` reserve tokens (two-stage selection); always on the compute device
+
+A host reserve (pinned memory) is read and written by the device through aliases of the pinned buffers
+(unified addressing): gathers and appends are device kernels, so decode steps stay capturable in CUDA
+graphs and only the rows a step touches cross PCIe.
 
 One tensor per layer (not views of one big tensor): compiled in-place writes stay cheap. Every buffer is
 made and changed in inference mode, like the forward passes that write it. Running requests
@@ -43,7 +49,8 @@ class SlotPool:
     @torch.inference_mode()
     def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
-                 reserve_int8: bool = False, cache_positions: bool = False):
+                 reserve_int8: bool = False, cache_positions: bool = False, chunk: int = 0,
+                 oversample: int = 0):
         self.layers, self.slots, self.kv_heads, self.budget, self.head_dim = layers, slots, kv_heads, budget, head_dim
         self.dtype, self.device = dtype, device
         cols = budget + 1
@@ -53,9 +60,20 @@ class SlotPool:
         self.pos = [torch.full(shape[:3], -1, dtype=torch.long, device=device) for _ in range(layers)]
         self.score = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(layers)]
         self.replaced = torch.zeros(slots, dtype=torch.long, device=device)  # slam churn per slot
-        self.reserve_device = reserve_device or device
+        # Where the reserve's bytes live, and the device whose kernels index them: a pinned host reserve
+        # is indexed by the compute device through aliases (device_alias).
+        self.reserve_memory = reserve_device or device
+        host_alias = self.reserve_memory.type == "cpu" and device.type == "cuda"
+        self.reserve_device = device if host_alias else self.reserve_memory
         self.reserve_int8 = reserve_int8
         self.cache_positions = cache_positions
+        # Two-stage selection: bounds per `chunk` reserve tokens pick `oversample` x the critical columns'
+        # worth of chunks, whose tokens are then scored exactly. 0: every reserve token scored exactly.
+        self.chunk = chunk if oversample else 0
+        self.oversample = oversample if chunk else 0
+        self.smin: list[torch.Tensor] = []
+        self.smax: list[torch.Tensor] = []
+        self._pinned: list[torch.Tensor] = []  # host buffers behind the device aliases
         self.cap = 0  # reserve capacity per slot; 0: not allocated
         self.rk: list[torch.Tensor] = []
         self.rv: list[torch.Tensor] = []
@@ -72,14 +90,21 @@ class SlotPool:
         if need <= self.cap:
             return
         cap = max(need, 2 * self.cap, 256)
-        dev, n = self.reserve_device, self.cap
-        pin = dev.type == "cpu" and self.device.type == "cuda"
+        if self.chunk:
+            cap = -(-cap // self.chunk) * self.chunk  # whole chunks: the scratch index gets its own chunk
+        n = self.cap
+        pin = self.reserve_memory.type == "cpu" and self.device.type == "cuda"
+        pinned = []
 
-        def grown(old: torch.Tensor | None, shape, dtype, fill=0) -> torch.Tensor:
-            t = torch.full(shape, fill, dtype=dtype, device=dev, pin_memory=pin) if fill else \
-                torch.zeros(shape, dtype=dtype, device=dev, pin_memory=pin)
+        def grown(old: torch.Tensor | None, shape, dtype, host: bool = True) -> torch.Tensor:
+            if pin and host:
+                t = torch.zeros(shape, dtype=dtype, pin_memory=True)
+                pinned.append(t)
+                t = device_alias(t, self.device)
+            else:
+                t = torch.zeros(shape, dtype=dtype, device=self.reserve_memory if host else self.device)
             if old is not None and n:
-                t[:, :, :n] = old[:, :, :n] if t.dim() > 2 else old[:, :n]
+                t[:, :, : old.shape[2] - 1] = old[:, :, :-1]  # all but the old scratch index
             return t
 
         shape = (self.slots, self.kv_heads, cap + 1, self.head_dim)
@@ -92,16 +117,21 @@ class SlotPool:
             self.rv_scale = [grown(old(self.rv_scale, i), shape[:3], torch.float32) for i in range(self.layers)]
         if self.cache_positions:
             self.rks = [grown(old(self.rks, i), shape, self.dtype) for i in range(self.layers)]
-        rpos = torch.full((self.slots, cap + 1), -1, dtype=torch.long, device=dev)
+        if self.chunk:
+            bounds = (self.slots, self.kv_heads, cap // self.chunk + 1, self.head_dim)
+            self.smin = [grown(old(self.smin, i), bounds, self.dtype, host=False) for i in range(self.layers)]
+            self.smax = [grown(old(self.smax, i), bounds, self.dtype, host=False) for i in range(self.layers)]
+        rpos = torch.full((self.slots, cap + 1), -1, dtype=torch.long, device=self.device)  # small: on device
         if n:
             rpos[:, :n] = self.rpos[:, :n]
-        self.rpos = rpos.to(self.device)  # positions are small: always on the compute device
+        self.rpos = rpos
+        self._pinned = pinned
         self.cap = cap
         self.version += 1
 
     def reserve_write(self, layer: int, idx: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values at reserve index `idx` (a tuple of index tensors / slices)."""
-        k, v = k.to(self.reserve_device, non_blocking=True), v.to(self.reserve_device, non_blocking=True)
+        k, v = k.to(self.rk[layer].device, non_blocking=True), v.to(self.rk[layer].device, non_blocking=True)
         if self.reserve_int8:
             for store, scale, x in ((self.rk, self.rk_scale, k), (self.rv, self.rv_scale, v)):
                 s = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
@@ -116,6 +146,45 @@ class SlotPool:
         if scoring and self.cache_positions:
             return self.rks[layer].to(self.device, non_blocking=True)
         return self._dequant(self.rk, self.rk_scale, layer)
+
+    def reserve_gather(self, layer: int, idx: torch.Tensor, which: str) -> torch.Tensor:
+        """Rows `idx` [b, kv_heads, m] of slots [0, b) of the reserve's keys ("k"), values ("v") or
+        scoring keys ("ks") -> [b, kv_heads, m, head_dim] in the compute dtype. Only these rows are read
+        (and dequantized), wherever the reserve lives."""
+        if which == "ks" and not self.cache_positions:
+            which = "k"
+        store, scale = {"k": (self.rk, self.rk_scale), "v": (self.rv, self.rv_scale), "ks": (self.rks, [])}[which]
+        b = idx.shape[0]
+        rows = idx.to(store[layer].device)
+        x = store[layer][:b].gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)).to(self.device)
+        if scale and self.reserve_int8:
+            s = scale[layer][:b].gather(2, rows).to(self.device)
+            return (x.float() * s.unsqueeze(-1)).to(self.dtype)
+        return x
+
+    # --- chunk summaries (two-stage selection) ---------------------------------------------------------
+    def summarize_append(self, layer: int, slots: torch.Tensor, at: torch.Tensor, keys: torch.Tensor) -> None:
+        """Fold one new scoring key per slot into its chunk's bounds; at: [b] reserve index (the scratch
+        index for slots that append nothing), keys: [b, kv_heads, head_dim]."""
+        c = at // self.chunk
+        first = (at % self.chunk == 0).view(-1, 1, 1)  # a chunk's first token replaces what was there
+        for bounds, fold in ((self.smin, torch.minimum), (self.smax, torch.maximum)):
+            old = bounds[layer][slots, :, c]
+            bounds[layer][slots, :, c] = torch.where(first, keys, fold(old, keys))
+
+    @torch.inference_mode()
+    def summarize(self, layer: int, slot: int, lo: int, hi: int) -> None:
+        """Recompute the bounds of the chunks holding reserve tokens [lo, hi) of `slot` (tokens below hi
+        are stored, none from hi on)."""
+        if not self.chunk or hi <= lo:
+            return
+        c0, c1 = lo // self.chunk, -(-hi // self.chunk)
+        part = (slot, slice(None), slice(c0 * self.chunk, c1 * self.chunk))
+        keys = self.rks[layer][part].to(self.device) if self.cache_positions else self.reserve_keys_at(layer, part)
+        keys = keys.unflatten(1, (c1 - c0, self.chunk))  # [kv_heads, chunks, chunk, head_dim]
+        stored = (torch.arange(c0 * self.chunk, c1 * self.chunk, device=self.device) < hi).view(1, c1 - c0, -1, 1)
+        self.smin[layer][slot, :, c0:c1] = keys.masked_fill(~stored, float("inf")).amin(dim=2)
+        self.smax[layer][slot, :, c0:c1] = keys.masked_fill(~stored, float("-inf")).amax(dim=2)
 
     def reserve_values(self, layer: int) -> torch.Tensor:
         return self._dequant(self.rv, self.rv_scale, layer)
@@ -149,7 +218,8 @@ class SlotPool:
     @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (compaction after a request leaves)."""
-        for group in (self.k, self.v, self.pos, self.score, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks):
+        for group in (self.k, self.v, self.pos, self.score, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks,
+                      self.smin, self.smax):
             for t in group:
                 t[dst].copy_(t[src])
         if self.cap:
@@ -157,7 +227,31 @@ class SlotPool:
         self.replaced[dst] = self.replaced[src]
         self.clear(src)
 
+    def reserve_nbytes_on_device(self) -> int:
+        """Bytes of reserve state in device memory (all slots): the summaries always, the tokens unless
+        they live in host memory."""
+        host = {t.data_ptr() for t in self._pinned}
+        groups = (self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks, self.smin, self.smax)
+        return sum(t.nbytes for g in groups for t in g if t.data_ptr() not in host)
+
     def nbytes_per_slot(self) -> int:
         """Bytes of one slot's active cache (keys and values, all layers): what the budget bounds."""
         per = self.kv_heads * self.budget * self.head_dim * self.k[0].element_size()
         return 2 * self.layers * per
+
+
+_TYPESTR = {torch.int8: "|i1", torch.int16: "<i2", torch.float16: "<f2", torch.float32: "<f4", torch.int64: "<i8"}
+
+
+def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A `device` tensor over the pinned, contiguous `host` tensor's memory (no copy): with unified
+    addressing the device reads and writes pinned host memory directly. The caller keeps `host` alive."""
+    if host.dtype == torch.bfloat16:  # the array interface has no bfloat16: alias the bits as int16
+        return device_alias(host.view(torch.int16), device).view(torch.bfloat16)
+
+    class Interface:
+        __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": _TYPESTR[host.dtype],
+                                    "data": (host.data_ptr(), False), "version": 3, "strides": None}
+
+    with torch.cuda.device(device):
+        return torch.as_tensor(Interface(), device=device)

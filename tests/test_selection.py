@@ -1,0 +1,102 @@
+"""Two-stage selection of critical tokens (cache/selection.py): chunk bounds kept in step with the reserve,
+bounds that really bound, and the same choices as exact scoring when the first stage keeps every chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slam.cache.selection import upper_bound
+from slam.engine.sequence import SamplingParams
+from tests.conftest import make_engine
+
+STORY = ("The lighthouse keeper wrote the day's weather in a book. Ships passed at night, and the lamp "
+         "turned until morning. ") * 12
+
+
+def test_upper_bound_bounds_every_key_of_the_chunk():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 4, 16)  # [b, kv_heads, group, head_dim]
+    keys = torch.randn(2, 3, 5, 8, 16)  # [b, kv_heads, chunks, chunk, head_dim]
+    bound = upper_bound(q, keys.amin(dim=3), keys.amax(dim=3))  # [b, kv_heads, group, chunks]
+    exact = torch.einsum("bhgd,bhctd->bhgct", q, keys).amax(dim=-1)
+    assert (bound >= exact - 1e-5).all()
+    # A chunk of one key is its own box: the bound is attained.
+    assert torch.allclose(upper_bound(q, keys[:, :, :, 0], keys[:, :, :, 0]), torch.einsum("bhgd,bhcd->bhgc", q, keys[:, :, :, 0]), atol=1e-5)
+
+
+def engine_with(smol, oversample: int, chunk: int = 16, **cache):
+    engine = make_engine(smol, "slam", budget=40, sink=4, recent=12, prefill_chunk=64, max_batch=2, **cache)
+    if oversample != engine.config.select_oversample or chunk != engine.config.select_chunk:
+        config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk})
+        engine = type(engine)(config, smol)
+    return engine
+
+
+def run(engine, prompts, steps=24):
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True))
+    return [s.output_ids for s in seqs], [s.replacements for s in seqs]
+
+
+@pytest.mark.parametrize("cache", [{}, {"position_mode": "cache"}], ids=["original", "cache-positions"])
+def test_two_stage_covering_the_reserve_equals_exact(smol, cache):
+    """With oversampling that keeps every chunk (and chunks of 7 tokens, so the last is partial), two-stage
+    selection picks what exact scoring picks, step for step: same tokens, same churn."""
+    exact = engine_with(smol, oversample=0, **cache)
+    prompts = [exact.encode(STORY), exact.encode(STORY[:300])]
+    assert len(prompts[0]) > 200
+    tokens, churn = run(exact, prompts)
+    assert min(churn) > 0
+    assert run(engine_with(smol, oversample=1000, chunk=7, **cache), prompts) == (tokens, churn)
+
+
+def test_summaries_track_the_reserve(smol):
+    """After a chunked prefill and decode steps, each chunk's bounds equal the bounds of the reserve keys
+    it holds, recomputed from scratch."""
+    engine = engine_with(smol, oversample=2, chunk=16)
+    seq = engine.add_request(engine.encode(STORY), SamplingParams(max_tokens=30, ignore_eos=True))
+    for _ in range(20):
+        engine.step()
+    while seq.policy.counts(seq.num_cached)[3] % 16 == 0:  # stop inside a chunk: a partial last one
+        engine.step()
+    pool, n = engine.runner.pool, seq.policy.counts(seq.num_cached)[3]
+    assert n > 100
+    for layer in range(pool.layers):
+        keys = pool.reserve_keys(layer, scoring=True)[seq.slot, :, :n]  # [kv_heads, n, head_dim]
+        for c in range(-(-n // 16)):
+            part = keys[:, c * 16 : (c + 1) * 16]
+            assert torch.equal(pool.smin[layer][seq.slot, :, c], part.amin(dim=1))
+            assert torch.equal(pool.smax[layer][seq.slot, :, c], part.amax(dim=1))
+
+
+def test_restored_summaries_equal_the_originals(smol):
+    """load_state rebuilds the chunk bounds from the restored reserve."""
+    src, dst = engine_with(smol, oversample=2), engine_with(smol, oversample=2)
+    seq = src.add_request(src.encode(STORY), SamplingParams(max_tokens=30, ignore_eos=True))
+    for _ in range(15):
+        src.step()
+    state = seq.policy.state(seq.pool, seq.slot, seq.num_cached)
+    dst.runner.pool.ensure_reserve(src.runner.pool.cap)
+    with torch.inference_mode():  # as the restore path runs it
+        seq.policy.load_state(dst.runner.pool, 1, state)
+    chunks = -(-seq.policy.counts(seq.num_cached)[3] // 16)
+    for a, b in ((src.runner.pool.smin, dst.runner.pool.smin), (src.runner.pool.smax, dst.runner.pool.smax)):
+        for layer in range(len(a)):
+            assert torch.equal(a[layer][seq.slot, :, :chunks], b[layer][1, :, :chunks])
+
+
+def test_two_stage_picks_are_valid_reserve_tokens(smol):
+    """With few candidates (one chunk's worth per critical column) the middle still holds distinct tokens
+    that were evicted, at their original positions, and never the scratch index."""
+    engine = engine_with(smol, oversample=1, chunk=16)
+    seq = engine.add_request(engine.encode(STORY), SamplingParams(max_tokens=10, ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    pool, policy = engine.runner.pool, seq.policy
+    n = policy.counts(seq.num_cached)[3]
+    evicted = set(pool.rpos[seq.slot, :n].tolist())
+    middle = slice(policy.sink, policy.sink + policy.middle)
+    for layer in range(pool.layers):
+        pos = pool.pos[layer][seq.slot, :, middle]  # [kv_heads, middle]
+        for head in pos:
+            assert len(set(head.tolist())) == policy.middle and set(head.tolist()) <= evicted
