@@ -49,10 +49,13 @@ bench-host)  # the reserve in pinned host memory against the device, 4K to 128K
   for dev in cpu cuda; do $B --contexts ${CONTEXTS:-4000,32000,131072} --batches ${BATCHES:-1,8} --reserve-device $dev; done \
     | tee "$OUT/bench-host-${SHAPE:-smollm2-135m}.jsonl" ;;
 niah-select)  # issue 10: exact recall against two-stage selection across refresh intervals
-  for cfg in "0 1" "4 1" "4 2" "4 4" "4 8"; do set -- $cfg
+  # CONFIGS: "oversample every chunk" triples (oversample 0: exact scoring of the whole reserve)
+  IFS=';' read -ra cfgs <<< "${CONFIGS:-0 1 16;4 1 16;4 2 16;4 4 16;4 8 16}"
+  for cfg in "${cfgs[@]}"; do set -- $cfg
     python3 -m slam.cli eval niah --device cuda --policies slam --budgets ${BUDGETS:-256} --lengths ${LENGTHS:-8000} \
-      --depths 0.1,0.5,0.9 --seeds 3 --select-oversample $1 --select-every $2 --json \
-      | sed "s/^{/{\"select_oversample\": $1, \"select_every\": $2, /"; done | tee "$OUT/niah-select.jsonl" ;;
+      --depths 0.1,0.5,0.9 --seeds 3 --select-oversample $1 --select-every $2 --select-chunk $3 --json \
+      | sed "s/^{/{\"select_oversample\": $1, \"select_every\": $2, \"select_chunk\": $3, /"; done \
+    | tee "$OUT/niah-select.jsonl" ;;
 niah)
   python3 -m slam.cli eval niah --device cuda --policies full,streaming,slam --budgets 256,512 \
     --lengths 4000,8000 --depths 0.1,0.5,0.9 --seeds 3 --json --plot "$OUT/niah-h100.png" | tee "$OUT/niah-h100.jsonl" ;;
