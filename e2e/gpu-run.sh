@@ -41,8 +41,8 @@ bench-select)  # issue 10: two-stage against exact selection, then budget 2048 o
     | tee "$OUT/bench-select-exact-vs-two-stage.jsonl"
   $B --baseline transformers --contexts 4000,32000 --batches 1,32,64 --select-every 4 | tee "$OUT/bench-select-2048.jsonl" ;;
 bench-select-256)  # the same at budget 256, where the middle is small next to the reserve
-  for os in 0 4; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --policies slam \
-    --budget 256 --tokens 16 --json --contexts 4000,32000 --batches 32 --select-oversample $os; done \
+  for os in 0 8; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --policies slam \
+    --budget 256 --tokens 16 --json --contexts 4000,32000 --batches 32 --select-oversample $os --select-chunk 8; done \
     | tee "$OUT/bench-select-256.jsonl" ;;
 bench-host)  # the reserve in pinned host memory against the device, 4K to 128K
   B="python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape ${SHAPE:-smollm2-135m} --policies slam --budget 2048 --tokens 16 --json --select-every 4"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slam.cache.selection import upper_bound
+from slam.cache.selection import two_stage_pays, upper_bound
 from slam.engine.sequence import SamplingParams
 from tests.conftest import make_engine
 
@@ -25,11 +25,12 @@ def test_upper_bound_bounds_every_key_of_the_chunk():
     assert torch.allclose(upper_bound(q, keys[:, :, :, 0], keys[:, :, :, 0]), torch.einsum("bhgd,bhcd->bhgc", q, keys[:, :, :, 0]), atol=1e-5)
 
 
-def engine_with(smol, oversample: int, chunk: int = 16, **cache):
+def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, **cache):
     engine = make_engine(smol, "slam", budget=40, sink=4, recent=12, prefill_chunk=64, max_batch=2, **cache)
     if oversample != engine.config.select_oversample or chunk != engine.config.select_chunk:
         config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk})
         engine = type(engine)(config, smol)
+    engine.runner.pool.ensure_reserve(capacity)  # two stages run while the candidates fit a quarter of it
     return engine
 
 
@@ -44,10 +45,12 @@ def test_two_stage_covering_the_reserve_equals_exact(smol, cache):
     selection picks what exact scoring picks, step for step: same tokens, same churn."""
     exact = engine_with(smol, oversample=0, **cache)
     prompts = [exact.encode(STORY), exact.encode(STORY[:300])]
-    assert len(prompts[0]) > 200
+    assert 200 < len(prompts[0]) < 330  # the reserve stays within the 360 candidates
     tokens, churn = run(exact, prompts)
     assert min(churn) > 0
-    assert run(engine_with(smol, oversample=1000, chunk=7, **cache), prompts) == (tokens, churn)
+    two_stage = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 24, **cache)  # 360 candidates
+    assert two_stage_pays(two_stage.runner.pool, 24)
+    assert run(two_stage, prompts) == (tokens, churn)
 
 
 def test_summaries_track_the_reserve(smol):

@@ -76,8 +76,8 @@ class EngineConfig(BaseModel):
     select_every: int = Field(default=1, ge=1)
     # slam: two-stage selection scores chunks of `select_chunk` reserve tokens by their key bounds and
     # rescores the tokens of the best `select_oversample` x middle's worth of chunks; 0: score all exactly.
-    select_chunk: int = Field(default=16, ge=1)
-    select_oversample: int = Field(default=4, ge=0)
+    select_chunk: int = Field(default=8, ge=1)
+    select_oversample: int = Field(default=8, ge=0)
 
 
 def _split_commas(value: Any) -> Any:
@@ -167,10 +167,11 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
     select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
                               "its critical tokens")
-    select_chunk: int = Field(default=16, ge=1, description="slam: reserve tokens per chunk whose key bounds "
+    select_chunk: int = Field(default=8, ge=1, description="slam: reserve tokens per chunk whose key bounds "
                               "the first selection stage scores")
-    select_oversample: int = Field(default=4, ge=0, description="slam: chunks worth this many times the "
-                                   "critical columns are rescored exactly (0: score every reserve token)")
+    select_oversample: int = Field(default=8, ge=0, description="slam: chunks worth this many times the "
+                                   "critical columns are rescored exactly (0: score every reserve token; exact "
+                                   "scoring also while the candidates would exceed a quarter of the reserve)")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
                                       "must send one as Authorization: Bearer")
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
