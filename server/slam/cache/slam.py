@@ -35,7 +35,7 @@ class SlamPolicy(CachePolicy):
             pool.rks[layer][ar_r, :, idx] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
         if pool.chunk:
             keys = ev.k if ev.k_score is None else ev.k_score
-            pool.summarize_append(layer, ar, plan.reserve_at, keys.squeeze(2))
+            pool.summarize_append(layer, plan.reserve_at, keys.squeeze(2))
         if layer == 0:
             pool.rpos[ar, plan.reserve_at] = torch.where(plan.reserve_at < pool.cap, ev.pos.squeeze(1), -1)
 

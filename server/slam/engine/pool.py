@@ -163,14 +163,17 @@ class SlotPool:
         return x
 
     # --- chunk summaries (two-stage selection) ---------------------------------------------------------
-    def summarize_append(self, layer: int, slots: torch.Tensor, at: torch.Tensor, keys: torch.Tensor) -> None:
-        """Fold one new scoring key per slot into its chunk's bounds; at: [b] reserve index (the scratch
-        index for slots that append nothing), keys: [b, kv_heads, head_dim]."""
-        c = at // self.chunk
-        first = (at % self.chunk == 0).view(-1, 1, 1)  # a chunk's first token replaces what was there
+    def summarize_append(self, layer: int, at: torch.Tensor, keys: torch.Tensor) -> None:
+        """Fold one new scoring key of each of slots [0, b) into its chunk's bounds; at: [b] reserve index
+        (the scratch index for slots that append nothing), keys: [b, kv_heads, head_dim]."""
+        b = keys.shape[0]
+        c = (at // self.chunk).view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)
+        first = (at % self.chunk == 0).view(b, 1, 1, 1)  # a chunk's first token replaces what was there
+        keys = keys.unsqueeze(2)  # [b, kv_heads, 1, head_dim]
         for bounds, fold in ((self.smin, torch.minimum), (self.smax, torch.maximum)):
-            old = bounds[layer][slots, :, c]
-            bounds[layer][slots, :, c] = torch.where(first, keys, fold(old, keys))
+            # One gather and one scatter per bound: advanced indexing would launch several kernels each.
+            old = bounds[layer][:b].gather(2, c)
+            bounds[layer][:b].scatter_(2, c, torch.where(first, keys, fold(old, keys)))
 
     @torch.inference_mode()
     def summarize(self, layer: int, slot: int, lo: int, hi: int) -> None:
