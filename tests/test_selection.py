@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slam.cache.selection import two_stage_pays, upper_bound
+from slam.cache.selection import upper_bound
 from slam.engine.sequence import SamplingParams
 from tests.conftest import make_engine
 
@@ -30,7 +30,7 @@ def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, **cac
     if oversample != engine.config.select_oversample or chunk != engine.config.select_chunk:
         config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk})
         engine = type(engine)(config, smol)
-    engine.runner.pool.ensure_reserve(capacity)  # two stages run while the candidates fit a quarter of it
+    engine.runner.pool.ensure_reserve(capacity)  # two stages start at 4 x the candidates (oversample x budget)
     return engine
 
 
@@ -48,18 +48,20 @@ def test_two_stage_covering_the_reserve_equals_exact(smol, cache):
     assert 200 < len(prompts[0]) < 330  # the reserve stays within the 360 candidates
     tokens, churn = run(exact, prompts)
     assert min(churn) > 0
-    two_stage = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 24, **cache)  # 360 candidates
-    assert two_stage_pays(two_stage.runner.pool, 24)
+    two_stage = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 40, **cache)  # 360 candidates
+    assert two_stage.runner.pool.two_stage and not exact.runner.pool.two_stage
     assert run(two_stage, prompts) == (tokens, churn)
 
 
 def test_summaries_track_the_reserve(smol):
-    """After a chunked prefill and decode steps, each chunk's bounds equal the bounds of the reserve keys
-    it holds, recomputed from scratch."""
+    """Two stages start when the reserve grows past 4 x 2 x 40 tokens: the bounds are rebuilt from what it
+    holds, then kept by prefill and decode steps; each chunk's bounds equal those of its keys."""
     engine = engine_with(smol, oversample=2, chunk=16)
     seq = engine.add_request(engine.encode(STORY), SamplingParams(max_tokens=30, ignore_eos=True))
+    assert not engine.runner.pool.two_stage
     for _ in range(20):
         engine.step()
+    assert engine.runner.pool.two_stage
     while seq.policy.counts(seq.num_cached)[3] % 16 == 0:  # stop inside a chunk: a partial last one
         engine.step()
     pool, n = engine.runner.pool, seq.policy.counts(seq.num_cached)[3]

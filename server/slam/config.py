@@ -78,6 +78,8 @@ class EngineConfig(BaseModel):
     # rescores the tokens of the best `select_oversample` x middle's worth of chunks; 0: score all exactly.
     select_chunk: int = Field(default=8, ge=1)
     select_oversample: int = Field(default=8, ge=0)
+    # ... once the reserve's capacity is this many times the candidates (oversample x budget).
+    select_min_ratio: int = Field(default=4, ge=1)
 
 
 def _split_commas(value: Any) -> Any:
@@ -170,8 +172,9 @@ class ServerSettings(BaseSettings):
     select_chunk: int = Field(default=8, ge=1, description="slam: reserve tokens per chunk whose key bounds "
                               "the first selection stage scores")
     select_oversample: int = Field(default=8, ge=0, description="slam: chunks worth this many times the "
-                                   "critical columns are rescored exactly (0: score every reserve token; exact "
-                                   "scoring also while the candidates would exceed a quarter of the reserve)")
+                                   "critical columns are rescored exactly (0: score every reserve token)")
+    select_min_ratio: int = Field(default=4, ge=1, description="slam: two-stage selection starts once the "
+                                  "reserve holds this many times the candidates; before, every token is scored")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
                                       "must send one as Authorization: Bearer")
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.
@@ -276,6 +279,7 @@ class ServerSettings(BaseSettings):
             select_every=self.select_every,
             select_chunk=self.select_chunk,
             select_oversample=self.select_oversample,
+            select_min_ratio=self.select_min_ratio,
             max_budget=self.max_budget,
             max_model_len=self.max_model_len,
         )

@@ -46,6 +46,8 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
                    help="slam: reserve tokens per chunk bound (two-stage selection)")
     p.add_argument("--select-oversample", type=int, default=d.select_oversample,
                    help="slam: chunks rescored, in multiples of the critical columns (0: score the whole reserve)")
+    p.add_argument("--select-min-ratio", type=int, default=d.select_min_ratio,
+                   help="slam: two stages once the reserve holds this many times the candidates")
     p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default=d.reserve_device)
     p.add_argument("--reserve-dtype", choices=["bfloat16", "int8"], default=d.reserve_dtype)
 
@@ -53,4 +55,5 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
 def selection(args: argparse.Namespace) -> dict:
     """The EngineConfig fields that add_selection_flags set."""
     return {name: getattr(args, name) for name in
-            ("select_every", "select_chunk", "select_oversample", "reserve_device", "reserve_dtype")}
+            ("select_every", "select_chunk", "select_oversample", "select_min_ratio", "reserve_device",
+             "reserve_dtype")}

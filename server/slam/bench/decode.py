@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request, weight_bytes
-from slam.cache.selection import two_stage_pays
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
@@ -65,7 +64,7 @@ def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: in
         evicted = max(context - cache.sink - cache.recent, 0)
         middle = cache.budget - cache.sink - cache.recent
         keys = evicted
-        if two_stage_pays(pool, middle):
+        if pool.two_stage:
             keys = 2 * -(-evicted // pool.chunk) + min(evicted, pool.oversample * middle)
         read += per_col * (keys + min(evicted, middle)) * batch // engine.runner.select_every
     return read

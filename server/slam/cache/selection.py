@@ -46,17 +46,11 @@ def candidates(chunks: torch.Tensor, chunk: int) -> torch.Tensor:
     return (chunks.unsqueeze(-1) * chunk + offsets).flatten(-2)
 
 
-def two_stage_pays(pool, kc: int) -> bool:
-    """Two stages read the bounds and the candidates' keys instead of every key: measured on an H100
-    (docs/benchmarks.md), that pays once the candidates are at most a quarter of the reserve's capacity."""
-    return bool(pool.chunk) and 4 * pool.oversample * kc <= pool.cap
-
-
 def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `kc` best reserve tokens of slots [0, b) for queries q [b, kv_heads, group, head_dim], given n [b]
     tokens stored -> (indices, scores) [b, kv_heads, kc]; a score of -1 marks an index that holds nothing."""
     b, scale, rpos = q.shape[0], pool.head_dim**-0.5, pool.rpos[: q.shape[0]]
-    if not two_stage_pays(pool, kc):
+    if not pool.two_stage:
         keys = pool.reserve_keys(layer, scoring=True)[:b]
         stored = ((torch.arange(keys.shape[2], device=q.device) < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
         top = group_scores(q, keys, stored, scale).topk(kc, dim=-1)

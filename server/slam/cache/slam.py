@@ -33,7 +33,7 @@ class SlamPolicy(CachePolicy):
         pool.reserve_write(layer, (ar_r, slice(None), idx), ev.k.squeeze(2), ev.v.squeeze(2))
         if ev.k_score is not None:
             pool.rks[layer][ar_r, :, idx] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
-        if pool.chunk:
+        if pool.two_stage:
             keys = ev.k if ev.k_score is None else ev.k_score
             pool.summarize_append(layer, plan.reserve_at, keys.squeeze(2))
         if layer == 0:

@@ -76,8 +76,7 @@ class Layer(nn.Module):
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, slots: int, budget: int, reserve_device: str = "auto",
                  reserve_int8: bool = False, cache_positions: bool = False, int8_weights: bool = False,
-                 enforce_eager: bool = False, select_every: int = 1, select_chunk: int = 16,
-                 select_oversample: int = 0):
+                 enforce_eager: bool = False, select_every: int = 1, selection: tuple[int, int, int] = (8, 0, 4)):
         model = loaded.model
         self.config, self.device = model.config, loaded.device
         self.dtype = next(model.parameters()).dtype
@@ -94,7 +93,7 @@ class ModelRunner:
                 nn.Sequential(self.lm_head), {nn.Linear}, dtype=torch.qint8)[0]
         rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
         self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, self.dtype,
-                             self.device, rdev, reserve_int8, cache_positions, select_chunk, select_oversample)
+                             self.device, rdev, reserve_int8, cache_positions, *selection)
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
         # Layer l refreshes its selection when (step + l) % select_every == 0: staggered, so every step costs

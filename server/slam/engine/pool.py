@@ -50,7 +50,7 @@ class SlotPool:
     def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
                  reserve_int8: bool = False, cache_positions: bool = False, chunk: int = 0,
-                 oversample: int = 0):
+                 oversample: int = 0, min_ratio: int = 4):
         self.layers, self.slots, self.kv_heads, self.budget, self.head_dim = layers, slots, kv_heads, budget, head_dim
         self.dtype, self.device = dtype, device
         cols = budget + 1
@@ -69,8 +69,13 @@ class SlotPool:
         self.cache_positions = cache_positions
         # Two-stage selection: bounds per `chunk` reserve tokens pick `oversample` x the critical columns'
         # worth of chunks, whose tokens are then scored exactly. 0: every reserve token scored exactly.
+        # It runs once the reserve's capacity is `min_ratio` times the candidates (oversample x budget):
+        # on shorter reserves exact scoring reads about as much and launches fewer kernels. Bounds are
+        # kept (and allocated) only while it runs; they are rebuilt from the reserve when it starts.
         self.chunk = chunk if oversample else 0
         self.oversample = oversample if chunk else 0
+        self.min_ratio = min_ratio
+        self.two_stage = False
         self.smin: list[torch.Tensor] = []
         self.smax: list[torch.Tensor] = []
         self._pinned: list[torch.Tensor] = []  # host buffers behind the device aliases
@@ -117,7 +122,8 @@ class SlotPool:
             self.rv_scale = [grown(old(self.rv_scale, i), shape[:3], torch.float32) for i in range(self.layers)]
         if self.cache_positions:
             self.rks = [grown(old(self.rks, i), shape, self.dtype) for i in range(self.layers)]
-        if self.chunk:
+        started = not self.two_stage and self.chunk and cap >= self.min_ratio * self.oversample * self.budget
+        if started or self.two_stage:
             bounds = (self.slots, self.kv_heads, cap // self.chunk + 1, self.head_dim)
             self.smin = [grown(old(self.smin, i), bounds, self.dtype, host=False) for i in range(self.layers)]
             self.smax = [grown(old(self.smax, i), bounds, self.dtype, host=False) for i in range(self.layers)]
@@ -127,6 +133,9 @@ class SlotPool:
         self.rpos = rpos
         self._pinned = pinned
         self.cap = cap
+        if started:
+            self.two_stage = True
+            self._rebuild_bounds(n)
         self.version += 1
 
     def reserve_write(self, layer: int, idx: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -179,7 +188,7 @@ class SlotPool:
     def summarize(self, layer: int, slot: int, lo: int, hi: int) -> None:
         """Recompute the bounds of the chunks holding reserve tokens [lo, hi) of `slot` (tokens below hi
         are stored, none from hi on)."""
-        if not self.chunk or hi <= lo:
+        if not self.two_stage or hi <= lo:
             return
         c0, c1 = lo // self.chunk, -(-hi // self.chunk)
         part = (slot, slice(None), slice(c0 * self.chunk, c1 * self.chunk))
@@ -236,6 +245,19 @@ class SlotPool:
         host = {t.data_ptr() for t in self._pinned}
         groups = (self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks, self.smin, self.smax)
         return sum(t.nbytes for g in groups for t in g if t.data_ptr() not in host)
+
+    def _rebuild_bounds(self, n: int) -> None:
+        """Bounds of every slot's chunks over reserve indices [0, n), n a multiple of the chunk."""
+        stored = (self.rpos[:, :n] >= 0).view(self.slots, 1, n // self.chunk, self.chunk, 1)
+        for layer in range(self.layers):
+            part = (slice(None), slice(None), slice(0, n))
+            keys = self.rks[layer][part] if self.cache_positions else self.reserve_keys_at(layer, part)
+            keys = keys.to(self.device).unflatten(2, (n // self.chunk, self.chunk))
+            some = stored.any(dim=3)  # chunks without a stored token get zero bounds, not infinities
+            lo = keys.masked_fill(~stored, float("inf")).amin(dim=3)
+            hi = keys.masked_fill(~stored, float("-inf")).amax(dim=3)
+            self.smin[layer][:, :, : n // self.chunk] = torch.where(some, lo, 0)
+            self.smax[layer][:, :, : n // self.chunk] = torch.where(some, hi, 0)
 
     def nbytes_per_slot(self) -> int:
         """Bytes of one slot's active cache (keys and values, all layers): what the budget bounds."""
