@@ -11,6 +11,7 @@ import torch
 
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.model_runner import ModelRunner
+from slam.engine.output import detokenize, stop_reason, visible_delta
 from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import process, sample, token_logprobs
 from slam.engine.scheduler import Scheduler
@@ -246,8 +247,8 @@ class LLMEngine:
         self.stats.generation_tokens += 1
         before = seq.output_text
         self.detokenize(seq)
-        reason = self.stop_reason(seq, token, before)
-        text = self.visible_delta(seq, before, reason is not None)
+        reason = stop_reason(seq, token, before, self.eos_ids)
+        text = visible_delta(seq, before, reason is not None)
         if reason:
             seq.finish_reason = reason
             with self.lock:
@@ -257,57 +258,7 @@ class LLMEngine:
                           top_logprobs=top)
 
     def detokenize(self, seq: Sequence) -> str:
-        if self.tokenizer is None:  # random-weight benchmark models have ids, not text
-            return ""
-        tail = seq.ids(seq.prefix_offset)  # only the last few tokens: never the whole context
-        prefix = self.tokenizer.decode(tail[: seq.read_offset - seq.prefix_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(tail, skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, seq.length
-            seq.output_text += delta
-            return delta
-        return ""
-
-    def stop_reason(self, seq: Sequence, token: int, before: str) -> str | None:
-        """Why `seq` ends with `token` (None: it goes on). `before` is its text before this token's.
-
-        As in vLLM: no stop condition applies before `min_tokens`; a stop token's own text is dropped; a
-        stop string ends the text right before it, searched only where this token's text could complete it."""
-        params = seq.sampling
-        if len(seq.output_ids) >= params.min_tokens:
-            if token in params.stop_token_ids:
-                seq.output_text = before
-                return "stop"
-            if token in self.eos_ids and not params.ignore_eos:
-                return "stop"
-            text = seq.output_text
-            found = [i for s in params.stop if (i := text.find(s, max(0, len(before) - len(s) + 1))) >= 0]
-            if found:
-                seq.output_text = text[: min(found)]
-                return "stop"
-        if len(seq.output_ids) >= params.max_tokens:
-            return "length"
-        return None
-
-    @staticmethod
-    def held_back(text: str, stops: list[str]) -> int:
-        """Length of the longest end of `text` that could be the start of a stop string."""
-        held = 0
-        for stop in stops:
-            for k in range(min(len(stop) - 1, len(text)), held, -1):
-                if text.endswith(stop[:k]):
-                    held = k
-                    break
-        return held
-
-    def visible_delta(self, seq: Sequence, before: str, finished: bool) -> str:
-        """The text a client may see now: never text a later stop string could cut. What was held back
-        earlier is released once it can no longer start a stop string, or when the request ends."""
-        stops = seq.sampling.stop
-        start = len(before) - self.held_back(before, stops)
-        end = len(seq.output_text) if finished else len(seq.output_text) - self.held_back(seq.output_text, stops)
-        return seq.output_text[start:end]
+        return detokenize(self.tokenizer, seq)
 
     # --- convenience ---------------------------------------------------------------------------------
     def generate(
