@@ -6,7 +6,7 @@ policy's rule decides which earlier positions each layer and KV head attends to:
     full       every position
     streaming  the first `sink` and the newest `budget - sink`
     slam       the first `sink`, the newest `recent`, and the `budget - sink - recent` evicted positions
-               the current query scores highest (softmax over the evicted keys, max over the query group)
+               the current query scores highest (log-softmax over the evicted keys, max over the query group)
     h2o        the first `sink`, the newest `recent`, and the evicted positions with the most attention
                received so far (a leaving token replaces the weakest middle one only if it outranks it)
 """
@@ -60,7 +60,7 @@ def reference_generate(model, prompt: list[int], steps: int, policy: str, budget
             evicted = list(range(sink, evicted_upto))
             if policy == "slam" and evicted:
                 logits = torch.einsum("hgd,hnd->hgn", qg, K[:, sink:evicted_upto]) * scale
-                score = torch.softmax(logits.float(), dim=-1).amax(dim=1)  # [h, n]
+                score = torch.log_softmax(logits.float(), dim=-1).amax(dim=1)  # [h, n]
                 best = score.topk(min(middle, len(evicted)), dim=-1).indices + sink
                 visible.scatter_(1, best, True)
             if policy == "h2o":

@@ -2,7 +2,8 @@
 
 Both stages rank by the attention a token (or the best token a chunk could hold) would receive: a softmax
 of q.k over the candidates, maximised over the KV head's query group, so the two agree when the first
-stage keeps every chunk.
+stage keeps every chunk. Scores are log-probabilities: probabilities underflow to exactly 0 for most of a
+long reserve, and top-k among equal zeros picks arbitrarily (differently from run to run on a GPU).
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import torch
 
 
 def group_scores(q: torch.Tensor, keys: torch.Tensor, stored: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention each query would pay each key, max over the group (and queries), -1 where not stored.
+    """Log of the attention each query would pay each key, max over the group (and queries), -inf where not
+    stored.
 
     q: [b, kv_heads, queries, head_dim]; keys: [b, kv_heads, m, head_dim]; stored: [b, 1 or kv_heads, m]
     -> [b, kv_heads, m].
     """
     logits = (q @ keys.transpose(-1, -2)).float() * scale  # [b, kv_heads, queries, m]
     logits = logits.masked_fill(~stored.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).amax(dim=2)  # NaN where nothing is stored
-    return torch.where(stored, probs, -1.0)
+    scores = torch.log_softmax(logits, dim=-1).amax(dim=2)  # NaN where nothing is stored
+    return torch.where(stored, scores, float("-inf"))
 
 
 def bound_scores(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, stored: torch.Tensor,
@@ -30,8 +32,8 @@ def bound_scores(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, stored
     the chunk's keys; stored: [b, 1, chunks] -> [b, kv_heads, chunks].
     """
     logits = upper_bound(q, smin, smax).float().masked_fill(~stored.unsqueeze(2), float("-inf")) * scale
-    probs = torch.softmax(logits, dim=-1).amax(dim=2)
-    return torch.where(stored, probs, -1.0)
+    scores = torch.log_softmax(logits, dim=-1).amax(dim=2)
+    return torch.where(stored, scores, float("-inf"))
 
 
 def upper_bound(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,7 @@ def candidates(chunks: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `kc` best reserve tokens of slots [0, b) for queries q [b, kv_heads, group, head_dim], given n [b]
-    tokens stored -> (indices, scores) [b, kv_heads, kc]; a score of -1 marks an index that holds nothing."""
+    tokens stored -> (indices, scores) [b, kv_heads, kc]; a score of -inf marks an index that holds nothing."""
     b, scale, rpos = q.shape[0], pool.head_dim**-0.5, pool.rpos[: q.shape[0]]
     if not pool.two_stage:
         keys = pool.reserve_keys(layer, scoring=True)[:b]

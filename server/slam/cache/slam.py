@@ -48,7 +48,7 @@ class SlamPolicy(CachePolicy):
         idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc)  # [b, kv_heads, kc]
         k, v = pool.reserve_gather(layer, idx, "k"), pool.reserve_gather(layer, idx, "v")
         pos = pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx)
-        pos = torch.where(score >= 0, pos, -1)
+        pos = torch.where(score > float("-inf"), pos, -1)
         d = pool.head_dim
         j = torch.arange(kc, device=q.device)
         col = torch.where(mine.view(-1, 1) & (j < plan.middle.view(-1, 1)), plan.sink.view(-1, 1) + j, pool.budget)
