@@ -19,7 +19,7 @@ from slam_operator.pods import TEMPLATE_ANNOTATION
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 CHECKPOINT = {"endpoint": "minio.slam.svc:9000", "bucket": "slam-ckpt", "prefix": "ck", "intervalTokens": 8,
-              "secretRef": {"name": "s3"}}
+              "maxAgeSeconds": 600, "secretRef": {"name": "s3"}}
 
 
 def env_of(pod: dict) -> dict[str, dict]:
@@ -77,6 +77,7 @@ async def test_two_replicas_pods_services_status(k8s, kubelet, monkeypatch):
             ("0.0.0.0", 8100, "streaming", 200, 4, slot, 0)
         assert (got.s3_endpoint, got.s3_bucket, got.s3_prefix, got.checkpoint_interval, got.restore_slot) == \
             ("minio.slam.svc:9000", "slam-ckpt", "ck", 8, None)
+        assert got.checkpoint_max_age == 600  # checkpoint.maxAgeSeconds reaches the server
         assert got.advertise_url == f"http://llm-{slot}.llm-pods.{NAMESPACE}.svc.cluster.local:8100"
         assert got.s3_access_key.get_secret_value() == "from-secret"
     services = {s["metadata"]["name"]: s for s in k8s.list(SERVICE, NAMESPACE)}

@@ -50,7 +50,8 @@ def server_settings(spec: SLAMInferenceSpec, name: str, namespace: str, slot: in
     ckpt = spec.checkpoint
     if ckpt.enabled:
         values.update(s3_endpoint=ckpt.endpoint, s3_bucket=ckpt.bucket, s3_prefix=ckpt.prefix,
-                      s3_secure=ckpt.secure, checkpoint_interval=ckpt.intervalTokens)
+                      s3_secure=ckpt.secure, checkpoint_interval=ckpt.intervalTokens,
+                      checkpoint_max_age=ckpt.maxAgeSeconds)
         if epoch > 0:  # every pod after a slot's first resumes what its predecessor checkpointed
             values["restore_slot"] = slot
     try:
