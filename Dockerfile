@@ -50,12 +50,11 @@ USER 10001:10001
 EXPOSE 8000
 CMD ["slam", "serve", "--host", "0.0.0.0", "--port", "8000", "--dtype", "bfloat16"]
 
-# Operator. The goal is the package without its serving stack: the `operator` extra plus the light main
-# dependencies, read from pyproject.toml so there is one list (OPERATOR_TORCH=none). Today `slam operator`
-# still imports torch through slam.cli -> slam.model and slam.checkpoint -> format, so the default adds CPU
-# torch and the full dependencies; the last RUN proves the command starts either way.
+# Operator: the package without its serving stack, the `operator` extra plus the light main dependencies,
+# read from pyproject.toml so there is one list. `slam operator` imports no torch (tests/test_imports.py);
+# OPERATOR_TORCH=cpu adds CPU torch and everything else. The last RUN proves the command starts.
 FROM base AS operator
-ARG OPERATOR_TORCH=cpu
+ARG OPERATOR_TORCH=none
 LABEL org.opencontainers.image.title="slam-serve operator" \
       org.opencontainers.image.description="kopf operator for SLAMInference resources" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -184,8 +184,11 @@ def test_dockerfile_operator_installs_no_serving_stack():
     assert not names & {"torch", "transformers", "accelerate"}
     installs = [c.original for c in stage if c.cmd == "RUN" and "pip install" in c.original]
     assert installs[0] == "RUN pip install --no-deps . && pip install -r /tmp/operator-requirements.txt"
-    # torch only behind the build argument (until `slam operator` stops importing it), and a start check.
+    # torch only behind the build argument, off by default (tests/test_imports.py: the operator needs none),
+    # and a start check.
     assert all("torch" not in i or '"$OPERATOR_TORCH" = cpu' in i for i in installs)
+    (arg,) = [c for c in stage if c.cmd == "ARG"]
+    assert arg.value == ("OPERATOR_TORCH=none",)
     assert installs[-1].endswith("slam operator --help > /dev/null")
     (cmd,) = [c for c in stage if c.cmd == "CMD"]
     assert cmd.value == ("slam", "operator", "--all-namespaces")

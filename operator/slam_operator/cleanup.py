@@ -13,7 +13,7 @@ import kopf
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
-from slam.checkpoint.format import slot_dir
+from slam.checkpoint.layout import slot_dir
 
 from slam_operator.failover import TERMINAL, NodeView, node_failed
 from slam_operator.kube import Kube

@@ -14,6 +14,9 @@ from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PositionMode = Literal["original", "cache"]
+# The cache policies, in the order of slam.cache's registry (which is built from this tuple). Kept here,
+# torch-free, so that the operator validates settings without the engine.
+POLICY_NAMES = ("full", "streaming", "slam", "snapkv", "h2o")
 
 
 class CacheConfig(BaseModel):
@@ -34,10 +37,8 @@ class CacheConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> CacheConfig:
-        from slam.cache import POLICIES
-
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(sorted(POLICY_NAMES))}")
         if self.policy != "full":
             if self.budget is None:
                 raise ValueError(f"policy {self.policy!r} needs a budget")
@@ -211,11 +212,9 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"api key file {self.api_key_file} does not exist")
         if self.restore_slot is not None and not self.s3_endpoint:
             raise ValueError("--restore-slot needs --s3-endpoint")
-        from slam.cache import POLICIES
-
-        unknown = [p for p in self.allowed_policies or [] if p not in POLICIES]
+        unknown = [p for p in self.allowed_policies or [] if p not in POLICY_NAMES]
         if unknown:
-            raise ValueError(f"allowed_policies: unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+            raise ValueError(f"allowed_policies: unknown policy {unknown[0]!r}; choose from {', '.join(POLICY_NAMES)}")
         if self.allowed_policies is not None and self.policy not in self.allowed_policies:
             raise ValueError(f"allowed_policies must include the default policy {self.policy!r}")
         if self.max_budget is not None and self.policy != "full" and self.max_budget < self.budget:
@@ -234,9 +233,7 @@ class ServerSettings(BaseSettings):
 
     @property
     def policies(self) -> list[str]:
-        from slam.cache import POLICIES
-
-        return list(self.allowed_policies or POLICIES)
+        return list(self.allowed_policies or POLICY_NAMES)
 
     @property
     def budget_limit(self) -> int:

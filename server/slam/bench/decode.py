@@ -224,26 +224,3 @@ def plot(results: list[DecodeResult], out: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
-
-
-def add_parser(sub) -> None:
-    from slam.flags import add_model_flags, add_selection_flags, positive_list
-
-    p = sub.add_parser("decode", help="decode throughput per policy, context and batch, beside a baseline")
-    p.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
-    p.add_argument("--contexts", type=positive_list(int), default=[512, 2000, 4000])
-    p.add_argument("--batches", type=positive_list(int), default=[1])
-    p.add_argument("--tokens", type=int, default=32, help="decode steps timed per combination")
-    p.add_argument("--budget", type=int, default=256)
-    p.add_argument("--sink", type=int, default=4)
-    p.add_argument("--recent", type=int, default=64)
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="random weights from this model shape's config instead of --model (nothing downloaded)")
-    p.add_argument("--baseline", choices=["none", "transformers"], default="none",
-                   help="also time transformers' full-cache decode at each batch and context")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    add_selection_flags(p)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", type=Path, default=None)
-    add_model_flags(p)
-    p.set_defaults(func=run)

@@ -1,5 +1,5 @@
-"""Cache policies. Adding one: a file with a `CachePolicy` subclass, a line in POLICIES, an entry in
-tests/test_policies.py's POLICY_CASES."""
+"""Cache policies. Adding one: a file with a `CachePolicy` subclass, its class in POLICIES and its name in
+slam.config.POLICY_NAMES, an entry in tests/test_policies.py's POLICY_CASES."""
 
 from slam.cache.base import CachePolicy, Evicted
 from slam.cache.full import FullPolicy
@@ -7,14 +7,10 @@ from slam.cache.h2o import H2OPolicy
 from slam.cache.slam import SlamPolicy
 from slam.cache.snapkv import SnapKVPolicy
 from slam.cache.streaming import StreamingPolicy
+from slam.config import POLICY_NAMES
 
-POLICIES: dict[str, type[CachePolicy]] = {
-    "full": FullPolicy,
-    "streaming": StreamingPolicy,
-    "slam": SlamPolicy,
-    "snapkv": SnapKVPolicy,
-    "h2o": H2OPolicy,
-}
+_CLASSES = {cls.name: cls for cls in (FullPolicy, StreamingPolicy, SlamPolicy, SnapKVPolicy, H2OPolicy)}
+POLICIES: dict[str, type[CachePolicy]] = {name: _CLASSES[name] for name in POLICY_NAMES}
 POLICY_IDS = {name: i for i, name in enumerate(POLICIES)}  # a slot's policy, as the decode step sees it
 
 

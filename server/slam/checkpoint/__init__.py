@@ -23,10 +23,21 @@ Tradeoffs (CheckpointConfig):
   under step-by-step decoding, so their continuation may differ.
 """
 
-from slam.checkpoint.checkpointer import Checkpointer
-from slam.checkpoint.restore import RestoredRequest, latest_epoch, load_slot, resume_into
-from slam.checkpoint.snapshot import Snapshot, take_snapshot
-from slam.checkpoint.store import CheckpointConfig, ObjectMissing, ObjectStore, StoreError
+from importlib import import_module
+
+# Imported on first use, so that torch-free parts (layout, store) load without the engine and torch.
+_EXPORTS = {
+    "Checkpointer": "checkpointer", "RestoredRequest": "restore", "latest_epoch": "restore",
+    "load_slot": "restore", "resume_into": "restore", "Snapshot": "snapshot", "take_snapshot": "snapshot",
+    "CheckpointConfig": "store", "ObjectMissing": "store", "ObjectStore": "store", "StoreError": "store",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"slam.checkpoint.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'slam.checkpoint' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointConfig",

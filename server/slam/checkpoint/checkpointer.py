@@ -20,28 +20,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from slam.checkpoint import format as fmt
 from slam.checkpoint.snapshot import Snapshot, encode_prompt, encode_segment, encode_state, encode_tokens, take_snapshot
 from slam.checkpoint.store import CheckpointConfig, ObjectStore
+from slam.checkpoint.versions import Tracker, apply_retention, manifest_body
 from slam.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 CLAIM = fmt.EPOCH_MARKER  # the claim's key in the queue: no request id starts with a dot
-
-
-@dataclass
-class _Tracker:
-    """What the store holds for one request (written by the worker; `stored` is read by snapshots)."""
-
-    version: int = 0  # highest version number used; a retry of a failed version reuses version + 1
-    versions: list[int] = field(default_factory=list)  # complete versions in the store, oldest first
-    prompt: dict | None = None  # entry of prompt.safetensors once uploaded
-    segments: list[dict] = field(default_factory=list)  # reserve segments uploaded, in order
-    stored: list[int] | None = None  # reserve tokens uploaded per layer
-    last_tokens: int = -1  # output tokens at the last snapshot (-1: none yet)
 
 
 @dataclass
@@ -57,7 +46,7 @@ class Checkpointer:
     def __init__(self, store: ObjectStore, config: CheckpointConfig, registry: Any | None = None,
                  claim: bool = True):
         self.store, self.config = store, config
-        self._trackers: dict[str, _Tracker] = {}
+        self._trackers: dict[str, Tracker] = {}
         self._pending: collections.OrderedDict[str, _Item] = collections.OrderedDict()
         self._cond = threading.Condition()
         self._busy = False
@@ -96,7 +85,7 @@ class Checkpointer:
     def snapshot(self, seq: Sequence) -> Snapshot:
         """Copy `seq` now (call at a step boundary, on the thread that runs engine.step)."""
         with self._cond:
-            tr = self._trackers.setdefault(seq.request_id, _Tracker())
+            tr = self._trackers.setdefault(seq.request_id, Tracker())
             stored = list(tr.stored) if tr.stored else None
             tr.last_tokens = len(seq.output_ids)
         return take_snapshot(seq, stored, self.config.include_reserve)
@@ -190,7 +179,7 @@ class Checkpointer:
                 return False
             state["versions"] = []
         with self._cond:
-            self._trackers[request_id] = _Tracker(**state)
+            self._trackers[request_id] = Tracker(**state)
         return True
 
     def flush(self, timeout: float) -> bool:
@@ -284,7 +273,7 @@ class Checkpointer:
         cfg = self.config
         rid = snap.request_id
         with self._cond:
-            tr = self._trackers.setdefault(rid, _Tracker())
+            tr = self._trackers.setdefault(rid, Tracker())
         root = self.root(rid)
         sizes: dict[str, int] = {}
 
@@ -311,11 +300,11 @@ class Checkpointer:
         state = encode_state(snap)
         objects["state"] = None if state is None else put("state", vdir + "state.safetensors", state)
         objects["segments"] = list(tr.segments) if snap.reserve is not None else []
-        manifest = fmt.encode_manifest(self._manifest(snap, version, objects, tr))
+        manifest = fmt.encode_manifest(manifest_body(snap, version, objects, self.config))
         put("manifest", vdir + fmt.MANIFEST, manifest)  # last: only now does this version exist
         tr.version = version
         tr.versions.append(version)
-        self._apply_retention(root, tr)
+        apply_retention(self.store, self.config.retention, root, tr)
         seconds, nbytes = time.monotonic() - t0, sum(sizes.values())
         self.uploads_total += 1
         self.bytes_total += nbytes
@@ -323,49 +312,3 @@ class Checkpointer:
         self.last_upload[rid] = sizes
         for cb in self.on_upload:
             cb(seconds, nbytes)
-
-    def _manifest(self, snap: Snapshot, version: int, objects: dict, tr: _Tracker) -> dict[str, Any]:
-        reserve = None
-        if snap.reserve is not None:
-            reserve = {
-                "int8": self.config.reserve_int8,
-                "n": [r.n for r in snap.reserve],
-                "shared_k_score": snap.reserve[0].k_score is None,
-            }
-        return {
-            "request_id": snap.request_id,
-            "version": version,
-            "slot": self.config.slot,
-            "epoch": self.config.epoch,
-            "owner_url": self.config.advertise_url,
-            "created_unix": time.time(),
-            "counts": {
-                "prompt_tokens": len(snap.prompt_ids),
-                "output_tokens": len(snap.output_ids),
-                "num_cached": snap.num_cached,
-                "cache_tokens": [layer.k.shape[1] for layer in snap.layers] if snap.layers else [],
-            },
-            "sampling": snap.sampling,
-            "cache_config": snap.cache_config,
-            "detok": {
-                "output_text": snap.output_text,
-                "prefix_offset": snap.prefix_offset,
-                "read_offset": snap.read_offset,
-            },
-            "replacements": snap.replacements,
-            "reserve_next_pos": snap.reserve_next_pos,
-            "reserve": reserve,
-            "objects": objects,
-        }
-
-    def _apply_retention(self, root: str, tr: _Tracker) -> None:
-        while len(tr.versions) > self.config.retention:
-            old = fmt.version_dir(tr.versions[0])
-            try:
-                # Manifest first: a half-deleted version must never look complete.
-                for name in (fmt.MANIFEST, "state.safetensors", "tokens.safetensors"):
-                    self.store.delete(root + old + name)
-            except Exception as e:  # retried after the next version
-                log.warning("retention delete of %s%s failed: %s", root, old, e)
-                return
-            tr.versions.pop(0)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from slam.cli import bench, eval, generate, serve
 from slam.cli.common import FIELD_FLAGS, Parser, UsageError, explain
 from slam.flags import add_model_flags, positive_list  # noqa: F401  (the flags every command shares)
-from slam.model import ModelError
+from slam.errors import ModelError
 
 GROUPS = [generate, eval, serve, bench]
 # Command groups of other packages: a module with `register(subparsers)`, added when it is installed.

@@ -43,7 +43,7 @@ def register(sub) -> None:
     bs.add_argument("--json", action="store_true", help="print the results as JSON")
     bs.add_argument("--no-progress", action="store_true", help="no progress bar")
     bs.set_defaults(func=run_serve)
-    from slam.bench.decode import add_parser as add_decode
+    from slam.bench.decode_cli import add_parser as add_decode
     from slam.bench.failover import add_parser as add_failover
 
     add_failover(bench_sub)

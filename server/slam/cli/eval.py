@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from slam.cli.common import Parser, UsageError, cache_config, engine_from
+from slam.cli.common import Parser, UsageError, cache_config
 from slam.config import CacheConfig, EngineConfig
 from slam.eval.commands import add_compare_flags
 from slam.eval.longbench_command import add_longbench_flags

@@ -66,7 +66,7 @@ def write_chunk(runner: ModelRunner, li: int, slot: int, policy: CachePolicy, st
                 v: torch.Tensor, scores: torch.Tensor | None, k_rot: torch.Tensor) -> None:
     """Evict what leaves the ring, oldest first, then store the chunk's surviving tokens in their columns."""
     pool = runner.pool
-    t, end = k.shape[1], start + k.shape[1]
+    end = start + k.shape[1]
     if scores is None:
         scores = torch.zeros(k.shape[:2], device=k.device)
     first = max(policy.sink, start - policy.ring)  # oldest token still in the ring before the chunk
