@@ -90,7 +90,7 @@ def test_restore_continues_identically(loaded, text_ids, cfg):
     restored = {r.request_id: r for r in load_slot(store, cfg.slot)}
     seqs = [resume_into(eng2, restored[s.request_id]) for s in (greedy, seeded)]
     # The new owner goes on from the stored versions: version 2, and only reserve tokens not yet stored.
-    ckpt2 = Checkpointer(store, cfg)
+    ckpt2 = Checkpointer(store, cfg, claim=False)  # the epoch is ckpt's: a second claim of it would be fenced
     r0 = restored[greedy.request_id]
     ckpt2.adopt(r0.request_id, r0.store_state())
     run_until(eng2, seqs, 12)

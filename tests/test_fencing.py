@@ -102,6 +102,32 @@ def test_an_old_pods_collector_leaves_newer_epochs_alone(tiny, s3_endpoint):  # 
     assert store.list(new)
 
 
+def test_a_second_pod_at_the_same_epoch_is_fenced(tiny, s3_endpoint):  # noqa: F811
+    """Two checkpointers claim one slot and epoch (a fresh pod while a partitioned one still runs): the
+    conditional write of the claim lets one win; the other writes nothing, and says why."""
+    cfg = make_config(*s3_endpoint, advertise_url="http://first")
+    store = ObjectStore(cfg)
+    first = Checkpointer(store, cfg)
+    assert first.flush(30) and first.claimed and not first.fenced
+    second = Checkpointer(ObjectStore(cfg), cfg.model_copy(update={"advertise_url": "http://second"}))
+    assert second.flush(30) and not second.claimed
+    assert "http://first" in second.fenced and first.instance in second.fenced
+    marker = fmt.epoch_dir(cfg.prefix, 0, 0) + fmt.EPOCH_MARKER
+    assert fmt.decode_manifest(store.get(marker))["owner_url"] == "http://first"
+    before = set(store.list(fmt.epoch_dir(cfg.prefix, 0, 0)))
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4)), loaded=tiny)
+    seq = engine.add_request(list(range(5, 25)), SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    assert not second.checkpoint(seq)  # refused: nothing is queued
+    second.delete_request("anything")  # queued work is dropped too
+    assert second.flush(30) and set(store.list(fmt.epoch_dir(cfg.prefix, 0, 0))) == before
+    assert first.checkpoint(seq) and first.flush(30) and len(store.list(fmt.epoch_dir(cfg.prefix, 0, 0))) > len(before)
+    # A retried claim whose first write went through (its answer lost) is still the same instance's.
+    assert first.claim(timeout=30) and not first.fenced
+    first.close()
+    second.close()
+
+
 class Servers:
     """`slam serve` processes on one S3 prefix."""
 

@@ -152,6 +152,11 @@ async def health(request: Request) -> Response:
     if loop is not None and not loop.healthy:
         return error_response(503, f"the engine loop has stopped: {loop.fatal or 'its thread died'}", None,
                               "engine_dead")
+    # A pod that lost its slot's epoch to another cannot checkpoint: restarted, it is refused at start
+    # (the epoch is claimed), so its operator replaces it at the next epoch.
+    fenced = getattr(getattr(request.app.state, "checkpointer", None), "fenced", None)
+    if fenced:
+        return error_response(503, f"checkpoints are fenced off: {fenced}", None, "fenced")
     return JSONResponse({"status": "alive"})
 
 
@@ -160,6 +165,8 @@ async def ready(request: Request) -> Response:
     loop: EngineLoop | None = getattr(request.app.state, "loop", None)
     if loop is None or not loop.alive or not loop.healthy:
         return error_response(503, "the engine loop is not running", None, "not_ready")
+    if getattr(getattr(request.app.state, "checkpointer", None), "fenced", None):
+        return error_response(503, "another pod holds this slot's epoch", None, "fenced")
     if loop.draining:
         return error_response(503, "the server is shutting down", None, "shutting_down")
     return JSONResponse({"status": "ready", "model": request.app.state.preparer.model_name})

@@ -19,6 +19,7 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,10 @@ class Checkpointer:
         self._busy = False
         self._closed = False
         self.claimed = False  # the epoch's marker is stored
+        # This process's mark in the claim: another pod started for the same slot and epoch loses the
+        # conditional write of the marker, and is then fenced: it writes nothing more.
+        self.instance = uuid.uuid4().hex
+        self.fenced: str | None = None  # why, once fenced
         # Counters for the server's metrics; read them or register callbacks.
         self.uploads_total = 0
         self.bytes_total = 0
@@ -94,6 +99,8 @@ class Checkpointer:
         """Queue a snapshot for upload. Never waits on the store unless `block` (shutdown path)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            if self.fenced:
+                return False
             old = self._pending.get(snap.request_id)
             if old is not None and old.kind == "delete":
                 return False  # the request finished; its objects are being removed
@@ -153,7 +160,7 @@ class Checkpointer:
         is not stored by then."""
         cfg = self.config
         body = {"slot": cfg.slot, "epoch": cfg.epoch, "owner_url": cfg.advertise_url, "claimed_unix": time.time(),
-                "restored_from": restored_from}
+                "restored_from": restored_from, "instance": self.instance}
         with self._cond:
             self._pending[CLAIM] = _Item("claim", body=body)
             self._pending.move_to_end(CLAIM, last=False)
@@ -226,6 +233,8 @@ class Checkpointer:
         while (job := self._next()) is not None:
             rid, item = job
             try:
+                if self.fenced:
+                    continue  # another pod holds this epoch: nothing more is written to it
                 if item.kind == "delete":
                     self._delete(rid)
                 elif item.kind == "claim":
@@ -255,9 +264,22 @@ class Checkpointer:
 
     def _claim(self, body: dict) -> None:
         cfg = self.config
-        self.store.put(fmt.epoch_dir(cfg.prefix, cfg.slot, cfg.epoch) + fmt.EPOCH_MARKER, fmt.encode_manifest(body))
+        marker = fmt.epoch_dir(cfg.prefix, cfg.slot, cfg.epoch) + fmt.EPOCH_MARKER
+        if not self.store.put_if_absent(marker, fmt.encode_manifest(body)):
+            held = fmt.decode_manifest(self.store.get(marker))
+            if held.get("instance") != self.instance:  # not our own earlier write whose answer was lost
+                self._fence(f"slot {cfg.slot} epoch {cfg.epoch} is already claimed by {held.get('owner_url')} "
+                            f"(instance {held.get('instance')}); two pods for one slot and epoch")
+                return
         self.claimed = True
         log.info("claimed slot %d epoch %d", cfg.slot, cfg.epoch)
+
+    def _fence(self, reason: str) -> None:
+        log.error("checkpoints stop: %s", reason)
+        with self._cond:
+            self.fenced = reason
+            self._pending.clear()
+            self._cond.notify_all()
 
     def _delete(self, rid: str) -> None:
         # Manifests first: a restore that lists the request half-way through finds no version, not broken ones.

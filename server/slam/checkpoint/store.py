@@ -6,6 +6,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import urllib3
@@ -40,6 +41,7 @@ class ObjectStore:
             retries=False,
             maxsize=4,
         )
+        self._http = http
         self.client = Minio(
             config.endpoint,
             access_key=config.access_key.get_secret_value() or None,
@@ -103,6 +105,21 @@ class ObjectStore:
                 f"put {name}",
                 lambda: self.client.put_object(self.bucket, name, io.BytesIO(data), len(data), part_size=part),
             )
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Store `data` at `name` only if nothing is there: an S3 conditional write (If-None-Match: *,
+        honoured by MinIO, AWS S3 and moto). False when an object exists. The minio client sends no such
+        header on puts, so this one goes to a presigned URL (the header is not part of its signature)."""
+        self.ensure_bucket()
+        url = self.client.presigned_put_object(self.bucket, name, expires=timedelta(minutes=5))
+
+        def attempt() -> bool:
+            resp = self._http.request("PUT", url, body=data, headers={"If-None-Match": "*"})
+            if resp.status in (200, 412):
+                return resp.status == 200
+            raise OSError(f"HTTP {resp.status}: {resp.data[:200]!r}")
+
+        return self._retry(f"conditional put {name}", attempt)
 
     def get(self, name: str) -> bytes:
         def fetch() -> bytes:
