@@ -15,7 +15,7 @@ from s3_fixtures import make_config, s3_endpoint  # noqa: F401  (fixture)
 
 from slam.api.janitor import collect
 from slam.api.proxy import trusted
-from slam.checkpoint import Checkpointer, ObjectStore
+from slam.checkpoint import Checkpointer, ObjectStore, latest_epoch
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
@@ -40,8 +40,10 @@ def engine(smol) -> LLMEngine:
 
 
 def checkpointed(engine: LLMEngine, config, versions: int = 1):
-    """A real request of the engine with `versions` checkpoints stored, then dropped from the engine."""
-    ckpt = Checkpointer(ObjectStore(config), config)
+    """A real request of the engine with `versions` checkpoints stored, then dropped from the engine. The
+    slot's epoch is claimed once, by the first of them (a second claim of it would be fenced)."""
+    store = ObjectStore(config)
+    ckpt = Checkpointer(store, config, claim=latest_epoch(store, config.slot) is None)
     seq = engine.add_request(engine.encode("Tell me a story about"), SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(versions):
         engine.step()
