@@ -105,3 +105,18 @@ def test_two_stage_picks_are_valid_reserve_tokens(smol):
         pos = pool.pos[layer][seq.slot, :, middle]  # [kv_heads, middle]
         for head in pos:
             assert len(set(head.tolist())) == policy.middle and set(head.tolist()) <= evicted
+
+
+def test_scores_keep_their_order_where_probabilities_underflow():
+    """Over a long reserve most softmax probabilities are exactly 0, and top-k among equal zeros picks
+    arbitrarily (on a GPU, differently from run to run). Log-probabilities keep the true order."""
+    from slam.cache.selection import group_scores
+
+    q = torch.zeros(1, 1, 1, 4)
+    q[..., 0] = 1.0
+    keys = torch.zeros(1, 1, 300, 4)
+    keys[0, 0, :, 0] = torch.linspace(-2000.0, 0.0, 300)  # logits 2000 apart: all but the last underflow
+    stored = torch.ones(1, 1, 300, dtype=torch.bool)
+    scores = group_scores(q, keys, stored, scale=1.0)
+    assert torch.softmax(keys[0, 0, :, 0], dim=0)[:-20].eq(0).all()  # the probabilities would all tie
+    assert scores[0, 0].topk(10).indices.tolist() == list(range(299, 289, -1))
