@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from slam.api.events import Draining, QueueFull, Stream, TokenEvent
 from slam.api.metrics import Metrics
+from slam.api.routing import StepRouting
 from slam.api.streams import StreamBuffers
 from slam.config import CacheConfig
 from slam.engine.engine import LLMEngine
@@ -31,7 +32,7 @@ MAX_FAILED_STEPS = 3  # consecutive failed iterations before the loop gives up
 __all__ = ["Draining", "EngineLoop", "QueueFull", "Stream", "TokenEvent"]
 
 
-class EngineLoop:
+class EngineLoop(StepRouting):
     def __init__(self, engine: LLMEngine, metrics: Metrics, max_queue: int,
                  checkpointer: Checkpointer | None = None, buffers: StreamBuffers | None = None,
                  resume_grace_s: float = 0.0):
@@ -248,82 +249,3 @@ class EngineLoop:
             self.buffers.finish(seq.request_id, "failed", "error")
         except Exception:  # the client already has its error; a resumed stream may miss the end
             log.exception("could not mark request %s failed in its buffer", seq.request_id)
-
-    def _step(self) -> None:
-        replaced_before = self.engine.stats.replacements
-        outputs = self.engine.step()
-        self.metrics.steps.inc()
-        self.metrics.replacements.inc(self.engine.stats.replacements - replaced_before)
-        now = time.monotonic()
-        generated = 0
-        with self._lock:
-            for out in outputs:
-                try:
-                    generated += self._route(out, now)
-                except Exception as exc:  # this request's output could not be handled: it alone fails
-                    log.exception("request %s failed while routing its output", out.seq.request_id)
-                    self._fail(out.seq, f"server error: {type(exc).__name__}: {exc}")
-        self.metrics.generation_tokens.inc(generated)
-        self._record(outputs, now)
-        self.metrics.cache_gauges(list(self.engine.scheduler.running))
-
-    def _route(self, out, now: float) -> int:
-        rid = out.seq.request_id
-        stream = self._streams.get(rid)
-        if out.error:
-            self.metrics.failed.inc()
-            self._detached.pop(rid, None)
-            if stream is not None:
-                del self._streams[rid]
-                self._deliver(stream, TokenEvent(len(out.seq.output_ids), -1, "", True, None, 0, 0,
-                                                 error=out.error, choice=stream.choice))
-            return 0
-        if out.finished:
-            self._detached.pop(rid, None)
-        if stream is None:
-            return 1  # detached, or released by its handler (aborted, reaped at the next step)
-        stream.last_token = self.metrics.token_timing(stream.arrival, stream.last_token, now)
-        event = TokenEvent(len(out.seq.output_ids) - 1, out.token_id, out.text, out.finished,
-                           out.seq.finish_reason if out.finished else None, out.cache_tokens, out.cache_bytes,
-                           choice=stream.choice, logprob=out.logprob, top_logprobs=out.top_logprobs)
-        if out.finished:
-            del self._streams[rid]
-            self.metrics.success.labels(out.seq.finish_reason or "stop").inc()
-            self.metrics.e2e.observe(now - stream.arrival)
-        self._deliver(stream, event)
-        return 1
-
-    def _record(self, outputs: list, now: float) -> None:
-        """Buffer every token for resumable streams, then checkpoint (snapshots happen here, at the step
-        boundary; uploads run on the checkpointer's thread). A failure fails only its request."""
-        for out in outputs:
-            seq = out.seq
-            try:
-                if out.error:
-                    self.buffers.finish(seq.request_id, "failed", "error")
-                    continue
-                for cb in list(self.on_first_output):
-                    cb(seq.request_id, now)
-                self.buffers.append(seq.request_id, len(seq.output_ids) - 1, out.token_id, out.text,
-                                    seq.finish_reason if out.finished else None)
-                if self.checkpointer is not None and not seq.aborted:
-                    self.checkpointer.after_step([seq])
-            except Exception as exc:
-                log.exception("request %s failed after its step", seq.request_id)
-                with self._lock:
-                    self._fail(seq, f"server error: {type(exc).__name__}: {exc}")
-        self._delete_aborted()
-
-    def _delete_aborted(self) -> None:
-        with self._lock:
-            gone, self._aborted = self._aborted, []
-        if self.checkpointer is not None:
-            for rid in gone:
-                self.checkpointer.delete_request(rid)
-
-    @staticmethod
-    def _deliver(stream: Stream, event: TokenEvent) -> None:
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            pass
