@@ -146,6 +146,11 @@ async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
     return TokenizeResponse(tokens=ids, count=len(ids))
 
 
+def _fenced(request: Request) -> str | None:
+    """Why this server may no longer checkpoint (another pod holds its slot's epoch), or None."""
+    return getattr(getattr(request.app.state, "checkpointer", None), "fenced", None)
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     loop: EngineLoop | None = getattr(request.app.state, "loop", None)
@@ -154,8 +159,7 @@ async def health(request: Request) -> Response:
                               "engine_dead")
     # A pod that lost its slot's epoch to another cannot checkpoint: restarted, it is refused at start
     # (the epoch is claimed), so its operator replaces it at the next epoch.
-    fenced = getattr(getattr(request.app.state, "checkpointer", None), "fenced", None)
-    if fenced:
+    if fenced := _fenced(request):
         return error_response(503, f"checkpoints are fenced off: {fenced}", None, "fenced")
     return JSONResponse({"status": "alive"})
 
@@ -165,7 +169,7 @@ async def ready(request: Request) -> Response:
     loop: EngineLoop | None = getattr(request.app.state, "loop", None)
     if loop is None or not loop.alive or not loop.healthy:
         return error_response(503, "the engine loop is not running", None, "not_ready")
-    if getattr(getattr(request.app.state, "checkpointer", None), "fenced", None):
+    if _fenced(request):
         return error_response(503, "another pod holds this slot's epoch", None, "fenced")
     if loop.draining:
         return error_response(503, "the server is shutting down", None, "shutting_down")

@@ -158,6 +158,13 @@ def run_longbench(args) -> int:
     return longbench_command(args, caches, EvalEngines(args))
 
 
+def add_engine_flags(p) -> None:
+    """The cache, selection and model flags every evaluation takes (one policy list of its own)."""
+    add_cache_flags(p, with_policy=False)
+    add_selection_flags(p)
+    add_model_flags(p)
+
+
 def register(sub) -> None:
     ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval", required=True,
                                                                           parser_class=Parser)
@@ -172,9 +179,7 @@ def register(sub) -> None:
     niah.add_argument("--json", action="store_true")
     niah.add_argument("--plot", type=Path, default=None)
     add_compare_flags(niah)
-    add_cache_flags(niah, with_policy=False)
-    add_selection_flags(niah)
-    add_model_flags(niah)
+    add_engine_flags(niah)
     niah.set_defaults(func=checked(run_niah))
 
     ppl = ev.add_parser("ppl", help="perplexity over long text, per policy")
@@ -183,21 +188,15 @@ def register(sub) -> None:
     ppl.add_argument("--window", type=int, default=128, help="tokens per point of the curve")
     ppl.add_argument("--json", action="store_true")
     ppl.add_argument("--plot", type=Path, default=None)
-    add_cache_flags(ppl, with_policy=False)
-    add_selection_flags(ppl)
-    add_model_flags(ppl)
+    add_engine_flags(ppl)
     ppl.set_defaults(func=checked(run_ppl))
 
     ruler = ev.add_parser("ruler", help="RULER-style synthetic tasks over the essays (needles, variables, words)")
     add_ruler_flags(ruler)
-    add_cache_flags(ruler, with_policy=False)
-    add_selection_flags(ruler)
-    add_model_flags(ruler)
+    add_engine_flags(ruler)
     ruler.set_defaults(func=checked(run_ruler))
 
     longbench = ev.add_parser("longbench", help="LongBench's English tasks from your JSONL files, official metrics")
     add_longbench_flags(longbench)
-    add_cache_flags(longbench, with_policy=False)
-    add_selection_flags(longbench)
-    add_model_flags(longbench)
+    add_engine_flags(longbench)
     longbench.set_defaults(func=checked(run_longbench))

@@ -191,12 +191,9 @@ class SlotPool:
         if not self.two_stage or hi <= lo:
             return
         c0, c1 = lo // self.chunk, -(-hi // self.chunk)
-        part = (slot, slice(None), slice(c0 * self.chunk, c1 * self.chunk))
-        keys = self.rks[layer][part].to(self.device) if self.cache_positions else self.reserve_keys_at(layer, part)
-        keys = keys.unflatten(1, (c1 - c0, self.chunk))  # [kv_heads, chunks, chunk, head_dim]
-        stored = (torch.arange(c0 * self.chunk, c1 * self.chunk, device=self.device) < hi).view(1, c1 - c0, -1, 1)
-        self.smin[layer][slot, :, c0:c1] = keys.masked_fill(~stored, float("inf")).amin(dim=2)
-        self.smax[layer][slot, :, c0:c1] = keys.masked_fill(~stored, float("-inf")).amax(dim=2)
+        part = (slice(slot, slot + 1), slice(None), slice(c0 * self.chunk, c1 * self.chunk))
+        stored = torch.arange(c0 * self.chunk, c1 * self.chunk, device=self.device) < hi
+        self._set_bounds(layer, part, stored.view(1, -1))
 
     def reserve_values(self, layer: int) -> torch.Tensor:
         return self._dequant(self.rv, self.rv_scale, layer)
@@ -248,16 +245,20 @@ class SlotPool:
 
     def _rebuild_bounds(self, n: int) -> None:
         """Bounds of every slot's chunks over reserve indices [0, n), n a multiple of the chunk."""
-        stored = (self.rpos[:, :n] >= 0).view(self.slots, 1, n // self.chunk, self.chunk, 1)
+        part = (slice(None), slice(None), slice(0, n))
         for layer in range(self.layers):
-            part = (slice(None), slice(None), slice(0, n))
-            keys = self.rks[layer][part] if self.cache_positions else self.reserve_keys_at(layer, part)
-            keys = keys.to(self.device).unflatten(2, (n // self.chunk, self.chunk))
-            some = stored.any(dim=3)  # chunks without a stored token get zero bounds, not infinities
-            lo = keys.masked_fill(~stored, float("inf")).amin(dim=3)
-            hi = keys.masked_fill(~stored, float("-inf")).amax(dim=3)
-            self.smin[layer][:, :, : n // self.chunk] = torch.where(some, lo, 0)
-            self.smax[layer][:, :, : n // self.chunk] = torch.where(some, hi, 0)
+            self._set_bounds(layer, part, self.rpos[:, :n] >= 0)
+
+    def _set_bounds(self, layer: int, part: tuple, stored: torch.Tensor) -> None:
+        """Bounds of the chunks that reserve rows `part` (slots, all heads, a chunk-aligned range) cover,
+        over the rows `stored` [slots, rows] marks; a chunk with none stored gets zero bounds, not infinities."""
+        keys = self.rks[layer][part].to(self.device) if self.cache_positions else self.reserve_keys_at(layer, part)
+        keys = keys.unflatten(2, (-1, self.chunk))  # [slots, kv_heads, chunks, chunk, head_dim]
+        stored = stored.view(stored.shape[0], 1, -1, self.chunk, 1)
+        some = stored.any(dim=3)
+        chunks = (part[0], part[1], slice(part[2].start // self.chunk, part[2].stop // self.chunk))
+        for bounds, fill, reduce in ((self.smin, float("inf"), torch.amin), (self.smax, float("-inf"), torch.amax)):
+            bounds[layer][chunks] = torch.where(some, reduce(keys.masked_fill(~stored, fill), dim=3), 0)
 
     def nbytes_per_slot(self) -> int:
         """Bytes of one slot's active cache (keys and values, all layers): what the budget bounds."""
