@@ -16,6 +16,11 @@ test)
   python3 -m pytest -q -p no:cacheprovider tests/test_policies.py tests/test_engine.py 2>&1 | tee "$OUT/gpu-tests.log" ;;
 checks)  # sync-free decode step, CUDA graphs equal eager (random weights: no model needed)
   python3 e2e/gpu_checks.py 2>&1 | tee "$OUT/gpu-checks.log" ;;
+profile)  # kernel time by name per policy (eager, torch.profiler) and graph-replayed step time
+  python3 e2e/profile_step.py --policies ${POLICIES:-streaming,slam} --batch ${BATCH:-32} --context ${CONTEXT:-4000} \
+    --budget ${BUDGET:-256} --oversample ${OVERSAMPLE:-8} ${EXTRA:-} 2>&1 | tee -a "$OUT/profile.log" ;;
+micro)  # the pieces of exact selection, each in a CUDA graph
+  python3 e2e/micro_select.py 2>&1 | tee "$OUT/micro-select.log" ;;
 bench-r)  # the same at budget 256 with layers refreshing every 1, 2 and 4 steps
   for r in 1 2 4; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m \
     --policies slam --budget 256 --contexts 4000 --batches 1,32 --tokens 32 --select-every $r --json; done \

@@ -73,6 +73,7 @@ class EngineConfig(BaseModel):
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    compile: bool = True  # GPUs: slam's selection stages through torch.compile (fused kernels)
     # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
     select_every: int = Field(default=1, ge=1)
     # slam: two-stage selection scores chunks of `select_chunk` reserve tokens by their key bounds and
@@ -168,6 +169,8 @@ class ServerSettings(BaseSettings):
     reserve_dtype: Literal["bfloat16", "int8"] = Field(default="bfloat16", description="bfloat16, or int8 "
                                                        "(per-token scales) for evicted tokens")
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
+    compile: bool = Field(default=True, description="GPUs: run slam's selection stages through torch.compile "
+                          "(false: eager kernels, no compile time at the first step of each batch size)")
     select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
                               "its critical tokens")
     select_chunk: int = Field(default=8, ge=1, description="slam: reserve tokens per chunk whose key bounds "
@@ -273,6 +276,7 @@ class ServerSettings(BaseSettings):
             reserve_device=self.reserve_device,
             reserve_dtype=self.reserve_dtype,
             enforce_eager=self.enforce_eager,
+            compile=self.compile,
             select_every=self.select_every,
             select_chunk=self.select_chunk,
             select_oversample=self.select_oversample,

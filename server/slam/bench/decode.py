@@ -73,8 +73,9 @@ def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: in
 def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: int, args, gbps: float) -> DecodeResult:
     device = loaded.device
     full = cache.policy == "full"
-    config = EngineConfig(max_batch=batch, cache=cache, max_budget=context + tokens + 8 if full else None,
+    config = EngineConfig(max_batch=batch, cache=cache, dtype=args.dtype, max_budget=context + tokens + 8 if full else None,
                           max_model_len=max(context + tokens + 8, 16), enforce_eager=args.enforce_eager,
+                          compile=args.compile,
                           **selection(args))
     engine = LLMEngine(config, loaded)
     if device.type == "cuda":
@@ -180,6 +181,7 @@ def run(args) -> int:
                                   "select_every": args.select_every,
                                   "select_oversample": args.select_oversample, "select_chunk": args.select_chunk,
                                   "reserve_device": args.reserve_device, "reserve_dtype": args.reserve_dtype, "graphs": not args.enforce_eager,
+                                  "compile": args.compile,
                                   "torch": torch.__version__}), flush=True)
     if not args.json:
         table = Table(title=f"slam bench decode on {results[0].device} ({args.shape or 'model'}, {args.dtype}, "

@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", choices=["none", "transformers"], default="none",
                    help="also time transformers' full-cache decode at each batch and context")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="GPUs: eager kernels for slam's selection (no torch.compile)")
     add_selection_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, default=None)

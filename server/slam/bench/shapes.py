@@ -79,7 +79,9 @@ def synthetic_request(engine, context: int, sampling, seed: int = 0):
             pool.v[layer][seq.slot][:, cols] = randn(shape)
             pool.pos[layer][seq.slot][:, cols] = positions
         if policy.uses_reserve and evicted:
-            pool.ensure_reserve(evicted)
+            # Room for the decode steps too: a timed step that grew the reserve would charge one request's
+            # doubling (paid once per doubling in serving) to a handful of steps.
+            pool.ensure_reserve(evicted + sampling.max_tokens)
             part = (seq.slot, slice(None), slice(0, evicted))
             for layer in range(pool.layers):
                 shape = (pool.kv_heads, evicted, pool.head_dim)

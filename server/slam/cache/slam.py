@@ -45,23 +45,16 @@ class SlamPolicy(CachePolicy):
         if kc == 0:
             return
         qg = q.view(b, pool.kv_heads, -1, pool.head_dim)  # [b, kv_heads, group, head_dim]
-        idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc)  # [b, kv_heads, kc]
-        k, v = pool.reserve_gather(layer, idx, "k"), pool.reserve_gather(layer, idx, "v")
-        pos = pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx)
-        pos = torch.where(score > float("-inf"), pos, -1)
-        d = pool.head_dim
+        idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc, plan.span)  # [b, kv_heads, kc]
+        found = score > float("-inf")
+        rows = pool.reserve_rows(idx)
+        k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
+        pos = torch.where(found, pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx), -1)
         j = torch.arange(kc, device=q.device)
         col = torch.where(mine.view(-1, 1) & (j < plan.middle.view(-1, 1)), plan.sink.view(-1, 1) + j, pool.budget)
         col = col.unsqueeze(1).expand(-1, pool.kv_heads, -1)  # [b, kv_heads, kc]
-        before = pool.pos[layer][:b].gather(2, col)
-        pool.k[layer][:b].scatter_(2, col.unsqueeze(-1).expand(-1, -1, -1, d), k)
-        pool.v[layer][:b].scatter_(2, col.unsqueeze(-1).expand(-1, -1, -1, d), v)
-        pool.pos[layer][:b].scatter_(2, col, pos)
-        pool.pos[layer][:, :, pool.budget] = -1  # the scratch column stays empty
-        # Churn: chosen tokens that were not in the middle before this step.
-        old = before.masked_fill(before < 0, -2).sort(dim=-1).values
-        hit = old.gather(2, torch.searchsorted(old, pos).clamp_max(kc - 1)) == pos
-        pool.replaced[:b] += ((~hit) & (pos >= 0) & (col < pool.budget)).sum(dim=(1, 2))
+        pool.replaced[:b] += pool.churn(layer, col, idx, found & (col < pool.budget))
+        pool.write_columns(layer, col, k, v, pos, torch.where(found, idx, -1))
 
     def state(self, pool, slot, length, reserve_from=0):
         """Adds the reserve tokens [reserve_from, n) of the slot: rk, rv (and rks) [layers, kv_heads, m,
@@ -91,6 +84,22 @@ class SlamPolicy(CachePolicy):
         pool.rpos[slot, start : start + m] = state["rpos"].to(pool.device)
         for layer in range(pool.layers):
             pool.summarize(layer, slot, start, start + m)
+        self._index_middle(pool, slot, start + m)
+
+    def _index_middle(self, pool, slot: int, n: int) -> None:
+        """Recover which reserve token each middle column holds (counted by churn) from the positions a
+        state keeps: reserve index i holds position rpos[i]."""
+        rpos = pool.rpos[slot, :n]
+        stored = rpos >= 0
+        if not bool(stored.any()):
+            return
+        inverse = torch.full((int(rpos.max()) + 1,), -1, dtype=torch.long, device=rpos.device)
+        inverse[rpos[stored]] = torch.arange(n, device=rpos.device)[stored]
+        cols = slice(self.sink, self.sink + self.middle)
+        for layer in range(pool.layers):
+            p = pool.pos[layer][slot, :, cols]
+            known = (p >= 0) & (p < inverse.numel())
+            pool.ridx[layer][slot, :, cols] = torch.where(known, inverse[p.clamp(0, inverse.numel() - 1)], -1)
 
     def evict_prefill(self, pool, layer, slot, ev: Evicted, evicted_before: int) -> None:
         m = ev.k.shape[1]
@@ -119,3 +128,4 @@ class SlamPolicy(CachePolicy):
         pool.v[layer][slot, :, cols] = pool.reserve_values(layer)[slot, :, :evicted].gather(
             1, idx.unsqueeze(-1).expand(-1, -1, d))
         pool.pos[layer][slot, :, cols] = pool.rpos[slot, :evicted].expand(pool.kv_heads, -1).gather(1, idx)
+        pool.ridx[layer][slot, :, cols] = idx

@@ -76,7 +76,8 @@ class Layer(nn.Module):
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, slots: int, budget: int, reserve_device: str = "auto",
                  reserve_int8: bool = False, cache_positions: bool = False, int8_weights: bool = False,
-                 enforce_eager: bool = False, select_every: int = 1, selection: tuple[int, int, int] = (8, 0, 4)):
+                 enforce_eager: bool = False, select_every: int = 1, selection: tuple[int, int, int] = (8, 8, 4),
+                 compile: bool = False):
         model = loaded.model
         self.config, self.device = model.config, loaded.device
         self.dtype = next(model.parameters()).dtype
@@ -94,6 +95,7 @@ class ModelRunner:
         rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
         self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, self.dtype,
                              self.device, rdev, reserve_int8, cache_positions, *selection)
+        self.pool.compile = compile and self.device.type == "cuda"
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
         # Layer l refreshes its selection when (step + l) % select_every == 0: staggered, so every step costs
@@ -107,10 +109,10 @@ class ModelRunner:
         self.zero = torch.zeros((), dtype=torch.float32, device=self.device)  # a device scalar: graph-safe writes
 
     # --- decode -----------------------------------------------------------------------------------
-    def plan(self, b: int, kc: int) -> StepPlan:
+    def plan(self, b: int, kc: int, span: int | None = None) -> StepPlan:
         rows = dict(zip(PLAN_ROWS, self.plan_buf[:, :b].unbind(0)))
         rows["evict"] = rows["evict"].bool()
-        return StepPlan(**rows, kc=kc)
+        return StepPlan(**rows, kc=kc, span=self.pool.cap if span is None else span)
 
     @torch.inference_mode()
     def decode(self, plan_rows: torch.Tensor, kc: int, policies: frozenset[str]) -> torch.Tensor:
@@ -119,8 +121,10 @@ class ModelRunner:
         phase = self.steps % self.select_every
         self.steps += 1
         if not self.use_graphs:
+            # Eager steps score only the filled part of the reserve; a graph must read its whole capacity.
+            span = min(max(int(plan_rows[PLAN_ROWS.index("reserve_n")].max()), kc), self.pool.cap)
             self.plan_buf[:, :b].copy_(plan_rows)
-            return self.forward_decode(self.plan(b, kc), policies, phase)
+            return self.forward_decode(self.plan(b, kc, span), policies, phase)
         key = (b, kc, policies, phase, self.pool.version, self.rope.cos.data_ptr())
         if key not in self.graphs:
             self.graphs[key] = self.capture(b, kc, policies, phase)

@@ -3,12 +3,14 @@
     k[l], v[l]:  [slots, kv_heads, budget + 1, head_dim]   column `budget` is scratch: masked writes go there
     pos[l]:      [slots, kv_heads, budget + 1]  original position of each column, -1 when empty (the mask)
     score[l]:    [slots, kv_heads, budget + 1]  float32, for the score-keeping policies (h2o, snapkv)
+    ridx[l]:     [slots, kv_heads, budget + 1]  reserve index of the token a column recalled (slam), else -1
     reserve (slam only, allocated on first use, grown by doubling):
     rk[l], rv[l]: [slots, kv_heads, cap + 1, head_dim]  evicted tokens, append-only (int8 + scales optional)
     rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
     rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
     smin[l], smax[l]: [slots, kv_heads, cap // chunk + 1, head_dim]  element-wise bounds of the scoring keys
                  of each `chunk` reserve tokens (two-stage selection); always on the compute device
+    mark:        [slots, kv_heads, cap + 1] bool scratch, all False between uses (churn counting)
 
 A host reserve (pinned memory) is read and written by the device through aliases of the pinned buffers
 (unified addressing): gathers and appends are device kernels, so decode steps stay capturable in CUDA
@@ -42,6 +44,7 @@ class StepPlan:
     rank: torch.Tensor  # [b] position of the new token inside the cache (position_mode="cache")
     policy: torch.Tensor  # [b] policy index of the slot (engine's POLICY_IDS), -1 inactive
     kc: int  # static: middle columns the slam selection fills (max over slam slots)
+    span: int = 0  # static: reserve indices [0, span) that may hold tokens (the capacity under CUDA graphs)
     is_middle: torch.Tensor | None = None  # [b, columns] bool, derived on the device from sink and middle
 
 
@@ -59,6 +62,11 @@ class SlotPool:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.pos = [torch.full(shape[:3], -1, dtype=torch.long, device=device) for _ in range(layers)]
         self.score = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(layers)]
+        self.ridx = [torch.full(shape[:3], -1, dtype=torch.long, device=device) for _ in range(layers)]
+        # Row r of a [slots, kv_heads, n, head_dim] buffer viewed as [slots * kv_heads * n, head_dim] starts
+        # at (slot * kv_heads + head) * n: whole rows are gathered and written (index_select/index_copy_),
+        # which reads and writes far less index data than an element-wise gather or scatter.
+        self.heads_base = torch.arange(slots * kv_heads, device=device).view(slots, kv_heads, 1)
         self.replaced = torch.zeros(slots, dtype=torch.long, device=device)  # slam churn per slot
         # Where the reserve's bytes live, and the device whose kernels index them: a pinned host reserve
         # is indexed by the compute device through aliases (device_alias).
@@ -76,6 +84,7 @@ class SlotPool:
         self.oversample = oversample if chunk else 0
         self.min_ratio = min_ratio
         self.two_stage = False
+        self.compile = False  # run the selection stages compiled (GPUs; set by the model runner)
         self.smin: list[torch.Tensor] = []
         self.smax: list[torch.Tensor] = []
         self._pinned: list[torch.Tensor] = []  # host buffers behind the device aliases
@@ -86,6 +95,7 @@ class SlotPool:
         self.rv_scale: list[torch.Tensor] = []
         self.rks: list[torch.Tensor] = []
         self.rpos = torch.empty(0)
+        self.mark = torch.empty(0, dtype=torch.bool)
         self.version = 0  # bumped when buffers are reallocated: captured graphs must be recaptured
 
     # --- reserve tier ------------------------------------------------------------------------------
@@ -131,6 +141,7 @@ class SlotPool:
         if n:
             rpos[:, :n] = self.rpos[:, :n]
         self.rpos = rpos
+        self.mark = torch.zeros((self.slots, self.kv_heads, cap + 1), dtype=torch.bool, device=self.device)
         self._pinned = pinned
         self.cap = cap
         if started:
@@ -156,20 +167,47 @@ class SlotPool:
             return self.rks[layer].to(self.device, non_blocking=True)
         return self._dequant(self.rk, self.rk_scale, layer)
 
-    def reserve_gather(self, layer: int, idx: torch.Tensor, which: str) -> torch.Tensor:
+    def reserve_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Flat row numbers of reserve indices `idx` [b, kv_heads, m] of slots [0, b) -> [b * kv_heads * m]."""
+        return (self.heads_base[: idx.shape[0]] * (self.cap + 1) + idx).view(-1)
+
+    def reserve_gather(self, layer: int, idx: torch.Tensor, which: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows `idx` [b, kv_heads, m] of slots [0, b) of the reserve's keys ("k"), values ("v") or
         scoring keys ("ks") -> [b, kv_heads, m, head_dim] in the compute dtype. Only these rows are read
-        (and dequantized), wherever the reserve lives."""
+        (and dequantized), wherever the reserve lives; `rows`: reserve_rows(idx) when already known."""
         if which == "ks" and not self.cache_positions:
             which = "k"
         store, scale = {"k": (self.rk, self.rk_scale), "v": (self.rv, self.rv_scale), "ks": (self.rks, [])}[which]
-        b = idx.shape[0]
-        rows = idx.to(store[layer].device)
-        x = store[layer][:b].gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)).to(self.device)
+        rows = (self.reserve_rows(idx) if rows is None else rows).to(store[layer].device)
+        x = store[layer].view(-1, self.head_dim).index_select(0, rows).to(self.device).view(*idx.shape, -1)
         if scale and self.reserve_int8:
-            s = scale[layer][:b].gather(2, rows).to(self.device)
+            s = scale[layer].view(-1).index_select(0, rows).to(self.device).view(idx.shape)
             return (x.float() * s.unsqueeze(-1)).to(self.dtype)
         return x
+
+    def write_columns(self, layer: int, col: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                      ridx: torch.Tensor) -> None:
+        """Columns `col` [b, kv_heads, m] of slots [0, b) take keys and values [b, kv_heads, m, head_dim], their
+        positions and reserve indices [b, kv_heads, m]. Writes to the scratch column land there."""
+        b, d = col.shape[0], self.head_dim
+        rows = (self.heads_base[:b] * (self.budget + 1) + col).view(-1)
+        self.k[layer].view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+        self.v[layer].view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+        self.pos[layer].view(-1).index_copy_(0, rows, pos.reshape(-1))
+        self.ridx[layer].view(-1).index_copy_(0, rows, ridx.reshape(-1))
+        self.pos[layer][:, :, self.budget] = -1  # the scratch column stays empty
+
+    def churn(self, layer: int, col: torch.Tensor, idx: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        """Per slot of [0, b): how many reserve tokens `idx` [b, kv_heads, m] (where `counted`) about to fill
+        columns `col` are not among the tokens those columns hold now."""
+        b = col.shape[0]
+        before = self.ridx[layer][:b].gather(2, col)
+        before = torch.where(before >= 0, before, self.cap)  # nothing recalled: the scratch index
+        mark = self.mark[:b]
+        mark.scatter_(2, before, True)
+        hit = mark.gather(2, idx)
+        mark.scatter_(2, before, False)
+        return (counted & ~hit).sum(dim=(1, 2))
 
     # --- chunk summaries (two-stage selection) ---------------------------------------------------------
     def summarize_append(self, layer: int, at: torch.Tensor, keys: torch.Tensor) -> None:
@@ -220,6 +258,8 @@ class SlotPool:
             t[slot, :, self.budget].zero_()  # scratch: whatever an idle step wrote there stays out of sight
         for score in self.score:
             score[slot].zero_()
+        for ridx in self.ridx:
+            ridx[slot].fill_(-1)
         if self.cap:
             self.rpos[slot].fill_(-1)
         self.replaced[slot] = 0
@@ -227,7 +267,7 @@ class SlotPool:
     @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (compaction after a request leaves)."""
-        for group in (self.k, self.v, self.pos, self.score, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks,
+        for group in (self.k, self.v, self.pos, self.score, self.ridx, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks,
                       self.smin, self.smax):
             for t in group:
                 t[dst].copy_(t[src])
