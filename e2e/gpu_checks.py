@@ -20,6 +20,7 @@ from slam.engine.engine import LLMEngine
 from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import sample
 from slam.engine.sequence import SamplingParams
+from tests.fused_check import compare
 
 
 VARIANTS = {  # name: (policy, engine settings)
@@ -29,6 +30,7 @@ VARIANTS = {  # name: (policy, engine settings)
     "slam host reserve": ("slam", {"reserve_device": "cpu"}),
     "slam host int8 reserve": ("slam", {"reserve_device": "cpu", "reserve_dtype": "int8"}),
     "slam device int8 reserve": ("slam", {"reserve_dtype": "int8"}),
+    "slam eager kernels": ("slam", {"compile": False}),  # no torch.compile, no fused placement
 }
 
 
@@ -98,6 +100,19 @@ def main() -> int:
         same = outputs[host] == outputs[device]
         failures += not same
         print(f"{host}: tokens {'equal' if same else 'DIFFER FROM'} {device}'s", flush=True)
+    if {"slam", "slam eager kernels"} <= set(chosen):
+        # Compiled scoring may round differently in the last bit, so this is reported, not required.
+        same = outputs["slam"] == outputs["slam eager kernels"]
+        print(f"slam: compiled and fused kernels give {'the same' if same else 'different'} tokens as eager kernels"
+              + ("" if same else f" (first difference per request: "
+                 f"{first_difference(outputs['slam'], outputs['slam eager kernels'])})"), flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            compare("cuda", dtype)
+            print(f"fused placement equals eager placement ({dtype})", flush=True)
+        except AssertionError as e:
+            failures += 1
+            print(f"fused placement DIFFERS ({dtype}): {e}", flush=True)
     return 1 if failures else 0
 
 

@@ -67,6 +67,8 @@ def main() -> None:
             "matmul q@kT": lambda: q @ keys.transpose(-1, -2),
             "matmul k@qT": lambda: keys @ q.transpose(-1, -2),
             "matmul q@kT fp32": lambda: q.float() @ keys.float().transpose(-1, -2),
+            "bmm out_dtype fp32": lambda: torch.bmm(q.flatten(0, 1), keys.flatten(0, 1).transpose(-1, -2),
+                                                    out_dtype=torch.float32),
             "einsum": lambda: torch.einsum("bhgd,bhmd->bhgm", q, keys),
             "group_scores": lambda: group_scores(q, keys, stored, scale),
             "group_scores k@qT": lambda: scores_kq(q, keys, stored, scale),

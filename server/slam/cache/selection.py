@@ -18,10 +18,20 @@ def group_scores(q: torch.Tensor, keys: torch.Tensor, stored: torch.Tensor, scal
     q: [b, kv_heads, queries, head_dim]; keys: [b, kv_heads, m, head_dim]; stored: [b, 1 or kv_heads, m]
     -> [b, kv_heads, m].
     """
-    logits = (q @ keys.transpose(-1, -2)).float() * scale  # [b, kv_heads, queries, m]
+    logits = dot_float(q, keys) * scale  # [b, kv_heads, queries, m]
     logits = logits.masked_fill(~stored.unsqueeze(2), float("-inf"))
     scores = torch.log_softmax(logits, dim=-1).amax(dim=2)  # NaN where nothing is stored
     return torch.where(stored, scores, float("-inf"))
+
+
+def dot_float(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q @ keys^T in float32: [b, h, queries, d] x [b, h, m, d] -> [b, h, queries, m]. On GPUs, half-precision
+    inputs accumulate into float32 outputs directly; rounded to bfloat16 first, many scores would tie."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        b, h = q.shape[:2]
+        out = torch.bmm(q.flatten(0, 1), keys.flatten(0, 1).transpose(-1, -2), out_dtype=torch.float32)
+        return out.view(b, h, *out.shape[1:])
+    return (q @ keys.transpose(-1, -2)).float()
 
 
 def bound_scores(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, stored: torch.Tensor,
@@ -90,6 +100,11 @@ def _run(pool, fn, *args):
     if not (pool.compile and args[0].is_cuda):
         return fn(*args)
     if fn.__name__ not in _compiled:
+        import torch._inductor.config as inductor
+
+        # No autotuning by timing: kernels picked by a benchmark can differ between runs, and round differently.
+        if hasattr(inductor, "deterministic"):
+            inductor.deterministic = True
         _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
     return _compiled[fn.__name__](*args)
 

@@ -14,8 +14,24 @@ from typing import ClassVar
 
 import torch
 
+from slam.cache import fused
 from slam.cache.base import CachePolicy, Evicted
 from slam.cache.selection import group_scores, select_reserve
+
+
+def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
+    """Columns [sink, sink + middle) of each slam slot of [0, b) take the chosen reserve tokens idx [b,
+    kv_heads, kc] (a score of -inf: nothing found); counts the newcomers into pool.replaced (churn)."""
+    b, kc = idx.shape[0], idx.shape[2]
+    found = score > float("-inf")
+    rows = pool.reserve_rows(idx)
+    k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
+    pos = torch.where(found, pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx), -1)
+    j = torch.arange(kc, device=idx.device)
+    col = torch.where(mine.view(-1, 1) & (j < plan.middle.view(-1, 1)), plan.sink.view(-1, 1) + j, pool.budget)
+    col = col.unsqueeze(1).expand(-1, pool.kv_heads, -1)  # [b, kv_heads, kc]
+    pool.replaced[:b] += pool.churn(layer, col, idx, found & (col < pool.budget))
+    pool.write_columns(layer, col, k, v, pos, torch.where(found, idx, -1))
 
 
 @dataclass
@@ -46,15 +62,7 @@ class SlamPolicy(CachePolicy):
             return
         qg = q.view(b, pool.kv_heads, -1, pool.head_dim)  # [b, kv_heads, group, head_dim]
         idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc, plan.span)  # [b, kv_heads, kc]
-        found = score > float("-inf")
-        rows = pool.reserve_rows(idx)
-        k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
-        pos = torch.where(found, pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx), -1)
-        j = torch.arange(kc, device=q.device)
-        col = torch.where(mine.view(-1, 1) & (j < plan.middle.view(-1, 1)), plan.sink.view(-1, 1) + j, pool.budget)
-        col = col.unsqueeze(1).expand(-1, pool.kv_heads, -1)  # [b, kv_heads, kc]
-        pool.replaced[:b] += pool.churn(layer, col, idx, found & (col < pool.budget))
-        pool.write_columns(layer, col, k, v, pos, torch.where(found, idx, -1))
+        (fused.place if pool.fused else place)(pool, layer, plan, idx, score, mine)
 
     def state(self, pool, slot, length, reserve_from=0):
         """Adds the reserve tokens [reserve_from, n) of the slot: rk, rv (and rks) [layers, kv_heads, m,

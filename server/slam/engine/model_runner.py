@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted
+from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted, fused
 from slam.engine import attention as A
 from slam.engine.pool import SlotPool, StepPlan
 from slam.engine.prefill import prefill_layer
@@ -96,6 +96,7 @@ class ModelRunner:
         self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, self.dtype,
                              self.device, rdev, reserve_int8, cache_positions, *selection)
         self.pool.compile = compile and self.device.type == "cuda"
+        self.pool.fused = compile and fused.available(self.pool)
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
         # Layer l refreshes its selection when (step + l) % select_every == 0: staggered, so every step costs
@@ -121,8 +122,10 @@ class ModelRunner:
         phase = self.steps % self.select_every
         self.steps += 1
         if not self.use_graphs:
-            # Eager steps score only the filled part of the reserve; a graph must read its whole capacity.
-            span = min(max(int(plan_rows[PLAN_ROWS.index("reserve_n")].max()), kc), self.pool.cap)
+            # CPU steps score only the filled part of the reserve. A graph must read its whole capacity, and
+            # eager GPU steps do too, so that both run the same kernels and round alike.
+            span = None if self.device.type == "cuda" else min(
+                max(int(plan_rows[PLAN_ROWS.index("reserve_n")].max()), kc), self.pool.cap)
             self.plan_buf[:, :b].copy_(plan_rows)
             return self.forward_decode(self.plan(b, kc, span), policies, phase)
         key = (b, kc, policies, phase, self.pool.version, self.rope.cos.data_ptr())

@@ -85,6 +85,7 @@ class SlotPool:
         self.min_ratio = min_ratio
         self.two_stage = False
         self.compile = False  # run the selection stages compiled (GPUs; set by the model runner)
+        self.fused = False  # write the chosen tokens with one Triton kernel (cache/fused.py; set likewise)
         self.smin: list[torch.Tensor] = []
         self.smax: list[torch.Tensor] = []
         self._pinned: list[torch.Tensor] = []  # host buffers behind the device aliases
@@ -202,7 +203,8 @@ class SlotPool:
         columns `col` are not among the tokens those columns hold now."""
         b = col.shape[0]
         before = self.ridx[layer][:b].gather(2, col)
-        before = torch.where(before >= 0, before, self.cap)  # nothing recalled: the scratch index
+        # A column that recalled nothing, and the scratch column, stand for the reserve's scratch index.
+        before = torch.where((before >= 0) & (col < self.budget), before, self.cap)
         mark = self.mark[:b]
         mark.scatter_(2, before, True)
         hit = mark.gather(2, idx)

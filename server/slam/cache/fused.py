@@ -1,0 +1,66 @@
+"""One Triton kernel that puts slam's chosen tokens into the middle columns (GPUs).
+
+After top-k, the eager path spends about twenty small kernels per layer on gathering the chosen keys,
+values and positions, counting churn and writing the columns; here one program per slot and KV head does
+all of it. `SlamPolicy.select` uses it instead of `place()` on CUDA devices when Triton is installed and the reserve is not int8;
+`tests` and `e2e/gpu_checks.py` hold it to the eager path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the eager path does the same work
+    triton = None
+
+
+def available(pool) -> bool:
+    return triton is not None and pool.device.type == "cuda" and not pool.reserve_int8
+
+
+if triton is not None:
+
+    @triton.jit
+    def _apply(idx_ptr, score_ptr, rpos_ptr, rk_ptr, rv_ptr, k_ptr, v_ptr, pos_ptr, ridx_ptr, take_ptr, sink_ptr,
+               replaced_ptr, kc, heads, rows, cols, KC: tl.constexpr, D: tl.constexpr, OLD: tl.constexpr):
+        # One program: slot s, KV head h. Reserve rows live at ((s * heads + h) * rows + i) * D, pool columns
+        # at ((s * heads + h) * cols + c) * D.
+        pid = tl.program_id(0)
+        s = pid // heads
+        j = tl.arange(0, KC)
+        take = (j < kc) & (j < tl.load(take_ptr + s))  # columns this slot's middle has
+        base = pid * kc
+        idx = tl.load(idx_ptr + base + j, mask=take, other=0)
+        found = tl.load(score_ptr + base + j, mask=take, other=float("-inf")) > float("-inf")
+        col = tl.load(sink_ptr + s) + j
+        # Churn: chosen tokens that no middle column held before this step.
+        hit = tl.zeros([KC], dtype=tl.int32)
+        for t in range(0, KC, OLD):
+            jo = t + tl.arange(0, OLD)
+            old = tl.load(ridx_ptr + pid * cols + tl.load(sink_ptr + s) + jo,
+                          mask=(jo < tl.load(take_ptr + s)) & (jo < kc), other=-1)
+            hit += tl.sum((old[None, :] == idx[:, None]).to(tl.int32), axis=1)
+        tl.atomic_add(replaced_ptr + s, tl.sum((take & found & (hit == 0)).to(tl.int64)))
+        pos = tl.load(rpos_ptr + s * rows + idx, mask=take & found, other=-1)
+        tl.store(pos_ptr + pid * cols + col, pos, mask=take)
+        tl.store(ridx_ptr + pid * cols + col, tl.where(found, idx, -1), mask=take)
+        d = tl.arange(0, D)
+        src = (pid * rows + idx)[:, None] * D + d[None, :]
+        dst = (pid * cols + col)[:, None] * D + d[None, :]
+        m = take[:, None]
+        tl.store(k_ptr + dst, tl.load(rk_ptr + src, mask=m), mask=m)
+        tl.store(v_ptr + dst, tl.load(rv_ptr + src, mask=m), mask=m)
+
+
+def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
+    """cache/slam.py's place() in one kernel: columns [sink, sink + middle) of each slam slot of [0, b) take
+    the chosen reserve tokens idx [b, kv_heads, kc], and the newcomers count into pool.replaced."""
+    b, heads, kc = idx.shape
+    take = torch.where(mine, plan.middle, 0)  # [b] middle columns written per slot
+    _apply[(b * heads,)](
+        idx.contiguous(), score.contiguous(), pool.rpos, pool.rk[layer], pool.rv[layer], pool.k[layer], pool.v[layer],
+        pool.pos[layer], pool.ridx[layer], take, plan.sink, pool.replaced, kc, heads, pool.cap + 1,
+        pool.budget + 1, KC=triton.next_power_of_2(kc), D=pool.head_dim, OLD=32)
