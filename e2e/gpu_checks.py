@@ -20,7 +20,7 @@ from slam.engine.engine import LLMEngine
 from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import sample
 from slam.engine.sequence import SamplingParams
-from tests.fused_check import compare
+from tests.fused_check import compare, compare_ring
 
 
 VARIANTS = {  # name: (policy, engine settings)
@@ -31,6 +31,7 @@ VARIANTS = {  # name: (policy, engine settings)
     "slam host int8 reserve": ("slam", {"reserve_device": "cpu", "reserve_dtype": "int8"}),
     "slam device int8 reserve": ("slam", {"reserve_dtype": "int8"}),
     "slam eager kernels": ("slam", {"compile": False}),  # no torch.compile, no fused placement
+    "full eager kernels": ("full", {"compile": False}),
 }
 
 
@@ -109,10 +110,11 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         try:
             compare("cuda", dtype)
-            print(f"fused placement equals eager placement ({dtype})", flush=True)
+            compare_ring("cuda", dtype)
+            print(f"fused placement and ring write equal their eager code ({dtype})", flush=True)
         except AssertionError as e:
             failures += 1
-            print(f"fused placement DIFFERS ({dtype}): {e}", flush=True)
+            print(f"a fused kernel DIFFERS from its eager code ({dtype}): {e}", flush=True)
     return 1 if failures else 0
 
 

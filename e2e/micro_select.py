@@ -63,6 +63,7 @@ def main() -> None:
         stored = torch.ones(b, 1, m, dtype=torch.bool, device="cuda")
         scale = d**-0.5
         s = group_scores(q, keys, stored, scale)
+        s16 = s.half()
         rows = {
             "matmul q@kT": lambda: q @ keys.transpose(-1, -2),
             "matmul k@qT": lambda: keys @ q.transpose(-1, -2),
@@ -76,6 +77,8 @@ def main() -> None:
             "group_scores k@qT compiled": lambda: compiled_kq(q, keys, stored, scale),
             "topk sorted": lambda: s.topk(kc, dim=-1),
             "topk unsorted": lambda: s.topk(kc, dim=-1, sorted=False),
+            "topk unsorted fp16": lambda: s16.topk(kc, dim=-1, sorted=False),
+            "topk unsorted k=64": lambda: s.topk(64, dim=-1, sorted=False),
             "sort [b,h,kc] long": lambda: torch.randint(0, m, (b, h, kc), device="cuda").sort(dim=-1),
             "index_select rows": lambda: store.view(-1, d).index_select(0, torch.arange(b * h * kc, device="cuda")),
         }

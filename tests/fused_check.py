@@ -1,5 +1,6 @@
-"""The fused Triton placement of chosen tokens (cache/fused.py) against the eager one (cache/slam.py place),
-on one random pool: same columns, positions, reserve indices and churn. Runs on a CUDA device, or on the CPU
+"""The Triton kernels of the decode step against the eager code they replace, on one random pool: slam's
+placement of chosen tokens (cache/fused.py against cache/slam.py place: same columns, positions, reserve
+indices and churn) and the ring write (engine/ring.py). Runs on a CUDA device, or on the CPU
 under Triton's interpreter (`TRITON_INTERPRET=1 python tests/fused_check.py`); e2e/gpu_checks.py and
 tests/test_fused_place.py call it.
 """
@@ -14,6 +15,7 @@ import torch
 
 from slam.cache import fused
 from slam.cache.slam import place
+from slam.engine import ring
 from slam.engine.pool import SlotPool
 
 
@@ -46,20 +48,56 @@ def random_pool(device: str, dtype: torch.dtype, seed: int) -> tuple[SlotPool, S
 
 @torch.inference_mode()
 def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    """The eager placement takes the picks best first (as sorted top-k gives them), the kernel in any order
+    (as unsorted top-k gives them on GPUs): both must fill the same columns alike."""
     pool, plan, idx, score, mine = random_pool(device, dtype, seed)
+    score, order = score.sort(dim=-1, descending=True)
+    idx = idx.gather(2, order)
+    shuffle = torch.randperm(idx.shape[2], generator=torch.Generator().manual_seed(seed)).to(device)
     eager = copy.deepcopy(pool)
     for layer in range(pool.layers):
         place(eager, layer, plan, idx, score, mine)
-        fused.place(pool, layer, plan, idx, score, mine)
+        fused.place(pool, layer, plan, idx[:, :, shuffle], score[:, :, shuffle], mine)
     cols = slice(0, pool.budget)  # the eager path also writes the scratch column; nothing reads it
-    for name in ("k", "v", "pos", "ridx"):
-        for layer in range(pool.layers):
+    for layer in range(pool.layers):
+        for name in ("pos", "ridx"):
             a, b = getattr(eager, name)[layer][:, :, cols], getattr(pool, name)[layer][:, :, cols]
             assert torch.equal(a, b), f"{name}[{layer}] differs at {(a != b).nonzero()[:5].tolist()}"
+        held = (eager.pos[layer][:, :, cols] >= 0).unsqueeze(-1)  # columns holding nothing may hold any bytes
+        for name in ("k", "v"):
+            a, b = getattr(eager, name)[layer][:, :, cols], getattr(pool, name)[layer][:, :, cols]
+            assert torch.equal(a * held, b * held), f"{name}[{layer}] differs"
     assert torch.equal(eager.replaced, pool.replaced), (eager.replaced.tolist(), pool.replaced.tolist())
     assert int(pool.replaced.sum()) > 0 and int((pool.replaced == 0).sum()) >= 1  # slot 2 is not slam's
 
 
+@torch.inference_mode()
+def compare_ring(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    """engine/ring.py's kernel against the eager indexing it replaces (model_runner.ring_write)."""
+    pool = random_pool(device, dtype, seed)[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    for layer in range(pool.layers):
+        pool.score[layer].copy_(torch.rand(pool.score[layer].shape, generator=g))
+    b, heads, d = 4, pool.kv_heads, pool.head_dim
+    write = torch.tensor([7, 39, pool.budget, 12], device=device)  # slot 2 is idle: its scratch column
+    pos = torch.tensor([100, 101, 0, 102], device=device)
+    active = torch.tensor([True, True, False, True], device=device)
+    k, v = (torch.randn(b, heads, d, generator=g).to(device, dtype) for _ in range(2))
+    eager = copy.deepcopy(pool)
+    ar = torch.arange(b, device=device)
+    for layer in range(pool.layers):
+        ek, ev, epos, escore = ring.ring_write(pool, layer, write, pos, active, k, v)
+        assert torch.equal(ek, eager.k[layer][ar, :, write]) and torch.equal(ev, eager.v[layer][ar, :, write])
+        assert torch.equal(epos, eager.pos[layer][ar, :, write])
+        assert torch.equal(escore, eager.score[layer][ar, :, write])
+        eager.k[layer][ar, :, write], eager.v[layer][ar, :, write] = k, v
+        eager.pos[layer][ar, :, write] = torch.where(active, pos, -1).unsqueeze(1)
+        eager.score[layer][ar, :, write] = 0.0
+        for name in ("k", "v", "pos", "score"):
+            assert torch.equal(getattr(eager, name)[layer], getattr(pool, name)[layer]), name
+
+
 if __name__ == "__main__":
     compare(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    print("fused placement equals eager placement")
+    compare_ring(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print("fused placement and ring write equal their eager versions")

@@ -73,7 +73,7 @@ class EngineConfig(BaseModel):
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
-    compile: bool = True  # GPUs: slam's selection stages through torch.compile (fused kernels)
+    compile: bool = True  # GPUs: small decode-step functions through torch.compile, slam's placement in Triton
     # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
     select_every: int = Field(default=1, ge=1)
     # slam: two-stage selection scores chunks of `select_chunk` reserve tokens by their key bounds and
@@ -169,8 +169,9 @@ class ServerSettings(BaseSettings):
     reserve_dtype: Literal["bfloat16", "int8"] = Field(default="bfloat16", description="bfloat16, or int8 "
                                                        "(per-token scales) for evicted tokens")
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
-    compile: bool = Field(default=True, description="GPUs: run slam's selection stages through torch.compile "
-                          "(false: eager kernels, no compile time at the first step of each batch size)")
+    compile: bool = Field(default=True, description="GPUs: fuse the decode step's small functions with "
+                          "torch.compile and place slam's tokens with a Triton kernel (false: eager kernels, no "
+                          "compile time at the first decode step)")
     select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
                               "its critical tokens")
     select_chunk: int = Field(default=8, ge=1, description="slam: reserve tokens per chunk whose key bounds "

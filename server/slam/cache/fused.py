@@ -31,20 +31,29 @@ if triton is not None:
         pid = tl.program_id(0)
         s = pid // heads
         j = tl.arange(0, KC)
-        take = (j < kc) & (j < tl.load(take_ptr + s))  # columns this slot's middle has
         base = pid * kc
-        idx = tl.load(idx_ptr + base + j, mask=take, other=0)
-        found = tl.load(score_ptr + base + j, mask=take, other=float("-inf")) > float("-inf")
-        col = tl.load(sink_ptr + s) + j
+        middle = tl.load(take_ptr + s)  # columns this slot's middle has (0: not a slam slot)
+        score = tl.load(score_ptr + base + j, mask=j < kc, other=float("-inf"))
+        idx = tl.load(idx_ptr + base + j, mask=j < kc, other=0)
+        # Top-k leaves its picks unsorted on GPUs: each one's rank by score is its column, and the slot keeps
+        # its best `middle` (equal scores rank by pick order; only picks that found nothing tie in practice).
         # Churn: chosen tokens that no middle column held before this step.
+        rank = tl.zeros([KC], dtype=tl.int32)
         hit = tl.zeros([KC], dtype=tl.int32)
+        sink = tl.load(sink_ptr + s)
         for t in range(0, KC, OLD):
             jo = t + tl.arange(0, OLD)
-            old = tl.load(ridx_ptr + pid * cols + tl.load(sink_ptr + s) + jo,
-                          mask=(jo < tl.load(take_ptr + s)) & (jo < kc), other=-1)
+            other = tl.load(score_ptr + base + jo, mask=jo < kc, other=float("-inf"))
+            better = (other[None, :] > score[:, None]) | ((other[None, :] == score[:, None]) & (jo[None, :] < j[:, None]))
+            rank += tl.sum(better.to(tl.int32), axis=1)
+            old = tl.load(ridx_ptr + pid * cols + sink + jo, mask=(jo < middle) & (jo < kc), other=-1)
             hit += tl.sum((old[None, :] == idx[:, None]).to(tl.int32), axis=1)
-        tl.atomic_add(replaced_ptr + s, tl.sum((take & found & (hit == 0)).to(tl.int64)))
-        pos = tl.load(rpos_ptr + s * rows + idx, mask=take & found, other=-1)
+        take = (j < kc) & (rank < middle)
+        found = take & (score > float("-inf"))
+        col = sink + rank
+        tl.atomic_add(replaced_ptr + s, tl.sum((found & (hit == 0)).to(tl.int64)))
+        tl.debug_barrier()  # every old column is read before any is written
+        pos = tl.load(rpos_ptr + s * rows + idx, mask=found, other=-1)
         tl.store(pos_ptr + pid * cols + col, pos, mask=take)
         tl.store(ridx_ptr + pid * cols + col, tl.where(found, idx, -1), mask=take)
         d = tl.arange(0, D)
@@ -57,7 +66,8 @@ if triton is not None:
 
 def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
     """cache/slam.py's place() in one kernel: columns [sink, sink + middle) of each slam slot of [0, b) take
-    the chosen reserve tokens idx [b, kv_heads, kc], and the newcomers count into pool.replaced."""
+    its best `middle` chosen reserve tokens idx [b, kv_heads, kc] (in any order), best first, and the
+    newcomers count into pool.replaced."""
     b, heads, kc = idx.shape
     take = torch.where(mine, plan.middle, 0)  # [b] middle columns written per slot
     _apply[(b * heads,)](

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from slam.compiled import compiled
+
 
 def group_scores(q: torch.Tensor, keys: torch.Tensor, stored: torch.Tensor, scale: float) -> torch.Tensor:
     """Log of the attention each query would pay each key, max over the group (and queries), -inf where not
@@ -58,16 +60,14 @@ def candidates(chunks: torch.Tensor, chunk: int) -> torch.Tensor:
     return (chunks.unsqueeze(-1) * chunk + offsets).flatten(-2)
 
 
-# The chosen tokens' order only decides which middle column each takes, which attention ignores; GPUs skip
-# the sort (a radix sort per layer), CPUs keep it so that exact and two-stage selection place equal sets alike.
 def exact_top(q: torch.Tensor, keys: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
-              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float, best_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage two, or all of exact selection: the `kc` best of reserve indices [0, m).
 
     q: [b, kv_heads, group, head_dim]; keys: [b, kv_heads, m, head_dim]; rpos: [b, m]; n: [b] tokens stored
-    -> (indices, scores) [b, kv_heads, kc]."""
+    -> (indices, scores) [b, kv_heads, kc], best first unless not `best_first` (cache/fused.py ranks them)."""
     stored = ((torch.arange(keys.shape[2], device=q.device) < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
-    top = group_scores(q, keys, stored, scale).topk(kc, dim=-1, sorted=not q.is_cuda)
+    top = group_scores(q, keys, stored, scale).topk(kc, dim=-1, sorted=best_first)
     return top.indices, top.values
 
 
@@ -83,30 +83,16 @@ def chunk_candidates(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, n:
 
 
 def candidate_top(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
-                  kc: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  kc: int, scale: float, best_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage two: the `kc` best candidates idx [b, kv_heads, m] whose keys are [b, kv_heads, m, head_dim]."""
     stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
-    top = group_scores(q, keys, stored, scale).topk(kc, dim=-1, sorted=not q.is_cuda)
+    top = group_scores(q, keys, stored, scale).topk(kc, dim=-1, sorted=best_first)
     return idx.gather(2, top.indices), top.values
 
 
-# On a GPU, inductor fuses each stage's masks, scaling and softmax into a few kernels (about half the time of
-# the eager stage); the compiled code is captured in the step's CUDA graph like any other kernel. Compiled on
-# first use: importing the compiler costs seconds that a CPU server need not pay.
-_compiled: dict[str, object] = {}
-
-
 def _run(pool, fn, *args):
-    if not (pool.compile and args[0].is_cuda):
-        return fn(*args)
-    if fn.__name__ not in _compiled:
-        import torch._inductor.config as inductor
-
-        # No autotuning by timing: kernels picked by a benchmark can differ between runs, and round differently.
-        if hasattr(inductor, "deterministic"):
-            inductor.deterministic = True
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
-    return _compiled[fn.__name__](*args)
+    # On GPUs inductor fuses each stage's masks, scaling and softmax: about half the eager stage's time.
+    return compiled(fn, pool.compile and args[0].is_cuda)(*args)
 
 
 def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int,
@@ -119,9 +105,9 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int,
     rpos = pool.rpos[:b]
     if not pool.two_stage:
         keys = pool.reserve_keys(layer, scoring=True)[:b, :, :span]
-        return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale)
+        return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale, not pool.fused)
     first = -(-pool.oversample * kc // pool.chunk)
     chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
     idx = _run(pool, chunk_candidates, q, pool.smin[layer][:b, :, :chunks], pool.smax[layer][:b, :, :chunks], n, first,
                pool.chunk, scale)
-    return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale)
+    return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale, not pool.fused)

@@ -35,6 +35,30 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def rotate_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys rotated at the same positions (one fused kernel when compiled)."""
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def decode_mask(pos: torch.Tensor, cols: torch.Tensor, scratch: int, active: torch.Tensor) -> torch.Tensor:
+    """Which pool columns a decode query attends to: pos [b, H, C] -> [b, H, 1, C]. An inactive slot attends
+    to its scratch column: a row with no key at all would turn NaN, and its NaN keys and values would land in
+    that column for the slot's next request to read."""
+    return ((pos >= 0) | (cols == scratch) & ~active.view(-1, 1, 1)).unsqueeze(2)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum x + y and its RMS norm (GPUs: one kernel when compiled)."""
+    x = x + y
+    return x, F.rms_norm(x, weight.shape, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: silu(gate) * up of [gate | up]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def cache_ranks(pos: torch.Tensor) -> torch.Tensor:
     """Rank of each column among the valid ones by original position (position_mode="cache").
 

@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted, fused
+from slam.compiled import compiled
 from slam.engine import attention as A
+from slam.engine import ring
 from slam.engine.pool import SlotPool, StepPlan
 from slam.engine.prefill import prefill_layer
 from slam.model import LoadedModel
@@ -57,6 +59,7 @@ class Layer(nn.Module):
         self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj)
         self.down = mlp.down_proj
         self.act = mlp.act_fn
+        self.silu = getattr(getattr(mlp, "config", None), "hidden_act", None) in ("silu", "swish")
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3 normalizes queries and keys per head
         self.k_norm = getattr(attn, "k_norm", None)
 
@@ -97,6 +100,8 @@ class ModelRunner:
                              self.device, rdev, reserve_int8, cache_positions, *selection)
         self.pool.compile = compile and self.device.type == "cuda"
         self.pool.fused = compile and fused.available(self.pool)
+        # The fused ring write keeps stored keys rotated; position_mode="cache" needs the eager one's extras.
+        self.fused_ring = compile and ring.available(self.device) and not cache_positions
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
         # Layer l refreshes its selection when (step + l) % select_every == 0: staggered, so every step costs
@@ -168,33 +173,17 @@ class ModelRunner:
         active = plan.policy >= 0
         cos, sin = self.rope.cos[plan.pos].unsqueeze(1), self.rope.sin[plan.pos].unsqueeze(1)  # [b, 1, D]
         cache_pos = pool.cache_positions
-        ar = torch.arange(b, device=self.device)
+        fuse = pool.compile  # GPUs: small element-wise functions through torch.compile (slam/compiled.py)
         x = self.embed(plan.tokens)  # [b, hidden]
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv_heads(x, self.q_heads, self.kv_heads, d)  # [b, heads, D]
-            q_rot, k_rot = A.rotate(q, cos, sin), A.rotate(k, cos, sin)
-            old_pos = pool.pos[li][ar, 0, plan.write]  # [b]
-            old_k = pool.k[li][ar, :, plan.write]  # [b, H, D]
-            k_score = None
-            if cache_pos:
-                c = old_pos.clamp_min(0)
-                k_score = A.rotate(old_k, self.rope.cos[c].unsqueeze(1), self.rope.sin[c].unsqueeze(1)).unsqueeze(2)
-            ev = Evicted(old_k.unsqueeze(2), pool.v[li][ar, :, plan.write].unsqueeze(2), old_pos.unsqueeze(1),
-                         pool.score[li][ar, :, plan.write].unsqueeze(-1), k_score)
-            for cls in classes:
-                cls.on_evict(pool, li, plan, ev, mine[cls])
-            pool.k[li][ar, :, plan.write] = k if cache_pos else k_rot
-            pool.v[li][ar, :, plan.write] = v
-            pool.pos[li][ar, :, plan.write] = torch.where(active, plan.pos, -1).unsqueeze(1)
-            pool.score[li][ar, :, plan.write] = self.zero
-            pool.pos[li][:, :, pool.budget] = -1
+            q_rot, k_rot = compiled(A.rotate_pair, fuse)(q, k, cos, sin)
+            self.ring_write(li, plan, k if cache_pos else k_rot, v, active, classes, mine)
             if (phase + li) % self.select_every == 0:
                 for cls in classes:
                     cls.select(pool, li, plan, q_rot, mine[cls])
             keys, values, pos = pool.k[li][:b], pool.v[li][:b], pool.pos[li][:b]
-            # An inactive slot attends to its scratch column: a row with no key at all would turn NaN, and
-            # its NaN keys and values would land in that column for the slot's next request to read.
-            valid = ((pos >= 0) | (cols == pool.budget) & ~active.view(-1, 1, 1)).unsqueeze(2)  # [b, H, 1, C]
+            valid = compiled(A.decode_mask, fuse)(pos, cols, pool.budget, active)  # [b, H, 1, C]
             q_att = q_rot
             if cache_pos:
                 ranks = A.cache_ranks(pos)  # [b, H, C]
@@ -208,9 +197,41 @@ class ModelRunner:
                     cls.observe(pool, li, probs[:, :, :, 0], mine[cls])
             else:
                 out = A.attend(q_att, keys, values, valid, self.scale)
-            x = x + layer.o(out.reshape(b, -1))
-            x = x + layer.mlp(x)
+            if fuse and layer.silu:
+                x, h = compiled(A.add_rms_norm)(x, layer.o(out.reshape(b, -1)), layer.post_norm.weight,
+                                                layer.post_norm.eps)
+                x = x + layer.down(compiled(A.silu_mul)(layer.gate_up(h)))
+            else:
+                x = x + layer.o(out.reshape(b, -1))
+                x = x + layer.mlp(x)
         return self.lm_head(self.norm(x)).float()
+
+    def ring_write(self, li: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
+                   classes: list, mine: dict) -> None:
+        """Each slot's column `write` gives up its token (offered to the policies: on_evict) and takes the new
+        one; k, v: [b, H, D] as stored."""
+        pool, b = self.pool, k.shape[0]
+        if self.fused_ring:
+            old_k, old_v, old_pos, old_score = ring.ring_write(pool, li, plan.write, plan.pos, active, k, v)
+            ev = Evicted(old_k.unsqueeze(2), old_v.unsqueeze(2), old_pos[:, :1], old_score.unsqueeze(-1))
+        else:
+            ar = torch.arange(b, device=self.device)
+            old_pos = pool.pos[li][ar, 0, plan.write]  # [b]
+            old_k = pool.k[li][ar, :, plan.write]  # [b, H, D]
+            k_score = None
+            if pool.cache_positions:
+                c = old_pos.clamp_min(0)
+                k_score = A.rotate(old_k, self.rope.cos[c].unsqueeze(1), self.rope.sin[c].unsqueeze(1)).unsqueeze(2)
+            ev = Evicted(old_k.unsqueeze(2), pool.v[li][ar, :, plan.write].unsqueeze(2), old_pos.unsqueeze(1),
+                         pool.score[li][ar, :, plan.write].unsqueeze(-1), k_score)
+            pool.k[li][ar, :, plan.write] = k
+            pool.v[li][ar, :, plan.write] = v
+            pool.pos[li][ar, :, plan.write] = torch.where(active, plan.pos, -1).unsqueeze(1)
+            pool.score[li][ar, :, plan.write] = self.zero
+        # The policies see the evicted token after the new one is written: none of them writes the ring.
+        for cls in classes:
+            cls.on_evict(pool, li, plan, ev, mine[cls])
+        pool.pos[li][:, :, pool.budget] = -1
 
     # --- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -84,7 +84,7 @@ class SlotPool:
         self.oversample = oversample if chunk else 0
         self.min_ratio = min_ratio
         self.two_stage = False
-        self.compile = False  # run the selection stages compiled (GPUs; set by the model runner)
+        self.compile = False  # GPUs: decode-step and selection functions through torch.compile (set by the runner)
         self.fused = False  # write the chosen tokens with one Triton kernel (cache/fused.py; set likewise)
         self.smin: list[torch.Tensor] = []
         self.smax: list[torch.Tensor] = []
