@@ -110,6 +110,7 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         try:
             compare("cuda", dtype)
+            compare("cuda", dtype, kc=150)
             compare_ring("cuda", dtype)
             print(f"fused placement and ring write equal their eager code ({dtype})", flush=True)
         except AssertionError as e:

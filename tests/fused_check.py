@@ -20,11 +20,11 @@ from slam.engine.pool import SlotPool
 
 
 @torch.inference_mode()
-def random_pool(device: str, dtype: torch.dtype, seed: int) -> tuple[SlotPool, SimpleNamespace, torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24) -> tuple[SlotPool, SimpleNamespace, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    slots, heads, budget, d, layers = 5, 3, 40, 16, 2
+    slots, heads, budget, d, layers = 5, 3, kc + 16, 16, 2
     pool = SlotPool(layers, slots, heads, budget, d, dtype, torch.device(device))
-    pool.ensure_reserve(300)
+    pool.ensure_reserve(12 * kc)
     n = pool.cap
     for layer in range(layers):
         pool.rk[layer].copy_(torch.randn(pool.rk[layer].shape, generator=g).to(dtype))
@@ -32,14 +32,14 @@ def random_pool(device: str, dtype: torch.dtype, seed: int) -> tuple[SlotPool, S
         pool.k[layer].copy_(torch.randn(pool.k[layer].shape, generator=g).to(dtype))
         pool.v[layer].copy_(torch.randn(pool.v[layer].shape, generator=g).to(dtype))
         # Some middle columns already hold reserve tokens that the new choice will keep, some not.
-        pool.ridx[layer].copy_(torch.randint(-1, 60, pool.ridx[layer].shape, generator=g))
+        pool.ridx[layer].copy_(torch.randint(-1, 3 * kc, pool.ridx[layer].shape, generator=g))
         pool.pos[layer].copy_(torch.randint(-1, 500, pool.pos[layer].shape, generator=g))
     pool.rpos[:, :n] = torch.arange(n).expand(slots, -1) + 4
-    b, kc = 4, 24
+    b = 4
     sink = torch.tensor([4, 2, 4, 0])
-    middle = torch.tensor([24, 10, 24, 24])
+    middle = torch.tensor([kc, kc // 2, kc, kc])
     mine = torch.tensor([True, True, False, True])
-    idx = torch.stack([torch.randperm(60, generator=g)[:kc] for _ in range(b * heads)]).view(b, heads, kc)
+    idx = torch.stack([torch.randperm(3 * kc, generator=g)[:kc] for _ in range(b * heads)]).view(b, heads, kc)
     score = torch.randn(b, heads, kc, generator=g)
     score[0, 1, 5:9] = float("-inf")  # nothing found for these picks
     plan = SimpleNamespace(sink=sink.to(device), middle=middle.to(device))
@@ -47,10 +47,10 @@ def random_pool(device: str, dtype: torch.dtype, seed: int) -> tuple[SlotPool, S
 
 
 @torch.inference_mode()
-def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 24) -> None:
     """The eager placement takes the picks best first (as sorted top-k gives them), the kernel in any order
     (as unsorted top-k gives them on GPUs): both must fill the same columns alike."""
-    pool, plan, idx, score, mine = random_pool(device, dtype, seed)
+    pool, plan, idx, score, mine = random_pool(device, dtype, seed, kc)
     score, order = score.sort(dim=-1, descending=True)
     idx = idx.gather(2, order)
     shuffle = torch.randperm(idx.shape[2], generator=torch.Generator().manual_seed(seed)).to(device)
@@ -99,5 +99,6 @@ def compare_ring(device: str, dtype: torch.dtype = torch.float32, seed: int = 0)
 
 if __name__ == "__main__":
     compare(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    compare(sys.argv[1] if len(sys.argv) > 1 else "cpu", kc=150)  # several programs per slot and head
     compare_ring(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     print("fused placement and ring write equal their eager versions")

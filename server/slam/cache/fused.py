@@ -24,35 +24,35 @@ def available(pool) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _apply(idx_ptr, score_ptr, rpos_ptr, rk_ptr, rv_ptr, k_ptr, v_ptr, pos_ptr, ridx_ptr, take_ptr, sink_ptr,
-               replaced_ptr, kc, heads, rows, cols, KC: tl.constexpr, D: tl.constexpr, OLD: tl.constexpr):
-        # One program: slot s, KV head h. Reserve rows live at ((s * heads + h) * rows + i) * D, pool columns
-        # at ((s * heads + h) * cols + c) * D.
+    def _apply(idx_ptr, score_ptr, rpos_ptr, rk_ptr, rv_ptr, k_ptr, v_ptr, pos_ptr, ridx_ptr, old_ptr, take_ptr,
+               sink_ptr, replaced_ptr, heads, rows, cols, kc: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+        # Program (pid, blk): slot s = pid // heads, KV head pid % heads, picks [blk * BLOCK, (blk + 1) * BLOCK).
+        # Reserve rows live at (pid * rows + i) * D, pool columns at (pid * cols + c) * D.
         pid = tl.program_id(0)
         s = pid // heads
-        j = tl.arange(0, KC)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         base = pid * kc
         middle = tl.load(take_ptr + s)  # columns this slot's middle has (0: not a slam slot)
         score = tl.load(score_ptr + base + j, mask=j < kc, other=float("-inf"))
         idx = tl.load(idx_ptr + base + j, mask=j < kc, other=0)
+        sink = tl.load(sink_ptr + s)
         # Top-k leaves its picks unsorted on GPUs: each one's rank by score is its column, and the slot keeps
         # its best `middle` (equal scores rank by pick order; only picks that found nothing tie in practice).
-        # Churn: chosen tokens that no middle column held before this step.
-        rank = tl.zeros([KC], dtype=tl.int32)
-        hit = tl.zeros([KC], dtype=tl.int32)
-        sink = tl.load(sink_ptr + s)
-        for t in range(0, KC, OLD):
-            jo = t + tl.arange(0, OLD)
+        # Churn: chosen tokens that no middle column held before this step (`old_ptr`: a copy taken before
+        # any program writes).
+        rank = tl.zeros([BLOCK], dtype=tl.int32)
+        hit = tl.zeros([BLOCK], dtype=tl.int32)
+        for t in range(0, kc, BLOCK):
+            jo = t + tl.arange(0, BLOCK)
             other = tl.load(score_ptr + base + jo, mask=jo < kc, other=float("-inf"))
             better = (other[None, :] > score[:, None]) | ((other[None, :] == score[:, None]) & (jo[None, :] < j[:, None]))
             rank += tl.sum(better.to(tl.int32), axis=1)
-            old = tl.load(ridx_ptr + pid * cols + sink + jo, mask=(jo < middle) & (jo < kc), other=-1)
+            old = tl.load(old_ptr + pid * cols + sink + jo, mask=(jo < middle) & (jo < kc), other=-1)
             hit += tl.sum((old[None, :] == idx[:, None]).to(tl.int32), axis=1)
         take = (j < kc) & (rank < middle)
         found = take & (score > float("-inf"))
         col = sink + rank
         tl.atomic_add(replaced_ptr + s, tl.sum((found & (hit == 0)).to(tl.int64)))
-        tl.debug_barrier()  # every old column is read before any is written
         pos = tl.load(rpos_ptr + s * rows + idx, mask=found, other=-1)
         tl.store(pos_ptr + pid * cols + col, pos, mask=take)
         tl.store(ridx_ptr + pid * cols + col, tl.where(found, idx, -1), mask=take)
@@ -70,7 +70,9 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     newcomers count into pool.replaced."""
     b, heads, kc = idx.shape
     take = torch.where(mine, plan.middle, 0)  # [b] middle columns written per slot
-    _apply[(b * heads,)](
+    old = pool.ridx[layer][:b].clone()  # what the columns held, read by every program before any writes
+    block = 64
+    _apply[(b * heads, triton.cdiv(kc, block))](
         idx.contiguous(), score.contiguous(), pool.rpos, pool.rk[layer], pool.rv[layer], pool.k[layer], pool.v[layer],
-        pool.pos[layer], pool.ridx[layer], take, plan.sink, pool.replaced, kc, heads, pool.cap + 1,
-        pool.budget + 1, KC=triton.next_power_of_2(kc), D=pool.head_dim, OLD=32)
+        pool.pos[layer], pool.ridx[layer], old, take, plan.sink, pool.replaced, heads, pool.cap + 1,
+        pool.budget + 1, kc=kc, BLOCK=block, D=pool.head_dim)
