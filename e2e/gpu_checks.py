@@ -111,6 +111,7 @@ def main() -> int:
         try:
             compare("cuda", dtype)
             compare("cuda", dtype, kc=150)
+            compare("cuda", dtype, kc=300)
             compare_ring("cuda", dtype)
             print(f"fused placement and ring write equal their eager code ({dtype})", flush=True)
         except AssertionError as e:

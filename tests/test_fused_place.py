@@ -27,9 +27,10 @@ def test_fused_placement_equals_eager(seed):
 
         compare("cuda", torch.bfloat16, seed)
         compare("cuda", torch.bfloat16, seed, kc=150)
+        compare("cuda", torch.bfloat16, seed, kc=300)
         compare_ring("cuda", torch.bfloat16, seed)
         return
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import sys; sys.path.insert(0, {str(CHECK.parent)!r}); import fused_check; fused_check.compare('cpu', seed={seed}); fused_check.compare('cpu', seed={seed}, kc=150); fused_check.compare_ring('cpu', seed={seed})"
+    code = f"import sys; sys.path.insert(0, {str(CHECK.parent)!r}); import fused_check; fused_check.compare('cpu', seed={seed}); fused_check.compare('cpu', seed={seed}, kc=150); fused_check.compare('cpu', seed={seed}, kc=300); fused_check.compare_ring('cpu', seed={seed})"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -25,7 +25,8 @@ if triton is not None:
 
     @triton.jit
     def _apply(idx_ptr, score_ptr, rpos_ptr, rk_ptr, rv_ptr, k_ptr, v_ptr, pos_ptr, ridx_ptr, old_ptr, take_ptr,
-               sink_ptr, replaced_ptr, heads, rows, cols, kc: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+               sink_ptr, replaced_ptr, heads, rows, cols, kc: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+               RANKED: tl.constexpr):
         # Program (pid, blk): slot s = pid // heads, KV head pid % heads, picks [blk * BLOCK, (blk + 1) * BLOCK).
         # Reserve rows live at (pid * rows + i) * D, pool columns at (pid * cols + c) * D.
         pid = tl.program_id(0)
@@ -36,23 +37,27 @@ if triton is not None:
         score = tl.load(score_ptr + base + j, mask=j < kc, other=float("-inf"))
         idx = tl.load(idx_ptr + base + j, mask=j < kc, other=0)
         sink = tl.load(sink_ptr + s)
-        # Top-k leaves its picks unsorted on GPUs: each one's rank by score is its column, and the slot keeps
-        # its best `middle` (equal scores rank by pick order; only picks that found nothing tie in practice).
-        # Churn: chosen tokens that no middle column held before this step (`old_ptr`: a copy taken before
-        # any program writes).
-        rank = tl.zeros([BLOCK], dtype=tl.int32)
-        hit = tl.zeros([BLOCK], dtype=tl.int32)
-        for t in range(0, kc, BLOCK):
-            jo = t + tl.arange(0, BLOCK)
-            other = tl.load(score_ptr + base + jo, mask=jo < kc, other=float("-inf"))
-            better = (other[None, :] > score[:, None]) | ((other[None, :] == score[:, None]) & (jo[None, :] < j[:, None]))
-            rank += tl.sum(better.to(tl.int32), axis=1)
-            old = tl.load(old_ptr + pid * cols + sink + jo, mask=(jo < middle) & (jo < kc), other=-1)
-            hit += tl.sum((old[None, :] == idx[:, None]).to(tl.int32), axis=1)
+        # With few picks top-k leaves them unsorted (RANKED): each one's rank by score is its column, and the
+        # slot keeps its best `middle` (equal scores rank by pick order; only picks that found nothing tie in
+        # practice). Many picks come sorted, best first, and their churn is counted outside: both pairwise
+        # comparisons grow with the square of the picks. Churn: chosen tokens that no middle column held
+        # before this step (`old_ptr`: a copy taken before any program writes).
+        rank = j
+        if RANKED:
+            rank = tl.zeros([BLOCK], dtype=tl.int32)
+            hit = tl.zeros([BLOCK], dtype=tl.int32)
+            for t in range(0, kc, BLOCK):
+                jo = t + tl.arange(0, BLOCK)
+                other = tl.load(score_ptr + base + jo, mask=jo < kc, other=float("-inf"))
+                better = (other[None, :] > score[:, None]) | ((other[None, :] == score[:, None]) & (jo[None, :] < j[:, None]))
+                rank += tl.sum(better.to(tl.int32), axis=1)
+                old = tl.load(old_ptr + pid * cols + sink + jo, mask=(jo < middle) & (jo < kc), other=-1)
+                hit += tl.sum((old[None, :] == idx[:, None]).to(tl.int32), axis=1)
         take = (j < kc) & (rank < middle)
         found = take & (score > float("-inf"))
         col = sink + rank
-        tl.atomic_add(replaced_ptr + s, tl.sum((found & (hit == 0)).to(tl.int64)))
+        if RANKED:
+            tl.atomic_add(replaced_ptr + s, tl.sum((found & (hit == 0)).to(tl.int64)))
         pos = tl.load(rpos_ptr + s * rows + idx, mask=found, other=-1)
         tl.store(pos_ptr + pid * cols + col, pos, mask=take)
         tl.store(ridx_ptr + pid * cols + col, tl.where(found, idx, -1), mask=take)
@@ -64,15 +69,29 @@ if triton is not None:
         tl.store(v_ptr + dst, tl.load(rv_ptr + src, mask=m), mask=m)
 
 
+RANK_LIMIT = 256  # picks up to which the kernel ranks them itself (above: top-k sorts them)
+
+
+def ranks_itself(kc: int) -> bool:
+    return kc <= RANK_LIMIT
+
+
 def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
     """cache/slam.py's place() in one kernel: columns [sink, sink + middle) of each slam slot of [0, b) take
-    its best `middle` chosen reserve tokens idx [b, kv_heads, kc] (in any order), best first, and the
-    newcomers count into pool.replaced."""
+    its best `middle` chosen reserve tokens idx [b, kv_heads, kc], best first, and the newcomers count into
+    pool.replaced. The picks may come in any order when ranks_itself(kc), else best first."""
     b, heads, kc = idx.shape
     take = torch.where(mine, plan.middle, 0)  # [b] middle columns written per slot
-    old = pool.ridx[layer][:b].clone()  # what the columns held, read by every program before any writes
+    ranked = ranks_itself(kc)
+    if ranked:
+        old = pool.ridx[layer][:b].clone()  # what the columns held, read by every program before any writes
+    else:
+        old = pool.ridx[layer][:b]  # unused
+        j = torch.arange(kc, device=idx.device)
+        col = torch.where(j < take.view(-1, 1), plan.sink.view(-1, 1) + j, pool.budget).unsqueeze(1).expand_as(idx)
+        pool.replaced[:b] += pool.churn(layer, col, idx, (score > float("-inf")) & (col < pool.budget))
     block = 64
     _apply[(b * heads, triton.cdiv(kc, block))](
         idx.contiguous(), score.contiguous(), pool.rpos, pool.rk[layer], pool.rv[layer], pool.k[layer], pool.v[layer],
         pool.pos[layer], pool.ridx[layer], old, take, plan.sink, pool.replaced, heads, pool.cap + 1,
-        pool.budget + 1, kc=kc, BLOCK=block, D=pool.head_dim)
+        pool.budget + 1, kc=kc, BLOCK=block, D=pool.head_dim, RANKED=ranked)

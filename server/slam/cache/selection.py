@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from slam.cache import fused
 from slam.compiled import compiled
 
 
@@ -102,12 +103,13 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int,
     -inf marks an index that holds nothing."""
     b, scale, span = q.shape[0], pool.head_dim**-0.5, span or pool.cap
     q = q.contiguous()  # a strided query sends the scoring matmul to a much slower kernel on GPUs
+    best_first = not (pool.fused and fused.ranks_itself(kc))  # cache/fused.py ranks few picks itself
     rpos = pool.rpos[:b]
     if not pool.two_stage:
         keys = pool.reserve_keys(layer, scoring=True)[:b, :, :span]
-        return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale, not pool.fused)
+        return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale, best_first)
     first = -(-pool.oversample * kc // pool.chunk)
     chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
     idx = _run(pool, chunk_candidates, q, pool.smin[layer][:b, :, :chunks], pool.smax[layer][:b, :, :chunks], n, first,
                pool.chunk, scale)
-    return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale, not pool.fused)
+    return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale, best_first)
