@@ -74,7 +74,8 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     device = loaded.device
     full = cache.policy == "full"
     config = EngineConfig(max_batch=batch, cache=cache, dtype=args.dtype, max_budget=context + tokens + 8 if full else None,
-                          max_model_len=max(context + tokens + 8, 16), enforce_eager=args.enforce_eager,
+                          max_model_len=max(context + tokens + 8, 16), max_prompt_tokens=max(context + 8, 16),
+                          enforce_eager=args.enforce_eager,
                           compile=args.compile,
                           **selection(args))
     engine = LLMEngine(config, loaded)
