@@ -120,3 +120,24 @@ def test_scores_keep_their_order_where_probabilities_underflow():
     scores = group_scores(q, keys, stored, scale=1.0)
     assert torch.softmax(keys[0, 0, :, 0], dim=0)[:-20].eq(0).all()  # the probabilities would all tie
     assert scores[0, 0].topk(10).indices.tolist() == list(range(299, 289, -1))
+
+
+@torch.inference_mode()
+def test_churn_counts_chosen_tokens_that_no_middle_column_held():
+    from slam.engine.pool import SlotPool
+
+    pool = SlotPool(1, 2, 2, 10, 4, torch.float32, torch.device("cpu"))
+    pool.ensure_reserve(50)
+    sink, kc = 2, 4
+    # Slot 0 head 0 holds reserve tokens 3, 7, 9 (one column empty); head 1 holds 1, 2, 3, 4.
+    pool.ridx[0][0, 0, sink:sink + kc] = torch.tensor([3, 7, -1, 9])
+    pool.ridx[0][0, 1, sink:sink + kc] = torch.tensor([1, 2, 3, 4])
+    pool.ridx[0][1, :, :] = 5  # slot 1 is not slam's: its columns are the scratch one, and it counts nothing
+    pool.ridx[0][:, :, pool.budget] = 8  # whatever the scratch column held does not count as held
+    idx = torch.tensor([[[9, 3, 8, 11], [4, 3, 2, 1]], [[5, 5, 5, 5], [5, 5, 5, 5]]])
+    col = torch.tensor([[sink + j for j in range(kc)], [pool.budget] * kc]).unsqueeze(1).expand(-1, 2, -1)
+    found = torch.ones_like(idx, dtype=torch.bool)
+    found[0, 0, 3] = False  # a pick that found nothing is no newcomer
+    churn = pool.churn(0, col, idx, found & (col < pool.budget))
+    assert churn.tolist() == [1, 0]  # only token 8 is new (11 found nothing); head 1 chose the same set
+    assert not pool.mark.any()  # the scratch bitmap is left clean for the next layer
