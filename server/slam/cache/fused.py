@@ -1,9 +1,10 @@
 """One Triton kernel that puts slam's chosen tokens into the middle columns (GPUs).
 
 After top-k, the eager path spends about twenty small kernels per layer on gathering the chosen keys,
-values and positions, counting churn and writing the columns; here one program per slot and KV head does
-all of it. `SlamPolicy.select` uses it instead of `place()` on CUDA devices when Triton is installed and the reserve is not int8;
-`tests` and `e2e/gpu_checks.py` hold it to the eager path.
+values and positions, counting churn and writing the columns; here programs of 64 picks per slot and KV
+head do all of it, reading the rows straight from the reserve (pinned host memory included).
+`SlamPolicy.select` uses it instead of `place()` on CUDA devices when Triton is installed, the engine's
+`compile` setting is on and the reserve is not int8; tests/fused_check.py holds it to `place()`.
 """
 
 from __future__ import annotations
