@@ -23,6 +23,16 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def per_call(fn, calls: int = 16) -> float:
+    """Seconds per call of `fn`, the device drained before and after."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
 def engine_for(loaded, policy: str, args, eager: bool) -> LLMEngine:
     cache = CacheConfig(policy=policy, budget=None if policy == "full" else args.budget, sink=4, recent=64)
     config = EngineConfig(max_batch=args.batch, cache=cache, enforce_eager=eager, dtype=args.dtype, max_model_len=args.context + 64,
@@ -54,21 +64,10 @@ def main() -> None:
         engine = engine_for(loaded, policy, args, eager=False)
         for _ in range(3):
             engine.step()
-        sync()
-        start = time.perf_counter()
-        for _ in range(16):
-            engine.step()
-        sync()
-        wall = (time.perf_counter() - start) / 16
+        wall = per_call(engine.step)
         replay = float("nan")
         if engine.runner.graphs:  # the device's share: the last captured step replayed back to back
-            graph = list(engine.runner.graphs.values())[-1][0]
-            sync()
-            start = time.perf_counter()
-            for _ in range(16):
-                graph.replay()
-            sync()
-            replay = (time.perf_counter() - start) / 16
+            replay = per_call(list(engine.runner.graphs.values())[-1][0].replay)
         del engine
         engine = engine_for(loaded, policy, args, eager=True)
         for _ in range(2):
