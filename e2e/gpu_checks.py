@@ -20,7 +20,7 @@ from slam.engine.engine import LLMEngine
 from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import sample
 from slam.engine.sequence import SamplingParams
-from tests.fused_check import compare, compare_ring
+from tests.fused_check import compare, compare_ring, compare_top
 
 
 VARIANTS = {  # name: (policy, engine settings)
@@ -113,6 +113,8 @@ def main() -> int:
             compare("cuda", dtype, kc=150)
             compare("cuda", dtype, kc=300)
             compare_ring("cuda", dtype)
+            compare_top("cuda", dtype)
+            compare_top("cuda", dtype, kc=188, m=3936)
             print(f"fused placement and ring write equal their eager code ({dtype})", flush=True)
         except AssertionError as e:
             failures += 1

@@ -7,6 +7,8 @@ wall time of graph-replayed steps, per policy. Run through e2e/gpu-run.sh profil
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -40,7 +42,8 @@ def engine_for(loaded, policy: str, args, eager: bool) -> LLMEngine:
                           select_oversample=args.oversample, select_every=args.every,
                           compile=not args.no_compile)
     engine = LLMEngine(config, loaded)
-    sampling = SamplingParams(max_tokens=64, ignore_eos=True)
+    # --split runs about 200 steps; the reserve then has room for them (a bit above the bench's 4K row).
+    sampling = SamplingParams(max_tokens=256 if args.split else 64, ignore_eos=True)
     for i in range(args.batch):
         synthetic_request(engine, args.context, sampling, seed=i)
     return engine
@@ -58,7 +61,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--host", action="store_true", help="where a graph step's host time goes, instead of the "
+                   "eager kernel table: Python functions (cProfile) and CUDA calls (torch.profiler, CPU side)")
+    p.add_argument("--split", action="store_true", help="a graph step's wall time split into host work before "
+                   "the launch, the launch, and the wait for the device; slam with and without cache/fused_top.py")
+    p.add_argument("--no-fused-top", action="store_true", help="selection through torch's top-k, not cache/fused_top.py")
     args = p.parse_args()
+    if args.no_fused_top:
+        from slam.cache import fused_top
+
+        fused_top.applies = lambda *_: False
     loaded = random_model(SHAPES["smollm2-135m"], args.dtype, args.device)
     for policy in args.policies.split(","):
         engine = engine_for(loaded, policy, args, eager=False)
@@ -68,6 +80,14 @@ def main() -> None:
         replay = float("nan")
         if engine.runner.graphs:  # the device's share: the last captured step replayed back to back
             replay = per_call(list(engine.runner.graphs.values())[-1][0].replay)
+        if args.split:
+            split(engine, policy)
+            del engine
+            continue
+        if args.host:
+            host_profile(engine, policy, wall, replay, args)
+            del engine
+            continue
         del engine
         engine = engine_for(loaded, policy, args, eager=True)
         for _ in range(2):
@@ -86,6 +106,68 @@ def main() -> None:
               f"every {args.every}, compile {not args.no_compile})")
         print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
         del engine
+
+
+def split(engine: LLMEngine, policy: str, rounds: int = 2, calls: int = 16) -> None:
+    """Per graph step: wall, the captured graph replayed alone, and the host's share (plan before the launch,
+    the launch itself, the rest), alternating slam's fused top-k on and off (graphs recaptured)."""
+    from slam.cache import fused_top
+
+    applies, runner, spent = fused_top.applies, engine.runner, {}
+    decode, post = runner.decode, engine.postprocess
+
+    def timed(name, fn, wait=False):
+        def call(*a, **k):
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            if wait:
+                sync()
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return call
+
+    variants = [("fused top", applies), ("torch top-k", lambda *_: False)] if policy == "slam" else [("", applies)]
+    for r in range(rounds):
+        for name, rule in variants:
+            fused_top.applies = rule
+            runner.graphs.clear()
+            runner.graph_pool = None  # the old graphs' memory pool goes with them
+            runner.decode, engine.postprocess = decode, post
+            for _ in range(3):
+                engine.step()
+            wall = per_call(engine.step, calls)
+            replay = per_call(list(runner.graphs.values())[-1][0].replay, calls) if runner.graphs else float("nan")
+            spent.clear()
+            runner.decode, engine.postprocess = timed("launch", decode), timed("post", post)
+            per_call(engine.step, calls)
+            launch, rest = spent["launch"] / calls, spent["post"] / calls
+            spent.clear()
+            runner.decode = timed("gpu", decode, wait=True)
+            in_step = per_call(engine.step, calls)
+            print(f"{policy} {name} round {r}: wall {1000 * wall:.2f} ms, replay alone {1000 * replay:.2f}, launch "
+                  f"{1000 * launch:.2f}, postprocess with the wait {1000 * rest:.2f}, launch + device "
+                  f"{1000 * spent['gpu'] / calls:.2f} (wall then {1000 * in_step:.2f})", flush=True)
+    fused_top.applies, runner.decode, engine.postprocess = applies, decode, post
+
+
+def host_profile(engine: LLMEngine, policy: str, wall: float, replay: float, args) -> None:
+    """A graph step's host side: Python functions by own time (a step's wait for the device shows as the
+    call that syncs), then CUDA runtime calls by host time."""
+    print(f"\n=== {policy}: graph step {1000 * wall:.2f} ms wall, {1000 * replay:.2f} ms replay alone "
+          f"(batch {args.batch}, context {args.context}, budget {args.budget}, host side below)")
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(16):
+        engine.step()
+    sync()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+        for _ in range(8):
+            engine.step()
+        sync()
+    print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

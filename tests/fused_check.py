@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from slam.cache import fused
+from slam.cache import fused, fused_top
+from slam.cache.selection import dot_float, exact_top
 from slam.cache.slam import place
 from slam.engine import ring
 from slam.engine.pool import SlotPool
@@ -99,9 +100,38 @@ def compare_ring(device: str, dtype: torch.dtype = torch.float32, seed: int = 0)
             assert torch.equal(getattr(eager, name)[layer], getattr(pool, name)[layer]), name
 
 
+@torch.inference_mode()
+def compare_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 24, m: int = 300,
+                group: int = 3) -> None:
+    """cache/fused_top.py's kernel against group_scores + torch.topk (selection.exact_top): the same picks
+    where the scores are apart, the same scores, and a reserve with holes, part-filled slots and a slot
+    holding fewer tokens than kc."""
+    g = torch.Generator().manual_seed(seed)
+    b, heads, d = 4, 2, 16
+    q = torch.randn(b, heads, group, d, generator=g).to(device, dtype)
+    keys = torch.randn(b, heads, m, d, generator=g).to(device, dtype)
+    rpos = torch.arange(m + 1).repeat(b, 1)
+    rpos[1, 5:40] = -1  # tokens not stored (holes)
+    rpos[:, m] = -1
+    n = torch.tensor([m, m - 7, kc // 2, m // 2])  # slot 2 holds fewer than kc
+    rpos, n, scale = rpos.to(device), n.to(device), d**-0.5
+    want_idx, want = exact_top(q, keys, rpos[:, :m], n, kc, scale)
+    idx, score = fused_top.group_top(dot_float(q, keys), rpos, n, kc, scale)
+    found = score > float("-inf")
+    assert torch.equal(found.sum(-1), (want > float("-inf")).sum(-1)), "different numbers of picks found"
+    # Each found pick is one of the kc best up to rounding (the two compute the log-softmax differently).
+    eager = torch.full((b, heads, m), float("-inf"), device=device).scatter(2, want_idx, want)
+    kth = want.min(dim=-1, keepdim=True).values
+    assert bool(((eager.gather(2, idx) >= kth - 1e-4) | ~found).all()), "a pick outside the kc best"
+    assert torch.allclose(torch.where(found, eager.gather(2, idx), 0), torch.where(found, score, 0), atol=1e-4)
+    assert all(len(set(row)) == kc for row in idx.flatten(0, 1).tolist()), "a pick taken twice"
+
+
 if __name__ == "__main__":
     compare(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     compare(sys.argv[1] if len(sys.argv) > 1 else "cpu", kc=150)  # several programs per slot and head
     compare(sys.argv[1] if len(sys.argv) > 1 else "cpu", kc=300)  # picks sorted, churn counted outside
     compare_ring(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    print("fused placement and ring write equal their eager versions")
+    compare_top(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    compare_top(sys.argv[1] if len(sys.argv) > 1 else "cpu", kc=188, m=3936, group=4)
+    print("fused placement, ring write and group top-k equal their eager versions")

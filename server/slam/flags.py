@@ -11,9 +11,12 @@ import argparse
 def positive_list(kind):
     def parse(text: str) -> list:
         try:
-            return [kind(x) for x in text.split(",") if x]
+            values = [kind(x) for x in text.split(",") if x]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+        if not values or (kind is int and min(values) <= 0):
+            raise argparse.ArgumentTypeError(f"expected one or more comma-separated values (integers above 0), got {text!r}")
+        return values
 
     return parse
 

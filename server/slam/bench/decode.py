@@ -54,6 +54,21 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+WARMUP_S, WARMUP_STEPS = 0.5, 64  # warm-up before timing: at least 3 steps and WARMUP_S, at most WARMUP_STEPS
+
+
+def warm_up(step, device: torch.device) -> None:
+    """Run steps until the device is warm: graphs captured, kernels compiled, and the GPU at its working
+    clocks (an idle GPU takes a few hundred milliseconds to reach them, which would count against short rows)."""
+    start = time.perf_counter()
+    for i in range(WARMUP_STEPS):
+        step()
+        if i >= 2:
+            _sync(device)
+            if time.perf_counter() - start > WARMUP_S:
+                return
+
+
 def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: int) -> int:
     """Bytes of keys and values one decode step reads: the pool slots, plus what slam's selection reads
     (every reserve key, or two chunk bounds per chunk and the candidates' keys) and the chosen values."""
@@ -73,19 +88,19 @@ def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: in
 def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: int, args, gbps: float) -> DecodeResult:
     device = loaded.device
     full = cache.policy == "full"
-    config = EngineConfig(max_batch=batch, cache=cache, dtype=args.dtype, max_budget=context + tokens + 8 if full else None,
-                          max_model_len=max(context + tokens + 8, 16), max_prompt_tokens=max(context + 8, 16),
+    length = context + WARMUP_STEPS + tokens + 8  # the most a request reaches
+    config = EngineConfig(max_batch=batch, cache=cache, dtype=args.dtype, max_budget=length if full else None,
+                          max_model_len=max(length, 16), max_prompt_tokens=max(context + 8, 16),
                           enforce_eager=args.enforce_eager,
                           compile=args.compile,
                           **selection(args))
     engine = LLMEngine(config, loaded)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sampling = SamplingParams(max_tokens=tokens + 4, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=tokens + WARMUP_STEPS + 4, ignore_eos=True)
     seqs = [synthetic_request(engine, context, sampling, seed=i) for i in range(batch)]
-    for _ in range(3):  # graph capture and warm-up
-        engine.step()
-    _sync(device)
+    engine.runner.rope.ensure(length + 1)  # a table grown between timed steps would recapture the graphs
+    warm_up(engine.step, device)
     start = time.perf_counter()
     for _ in range(tokens):
         engine.step()
@@ -122,15 +137,18 @@ def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: floa
         for layer in range(cfg.num_hidden_layers):
             cache.update(torch.randn(shape, device=device, dtype=model.dtype),
                          torch.randn(shape, device=device, dtype=model.dtype), layer)
-        ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
-        mask = torch.ones(batch, context + 1, dtype=torch.long, device=device)
-        for i in range(tokens + 3):
-            if i == 3:
-                _sync(device)
-                start = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True)
-            ids = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, mask[:, :1]], dim=1)
+        state = {"ids": torch.randint(0, cfg.vocab_size, (batch, 1), device=device),
+                 "mask": torch.ones(batch, context + 1, dtype=torch.long, device=device)}
+
+        def step():
+            out = model(input_ids=state["ids"], past_key_values=cache, attention_mask=state["mask"], use_cache=True)
+            state["ids"] = out.logits[:, -1:].argmax(-1)
+            state["mask"] = torch.cat([state["mask"], state["mask"][:, :1]], dim=1)
+
+        warm_up(step, device)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            step()
         _sync(device)
         step_s = (time.perf_counter() - start) / tokens
     except torch.OutOfMemoryError:
@@ -139,7 +157,7 @@ def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: floa
         return DecodeResult("transformers", "full", None, context, batch, None, None, 1000 * roof, None, None, name,
                             note="does not fit", kv_mib_per_request=kv_bytes / batch / 2**20)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    del cache, out
+    del cache, state
     return DecodeResult("transformers", "full", None, context, batch, batch / step_s, 1000 * step_s, 1000 * roof,
                         100 * roof / step_s, peak, name, kv_mib_per_request=kv_bytes / batch / 2**20)
 

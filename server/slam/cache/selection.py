@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slam.cache import fused
+from slam.cache import fused, fused_top
 from slam.compiled import compiled
 
 
@@ -107,6 +107,8 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int,
     rpos = pool.rpos[:b]
     if not pool.two_stage:
         keys = pool.reserve_keys(layer, scoring=True)[:b, :, :span]
+        if fused_top.applies(pool, kc, span):
+            return fused_top.group_top(dot_float(q, keys), rpos, n, kc, scale)
         return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale, best_first)
     first = -(-pool.oversample * kc // pool.chunk)
     chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)

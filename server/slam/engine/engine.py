@@ -185,14 +185,20 @@ class LLMEngine:
                 rows.append(seq)
                 row_logits.append(logits)
         if decoding:
+            decoding.sort(key=lambda s: s.slot)
             plan = decode_plan(self, decoding)
             logits = self.runner.decode(*plan)
             for seq in decoding:
                 seq.num_cached += 1
             rows.extend(decoding)
-            row_logits.append(logits[[s.slot for s in decoding]])
+            slots = [s.slot for s in decoding]
+            # A slice when the slots run in order (the usual case): indexing by a list copies it to the
+            # device and waits for the step to finish.
+            row_logits.append(logits[: len(slots)] if slots == list(range(len(slots))) else logits[slots])
         if not rows:
             return [], None
+        if len(row_logits) == 1:
+            return rows, row_logits[0].view(-1, row_logits[0].shape[-1])
         return rows, torch.cat([x.view(-1, x.shape[-1]) for x in row_logits])
 
     def fail(self, batch, message: str) -> list[StepOutput]:

@@ -53,12 +53,14 @@ def decode_plan(engine: LLMEngine, decoding: list[Sequence]) -> tuple[torch.Tens
     return rows, kc, frozenset(policies)
 
 
-def sampling_batch(rows: list[Sequence], device: torch.device) -> SamplingBatch:
+def sampling_batch(rows: list[Sequence], device: torch.device) -> SamplingBatch | None:
+    """The rows' sampling parameters on the device; None when every row is greedy (argmax needs none)."""
     params = [s.sampling for s in rows]
+    if all(p.greedy for p in params):
+        return None
     floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32)
     ints = torch.tensor([[p.top_k, s.seed, len(s.output_ids)] for p, s in zip(params, rows)], dtype=torch.long)
     if device.type == "cuda":  # pinned: the copies below then never block the host
         floats, ints = floats.pin_memory(), ints.pin_memory()
     floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
-    return SamplingBatch(floats[:, 0], floats[:, 1], ints[:, 0], ints[:, 1], ints[:, 2],
-                         any_random=any(not p.greedy for p in params))
+    return SamplingBatch(floats[:, 0], floats[:, 1], ints[:, 0], ints[:, 1], ints[:, 2])

@@ -47,13 +47,12 @@ class SamplingBatch:
     top_k: torch.Tensor  # [b] int64, 0: no cut
     seeds: torch.Tensor  # [b] int64
     steps: torch.Tensor  # [b] int64 tokens generated so far
-    any_random: bool  # static: whether any row samples
 
 
-def sample(logits: torch.Tensor, p: SamplingBatch) -> torch.Tensor:
-    """logits [b, vocab] float32 -> token ids [b] (on the device)."""
+def sample(logits: torch.Tensor, p: SamplingBatch | None) -> torch.Tensor:
+    """logits [b, vocab] float32 -> token ids [b] (on the device); every row greedy when p is None."""
     greedy = logits.argmax(dim=-1)
-    if not p.any_random:
+    if p is None:
         return greedy
     temperature = p.temperature.clamp_min(1e-5).unsqueeze(1)
     # Shift before dividing: with a tiny temperature the best logit stays 0 instead of becoming inf - inf.

@@ -1,0 +1,43 @@
+"""`slam bench decode` as users run it: random weights from a shape, a same-run transformers baseline, the
+roofline, JSON rows and a plot; bad flags exit 2 naming the flag."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def bench(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slam.cli", "bench", "decode", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_bench_decode_rows_baseline_and_plot(tmp_path):
+    plot = tmp_path / "decode.png"
+    run = bench("--shape", "smollm2-135m", "--dtype", "float32", "--policies", "streaming,slam", "--budget", "96",
+                "--contexts", "300", "--batches", "2", "--tokens", "3", "--baseline", "transformers", "--json",
+                "--plot", str(plot))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(r["engine"], r["policy"]) for r in rows] == [("transformers", "full"), ("slam", "streaming"),
+                                                          ("slam", "slam")]
+    base = rows[0]["decode_tokens_per_s"]
+    for r in rows:
+        assert r["context"] == 300 and r["batch"] == 2 and r["shape"] == "smollm2-135m"
+        assert r["decode_tokens_per_s"] > 0 and r["step_ms"] > 0
+        # The roofline is a lower bound of the step: reading the weights alone takes that long.
+        assert 0 < r["roofline_ms"] <= r["step_ms"] and 0 < r["roofline_pct"] <= 100
+    for r in rows[1:]:
+        assert r["baseline_ratio"] == pytest.approx(r["decode_tokens_per_s"] / base)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, flag", [(("--batches", "0"), "--batches"), (("--shape", "gpt-9"), "--shape")])
+def test_bench_decode_bad_flags_exit_2(args, flag):
+    run = bench(*args, timeout=120)
+    assert run.returncode == 2
+    assert flag in run.stderr
