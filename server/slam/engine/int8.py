@@ -1,0 +1,45 @@
+"""Int8 weights with one scale per output channel, for CPU decoding, where weight bytes bound a step.
+
+Decode steps (a few rows) multiply bfloat16 activations by the int8 weights directly (aten's weight-only
+int8 kernel: a quarter of float32's bytes, and the activations stay far more precise than with dynamic
+int8 quantization, which rounds them to 8 bits too); prefill chunks (many rows) dequantize the weights
+and use float32 matrix products, where that kernel is slower than dequantizing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+ROWS_DIRECT = 16  # rows up to which the int8 kernel beats dequantize + float32 (measured on the CPU)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)  # [out]
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.bfloat16())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] float32 -> [..., out] float32
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= ROWS_DIRECT:
+            out = torch.ops.aten._weight_int8pack_mm(rows.bfloat16(), self.weight, self.scale_bf16).to(x.dtype)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = nn.functional.linear(rows, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype), self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def quantize(module: nn.Module) -> nn.Module:
+    """Every nn.Linear inside `module` (or `module` itself) replaced by an Int8Linear, in place."""
+    if isinstance(module, nn.Linear):
+        return Int8Linear(module)
+    for name, child in module.named_children():
+        setattr(module, name, quantize(child))
+    return module
