@@ -35,7 +35,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
-                   help="int8: dynamic int8 linear layers (CPU only)")
+                   help="int8: int8 weights, one scale per output channel (CPU only)")
     p.add_argument("--prefill-chunk", type=int, default=512)
 
 

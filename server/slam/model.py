@@ -126,7 +126,7 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
         )
     target = pick_device(device)
     if dtype == "int8" and target.type != "cpu":
-        raise ModelError("dtype int8 (dynamic int8 linear layers) runs on the CPU only; use bfloat16 on GPUs")
+        raise ModelError("dtype int8 (int8 weights, one scale per output channel) runs on the CPU only; use bfloat16 on GPUs")
     # int8 loads float32 weights: the engine's model runner fuses projections, then quantizes them.
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype, torch.float32)).to(target).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
