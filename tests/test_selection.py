@@ -53,29 +53,41 @@ def test_two_stage_covering_the_reserve_equals_exact(smol, cache):
     assert run(two_stage, prompts) == (tokens, churn)
 
 
+def assert_bounds_hold(pool, layer: int, slot: int, keys: torch.Tensor, chunk: int, chunks: int, loose: int) -> None:
+    """The int8 bounds of chunks [0, chunks) contain every key of their chunk (keys [kv_heads, n, head_dim]),
+    and lie within `loose` steps of their scale from the keys' true minimum and maximum."""
+    smin, smax = pool.bounds(layer, slot + 1, chunks, torch.float32)
+    scale = pool.sscale[layer][slot, :, :chunks].unsqueeze(-1)  # [kv_heads, chunks, 1]
+    for c in range(chunks):
+        part = keys[:, c * chunk : (c + 1) * chunk].float()
+        lo, hi, s = smin[slot, :, c], smax[slot, :, c], scale[:, c]
+        assert (lo <= part.amin(dim=1)).all() and (hi >= part.amax(dim=1)).all()
+        assert (part.amin(dim=1) - lo <= loose * s).all() and (hi - part.amax(dim=1) <= loose * s).all()
+
+
 def test_summaries_track_the_reserve(smol):
     """Two stages start when the reserve grows past 4 x 2 x 40 tokens: the bounds are rebuilt from what it
-    holds, then kept by prefill and decode steps; each chunk's bounds equal those of its keys."""
+    holds, then kept by prefill and decode steps; each chunk's int8 bounds hold its keys, within a step of
+    their scale per time the scale grew while the chunk filled."""
     engine = engine_with(smol, oversample=2, chunk=16)
     seq = engine.add_request(engine.encode(STORY), SamplingParams(max_tokens=30, ignore_eos=True))
     assert not engine.runner.pool.two_stage
     for _ in range(20):
         engine.step()
-    assert engine.runner.pool.two_stage
+    pool = engine.runner.pool
+    assert pool.two_stage and pool.smin[0].dtype == torch.int8
     while seq.policy.counts(seq.num_cached)[3] % 16 == 0:  # stop inside a chunk: a partial last one
         engine.step()
-    pool, n = engine.runner.pool, seq.policy.counts(seq.num_cached)[3]
+    n = seq.policy.counts(seq.num_cached)[3]
     assert n > 100
     for layer in range(pool.layers):
         keys = pool.reserve_keys(layer, scoring=True)[seq.slot, :, :n]  # [kv_heads, n, head_dim]
-        for c in range(-(-n // 16)):
-            part = keys[:, c * 16 : (c + 1) * 16]
-            assert torch.equal(pool.smin[layer][seq.slot, :, c], part.amin(dim=1))
-            assert torch.equal(pool.smax[layer][seq.slot, :, c], part.amax(dim=1))
+        assert_bounds_hold(pool, layer, seq.slot, keys, 16, -(-n // 16), loose=16)
 
 
 def test_restored_summaries_equal_the_originals(smol):
-    """load_state rebuilds the chunk bounds from the restored reserve."""
+    """load_state rebuilds the chunk bounds from the restored reserve: they hold its keys within one step of
+    their scale (rounding outward), and equal the bounds of chunks the source computed whole."""
     src, dst = engine_with(smol, oversample=2), engine_with(smol, oversample=2)
     seq = src.add_request(src.encode(STORY), SamplingParams(max_tokens=30, ignore_eos=True))
     for _ in range(15):
@@ -84,10 +96,17 @@ def test_restored_summaries_equal_the_originals(smol):
     dst.runner.pool.ensure_reserve(src.runner.pool.cap)
     with torch.inference_mode():  # as the restore path runs it
         seq.policy.load_state(dst.runner.pool, 1, state)
-    chunks = -(-seq.policy.counts(seq.num_cached)[3] // 16)
-    for a, b in ((src.runner.pool.smin, dst.runner.pool.smin), (src.runner.pool.smax, dst.runner.pool.smax)):
+    n = seq.policy.counts(seq.num_cached)[3]
+    pool = dst.runner.pool
+    for layer in range(pool.layers):
+        keys = pool.reserve_keys(layer, scoring=True)[1, :, :n]
+        assert_bounds_hold(pool, layer, 1, keys, 16, -(-n // 16), loose=1)
+    # The prompt's chunks were summarized whole at prefill, on both sides.
+    whole = (len(seq.prompt_ids) - seq.policy.sink - seq.policy.ring) // 16
+    for name in ("smin", "smax", "sscale"):
+        a, b = getattr(src.runner.pool, name), getattr(pool, name)
         for layer in range(len(a)):
-            assert torch.equal(a[layer][seq.slot, :, :chunks], b[layer][1, :, :chunks])
+            assert torch.equal(a[layer][seq.slot, :, :whole], b[layer][1, :, :whole])
 
 
 def test_two_stage_picks_are_valid_reserve_tokens(smol):

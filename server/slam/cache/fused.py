@@ -87,9 +87,8 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     if ranked:
         old = pool.ridx[layer][:b].clone()  # what the columns held, read by every program before any writes
     else:
-        old = pool.ridx[layer][:b]  # unused
-        j = torch.arange(kc, device=idx.device)
-        col = torch.where(j < take.view(-1, 1), plan.sink.view(-1, 1) + j, pool.budget).unsqueeze(1).expand_as(idx)
+        old = pool.ridx[layer][:b]  # not read: the kernel's churn count is off here
+        col = pool.middle_columns(plan.sink, take, kc)
         pool.replaced[:b] += pool.churn(layer, col, idx, (score > float("-inf")) & (col < pool.budget))
     block = 64
     _apply[(b * heads, triton.cdiv(kc, block))](

@@ -72,11 +72,14 @@ def exact_top(q: torch.Tensor, keys: torch.Tensor, rpos: torch.Tensor, n: torch.
     return top.indices, top.values
 
 
-def chunk_candidates(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, n: torch.Tensor, first: int,
-                     chunk: int, scale: float) -> torch.Tensor:
+def chunk_candidates(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
+                     first: int, chunk: int, scale: float) -> torch.Tensor:
     """Stage one: the reserve indices of the `first` chunks of highest bound -> [b, kv_heads, first * chunk].
 
-    smin, smax: [b, kv_heads, chunks, head_dim]; n: [b] tokens stored."""
+    smin, smax: [b, kv_heads, chunks, head_dim] int8 bounds, sscale [b, kv_heads, chunks] their scales
+    (engine/bounds.py); n: [b] tokens stored."""
+    s = sscale.unsqueeze(-1)
+    smin, smax = (smin * s).to(q.dtype), (smax * s).to(q.dtype)
     filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
     bounds = bound_scores(q, smin, smax, filled, scale)
     # The candidates' order only breaks exact ties in stage two: no need to sort them.
@@ -112,6 +115,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int,
         return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale, best_first)
     first = -(-pool.oversample * kc // pool.chunk)
     chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
-    idx = _run(pool, chunk_candidates, q, pool.smin[layer][:b, :, :chunks], pool.smax[layer][:b, :, :chunks], n, first,
-               pool.chunk, scale)
+    part = (slice(0, b), slice(None), slice(0, chunks))
+    idx = _run(pool, chunk_candidates, q, pool.smin[layer][part], pool.smax[layer][part], pool.sscale[layer][part], n,
+               first, pool.chunk, scale)
     return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale, best_first)

@@ -27,9 +27,7 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     rows = pool.reserve_rows(idx)
     k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
     pos = torch.where(found, pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx), -1)
-    j = torch.arange(kc, device=idx.device)
-    col = torch.where(mine.view(-1, 1) & (j < plan.middle.view(-1, 1)), plan.sink.view(-1, 1) + j, pool.budget)
-    col = col.unsqueeze(1).expand(-1, pool.kv_heads, -1)  # [b, kv_heads, kc]
+    col = pool.middle_columns(plan.sink, torch.where(mine, plan.middle, 0), kc)  # [b, kv_heads, kc]
     pool.replaced[:b] += pool.churn(layer, col, idx, found & (col < pool.budget))
     pool.write_columns(layer, col, k, v, pos, torch.where(found, idx, -1))
 

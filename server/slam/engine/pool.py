@@ -8,7 +8,8 @@
     rk[l], rv[l]: [slots, kv_heads, cap + 1, head_dim]  evicted tokens, append-only (int8 + scales optional)
     rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
     rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
-    smin[l], smax[l]: [slots, kv_heads, cap // chunk + 1, head_dim]  element-wise bounds of the scoring keys
+    smin[l], smax[l]: [slots, kv_heads, cap // chunk + 1, head_dim] int8  element-wise bounds of the scoring keys
+    sscale[l]:        [slots, kv_heads, cap // chunk + 1] float32       their scale per chunk (engine/bounds.py)
                  of each `chunk` reserve tokens (two-stage selection); always on the compute device
     mark:        [slots, kv_heads, cap + 1] bool scratch, all False between uses (churn counting)
 
@@ -90,6 +91,7 @@ class SlotPool(ChunkBounds):
         self.fused = False  # write the chosen tokens with one Triton kernel (cache/fused.py; set likewise)
         self.smin: list[torch.Tensor] = []
         self.smax: list[torch.Tensor] = []
+        self.sscale: list[torch.Tensor] = []
         self._pinned: list[torch.Tensor] = []  # host buffers behind the device aliases
         self.cap = 0  # reserve capacity per slot; 0: not allocated
         self.rk: list[torch.Tensor] = []
@@ -138,8 +140,9 @@ class SlotPool(ChunkBounds):
         started = not self.two_stage and self.chunk and cap >= self.min_ratio * self.oversample * self.budget
         if started or self.two_stage:
             bounds = (self.slots, self.kv_heads, cap // self.chunk + 1, self.head_dim)
-            self.smin = [grown(old(self.smin, i), bounds, self.dtype, host=False) for i in range(self.layers)]
-            self.smax = [grown(old(self.smax, i), bounds, self.dtype, host=False) for i in range(self.layers)]
+            self.smin = [grown(old(self.smin, i), bounds, torch.int8, host=False) for i in range(self.layers)]
+            self.smax = [grown(old(self.smax, i), bounds, torch.int8, host=False) for i in range(self.layers)]
+            self.sscale = [grown(old(self.sscale, i), bounds[:3], torch.float32, host=False) for i in range(self.layers)]
         rpos = torch.full((self.slots, cap + 1), -1, dtype=torch.long, device=self.device)  # small: on device
         if n:
             rpos[:, :n] = self.rpos[:, :n]
@@ -169,6 +172,13 @@ class SlotPool(ChunkBounds):
         if scoring and self.cache_positions:
             return self.rks[layer].to(self.device, non_blocking=True)
         return self._dequant(self.rk, self.rk_scale, layer)
+
+    def middle_columns(self, sink: torch.Tensor, take: torch.Tensor, kc: int) -> torch.Tensor:
+        """Where the j-th best of kc picks goes in slots [0, b): column sink + j while j < take, else the
+        scratch column; sink, take: [b] -> [b, kv_heads, kc]."""
+        j = torch.arange(kc, device=sink.device)
+        col = torch.where(j < take.view(-1, 1), sink.view(-1, 1) + j, self.budget)
+        return col.unsqueeze(1).expand(-1, self.kv_heads, -1)
 
     def reserve_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Flat row numbers of reserve indices `idx` [b, kv_heads, m] of slots [0, b) -> [b * kv_heads * m]."""
@@ -248,7 +258,7 @@ class SlotPool(ChunkBounds):
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (compaction after a request leaves)."""
         for group in (self.k, self.v, self.pos, self.score, self.ridx, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks,
-                      self.smin, self.smax):
+                      self.smin, self.smax, self.sscale):
             for t in group:
                 t[dst].copy_(t[src])
         if self.cap:
@@ -260,7 +270,7 @@ class SlotPool(ChunkBounds):
         """Bytes of reserve state in device memory (all slots): the summaries always, the tokens unless
         they live in host memory."""
         host = {t.data_ptr() for t in self._pinned}
-        groups = (self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks, self.smin, self.smax)
+        groups = (self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks, self.smin, self.smax, self.sscale)
         return sum(t.nbytes for g in groups for t in g if t.data_ptr() not in host)
 
     def nbytes_per_slot(self) -> int:
