@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from slam.config import CacheConfig, EngineConfig
+from slam.config import CacheConfig, EngineConfig, ServerSettings
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 
@@ -32,6 +32,10 @@ SERVER_ARGS = ["--budget", str(BUDGET), "--sink", str(SINK), "--recent", str(REC
                "--max-queue", "16", "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--resume-grace-s",
                str(RESUME_GRACE_S), "--max-n", str(MAX_N)]
 READY_TIMEOUT_S = 120
+
+
+# The weights `slam serve` runs at its defaults: reference engines use the same.
+SERVER_DTYPE = ServerSettings.model_fields["dtype"].default
 
 
 def free_port() -> int:
@@ -128,7 +132,7 @@ def small_server_url(tmp_path_factory, api_key_file) -> Iterator[str]:
 def ref_engine(smol) -> LLMEngine:
     """The engine in-process with the server's default settings: the source of expected outputs."""
     cache = CacheConfig(policy="slam", budget=BUDGET, sink=SINK, recent=RECENT)
-    return LLMEngine(EngineConfig(max_batch=1, cache=cache), loaded=smol)
+    return LLMEngine(EngineConfig(max_batch=1, cache=cache, dtype=SERVER_DTYPE), loaded=smol)
 
 
 def expected(engine: LLMEngine, prompt_ids: list[int], max_tokens: int, cache: CacheConfig | None = None,

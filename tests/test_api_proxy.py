@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from api_fixtures import MODEL, running_server
+from api_fixtures import MODEL, SERVER_DTYPE, running_server
 from s3_fixtures import make_config, s3_endpoint  # noqa: F401  (fixture)
 
 from slam.api.janitor import collect
@@ -36,7 +36,8 @@ def test_trusted_peers():
 
 @pytest.fixture(scope="module")
 def engine(smol) -> LLMEngine:
-    return LLMEngine(EngineConfig(max_batch=4, cache=CacheConfig(policy="slam", budget=24, sink=4, recent=8)), smol)
+    return LLMEngine(EngineConfig(max_batch=4, cache=CacheConfig(policy="slam", budget=24, sink=4, recent=8),
+                                  dtype=SERVER_DTYPE), smol)
 
 
 def checkpointed(engine: LLMEngine, config, versions: int = 1):

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_fixtures import MODEL, free_port, serve_command, server_env
+from api_fixtures import MODEL, SERVER_DTYPE, free_port, serve_command, server_env
 from s3_fixtures import make_config, s3_endpoint  # noqa: F401  (fixture)
 from slam.api.janitor import collect
 from slam.api.proxy import find_owner
@@ -49,7 +49,8 @@ def test_claimed_epoch_shadows_older_ones(tiny, s3_endpoint):  # noqa: F811
     cfg0 = make_config(*s3_endpoint, advertise_url="http://old", interval_tokens=4)
     cfg1 = cfg0.model_copy(update={"epoch": 1, "advertise_url": "http://new"})
     store = ObjectStore(cfg0)
-    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4)), loaded=tiny)
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4), dtype=SERVER_DTYPE),
+                       loaded=tiny)
     seq = engine.add_request(list(range(5, 25)), SamplingParams(max_tokens=40, ignore_eos=True))
     old = Checkpointer(store, cfg0)
     for _ in range(6):
@@ -87,7 +88,8 @@ def test_an_old_pods_collector_leaves_newer_epochs_alone(tiny, s3_endpoint):  # 
     cfg0 = make_config(*s3_endpoint)
     cfg1 = cfg0.model_copy(update={"epoch": 1})
     store = ObjectStore(cfg0)
-    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4)), loaded=tiny)
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4), dtype=SERVER_DTYPE),
+                       loaded=tiny)
     seqs = [engine.add_request(list(range(5, 25)), SamplingParams(max_tokens=40, ignore_eos=True)) for _ in range(2)]
     engine.step()
     for cfg, seq in zip((cfg0, cfg1), seqs):
@@ -115,7 +117,8 @@ def test_a_second_pod_at_the_same_epoch_is_fenced(tiny, s3_endpoint):  # noqa: F
     marker = fmt.epoch_dir(cfg.prefix, 0, 0) + fmt.EPOCH_MARKER
     assert fmt.decode_manifest(store.get(marker))["owner_url"] == "http://first"
     before = set(store.list(fmt.epoch_dir(cfg.prefix, 0, 0)))
-    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4)), loaded=tiny)
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=12, sink=2, recent=4), dtype=SERVER_DTYPE),
+                       loaded=tiny)
     seq = engine.add_request(list(range(5, 25)), SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()
     assert not second.checkpoint(seq)  # refused: nothing is queued

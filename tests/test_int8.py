@@ -4,27 +4,40 @@ what float32 decodes on a clear prompt."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
-from slam.engine.int8 import ROWS_DIRECT, Int8Linear
+from slam.engine.int8 import Int8Linear, decode_step
 from slam.engine.sequence import SamplingParams
 
 
-@pytest.mark.parametrize("rows", [1, 4, ROWS_DIRECT + 1, 200])
-def test_int8_linear_close_to_float32(rows):
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("rows", [1, 4, 17, 200])
+def test_int8_linear_close_to_float32(rows, decode):
     torch.manual_seed(rows)
     linear = nn.Linear(576, 1536)
     q = Int8Linear(linear)
     assert q.weight.dtype == torch.int8 and q.weight.shape == linear.weight.shape
     x = torch.randn(2, rows, 576)
-    with torch.inference_mode():
+    with torch.inference_mode(), (decode_step() if decode else contextlib.nullcontext()):
         want, got = linear(x), q(x)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert float((got - want).norm() / want.norm()) < 0.01
+
+
+def test_int8_decode_rows_do_not_depend_on_the_batch():
+    """A decode row gets the same result alone or among 40 others: batching never changes a request's tokens."""
+    torch.manual_seed(0)
+    q = Int8Linear(nn.Linear(576, 1536))
+    x = torch.randn(41, 576)
+    with torch.inference_mode(), decode_step():
+        batch = q(x)
+        assert all(torch.equal(q(x[i : i + 1]), batch[i : i + 1]) for i in (0, 7, 40))
 
 
 def test_int8_engine_converts_every_projection_and_decodes_like_float32(smol):

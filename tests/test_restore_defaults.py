@@ -18,7 +18,7 @@ import uuid
 import httpx
 import pytest
 
-from api_fixtures import MODEL
+from api_fixtures import MODEL, SERVER_DTYPE
 from s3_fixtures import MotoS3
 from test_failover import server
 from slam.checkpoint import CheckpointConfig, ObjectStore
@@ -87,7 +87,7 @@ def test_restore_at_server_defaults_after_a_short_request(s3, smol, tmp_path):
     with default_server(s3, prefix, tmp_path / "b.log", "--restore-slot", "0", "--slot-epoch", "1") as (_, url):
         log = (tmp_path / "b.log").read_text()
         assert request_ids[2] in log  # reported, not fatal
-        engine = LLMEngine(EngineConfig(), loaded=smol)  # the server's defaults, uninterrupted
+        engine = LLMEngine(EngineConfig(dtype=SERVER_DTYPE), loaded=smol)  # the server's defaults, uninterrupted
         for rid, sampling in zip(request_ids[:2], REQUESTS[:2]):
             [ref] = engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **sampling))
             deadline = time.monotonic() + 120

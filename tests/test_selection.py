@@ -25,10 +25,11 @@ def test_upper_bound_bounds_every_key_of_the_chunk():
     assert torch.allclose(upper_bound(q, keys[:, :, :, 0], keys[:, :, :, 0]), torch.einsum("bhgd,bhcd->bhgc", q, keys[:, :, :, 0]), atol=1e-5)
 
 
-def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, **cache):
+def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, every: int = 1, **cache):
     engine = make_engine(smol, "slam", budget=40, sink=4, recent=12, prefill_chunk=64, max_batch=2, **cache)
-    if oversample != engine.config.select_oversample or chunk != engine.config.select_chunk:
-        config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk})
+    if (oversample, chunk, every) != (engine.config.select_oversample, engine.config.select_chunk, 1):
+        config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk,
+                                                  "select_every": every})
         engine = type(engine)(config, smol)
     engine.runner.pool.ensure_reserve(capacity)  # two stages start at 4 x the candidates (oversample x budget)
     return engine
@@ -63,6 +64,33 @@ def assert_bounds_hold(pool, layer: int, slot: int, keys: torch.Tensor, chunk: i
         lo, hi, s = smin[slot, :, c], smax[slot, :, c], scale[:, c]
         assert (lo <= part.amin(dim=1)).all() and (hi >= part.amax(dim=1)).all()
         assert (part.amin(dim=1) - lo <= loose * s).all() and (hi - part.amax(dim=1) <= loose * s).all()
+
+
+def test_refresh_every_4_covering_the_reserve_equals_exact(smol):
+    """Stage one refreshes each layer's chunks every 4 steps; in between its chosen chunks, with the chunks
+    of tokens evicted since, are re-ranked by each step's query. When the chunks cover the reserve, that is
+    exact selection at every step: same tokens, same churn."""
+    exact = engine_with(smol, oversample=0)
+    prompts = [exact.encode(STORY), exact.encode(STORY[:300])]
+    tokens, churn = run(exact, prompts)
+    every4 = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 40, every=4)
+    assert every4.runner.pool.two_stage
+    assert run(every4, prompts) == (tokens, churn)
+
+
+def test_refresh_every_4_with_few_chunks_picks_valid_tokens(smol):
+    """With one chunk per critical column, picks between refreshes are still distinct evicted tokens."""
+    engine = engine_with(smol, oversample=1, chunk=16, every=4)
+    seq = engine.add_request(engine.encode(STORY), SamplingParams(max_tokens=12, ignore_eos=True))
+    for _ in range(11):
+        engine.step()
+    pool, policy = engine.runner.pool, seq.policy
+    assert pool.two_stage
+    evicted = set(pool.rpos[seq.slot, : policy.counts(seq.num_cached)[3]].tolist())
+    middle = slice(policy.sink, policy.sink + policy.middle)
+    for layer in range(pool.layers):
+        for head in pool.pos[layer][seq.slot, :, middle]:
+            assert len(set(head.tolist())) == policy.middle and set(head.tolist()) <= evicted
 
 
 def test_summaries_track_the_reserve(smol):

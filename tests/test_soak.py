@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_fixtures import MODEL, metric, running_server
+from api_fixtures import MODEL, SERVER_DTYPE, metric, running_server
 
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
@@ -131,7 +131,8 @@ def references(smol, completed) -> dict:
         cache = CacheConfig(**{"policy": "slam", "budget": 24, "sink": 4, "recent": 8, **override,
                                **({"budget": None} if override.get("policy") == "full" else {})})
         # The server's pool holds --max-budget (64) columns per slot, which bounds `full` requests too.
-        engine = LLMEngine(EngineConfig(max_batch=len(PROMPTS) * 2, cache=cache, max_budget=64), loaded=smol)
+        engine = LLMEngine(EngineConfig(max_batch=len(PROMPTS) * 2, cache=cache, max_budget=64, dtype=SERVER_DTYPE),
+                           loaded=smol)
         for m in MAX_TOKENS:
             keys = sorted(groups[(c, m)])
             prompts = [engine.encode_chat([{"role": "user", "content": PROMPTS[p]}]) if chat else

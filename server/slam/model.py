@@ -117,6 +117,14 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """"auto": int8 weights on the CPU, where weight bytes bound a decode step (docs/benchmarks.md: perplexity
+    and NIAH as float32), float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    return "int8" if device.type == "cpu" else "float32"
+
+
 def load_model(model: str | None = None, dtype: str = "float32", device: str = "auto") -> LoadedModel:
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path)
@@ -125,6 +133,7 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
             f"model type {config.model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
         )
     target = pick_device(device)
+    dtype = resolve_dtype(dtype, target)
     if dtype == "int8" and target.type != "cpu":
         raise ModelError("dtype int8 (int8 weights, one scale per output channel) runs on the CPU only; use bfloat16 on GPUs")
     # int8 loads float32 weights: the engine's model runner fuses projections, then quantizes them.

@@ -72,24 +72,43 @@ def exact_top(q: torch.Tensor, keys: torch.Tensor, rpos: torch.Tensor, n: torch.
     return top.indices, top.values
 
 
-def chunk_candidates(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
-                     first: int, chunk: int, scale: float) -> torch.Tensor:
-    """Stage one: the reserve indices of the `first` chunks of highest bound -> [b, kv_heads, first * chunk].
+def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
+              first: int, chunk: int, scale: float, best_first: bool = False) -> torch.Tensor:
+    """Stage one: the `first` chunks of highest bound -> chunk indices [b, kv_heads, first], unordered unless
+    `best_first` (the order only breaks exact ties in stage two).
 
     smin, smax: [b, kv_heads, chunks, head_dim] int8 bounds, sscale [b, kv_heads, chunks] their scales
     (engine/bounds.py); n: [b] tokens stored."""
     s = sscale.unsqueeze(-1)
     smin, smax = (smin * s).to(q.dtype), (smax * s).to(q.dtype)
     filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
-    bounds = bound_scores(q, smin, smax, filled, scale)
-    # The candidates' order only breaks exact ties in stage two: no need to sort them.
-    return candidates(bounds.topk(first, dim=-1, sorted=False).indices, chunk)
+    return bound_scores(q, smin, smax, filled, scale).topk(first, dim=-1, sorted=best_first).indices
+
+
+def with_latest(chosen: torch.Tensor, n: torch.Tensor, chunk: int, latest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks chosen at the last refresh [b, kv_heads, c] plus the `latest` chunks up to the one holding
+    reserve token n - 1 (tokens evicted since the refresh) -> (chunks [b, kv_heads, c + latest], fresh
+    [b, kv_heads, c + latest] False where a chunk repeats another)."""
+    chosen = chosen.sort(dim=-1).values
+    last = ((n - 1).clamp_min(0) // chunk).view(-1, 1, 1)
+    recent = (last - torch.arange(latest, device=n.device)).clamp_min(0).expand(-1, chosen.shape[1], -1)
+    both = torch.cat([chosen, recent], dim=-1)
+    j = torch.arange(both.shape[-1], device=n.device)
+    # A chunk repeats another when an earlier entry holds it: sorted neighbours for the chosen ones, any
+    # earlier entry for the latest (few).
+    repeat = torch.cat([torch.zeros_like(chosen[..., :1], dtype=torch.bool), chosen[..., 1:] == chosen[..., :-1]], dim=-1)
+    later = (recent.unsqueeze(-1) == both.unsqueeze(-2)) & (j.view(1, 1, 1, -1) < j[chosen.shape[-1]:].view(1, 1, -1, 1))
+    return both, ~torch.cat([repeat, later.any(-1)], dim=-1)
 
 
 def candidate_top(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
-                  kc: int, scale: float, best_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage two: the `kc` best candidates idx [b, kv_heads, m] whose keys are [b, kv_heads, m, head_dim]."""
+                  kc: int, scale: float, best_first: bool = True, fresh: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage two: the `kc` best candidates idx [b, kv_heads, m] whose keys are [b, kv_heads, m, head_dim];
+    candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats)."""
     stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
+    if fresh is not None:
+        stored &= fresh
     top = group_scores(q, keys, stored, scale).topk(kc, dim=-1, sorted=best_first)
     return idx.gather(2, top.indices), top.values
 
@@ -99,11 +118,12 @@ def _run(pool, fn, *args):
     return compiled(fn, pool.compile and args[0].is_cuda)(*args)
 
 
-def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int,
-                   span: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, span: int = 0,
+                   refresh: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The `kc` best reserve tokens of slots [0, b) for queries q [b, kv_heads, group, head_dim], given n [b]
     tokens stored among indices [0, span) (0: the capacity) -> (indices, scores) [b, kv_heads, kc]; a score of
-    -inf marks an index that holds nothing."""
+    -inf marks an index that holds nothing. Without `refresh`, two-stage selection reuses the chunks its
+    stage one chose at the layer's last refresh."""
     b, scale, span = q.shape[0], pool.head_dim**-0.5, span or pool.cap
     q = q.contiguous()  # a strided query sends the scoring matmul to a much slower kernel on GPUs
     best_first = not (pool.fused and fused.ranks_itself(kc))  # cache/fused.py ranks few picks itself
@@ -114,8 +134,19 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int,
             return fused_top.group_top(dot_float(q, keys), rpos, n, kc, scale)
         return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale, best_first)
     first = -(-pool.oversample * kc // pool.chunk)
-    chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
-    part = (slice(0, b), slice(None), slice(0, chunks))
-    idx = _run(pool, chunk_candidates, q, pool.smin[layer][part], pool.smax[layer][part], pool.sscale[layer][part], n,
-               first, pool.chunk, scale)
-    return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale, best_first)
+    fresh = None
+    if refresh:
+        chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
+        part = (slice(0, b), slice(None), slice(0, chunks))
+        chosen = _run(pool, chunk_top, q, pool.smin[layer][part], pool.smax[layer][part], pool.sscale[layer][part], n,
+                      first, pool.chunk, scale)
+        pool.cand[layer][:b, :, :first] = chosen
+    else:
+        # Between refreshes the chunks chosen last are re-ranked token by token with the current query, with
+        # the chunks of tokens evicted since then: every step still picks by its own query.
+        latest = (pool.select_every - 1 + pool.chunk - 1) // pool.chunk + 1
+        chosen, fresh = with_latest(pool.cand[layer][:b, :, :first].long(), n, pool.chunk, latest)
+        fresh = fresh.repeat_interleave(pool.chunk, dim=-1)
+    idx = candidates(chosen, pool.chunk)
+    return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale, best_first,
+                fresh)

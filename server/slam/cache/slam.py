@@ -16,7 +16,7 @@ import torch
 
 from slam.cache import fused
 from slam.cache.base import CachePolicy, Evicted
-from slam.cache.selection import group_scores, select_reserve
+from slam.cache.selection import chunk_top, group_scores, select_reserve
 
 
 def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
@@ -59,7 +59,7 @@ class SlamPolicy(CachePolicy):
         if kc == 0:
             return
         qg = q.view(b, pool.kv_heads, -1, pool.head_dim)  # [b, kv_heads, group, head_dim]
-        idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc, plan.span)  # [b, kv_heads, kc]
+        idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc, plan.span, plan.refresh)  # [b, kv_heads, kc]
         (fused.place if pool.fused else place)(pool, layer, plan, idx, score, mine)
 
     def state(self, pool, slot, length, reserve_from=0):
@@ -92,6 +92,17 @@ class SlamPolicy(CachePolicy):
             pool.summarize(layer, slot, start, start + m)
         self._index_middle(pool, slot, start + m)
 
+    @staticmethod
+    def _choose_chunks(pool, layer: int, slot: int, q: torch.Tensor, evicted: int) -> None:
+        """Stage one's chunks for the decode steps before this layer's first refresh (select_every > 1): the
+        best by the prompt's last query, best first, as many as the slot's candidate buffer holds."""
+        width = pool.cand[layer].shape[2]
+        part = (slice(slot, slot + 1), slice(None), slice(0, max(-(-evicted // pool.chunk), width)))
+        qg = q[:, -1:].reshape(1, pool.kv_heads, -1, pool.head_dim)  # [1, kv_heads, group, head_dim]
+        n = torch.tensor([evicted], device=q.device)
+        pool.cand[layer][slot] = chunk_top(qg, pool.smin[layer][part], pool.smax[layer][part], pool.sscale[layer][part],
+                                           n, width, pool.chunk, pool.head_dim**-0.5, best_first=True)[0]
+
     def _index_middle(self, pool, slot: int, n: int) -> None:
         """Recover which reserve token each middle column holds (counted by churn) from the positions a
         state keeps: reserve index i holds position rpos[i]."""
@@ -122,6 +133,8 @@ class SlamPolicy(CachePolicy):
         kc = min(evicted, self.middle)
         if kc == 0:
             return
+        if pool.two_stage and pool.select_every > 1:
+            self._choose_chunks(pool, layer, slot, q, evicted)
         keys = pool.reserve_keys(layer, scoring=True)[slot : slot + 1, :, :evicted]
         qg = q.reshape(1, pool.kv_heads, -1, pool.head_dim)  # the group's queries of every chunk token
         stored = (pool.rpos[slot : slot + 1, :evicted] >= 0).unsqueeze(1)

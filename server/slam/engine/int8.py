@@ -1,17 +1,33 @@
 """Int8 weights with one scale per output channel, for CPU decoding, where weight bytes bound a step.
 
-Decode steps (a few rows) multiply bfloat16 activations by the int8 weights directly (aten's weight-only
-int8 kernel: a quarter of float32's bytes, and the activations stay far more precise than with dynamic
-int8 quantization, which rounds them to 8 bits too); prefill chunks (many rows) dequantize the weights
-and use float32 matrix products, where that kernel is slower than dequantizing.
+Decode steps multiply bfloat16 activations by the int8 weights directly (aten's weight-only int8 kernel: a
+quarter of float32's bytes, and the activations stay far more precise than with dynamic int8 quantization,
+which rounds them to 8 bits too). Prefill chunks dequantize the weights and use float32 matrix products,
+where that kernel is slower (it costs each row the same, while a matrix product gets cheaper per row).
+The choice follows the step, never the number of rows: the kernel gives a row the same result in any
+batch, so a request decodes the same tokens alone or batched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn as nn
 
-ROWS_DIRECT = 16  # rows up to which the int8 kernel beats dequantize + float32 (measured on the CPU)
+_step = threading.local()
+
+
+@contextlib.contextmanager
+def decode_step():
+    """Int8Linear layers called inside use the int8 kernel (decode rows), outside dequantize (prefill)."""
+    before = getattr(_step, "decode", False)
+    _step.decode = True
+    try:
+        yield
+    finally:
+        _step.decode = before
 
 
 class Int8Linear(nn.Module):
@@ -28,7 +44,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= ROWS_DIRECT:
+        if getattr(_step, "decode", False):
             out = torch.ops.aten._weight_int8pack_mm(rows.bfloat16(), self.weight, self.scale_bf16).to(x.dtype)
             out = out if self.bias is None else out + self.bias
         else:

@@ -104,8 +104,9 @@ class ModelRunner:
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
         # Layer l refreshes its selection when (step + l) % select_every == 0: staggered, so every step costs
-        # the same; between refreshes a layer keeps the critical tokens it chose last.
-        self.select_every = select_every
+        # the same. In between, exact selection keeps the critical tokens it chose last; two-stage selection
+        # re-ranks the tokens of the chunks it chose last (and of chunks filled since) with each new query.
+        self.select_every = self.pool.select_every = select_every
         self.steps = 0
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -131,7 +132,8 @@ class ModelRunner:
             span = None if self.device.type == "cuda" else min(
                 max(int(plan_rows[PLAN_ROWS.index("reserve_n")].max()), kc), self.pool.cap)
             self.plan_buf[:, :b].copy_(plan_rows)
-            return self.forward_decode(self.plan(b, kc, span), policies, phase)
+            with int8.decode_step():
+                return self.forward_decode(self.plan(b, kc, span), policies, phase)
         key = (b, kc, policies, phase, self.pool.version, self.rope.cos.data_ptr())
         if key not in self.graphs:
             self.graphs[key] = self.capture(b, kc, policies, phase)
@@ -178,7 +180,8 @@ class ModelRunner:
             q, k, v = layer.qkv_heads(x, self.q_heads, self.kv_heads, d)  # [b, heads, D]
             q_rot, k_rot = compiled(A.rotate_pair, fuse)(q, k, cos, sin)
             self.ring_write(li, plan, k if cache_pos else k_rot, v, active, classes, mine)
-            if (phase + li) % self.select_every == 0:
+            plan.refresh = (phase + li) % self.select_every == 0
+            if plan.refresh or pool.two_stage:  # two stages re-rank the chunks chosen last in between
                 for cls in classes:
                     cls.select(pool, li, plan, q_rot, mine[cls])
             keys, values, pos = pool.k[li][:b], pool.v[li][:b], pool.pos[li][:b]

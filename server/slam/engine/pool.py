@@ -8,9 +8,11 @@
     rk[l], rv[l]: [slots, kv_heads, cap + 1, head_dim]  evicted tokens, append-only (int8 + scales optional)
     rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
     rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
-    smin[l], smax[l]: [slots, kv_heads, cap // chunk + 1, head_dim] int8  element-wise bounds of the scoring keys
-    sscale[l]:        [slots, kv_heads, cap // chunk + 1] float32       their scale per chunk (engine/bounds.py)
-                 of each `chunk` reserve tokens (two-stage selection); always on the compute device
+    two-stage selection (on the compute device, allocated when it starts):
+    smin[l], smax[l]: [slots, kv_heads, cap // chunk + 1, head_dim] int8  element-wise bounds of the scoring
+                 keys of each `chunk` reserve tokens, with sscale[l]: [slots, kv_heads, cap // chunk + 1]
+                 float32 their scale per chunk (engine/bounds.py)
+    cand[l]:     [slots, kv_heads, oversample * budget // chunk] int32  the chunks stage one chose last
     mark:        [slots, kv_heads, cap + 1] bool scratch, all False between uses (churn counting)
 
 A host reserve (pinned memory) is read and written by the device through aliases of the pinned buffers
@@ -49,6 +51,7 @@ class StepPlan:
     kc: int  # static: middle columns the slam selection fills (max over slam slots)
     span: int = 0  # static: reserve indices [0, span) that may hold tokens (the capacity under CUDA graphs)
     is_middle: torch.Tensor | None = None  # [b, columns] bool, derived on the device from sink and middle
+    refresh: bool = True  # static, per layer: slam's two-stage selection re-ranks the chunks (else reuses them)
 
 
 class SlotPool(ChunkBounds):
@@ -87,11 +90,13 @@ class SlotPool(ChunkBounds):
         self.oversample = oversample if chunk else 0
         self.min_ratio = min_ratio
         self.two_stage = False
+        self.select_every = 1  # steps between stage one's refreshes of a layer's chunks (set by the runner)
         self.compile = False  # GPUs: decode-step and selection functions through torch.compile (set by the runner)
         self.fused = False  # write the chosen tokens with one Triton kernel (cache/fused.py; set likewise)
         self.smin: list[torch.Tensor] = []
         self.smax: list[torch.Tensor] = []
         self.sscale: list[torch.Tensor] = []
+        self.cand: list[torch.Tensor] = []
         self._pinned: list[torch.Tensor] = []  # host buffers behind the device aliases
         self.cap = 0  # reserve capacity per slot; 0: not allocated
         self.rk: list[torch.Tensor] = []
@@ -143,6 +148,9 @@ class SlotPool(ChunkBounds):
             self.smin = [grown(old(self.smin, i), bounds, torch.int8, host=False) for i in range(self.layers)]
             self.smax = [grown(old(self.smax, i), bounds, torch.int8, host=False) for i in range(self.layers)]
             self.sscale = [grown(old(self.sscale, i), bounds[:3], torch.float32, host=False) for i in range(self.layers)]
+            if not self.cand:
+                picks = (self.slots, self.kv_heads, -(-self.oversample * self.budget // self.chunk))
+                self.cand = [torch.zeros(picks, dtype=torch.int32, device=self.device) for _ in range(self.layers)]
         rpos = torch.full((self.slots, cap + 1), -1, dtype=torch.long, device=self.device)  # small: on device
         if n:
             rpos[:, :n] = self.rpos[:, :n]
@@ -250,6 +258,8 @@ class SlotPool(ChunkBounds):
             score[slot].zero_()
         for ridx in self.ridx:
             ridx[slot].fill_(-1)
+        for cand in self.cand:
+            cand[slot].zero_()
         if self.cap:
             self.rpos[slot].fill_(-1)
         self.replaced[slot] = 0
@@ -258,7 +268,7 @@ class SlotPool(ChunkBounds):
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (compaction after a request leaves)."""
         for group in (self.k, self.v, self.pos, self.score, self.ridx, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks,
-                      self.smin, self.smax, self.sscale):
+                      self.smin, self.smax, self.sscale, self.cand):
             for t in group:
                 t[dst].copy_(t[src])
         if self.cap:
