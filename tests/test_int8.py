@@ -8,12 +8,11 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn as nn
-
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.int8 import Int8Linear, decode_step
 from slam.engine.sequence import SamplingParams
+from torch import nn
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slam.cache.selection import upper_bound
+from slam.cache.selection import dequantize_bounds, upper_bound
 from slam.engine.sequence import SamplingParams
 from tests.conftest import make_engine
 
@@ -57,7 +57,7 @@ def test_two_stage_covering_the_reserve_equals_exact(smol, cache):
 def assert_bounds_hold(pool, layer: int, slot: int, keys: torch.Tensor, chunk: int, chunks: int, loose: int) -> None:
     """The int8 bounds of chunks [0, chunks) contain every key of their chunk (keys [kv_heads, n, head_dim]),
     and lie within `loose` steps of their scale from the keys' true minimum and maximum."""
-    smin, smax = pool.bounds(layer, slot + 1, chunks, torch.float32)
+    smin, smax = dequantize_bounds(*pool.bounds_of(layer, slice(0, slot + 1), chunks), torch.float32)
     scale = pool.sscale[layer][slot, :, :chunks].unsqueeze(-1)  # [kv_heads, chunks, 1]
     for c in range(chunks):
         part = keys[:, c * chunk : (c + 1) * chunk].float()

@@ -72,6 +72,13 @@ def exact_top(q: torch.Tensor, keys: torch.Tensor, rpos: torch.Tensor, n: torch.
     return top.indices, top.values
 
 
+def dequantize_bounds(smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 bounds [..., chunks, head_dim] with their scales [..., chunks] (engine/bounds.py) -> float bounds."""
+    s = sscale.unsqueeze(-1)
+    return (smin * s).to(dtype), (smax * s).to(dtype)
+
+
 def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
               first: int, chunk: int, scale: float, best_first: bool = False) -> torch.Tensor:
     """Stage one: the `first` chunks of highest bound -> chunk indices [b, kv_heads, first], unordered unless
@@ -79,8 +86,7 @@ def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: t
 
     smin, smax: [b, kv_heads, chunks, head_dim] int8 bounds, sscale [b, kv_heads, chunks] their scales
     (engine/bounds.py); n: [b] tokens stored."""
-    s = sscale.unsqueeze(-1)
-    smin, smax = (smin * s).to(q.dtype), (smax * s).to(q.dtype)
+    smin, smax = dequantize_bounds(smin, smax, sscale, q.dtype)
     filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
     return bound_scores(q, smin, smax, filled, scale).topk(first, dim=-1, sorted=best_first).indices
 
@@ -137,9 +143,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     fresh = None
     if refresh:
         chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
-        part = (slice(0, b), slice(None), slice(0, chunks))
-        chosen = _run(pool, chunk_top, q, pool.smin[layer][part], pool.smax[layer][part], pool.sscale[layer][part], n,
-                      first, pool.chunk, scale)
+        chosen = _run(pool, chunk_top, q, *pool.bounds_of(layer, slice(0, b), chunks), n, first, pool.chunk, scale)
         pool.cand[layer][:b, :, :first] = chosen
     else:
         # Between refreshes the chunks chosen last are re-ranked token by token with the current query, with

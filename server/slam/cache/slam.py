@@ -97,11 +97,10 @@ class SlamPolicy(CachePolicy):
         """Stage one's chunks for the decode steps before this layer's first refresh (select_every > 1): the
         best by the prompt's last query, best first, as many as the slot's candidate buffer holds."""
         width = pool.cand[layer].shape[2]
-        part = (slice(slot, slot + 1), slice(None), slice(0, max(-(-evicted // pool.chunk), width)))
+        bounds = pool.bounds_of(layer, slice(slot, slot + 1), max(-(-evicted // pool.chunk), width))
         qg = q[:, -1:].reshape(1, pool.kv_heads, -1, pool.head_dim)  # [1, kv_heads, group, head_dim]
         n = torch.tensor([evicted], device=q.device)
-        pool.cand[layer][slot] = chunk_top(qg, pool.smin[layer][part], pool.smax[layer][part], pool.sscale[layer][part],
-                                           n, width, pool.chunk, pool.head_dim**-0.5, best_first=True)[0]
+        pool.cand[layer][slot] = chunk_top(qg, *bounds, n, width, pool.chunk, pool.head_dim**-0.5, best_first=True)[0]
 
     def _index_middle(self, pool, slot: int, n: int) -> None:
         """Recover which reserve token each middle column holds (counted by churn) from the positions a

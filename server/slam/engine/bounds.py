@@ -17,9 +17,14 @@ _OUTWARD = 1 + 2**-10  # the scale's margin: |x| / scale stays below 127 after r
 def quantize_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float bounds lo <= hi [..., head_dim] -> int8 (lo_q, hi_q) and scale [...] with lo_q * scale <= lo and
     hi_q * scale >= hi."""
-    scale = torch.maximum(lo.abs().amax(dim=-1), hi.abs().amax(dim=-1)).float().clamp_min(1e-30) * (_OUTWARD / 127)
+    scale = _scale(torch.maximum(lo.abs().amax(dim=-1), hi.abs().amax(dim=-1)))
     s = scale.unsqueeze(-1)
     return _int8((lo.float() / s).floor()), _int8((hi.float() / s).ceil()), scale
+
+
+def _scale(largest: torch.Tensor) -> torch.Tensor:
+    """The scale of bounds whose largest magnitude is `largest`, with the outward margin."""
+    return largest.float().clamp_min(1e-30) * (_OUTWARD / 127)
 
 
 def _int8(x: torch.Tensor) -> torch.Tensor:
@@ -27,10 +32,11 @@ def _int8(x: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkBounds:
-    def bounds(self, layer: int, b: int, chunks: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunks [0, chunks) of slots [0, b) as (smin, smax) [b, kv_heads, chunks, head_dim] in `dtype`."""
-        s = self.sscale[layer][:b, :, :chunks].unsqueeze(-1)
-        return ((self.smin[layer][:b, :, :chunks] * s).to(dtype), (self.smax[layer][:b, :, :chunks] * s).to(dtype))
+    def bounds_of(self, layer: int, slots: slice, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chunks [0, chunks) of `slots`: (smin, smax) [slots, kv_heads, chunks, head_dim] int8 and their
+        scales [slots, kv_heads, chunks] (selection.dequantize_bounds turns them into float bounds)."""
+        part = (slots, slice(None), slice(0, chunks))
+        return self.smin[layer][part], self.smax[layer][part], self.sscale[layer][part]
 
     def summarize_append(self, layer: int, at: torch.Tensor, keys: torch.Tensor) -> None:
         """Fold one new scoring key of each of slots [0, b) into its chunk's bounds; at: [b] reserve index
@@ -40,7 +46,7 @@ class ChunkBounds:
         cd = c.unsqueeze(-1).expand(b, self.kv_heads, 1, self.head_dim)
         first = (at % self.chunk == 0).view(b, 1, 1)  # a chunk's first token replaces what was there
         keys = keys.float()
-        kmax = keys.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) * (_OUTWARD / 127)  # [b, kv_heads, 1]
+        kmax = _scale(keys.abs().amax(dim=-1, keepdim=True))  # [b, kv_heads, 1]
         # One gather and one scatter per buffer: advanced indexing would launch several kernels each.
         old_s = self.sscale[layer][:b].gather(2, c)
         scale = torch.where(first, kmax, torch.maximum(old_s, kmax))

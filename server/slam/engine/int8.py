@@ -14,7 +14,7 @@ import contextlib
 import threading
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 _step = threading.local()
 
