@@ -6,7 +6,9 @@ policy's rule decides which earlier positions each layer and KV head attends to:
     full       every position
     streaming  the first `sink` and the newest `budget - sink`
     slam       the first `sink`, the newest `recent`, and the `budget - sink - recent` evicted positions
-               the current query scores highest (log-softmax over the evicted keys, max over the query group)
+               the current query scores highest (log-softmax over the evicted keys, max over the query group;
+               with `int8_scoring`, as CPUs score: keys rounded to int8 with a bfloat16 scale per key, the
+               query to bfloat16, and their products by aten's weight-only int8 kernel)
     h2o        the first `sink`, the newest `recent`, and the evicted positions with the most attention
                received so far (a leaving token replaces the weakest middle one only if it outranks it)
 """
@@ -21,9 +23,18 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def int8_dots(qg, k):
+    """q.k per KV head from int8 keys: qg [h, g, d], k [h, n, d] -> [h, g, n] float32."""
+    k = k.float()
+    s = (k.abs().amax(dim=-1).clamp_min(1e-8) / 127.0).to(torch.bfloat16)  # [h, n]
+    kq = (k / s.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return torch.stack([torch.ops.aten._weight_int8pack_mm(qg[j].bfloat16(), kq[j].contiguous(), s[j])
+                        for j in range(k.shape[0])]).float()
+
+
 @torch.no_grad()
 def reference_generate(model, prompt: list[int], steps: int, policy: str, budget: int = 0, sink: int = 0,
-                       recent: int = 0) -> list[int]:
+                       recent: int = 0, int8_scoring: bool = False) -> list[int]:
     cfg = model.config
     layers = model.model.layers
     h, qh, d = cfg.num_key_value_heads, cfg.num_attention_heads, layers[0].self_attn.head_dim
@@ -59,9 +70,17 @@ def reference_generate(model, prompt: list[int], steps: int, policy: str, budget
                 visible[:, max(evicted_upto, sink): t + 1] = True
             evicted = list(range(sink, evicted_upto))
             if policy == "slam" and evicted:
-                logits = torch.einsum("hgd,hnd->hgn", qg, K[:, sink:evicted_upto]) * scale
+                middle_keys = K[:, sink:evicted_upto]
+                if int8_scoring:
+                    logits = int8_dots(qg, middle_keys) * scale
+                else:
+                    logits = torch.einsum("hgd,hnd->hgn", qg, middle_keys) * scale
                 score = torch.log_softmax(logits.float(), dim=-1).amax(dim=1)  # [h, n]
-                best = score.topk(min(middle, len(evicted)), dim=-1).indices + sink
+                if int8_scoring:  # bfloat16 dots tie often: equal scores rank the older token first
+                    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+                    best = order[:, : min(middle, len(evicted))] + sink
+                else:
+                    best = score.topk(min(middle, len(evicted)), dim=-1).indices + sink
                 visible.scatter_(1, best, True)
             if policy == "h2o":
                 leaving = evicted_upto - 1 if t + 1 - ring > sink else None

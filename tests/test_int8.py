@@ -54,3 +54,41 @@ def test_int8_engine_converts_every_projection_and_decodes_like_float32(smol):
     want = fp32.generate([prompt], sampling)[0].output_ids
     got = int8.generate([prompt], sampling)[0].output_ids
     assert got == want, (fp32.tokenizer.decode(want), fp32.tokenizer.decode(got))
+
+
+def test_int8_request_decodes_the_same_whatever_shares_its_steps(smol):
+    """int8 decode rows round activations to bfloat16, which magnifies any last-bit difference upstream: a
+    request must get bit-identical attention and selection whatever else runs in its steps (other policies,
+    h2o's probabilities, other reserve lengths). Requests of four cache settings arrive at random steps
+    into a shared engine and decode what each decodes alone (the soak test's mix, in process)."""
+    import random
+
+    from slam.engine.sequence import Status
+
+    caches = [CacheConfig(policy="slam", budget=24, sink=4, recent=8),
+              CacheConfig(policy="streaming", budget=16, sink=2, recent=8), CacheConfig(policy="full"),
+              CacheConfig(policy="h2o", budget=32, sink=4, recent=8)]
+
+    def engine(batch):
+        return LLMEngine(EngineConfig(dtype="int8", max_batch=batch, cache=caches[0], max_budget=64,
+                                      max_model_len=320), smol)
+
+    texts = ["Fact 0: the mayor of a small town is", "Fact 1: the river of a small town is"]
+    prompts = [smol.tokenizer.encode(t) for t in texts]
+    prompts += [smol.tokenizer.encode(smol.tokenizer.apply_chat_template(
+        [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)) for t in texts]
+    requests = [(p, c) for p in range(len(prompts)) for c in range(len(caches))]
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone, reference = {}, engine(1)
+    for p, c in requests:
+        alone[p, c] = reference.generate([prompts[p]], sampling, caches[c])[0].output_ids
+    shared, rng = engine(16), random.Random(0)
+    pending, live = requests[:], []
+    rng.shuffle(pending)
+    while pending or any(s.status is not Status.FINISHED for _, s in live):
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                p, c = pending.pop()
+                live.append(((p, c), shared.add_request(prompts[p], sampling, caches[c])))
+        shared.step()
+    assert {key: seq.output_ids for key, seq in live} == alone

@@ -102,7 +102,8 @@ def test_batched_pool_equals_per_request_reference(tiny, policy):
     engine = make_engine(tiny, policy, **cache)
     seqs = engine.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True))
     for prompt, seq in zip(prompts, seqs):
-        assert seq.output_ids == reference_generate(tiny.model, prompt, steps, policy, budget, sink, recent)
+        assert seq.output_ids == reference_generate(tiny.model, prompt, steps, policy, budget, sink, recent,
+                                                    int8_scoring=engine.runner.pool.int8_scoring)
     if policy == "slam":
         assert sum(s.replacements for s in seqs) > steps  # the critical set kept changing
 

@@ -25,12 +25,17 @@ def test_upper_bound_bounds_every_key_of_the_chunk():
     assert torch.allclose(upper_bound(q, keys[:, :, :, 0], keys[:, :, :, 0]), torch.einsum("bhgd,bhcd->bhgc", q, keys[:, :, :, 0]), atol=1e-5)
 
 
-def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, every: int = 1, **cache):
+def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, every: int = 1, float_scores: bool = False,
+                **cache):
     engine = make_engine(smol, "slam", budget=40, sink=4, recent=12, prefill_chunk=64, max_batch=2, **cache)
     if (oversample, chunk, every) != (engine.config.select_oversample, engine.config.select_chunk, 1):
         config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk,
                                                   "select_every": every})
         engine = type(engine)(config, smol)
+    if float_scores:
+        # CPUs score from int8 keys, and that kernel rounds scores to bfloat16: ties, which exact scoring and
+        # stage two (scoring other arrays) may break differently. Comparing the stages' choices needs floats.
+        engine.runner.pool.int8_scoring = False
     engine.runner.pool.ensure_reserve(capacity)  # two stages start at 4 x the candidates (oversample x budget)
     return engine
 
@@ -44,12 +49,12 @@ def run(engine, prompts, steps=24):
 def test_two_stage_covering_the_reserve_equals_exact(smol, cache):
     """With oversampling that keeps every chunk (and chunks of 7 tokens, so the last is partial), two-stage
     selection picks what exact scoring picks, step for step: same tokens, same churn."""
-    exact = engine_with(smol, oversample=0, **cache)
+    exact = engine_with(smol, oversample=0, float_scores=True, **cache)
     prompts = [exact.encode(STORY), exact.encode(STORY[:300])]
     assert 200 < len(prompts[0]) < 330  # the reserve stays within the 360 candidates
     tokens, churn = run(exact, prompts)
     assert min(churn) > 0
-    two_stage = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 40, **cache)  # 360 candidates
+    two_stage = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 40, float_scores=True, **cache)
     assert two_stage.runner.pool.two_stage and not exact.runner.pool.two_stage
     assert run(two_stage, prompts) == (tokens, churn)
 
@@ -70,10 +75,10 @@ def test_refresh_every_4_covering_the_reserve_equals_exact(smol):
     """Stage one refreshes each layer's chunks every 4 steps; in between its chosen chunks, with the chunks
     of tokens evicted since, are re-ranked by each step's query. When the chunks cover the reserve, that is
     exact selection at every step: same tokens, same churn."""
-    exact = engine_with(smol, oversample=0)
+    exact = engine_with(smol, oversample=0, float_scores=True)
     prompts = [exact.encode(STORY), exact.encode(STORY[:300])]
     tokens, churn = run(exact, prompts)
-    every4 = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 40, every=4)
+    every4 = engine_with(smol, oversample=15, chunk=7, capacity=4 * 15 * 40, every=4, float_scores=True)
     assert every4.runner.pool.two_stage
     assert run(every4, prompts) == (tokens, churn)
 
@@ -188,3 +193,47 @@ def test_churn_counts_chosen_tokens_that_no_middle_column_held():
     churn = pool.churn(0, col, idx, found & (col < pool.budget))
     assert churn.tolist() == [1, 0]  # only token 8 is new (11 found nothing); head 1 chose the same set
     assert not pool.mark.any()  # the scratch bitmap is left clean for the next layer
+
+
+def test_int8_scoring_ranks_like_float_scoring():
+    """CPU exact scoring multiplies the query by int8 keys with one bfloat16 scale per key (selection.dot_int8):
+    within bfloat16 rounding of q.k, a slot scores the same alone or in a batch, and the clear winners are
+    the float winners."""
+    from slam.cache.selection import dot_float, dot_int8
+    from slam.engine.pool import quantize_rows
+
+    torch.manual_seed(0)
+    q, keys = torch.randn(3, 2, 4, 64), torch.randn(3, 2, 500, 64)  # [b, kv_heads, group, d], [b, kv_heads, m, d]
+    keys[:, :, 123] = 3 * q.mean(dim=2)  # one key every query of the group favours
+    k8, s = quantize_rows(keys, torch.bfloat16)
+    assert k8.dtype == torch.int8 and s.dtype == torch.bfloat16
+    dots, exact = dot_int8(q, k8, s), dot_float(q, keys)
+    assert torch.allclose(dots, exact, rtol=2**-7, atol=0.05 * exact.abs().max().item())
+    assert (dots.amax(dim=2).argmax(dim=-1) == 123).all()
+    alone = dot_int8(q[1:2], k8[1:2], s[1:2])
+    assert torch.equal(alone, dots[1:2])
+
+
+def test_tied_scores_pick_the_same_tokens_however_long_the_array():
+    """With bfloat16 dots many scores tie; the picks among ties go to the lower reserve index, so a slot picks
+    the same tokens whether the step scores 40 indices or 3,000 (the span follows the longest reserve of
+    the batch)."""
+    from slam.cache.selection import exact_top
+
+    torch.manual_seed(0)
+    n, kc = 40, 12
+    dots = torch.randint(0, 4, (1, 2, 3, n)).float()  # [b, kv_heads, group, m]: four values, many ties
+    picks = []
+    for span in (n, 64, 3000):
+        padded = torch.cat([dots, torch.randn(1, 2, 3, span - n)], dim=-1)
+        rpos = torch.arange(span).view(1, -1)
+        idx, score = exact_top(padded, rpos, torch.tensor([n]), kc, 1.0, ties=True)
+        picks.append(idx.sort(dim=-1).values)
+        # Lower indices win among equal scores: no unpicked index ties a pick with a lower index beyond it.
+        best = score.amin(dim=-1, keepdim=True)
+        scores = torch.log_softmax(dots, dim=-1).amax(dim=2)
+        tied_unpicked = (scores == best) & ~torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+        for h in range(2):
+            left = tied_unpicked[0, h].nonzero().flatten()
+            assert left.numel() == 0 or left.min() > idx[0, h][score[0, h] == best[0, h]].max()
+    assert torch.equal(picks[0], picks[1]) and torch.equal(picks[0], picks[2])

@@ -137,9 +137,9 @@ class ServerSettings(BaseSettings):
                               "(default: the embedded SmolLM2-135M-Instruct)")
     served_model_name: str | None = Field(default=None, description="model id clients use (default: the model's name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
-        default="float32", description="weights: float32, bfloat16, float16, int8 (int8 weights per output "
-        "channel, CPU only: about twice as fast to decode, perplexity and NIAH as float32), or auto (int8 on the "
-        "CPU, float32 on GPUs)")
+        default="auto", description="weights: auto (int8 on the CPU, float32 on GPUs), float32, bfloat16, float16, "
+        "or int8 (int8 weights per output channel, CPU only: about twice as fast to decode as float32, with its "
+        "perplexity and NIAH)")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     policy: str = Field(default="slam", description="default cache policy: full, streaming, slam, snapkv, h2o")
     budget: int = Field(default=256, ge=1, description="default tokens kept per layer and KV head")

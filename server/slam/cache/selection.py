@@ -21,7 +21,11 @@ def group_scores(q: torch.Tensor, keys: torch.Tensor, stored: torch.Tensor, scal
     q: [b, kv_heads, queries, head_dim]; keys: [b, kv_heads, m, head_dim]; stored: [b, 1 or kv_heads, m]
     -> [b, kv_heads, m].
     """
-    logits = dot_float(q, keys) * scale  # [b, kv_heads, queries, m]
+    return group_log_probs(dot_float(q, keys) * scale, stored)
+
+
+def group_log_probs(logits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Scaled q.k logits [b, kv_heads, queries, m] -> group_scores' [b, kv_heads, m]."""
     logits = logits.masked_fill(~stored.unsqueeze(2), float("-inf"))
     scores = torch.log_softmax(logits, dim=-1).amax(dim=2)  # NaN where nothing is stored
     return torch.where(stored, scores, float("-inf"))
@@ -35,6 +39,19 @@ def dot_float(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         out = torch.bmm(q.flatten(0, 1), keys.flatten(0, 1).transpose(-1, -2), out_dtype=torch.float32)
         return out.view(b, h, *out.shape[1:])
     return (q @ keys.transpose(-1, -2)).float()
+
+
+def dot_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """q @ keys^T from int8 keys with one bfloat16 scale per key, by aten's weight-only int8 kernel (CPUs):
+    exact scoring there is bound by the key bytes it reads, a quarter of float32's. One call per slot and KV
+    head, so a slot scores alike in any batch. The kernel rounds its outputs to bfloat16.
+
+    q: [b, h, queries, d]; keys: [b, h, m, d] int8, each head's rows contiguous; scales: [b, h, m]
+    -> [b, h, queries, m] float32."""
+    b, h, g, _ = q.shape
+    qb = q.to(torch.bfloat16)
+    rows = [torch.ops.aten._weight_int8pack_mm(qb[i, j], keys[i, j], scales[i, j]) for i in range(b) for j in range(h)]
+    return torch.stack(rows).view(b, h, g, keys.shape[2]).float()
 
 
 def bound_scores(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, stored: torch.Tensor,
@@ -61,15 +78,29 @@ def candidates(chunks: torch.Tensor, chunk: int) -> torch.Tensor:
     return (chunks.unsqueeze(-1) * chunk + offsets).flatten(-2)
 
 
-def exact_top(q: torch.Tensor, keys: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
-              scale: float, best_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage two, or all of exact selection: the `kc` best of reserve indices [0, m).
-
-    q: [b, kv_heads, group, head_dim]; keys: [b, kv_heads, m, head_dim]; rpos: [b, m]; n: [b] tokens stored
-    -> (indices, scores) [b, kv_heads, kc], best first unless not `best_first` (cache/fused.py ranks them)."""
-    stored = ((torch.arange(keys.shape[2], device=q.device) < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
-    top = group_scores(q, keys, stored, scale).topk(kc, dim=-1, sorted=best_first)
+def exact_top(dots: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
+              scale: float, best_first: bool = True, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact selection: the `kc` best of reserve indices [0, m) by their q.k `dots` [b, kv_heads, group, m]
+    (dot_float or dot_int8); rpos: [b, m]; n: [b] tokens stored -> (indices, scores) [b, kv_heads, kc], best
+    first unless not `best_first` (cache/fused.py ranks them). `ties`: break ties toward lower indices."""
+    stored = ((torch.arange(dots.shape[3], device=dots.device) < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
+    scores = group_log_probs(dots * scale, stored)
+    if ties:
+        return top_by_index(scores, torch.arange(dots.shape[3], device=dots.device), kc, best_first)
+    top = scores.topk(kc, dim=-1, sorted=best_first)
     return top.indices, top.values
+
+
+def top_by_index(scores: torch.Tensor, index: torch.Tensor, kc: int, best_first: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk of scores [b, kv_heads, m] whose equal scores rank by reserve `index` (broadcast to scores), lower
+    first -> (positions in m, scores). bfloat16 dots (dot_int8) tie often, and torch.topk breaks ties by where
+    they sit, which would make a slot's picks depend on how long the array is (on the rest of its batch). A
+    relative nudge below float32's resolution and above float64's orders ties without reordering scores."""
+    key = scores.double()
+    key = key - key.abs() * (index.double() + 1) * 2.0**-48
+    top = key.topk(kc, dim=-1, sorted=best_first)
+    return top.indices, scores.gather(-1, top.indices)
 
 
 def dequantize_bounds(smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor,
@@ -107,16 +138,21 @@ def with_latest(chosen: torch.Tensor, n: torch.Tensor, chunk: int, latest: int) 
     return both, ~torch.cat([repeat, later.any(-1)], dim=-1)
 
 
-def candidate_top(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
-                  kc: int, scale: float, best_first: bool = True, fresh: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage two: the `kc` best candidates idx [b, kv_heads, m] whose keys are [b, kv_heads, m, head_dim];
-    candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats)."""
+def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
+                  kc: int, scale: float, best_first: bool = True, fresh: torch.Tensor | None = None,
+                  ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage two: the `kc` best candidates idx [b, kv_heads, m] by their q.k `dots` [b, kv_heads, group, m];
+    candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats); `ties` as in exact_top."""
     stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
     if fresh is not None:
         stored &= fresh
-    top = group_scores(q, keys, stored, scale).topk(kc, dim=-1, sorted=best_first)
-    return idx.gather(2, top.indices), top.values
+    scores = group_log_probs(dots * scale, stored)
+    if ties:
+        at, values = top_by_index(scores, idx, kc, best_first)
+    else:
+        top = scores.topk(kc, dim=-1, sorted=best_first)
+        at, values = top.indices, top.values
+    return idx.gather(2, at), values
 
 
 def _run(pool, fn, *args):
@@ -135,10 +171,13 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     best_first = not (pool.fused and fused.ranks_itself(kc))  # cache/fused.py ranks few picks itself
     rpos = pool.rpos[:b]
     if not pool.two_stage:
-        keys = pool.reserve_keys(layer, scoring=True)[:b, :, :span]
+        if pool.int8_scoring:
+            dots = dot_int8(q, *pool.scoring_int8(layer, b, span))
+        else:
+            dots = dot_float(q, pool.reserve_keys(layer, scoring=True)[:b, :, :span])
         if fused_top.applies(pool, kc, span):
-            return fused_top.group_top(dot_float(q, keys), rpos, n, kc, scale)
-        return _run(pool, exact_top, q, keys, rpos[:, :span], n, kc, scale, best_first)
+            return fused_top.group_top(dots, rpos, n, kc, scale)
+        return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, best_first, pool.int8_scoring)
     first = -(-pool.oversample * kc // pool.chunk)
     fresh = None
     if refresh:
@@ -152,5 +191,8 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         chosen, fresh = with_latest(pool.cand[layer][:b, :, :first].long(), n, pool.chunk, latest)
         fresh = fresh.repeat_interleave(pool.chunk, dim=-1)
     idx = candidates(chosen, pool.chunk)
-    return _run(pool, candidate_top, q, pool.reserve_gather(layer, idx, "ks"), idx, rpos, n, kc, scale, best_first,
-                fresh)
+    if pool.int8_scoring:
+        dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
+    else:
+        dots = dot_float(q, pool.reserve_gather(layer, idx, "ks"))
+    return _run(pool, candidate_top, dots, idx, rpos, n, kc, scale, best_first, fresh, pool.int8_scoring)

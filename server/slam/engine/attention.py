@@ -84,10 +84,15 @@ def attend_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: 
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns the probabilities [b, H, G, t, C] (for policies that score tokens)."""
     b, qh, t, d = q.shape
-    h = k.shape[1]
-    qg = q.view(b, h, -1, t, d)  # query head j belongs to KV head j // G
-    logits = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [b, H, G, t, C]
-    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = attention_probs(q, k, valid, scale)
     out = probs.to(v.dtype) @ v.unsqueeze(2)  # [b, H, G, t, D]
     return out.view(b, qh, t, d), probs
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """The attention probabilities [b, H, G, t, C] of q [b, H*G, t, D] over k [b, H, C, D]."""
+    b, qh, t, d = q.shape
+    qg = q.view(b, k.shape[1], -1, t, d)  # query head j belongs to KV head j // G
+    logits = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [b, H, G, t, C]
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    return torch.softmax(logits, dim=-1)

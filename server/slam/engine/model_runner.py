@@ -22,6 +22,7 @@ from slam.engine.prefill import prefill_layer
 from slam.model import LoadedModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_SPAN = 64  # reserve indices a CPU step scores at least (see decode)
 PLAN_ROWS = ("tokens", "pos", "write", "evict", "reserve_at", "reserve_n", "middle", "sink", "rank", "policy")
 
 
@@ -128,9 +129,11 @@ class ModelRunner:
         self.steps += 1
         if not self.use_graphs:
             # CPU steps score only the filled part of the reserve. A graph must read its whole capacity, and
-            # eager GPU steps do too, so that both run the same kernels and round alike.
+            # eager GPU steps do too, so that both run the same kernels and round alike. At least MIN_SPAN:
+            # torch's CPU softmax reduces rows shorter than a vector in another order, and a slot's scores
+            # must not depend on how far the other slots of its step have filled their reserves.
             span = None if self.device.type == "cuda" else min(
-                max(int(plan_rows[PLAN_ROWS.index("reserve_n")].max()), kc), self.pool.cap)
+                max(int(plan_rows[PLAN_ROWS.index("reserve_n")].max()), kc, MIN_SPAN), self.pool.cap)
             self.plan_buf[:, :b].copy_(plan_rows)
             with int8.decode_step():
                 return self.forward_decode(self.plan(b, kc, span), policies, phase)
@@ -192,13 +195,14 @@ class ModelRunner:
                 keys = A.rotate(keys, self.rope.cos[ranks], self.rope.sin[ranks])
                 q_att = A.rotate(q, self.rope.cos[plan.rank].unsqueeze(1), self.rope.sin[plan.rank].unsqueeze(1))
             q_att = q_att.unsqueeze(2)  # [b, QH, 1, D]
+            out = A.attend(q_att, keys, values, valid, self.scale)
+            # Score-keeping policies read the probabilities beside, not instead of, the attention every slot
+            # gets: a request's tokens must not depend on which policies share its step.
             scorers = [cls for cls in classes if cls.decode_attention]
             if scorers:
-                out, probs = A.attend_with_probs(q_att, keys, values, valid, self.scale)
+                probs = A.attention_probs(q_att, keys, valid, self.scale)
                 for cls in scorers:
                     cls.observe(pool, li, probs[:, :, :, 0], mine[cls])
-            else:
-                out = A.attend(q_att, keys, values, valid, self.scale)
             if fuse and layer.silu:
                 x, h = compiled(A.add_rms_norm)(x, layer.o(out.reshape(b, -1)), layer.post_norm.weight,
                                                 layer.post_norm.eps)

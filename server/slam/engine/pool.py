@@ -8,6 +8,8 @@
     rk[l], rv[l]: [slots, kv_heads, cap + 1, head_dim]  evicted tokens, append-only (int8 + scales optional)
     rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
     rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
+    rq[l], rq_scale[l]: CPUs only, keys in int8 with a bfloat16 scale per key, for exact scoring
+                 (selection.dot_int8); an int8 reserve scores its own keys instead
     two-stage selection (on the compute device, allocated when it starts):
     smin[l], smax[l]: [slots, kv_heads, cap // chunk + 1, head_dim] int8  element-wise bounds of the scoring
                  keys of each `chunk` reserve tokens, with sscale[l]: [slots, kv_heads, cap // chunk + 1]
@@ -81,6 +83,11 @@ class SlotPool(ChunkBounds):
         self.reserve_device = device if host_alias else self.reserve_memory
         self.reserve_int8 = reserve_int8
         self.cache_positions = cache_positions
+        # CPU exact scoring reads every reserve key per step and is bound by their bytes: it reads int8
+        # copies (a quarter of float32's). Rotated scoring keys (position_mode="cache") are scored as stored.
+        self.int8_scoring = device.type == "cpu" and not cache_positions
+        self.rq: list[torch.Tensor] = []
+        self.rq_scale: list[torch.Tensor] = []
         # Two-stage selection: bounds per `chunk` reserve tokens pick `oversample` x the critical columns'
         # worth of chunks, whose tokens are then scored exactly. 0: every reserve token scored exactly.
         # It runs once the reserve's capacity is `min_ratio` times the candidates (oversample x budget):
@@ -142,6 +149,9 @@ class SlotPool(ChunkBounds):
             self.rv_scale = [grown(old(self.rv_scale, i), shape[:3], torch.float32) for i in range(self.layers)]
         if self.cache_positions:
             self.rks = [grown(old(self.rks, i), shape, self.dtype) for i in range(self.layers)]
+        if self.int8_scoring and not self.reserve_int8:
+            self.rq = [grown(old(self.rq, i), shape, torch.int8) for i in range(self.layers)]
+            self.rq_scale = [grown(old(self.rq_scale, i), shape[:3], torch.bfloat16) for i in range(self.layers)]
         started = not self.two_stage and self.chunk and cap >= self.min_ratio * self.oversample * self.budget
         if started or self.two_stage:
             bounds = (self.slots, self.kv_heads, cap // self.chunk + 1, self.head_dim)
@@ -168,12 +178,25 @@ class SlotPool(ChunkBounds):
         k, v = k.to(self.rk[layer].device, non_blocking=True), v.to(self.rk[layer].device, non_blocking=True)
         if self.reserve_int8:
             for store, scale, x in ((self.rk, self.rk_scale, k), (self.rv, self.rv_scale, v)):
-                s = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
-                store[layer][idx] = (x.float() / s.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
-                scale[layer][idx] = s
+                store[layer][idx], scale[layer][idx] = quantize_rows(x, torch.float32)
         else:
             self.rk[layer][idx] = k
             self.rv[layer][idx] = v
+            if self.rq:
+                self.rq[layer][idx], self.rq_scale[layer][idx] = quantize_rows(k, torch.bfloat16)
+
+    def scoring_int8(self, layer: int, b: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Int8 scoring keys of slots [0, b) at reserve indices [0, span) and their bfloat16 scales (CPUs)."""
+        keys, scales = (self.rk, self.rk_scale) if self.reserve_int8 else (self.rq, self.rq_scale)
+        return keys[layer][:b, :, :span], scales[layer][:b, :, :span].to(torch.bfloat16)
+
+    def scoring_int8_rows(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 scoring keys [b, kv_heads, m, head_dim] and bfloat16 scales [b, kv_heads, m] of reserve
+        indices idx [b, kv_heads, m] of slots [0, b) (CPUs)."""
+        keys, scales = (self.rk, self.rk_scale) if self.reserve_int8 else (self.rq, self.rq_scale)
+        rows = self.reserve_rows(idx)
+        k = keys[layer].view(-1, self.head_dim).index_select(0, rows).view(*idx.shape, -1)
+        return k, scales[layer].view(-1).index_select(0, rows).view(idx.shape).to(torch.bfloat16)
 
     def reserve_keys(self, layer: int, scoring: bool = False) -> torch.Tensor:
         """Reserve keys [slots, kv_heads, cap + 1, head_dim] in the compute dtype, on the compute device."""
@@ -268,7 +291,7 @@ class SlotPool(ChunkBounds):
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (compaction after a request leaves)."""
         for group in (self.k, self.v, self.pos, self.score, self.ridx, self.rk, self.rv, self.rk_scale, self.rv_scale, self.rks,
-                      self.smin, self.smax, self.sscale, self.cand):
+                      self.rq, self.rq_scale, self.smin, self.smax, self.sscale, self.cand):
             for t in group:
                 t[dst].copy_(t[src])
         if self.cap:
@@ -287,6 +310,14 @@ class SlotPool(ChunkBounds):
         """Bytes of one slot's active cache (keys and values, all layers): what the budget bounds."""
         per = self.kv_heads * self.budget * self.head_dim * self.k[0].element_size()
         return 2 * self.layers * per
+
+
+def quantize_rows(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [..., head_dim] -> int8 rows and one scale per row [...] in `scale_dtype`, which the rows are
+    rounded against (a bfloat16 scale is rounded first, so int8 x scale stays nearest to the row)."""
+    x = x.float()
+    s = (x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0).to(scale_dtype)
+    return (x / s.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8), s
 
 
 _TYPESTR = {torch.int8: "|i1", torch.int16: "<i2", torch.float16: "<f2", torch.float32: "<f4", torch.int64: "<i8"}
