@@ -89,17 +89,21 @@ def test_slam_recalls_from_reserve_and_replaces_on_the_fly(tiny):
     assert seq.replacements > 0
 
 
-@pytest.mark.parametrize("policy", ["full", "streaming", "slam", "h2o"])
+@pytest.mark.parametrize("policy", ["full", "streaming", "slam", "slam-int8-scoring", "h2o"])
 def test_batched_pool_equals_per_request_reference(tiny, policy):
     """Four requests decoded together on the pool equal a plain per-request implementation of the policy
-    (tests/reference_policies.py), through many replacements of the middle tokens."""
+    (tests/reference_policies.py), through many replacements of the middle tokens; slam also with the
+    int8 scoring that CPUs use with int8 weights (here over float32 weights, as the reference has them)."""
     from tests.reference_policies import reference_generate
 
     budget, sink, recent, steps = 16, 2, 4, 48
     texts = ["alpha beta", "one two three", "x", "The quick brown"]
     prompts = [tiny.tokenizer.encode(t)[:sink + recent] for t in texts]  # evictions all happen in decode
     cache = {} if policy == "full" else {"budget": budget, "sink": sink, "recent": recent}
+    int8_scoring = policy.endswith("int8-scoring")
+    policy = policy.removesuffix("-int8-scoring")
     engine = make_engine(tiny, policy, **cache)
+    engine.runner.pool.int8_scoring = int8_scoring  # before the reserve exists: its int8 copies come with it
     seqs = engine.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True))
     for prompt, seq in zip(prompts, seqs):
         assert seq.output_ids == reference_generate(tiny.model, prompt, steps, policy, budget, sink, recent,

@@ -97,7 +97,7 @@ class ModelRunner:
             self.layers, self.lm_head = int8.quantize(self.layers), int8.quantize(self.lm_head)
         rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
         self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, self.dtype,
-                             self.device, rdev, reserve_int8, cache_positions, *selection)
+                             self.device, rdev, reserve_int8, cache_positions, *selection, int8_scoring=int8_weights)
         self.pool.compile = compile and self.device.type == "cuda"
         self.pool.fused = compile and fused.available(self.pool)
         # The fused ring write keeps stored keys rotated; position_mode="cache" needs the eager one's extras.

@@ -61,7 +61,7 @@ class SlotPool(ChunkBounds):
     def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
                  reserve_int8: bool = False, cache_positions: bool = False, chunk: int = 0,
-                 oversample: int = 0, min_ratio: int = 4):
+                 oversample: int = 0, min_ratio: int = 4, int8_scoring: bool = False):
         self.layers, self.slots, self.kv_heads, self.budget, self.head_dim = layers, slots, kv_heads, budget, head_dim
         self.dtype, self.device = dtype, device
         cols = budget + 1
@@ -83,9 +83,10 @@ class SlotPool(ChunkBounds):
         self.reserve_device = device if host_alias else self.reserve_memory
         self.reserve_int8 = reserve_int8
         self.cache_positions = cache_positions
-        # CPU exact scoring reads every reserve key per step and is bound by their bytes: it reads int8
-        # copies (a quarter of float32's). Rotated scoring keys (position_mode="cache") are scored as stored.
-        self.int8_scoring = device.type == "cpu" and not cache_positions
+        # CPU scoring reads every reserve key per step and is bound by their bytes: with int8 weights (whose
+        # decode rows are bfloat16 already) it reads int8 copies, a quarter of float32's. Rotated scoring
+        # keys (position_mode="cache") are scored as stored.
+        self.int8_scoring = int8_scoring and device.type == "cpu" and not cache_positions
         self.rq: list[torch.Tensor] = []
         self.rq_scale: list[torch.Tensor] = []
         # Two-stage selection: bounds per `chunk` reserve tokens pick `oversample` x the critical columns'
