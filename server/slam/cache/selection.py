@@ -83,20 +83,21 @@ def exact_top(dots: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
     """Exact selection: the `kc` best of reserve indices [0, m) by their q.k `dots` [b, kv_heads, group, m]
     (dot_float or dot_int8); rpos: [b, m]; n: [b] tokens stored -> (indices, scores) [b, kv_heads, kc], best
     first unless not `best_first` (cache/fused.py ranks them). `ties`: break ties toward lower indices."""
-    stored = ((torch.arange(dots.shape[3], device=dots.device) < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
-    scores = group_log_probs(dots * scale, stored)
-    if ties:
-        return top_by_index(scores, torch.arange(dots.shape[3], device=dots.device), kc, best_first)
-    top = scores.topk(kc, dim=-1, sorted=best_first)
-    return top.indices, top.values
+    index = torch.arange(dots.shape[3], device=dots.device)
+    stored = ((index < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
+    return top_by_index(group_log_probs(dots * scale, stored), index if ties else None, kc, best_first)
 
 
-def top_by_index(scores: torch.Tensor, index: torch.Tensor, kc: int, best_first: bool
+def top_by_index(scores: torch.Tensor, index: torch.Tensor | None, kc: int, best_first: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """topk of scores [b, kv_heads, m] whose equal scores rank by reserve `index` (broadcast to scores), lower
-    first -> (positions in m, scores). bfloat16 dots (dot_int8) tie often, and torch.topk breaks ties by where
-    they sit, which would make a slot's picks depend on how long the array is (on the rest of its batch). A
-    relative nudge below float32's resolution and above float64's orders ties without reordering scores."""
+    first -> (positions in m, scores); index None: torch.topk's own order among ties. bfloat16 dots (dot_int8)
+    tie often, and torch.topk breaks ties by where they sit, which would make a slot's picks depend on how
+    long the array is (on the rest of its batch). A relative nudge below float32's resolution and above
+    float64's orders ties without reordering scores."""
+    if index is None:
+        top = scores.topk(kc, dim=-1, sorted=best_first)
+        return top.indices, top.values
     key = scores.double()
     key = key - key.abs() * (index.double() + 1) * 2.0**-48
     top = key.topk(kc, dim=-1, sorted=best_first)
@@ -146,12 +147,7 @@ def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: 
     stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
     if fresh is not None:
         stored &= fresh
-    scores = group_log_probs(dots * scale, stored)
-    if ties:
-        at, values = top_by_index(scores, idx, kc, best_first)
-    else:
-        top = scores.topk(kc, dim=-1, sorted=best_first)
-        at, values = top.indices, top.values
+    at, values = top_by_index(group_log_probs(dots * scale, stored), idx if ties else None, kc, best_first)
     return idx.gather(2, at), values
 
 
