@@ -27,6 +27,10 @@ VARIANTS = {  # name: (policy, engine settings)
     "full": ("full", {}), "streaming": ("streaming", {}), "snapkv": ("snapkv", {}), "h2o": ("h2o", {}),
     "slam": ("slam", {}),  # two-stage selection, the default
     "slam exact": ("slam", {"select_oversample": 0}),
+    # Two stages forced at these short contexts (min ratio 1); r = 4 re-ranks between stage-one refreshes.
+    "slam two-stage": ("slam", {"select_min_ratio": 1}),
+    "slam two-stage r4": ("slam", {"select_min_ratio": 1, "select_every": 4}),
+    "slam two-stage r4 host reserve": ("slam", {"select_min_ratio": 1, "select_every": 4, "reserve_device": "cpu"}),
     "slam host reserve": ("slam", {"reserve_device": "cpu"}),
     "slam host int8 reserve": ("slam", {"reserve_device": "cpu", "reserve_dtype": "int8"}),
     "slam device int8 reserve": ("slam", {"reserve_dtype": "int8"}),
@@ -49,6 +53,8 @@ def run(loaded, variant: str, eager: bool, steps: int = 24) -> list[list[int]]:
     seqs = [synthetic_request(engine, 1500 + 211 * i, s, seed=i) for i, s in enumerate(samplings)]
     for _ in range(steps):
         engine.step()
+    if "two-stage" in variant:  # the variant means nothing unless two stages actually ran
+        assert engine.runner.pool.two_stage, f"{variant}: two-stage selection did not start"
     return [s.output_ids for s in seqs]
 
 
@@ -96,7 +102,8 @@ def main() -> int:
         except Exception as e:  # report every policy, then fail
             failures += 1
             print(f"{policy}: sync check FAILED: {type(e).__name__}: {e}", flush=True)
-    pairs = (("slam host reserve", "slam"), ("slam host int8 reserve", "slam device int8 reserve"))
+    pairs = (("slam host reserve", "slam"), ("slam host int8 reserve", "slam device int8 reserve"),
+             ("slam two-stage r4 host reserve", "slam two-stage r4"))
     for host, device in (pair for pair in pairs if set(pair) <= set(chosen)):
         same = outputs[host] == outputs[device]
         failures += not same

@@ -134,16 +134,16 @@ class SlamPolicy(CachePolicy):
             return
         if pool.two_stage and pool.select_every > 1:
             self._choose_chunks(pool, layer, slot, q, evicted)
-        keys = pool.reserve_keys(layer, scoring=True)[slot : slot + 1, :, :evicted]
+        part = (slot, slice(None), slice(0, evicted))  # this slot's reserve only, dequantized if int8
+        stored_k = pool.reserve_keys_at(layer, part)  # [kv_heads, evicted, head_dim]
+        keys = pool.rks[layer][part].to(pool.device) if pool.cache_positions else stored_k
         qg = q.reshape(1, pool.kv_heads, -1, pool.head_dim)  # the group's queries of every chunk token
         stored = (pool.rpos[slot : slot + 1, :evicted] >= 0).unsqueeze(1)
-        idx = group_scores(qg, keys, stored, pool.head_dim**-0.5)[0]
+        idx = group_scores(qg, keys.unsqueeze(0), stored, pool.head_dim**-0.5)[0]
         idx = idx.topk(kc, dim=-1).indices  # [kv_heads, kc]
-        d = pool.head_dim
-        stored_k = keys[0] if not pool.cache_positions else pool.reserve_keys(layer)[slot, :, :evicted]
+        rows = idx.unsqueeze(-1).expand(-1, -1, pool.head_dim)
         cols = slice(self.sink, self.sink + kc)
-        pool.k[layer][slot, :, cols] = stored_k.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
-        pool.v[layer][slot, :, cols] = pool.reserve_values(layer)[slot, :, :evicted].gather(
-            1, idx.unsqueeze(-1).expand(-1, -1, d))
+        pool.k[layer][slot, :, cols] = stored_k.gather(1, rows)
+        pool.v[layer][slot, :, cols] = pool.reserve_values_at(layer, part).gather(1, rows)
         pool.pos[layer][slot, :, cols] = pool.rpos[slot, :evicted].expand(pool.kv_heads, -1).gather(1, idx)
         pool.ridx[layer][slot, :, cols] = idx
