@@ -43,7 +43,8 @@ def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24) -> tup
     idx = torch.stack([torch.randperm(3 * kc, generator=g)[:kc] for _ in range(b * heads)]).view(b, heads, kc)
     score = torch.randn(b, heads, kc, generator=g)
     score[0, 1, 5:9] = float("-inf")  # nothing found for these picks
-    plan = SimpleNamespace(sink=sink.to(device), middle=middle.to(device))
+    # once(): StepPlan's per-step memo, here computing afresh at every call.
+    plan = SimpleNamespace(sink=sink.to(device), middle=middle.to(device), once=lambda _key, make: make())
     return pool, plan, idx.to(device), score.to(device), mine.to(device)
 
 

@@ -26,10 +26,21 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     found = score > float("-inf")
     rows = pool.reserve_rows(idx)
     k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
-    pos = torch.where(found, pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1).gather(2, idx), -1)
-    col = pool.middle_columns(plan.sink, torch.where(mine, plan.middle, 0), kc)  # [b, kv_heads, kc]
-    pool.replaced[:b] += pool.churn(layer, col, idx, found & (col < pool.budget))
-    pool.write_columns(layer, col, k, v, pos, torch.where(found, idx, -1))
+    rpos = plan.once("slam rpos", lambda: pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1))
+    pos = torch.where(found, rpos.gather(2, idx), -1)
+    col, usable, col_rows = middle_columns(pool, plan, mine, kc)
+    pool.replaced[:b] += pool.churn(layer, col, idx, found & usable, usable)
+    pool.write_columns(layer, col_rows, k, v, pos, torch.where(found, idx, -1))
+
+
+def middle_columns(pool, plan, mine: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's columns for slam's kc picks (pool.middle_columns), whether each is a real column, and their
+    flat rows: the same for every layer of a step."""
+    def make():
+        col = pool.middle_columns(plan.sink, torch.where(mine, plan.middle, 0), kc)  # [b, kv_heads, kc]
+        return col, col < pool.budget, pool.column_rows(col)
+
+    return plan.once(("slam columns", kc), make)
 
 
 @dataclass
@@ -41,9 +52,10 @@ class SlamPolicy(CachePolicy):
     def on_evict(cls, pool, layer, plan, ev: Evicted, mine) -> None:
         # Slots that evict nothing, or use another policy, write to the reserve's scratch index.
         b = ev.k.shape[0]
-        ar = torch.arange(b, device=plan.reserve_at.device)
-        idx = plan.reserve_at.to(pool.reserve_device, non_blocking=True)
-        ar_r = ar.to(pool.reserve_device, non_blocking=True)
+        ar, ar_r, idx = plan.once("slam evict", lambda: (
+            torch.arange(b, device=plan.reserve_at.device),
+            torch.arange(b, device=pool.reserve_device),
+            plan.reserve_at.to(pool.reserve_device, non_blocking=True)))
         pool.reserve_write(layer, (ar_r, slice(None), idx), ev.k.squeeze(2), ev.v.squeeze(2))
         if ev.k_score is not None:
             pool.rks[layer][ar_r, :, idx] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)

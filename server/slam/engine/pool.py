@@ -29,7 +29,8 @@ slots [0, bucket) covers every running request and CUDA graphs per bucket stay v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +55,14 @@ class StepPlan:
     span: int = 0  # static: reserve indices [0, span) that may hold tokens (the capacity under CUDA graphs)
     is_middle: torch.Tensor | None = None  # [b, columns] bool, derived on the device from sink and middle
     refresh: bool = True  # static, per layer: slam's two-stage selection re-ranks the chunks (else reuses them)
+    memo: dict = field(default_factory=dict)  # tensors derived from the plan, the same for every layer
+
+    def once(self, key, make: Callable[[], object]):
+        """make(), computed at the step's first layer and reused by the others: on CPUs each small op costs
+        microseconds of dispatch whatever its size, thirty layers over."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
 
 class SlotPool(ChunkBounds):
@@ -234,25 +243,30 @@ class SlotPool(ChunkBounds):
             return (x.float() * s.unsqueeze(-1)).to(self.dtype)
         return x
 
-    def write_columns(self, layer: int, col: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    def column_rows(self, col: torch.Tensor) -> torch.Tensor:
+        """Flat row numbers of columns `col` [b, kv_heads, m] of slots [0, b) -> [b * kv_heads * m]."""
+        return (self.heads_base[: col.shape[0]] * (self.budget + 1) + col).view(-1)
+
+    def write_columns(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                       ridx: torch.Tensor) -> None:
-        """Columns `col` [b, kv_heads, m] of slots [0, b) take keys and values [b, kv_heads, m, head_dim], their
-        positions and reserve indices [b, kv_heads, m]. Writes to the scratch column land there."""
-        b, d = col.shape[0], self.head_dim
-        rows = (self.heads_base[:b] * (self.budget + 1) + col).view(-1)
+        """Column rows `rows` (column_rows of [b, kv_heads, m] columns) take keys and values [b, kv_heads, m,
+        head_dim], their positions and reserve indices [b, kv_heads, m]. Writes to the scratch column land there."""
+        d = self.head_dim
         self.k[layer].view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
         self.v[layer].view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
         self.pos[layer].view(-1).index_copy_(0, rows, pos.reshape(-1))
         self.ridx[layer].view(-1).index_copy_(0, rows, ridx.reshape(-1))
         self.pos[layer][:, :, self.budget] = -1  # the scratch column stays empty
 
-    def churn(self, layer: int, col: torch.Tensor, idx: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    def churn(self, layer: int, col: torch.Tensor, idx: torch.Tensor, counted: torch.Tensor,
+              usable: torch.Tensor | None = None) -> torch.Tensor:
         """Per slot of [0, b): how many reserve tokens `idx` [b, kv_heads, m] (where `counted`) about to fill
-        columns `col` are not among the tokens those columns hold now."""
+        columns `col` are not among the tokens those columns hold now; usable: col < budget, when known."""
         b = col.shape[0]
         before = self.ridx[layer][:b].gather(2, col)
+        usable = col < self.budget if usable is None else usable
         # A column that recalled nothing, and the scratch column, stand for the reserve's scratch index.
-        before = torch.where((before >= 0) & (col < self.budget), before, self.cap)
+        before = torch.where((before >= 0) & usable, before, self.cap)
         mark = self.mark[:b]
         mark.scatter_(2, before, True)
         hit = mark.gather(2, idx)
