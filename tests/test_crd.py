@@ -75,7 +75,7 @@ def test_empty_spec_gets_every_default():
     spec = admit(CRD, minimal())["spec"]
     assert spec["image"] == "slam-serve:cpu" and spec["imagePullPolicy"] == "IfNotPresent"
     assert spec["replicas"] == 1 and spec["nodeFailureGraceSeconds"] == 60
-    assert spec["model"] == {"source": "embedded", "dtype": "float32"}
+    assert spec["model"] == {"source": "embedded", "dtype": "auto"}
     assert spec["cache"] == {"policy": "slam", "budget": 256, "sink": 4, "recent": 64,
                              "reserveDevice": "auto", "reserveDtype": "bfloat16"}
     assert spec["server"] == {"port": 8000, "maxBatch": 8, "maxQueue": 64}

@@ -20,7 +20,8 @@ class _Spec(BaseModel):
 
 class ModelSpec(_Spec):
     source: str = Field(default=EMBEDDED, min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
+    # auto: int8 weights on a pod without a GPU, float32 on GPUs, as `slam serve` decides.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     pvcName: str | None = None
 
 
