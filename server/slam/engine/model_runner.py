@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted, fused
+from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted, cpu_kernels, fused
 from slam.compiled import compiled
 from slam.engine import attention as A
 from slam.engine import int8
@@ -100,6 +100,7 @@ class ModelRunner:
                              self.device, rdev, reserve_int8, cache_positions, *selection, int8_scoring=int8_weights)
         self.pool.compile = compile and self.device.type == "cuda"
         self.pool.fused = compile and fused.available(self.pool)
+        self.pool.cpu_kernels = compile and self.device.type == "cpu" and cpu_kernels.available()
         # The fused ring write keeps stored keys rotated; position_mode="cache" needs the eager one's extras.
         self.fused_ring = compile and ring.available(self.device) and not cache_positions
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)

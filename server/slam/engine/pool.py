@@ -110,6 +110,7 @@ class SlotPool(ChunkBounds):
         self.select_every = 1  # steps between stage one's refreshes of a layer's chunks (set by the runner)
         self.compile = False  # GPUs: decode-step and selection functions through torch.compile (set by the runner)
         self.fused = False  # write the chosen tokens with one Triton kernel (cache/fused.py; set likewise)
+        self.cpu_kernels = False  # CPUs: selection tail and placement as C++ ops (cache/cpu_kernels.py; likewise)
         self.smin: list[torch.Tensor] = []
         self.smax: list[torch.Tensor] = []
         self.sscale: list[torch.Tensor] = []

@@ -1,0 +1,55 @@
+"""Slam's selection tail and placement as two C++ ops for CPUs (cpu_kernels.cpp), built on first use.
+
+A slam layer on a CPU ran about forty small torch ops after scoring (the group's maximum, top-k with ties
+broken by reserve index, the gathers, churn and column writes); each costs microseconds of dispatch. The
+ops give exactly what selection.top_by_index and slam.place give (tests/test_cpu_kernels.py). The build
+needs a C++ compiler: torch.utils.cpp_extension compiles once per machine, into its cache, in about 20 s.
+Without a compiler (or with the engine's `compile` off) the torch versions run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_suffix(".cpp")
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the ops are loaded, building them on the first call (once per process)."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _build()
+        return _state["ok"]
+
+
+def _build() -> bool:
+    try:
+        from torch.utils.cpp_extension import load
+
+        load("slam_cpu_kernels", [str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+        return True
+    except Exception as e:  # no compiler, no headers: the torch versions do the same work
+        log.warning("slam's CPU kernels did not build (%s: %s); selection runs as torch ops", type(e).__name__, e)
+        return False
+
+
+def group_top(logp: torch.Tensor, stored: torch.Tensor, kc: int, order: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """selection.top_by_index over the group's maximum: logp [b, h, g, m] log-probabilities, stored [b, 1 or
+    h, m], order [b, h, m] tie keys (None: positions) -> (positions in m, scores) [b, h, kc], best first."""
+    empty = torch.empty(0, dtype=torch.long)
+    return torch.ops.slam_cpu.group_top(logp, stored, kc, empty if order is None else order)
+
+
+def place(pool, layer: int, idx: torch.Tensor, score: torch.Tensor, col: torch.Tensor) -> None:
+    """slam.place's gathers, churn and column writes for layer `layer` of slots [0, idx.shape[0])."""
+    pool.replaced[: idx.shape[0]] += torch.ops.slam_cpu.place(
+        idx, score, pool.rpos, pool.rk[layer], pool.rv[layer], pool.k[layer], pool.v[layer], pool.pos[layer],
+        pool.ridx[layer], col, pool.budget)

@@ -1,0 +1,88 @@
+"""Slam's C++ CPU ops (server/slam/cache/cpu_kernels.py) give exactly what the torch code they replace gives:
+the group's best reserve tokens with ties broken by reserve index, and the placement with its churn count."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slam.bench.shapes import SHAPES, random_model, synthetic_request
+from slam.cache import cpu_kernels
+from slam.cache.selection import candidate_top, exact_top
+from slam.cache.slam import place
+from slam.config import CacheConfig, EngineConfig
+from slam.engine.engine import LLMEngine
+from slam.engine.sequence import SamplingParams
+from tests.fused_check import random_pool
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the torch code runs instead")
+
+
+def bf16_dots(g: torch.Generator, *shape: int) -> torch.Tensor:
+    # Rounded to bfloat16 as dot_int8's are, so that many scores tie exactly.
+    return torch.randn(*shape, generator=g).to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_top_equals_torch_with_ties_and_empty_slots(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, group, m, kc = 3, 3, 3, 700, 188
+    dots = bf16_dots(g, b, h, group, m).clamp(-1, 1).mul(4).round()  # few distinct values: ties everywhere
+    rpos = torch.arange(m).expand(b, -1).clone()
+    rpos[1, ::7] = -1  # indices that hold nothing
+    n = torch.tensor([m, 400, 0])  # the last slot has stored nothing yet
+    want = exact_top(dots, rpos, n, kc, 0.125, ties=True)
+    got = exact_top(dots, rpos, n, kc, 0.125, ties=True, cpu=True)
+    found = want[1] > float("-inf")
+    assert torch.equal(want[1], got[1])
+    assert torch.equal(want[0][found], got[0][found])  # picks that found nothing may be any index
+
+
+def test_candidate_top_breaks_ties_by_reserve_index_not_position():
+    g = torch.Generator().manual_seed(5)
+    b, h, group, m, kc = 2, 3, 3, 512, 60
+    dots = bf16_dots(g, b, h, group, m).clamp(-1, 1).mul(3).round()
+    idx = torch.stack([torch.randperm(2000, generator=g)[:m] for _ in range(b * h)]).view(b, h, m)
+    rpos = torch.arange(2001).expand(b, -1).clone()
+    n = torch.tensor([2000, 1500])
+    fresh = torch.rand(b, h, m, generator=g) > 0.1
+    want = candidate_top(dots, idx, rpos, n, kc, 0.125, fresh=fresh, ties=True)
+    got = candidate_top(dots, idx, rpos, n, kc, 0.125, fresh=fresh, ties=True, cpu=True)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_place_equals_torch_place(dtype):
+    pool, plan, idx, score, mine = random_pool("cpu", dtype, seed=3, kc=24)
+    score, order = score.sort(dim=-1, descending=True)  # place takes the picks best first
+    idx = idx.gather(2, order)
+    eager, kernel = copy.deepcopy(pool), copy.deepcopy(pool)
+    eager.cpu_kernels, kernel.cpu_kernels = False, True
+    for layer in range(pool.layers):
+        place(eager, layer, plan, idx, score, mine)
+        place(kernel, layer, plan, idx, score, mine)
+    for name in ("k", "v", "pos", "ridx"):
+        for layer in range(pool.layers):
+            a, b = getattr(eager, name)[layer][:, :, : pool.budget], getattr(kernel, name)[layer][:, :, : pool.budget]
+            assert torch.equal(a, b), f"{name}[{layer}]"
+    assert torch.equal(eager.replaced, kernel.replaced) and int(kernel.replaced.sum()) > 0
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float32"])
+def test_engine_with_kernels_decodes_like_the_torch_code(dtype):
+    """Tokens and churn of slam requests of different lengths, with the ops and without, over many steps."""
+    loaded = random_model(dict(SHAPES["smollm2-135m"], num_hidden_layers=4), dtype, "cpu")
+    runs = []
+    for kernels in (True, False):
+        cache = CacheConfig(policy="slam", budget=128, sink=4, recent=32)
+        engine = LLMEngine(EngineConfig(max_batch=4, cache=cache, dtype=dtype, max_model_len=1400), loaded)
+        assert engine.runner.pool.cpu_kernels  # built and on by default
+        engine.runner.pool.cpu_kernels = kernels
+        seqs = [synthetic_request(engine, 600 + 250 * i, SamplingParams(max_tokens=30, ignore_eos=True), seed=i)
+                for i in range(3)]
+        for _ in range(30):
+            engine.step()
+        runs.append(([s.output_ids for s in seqs], engine.runner.pool.replaced.tolist()))
+    assert runs[0] == runs[1]
