@@ -3,10 +3,11 @@
 // layer; on a CPU each costs microseconds of dispatch whatever its size, which made a slam step twice as
 // long as a streaming one. Both functions give exactly what the torch versions give.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <tuple>
@@ -16,6 +17,14 @@
 namespace {
 
 constexpr float kNone = -std::numeric_limits<float>::infinity();
+
+// A float's bits as an unsigned integer in the float's order (-0.0 taken as 0.0, as comparisons take it).
+inline uint32_t ordered_bits(float f) {
+  if (f == 0.0f) f = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 
 // logp: [b, h, g, m] float32 log-probabilities; stored: [b, 1 or h, m] bool; order: [b, h, m] int64 tie
 // keys, or an empty tensor (ties by position) -> (positions, scores) [b, h, kc], best first. A score is the
@@ -37,31 +46,36 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
   const int64_t* ord_p = keyed ? ord.data_ptr<int64_t>() : nullptr;
   int64_t* idx_p = out_idx.data_ptr<int64_t>();
   float* score_p = out_score.data_ptr<float>();
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+  // Serial: a step has few rows, and waking the intra-op threads costs more than the rows (OMP_WAIT_POLICY
+  // is passive on the project's servers).
+  auto run = [&](int64_t begin, int64_t end) {
     std::vector<float> s(m);
-    std::vector<int64_t> at(m);
+    std::vector<uint64_t> key(m);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t slot = row / h, head = row % h;
       const bool* ok = st_p + (slot * st_heads + (st_heads == 1 ? 0 : head)) * m;
       const float* x = lp_p + row * g * m;
+      const int64_t* tie = keyed ? ord_p + row * m : nullptr;
       for (int64_t i = 0; i < m; ++i) {
         float best = x[i];
         for (int64_t j = 1; j < g; ++j) best = std::max(best, x[j * m + i]);
         s[i] = ok[i] ? best : kNone;
+        // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
+        // first (low word). Tie keys are reserve indices or positions, below 2^32.
+        key[i] = (uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i));
       }
-      const int64_t* key = keyed ? ord_p + row * m : nullptr;
-      auto better = [&](int64_t a, int64_t c) {
-        if (s[a] != s[c]) return s[a] > s[c];
-        return key ? key[a] < key[c] : a < c;
-      };
+      std::vector<int64_t> at(m);
       std::iota(at.begin(), at.end(), 0);
-      std::partial_sort(at.begin(), at.begin() + kc, at.end(), better);
+      auto better = [&](int64_t a, int64_t c) { return key[a] > key[c]; };
+      std::nth_element(at.begin(), at.begin() + kc, at.end(), better);
+      std::sort(at.begin(), at.begin() + kc, better);
       for (int64_t j = 0; j < kc; ++j) {
         idx_p[row * kc + j] = at[j];
         score_p[row * kc + j] = s[at[j]];
       }
     }
-  });
+  };
+  run(0, b * h);
   return {out_idx, out_score};
 }
 
@@ -69,7 +83,7 @@ template <typename T>
 void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, const T* rk, const T* rv, T* k, T* v,
                 int64_t* pos, int64_t* ridx, const int64_t* col, int64_t* churn, int64_t b, int64_t h, int64_t kc,
                 int64_t d, int64_t rows, int64_t cols, int64_t budget) {
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+  auto run = [&](int64_t begin, int64_t end) {
     std::unordered_set<int64_t> before;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t slot = row / h;
@@ -91,7 +105,8 @@ void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, con
       }
       churn[row] = fresh;
     }
-  });
+  };
+  run(0, b * h);
 }
 
 // Columns col [b, h, kc] of slots [0, b) take reserve rows idx [b, h, kc] of rk, rv [slots, h, rows, d] into
