@@ -32,6 +32,7 @@ from slam.checkpoint.store import CheckpointConfig
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
+from slam_operator.spec import ModelSpec
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(400)]
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
@@ -81,8 +82,9 @@ class Client:
 
 
 def uninterrupted(loaded) -> list[tuple[list[int], str]]:
-    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=BUDGET, sink=SINK, recent=RECENT)),
-                       loaded=loaded)
+    # The servers run the operator's default model.dtype ("auto": int8 weights on this CPU).
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(policy="slam", budget=BUDGET, sink=SINK, recent=RECENT),
+                                    dtype=ModelSpec().dtype), loaded=loaded)
     seqs = [engine.add_request(engine.encode_chat([{"role": "user", "content": p}]),
                                SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0.0))
             for p in PROMPTS]

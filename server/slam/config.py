@@ -73,7 +73,9 @@ class EngineConfig(BaseModel):
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
     reserve_dtype: Literal["bfloat16", "int8"] = "bfloat16"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
-    compile: bool = True  # GPUs: small decode-step functions through torch.compile, slam's placement in Triton
+    # GPUs: small decode-step functions through torch.compile, slam's placement in Triton; CPUs: slam's
+    # selection tail and placement as C++ ops (cache/cpu_kernels.py).
+    compile: bool = True
     # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
     select_every: int = Field(default=1, ge=1)
     # slam: two-stage selection scores chunks of `select_chunk` reserve tokens by their key bounds and
@@ -172,8 +174,8 @@ class ServerSettings(BaseSettings):
                                                        "(per-token scales) for evicted tokens")
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
     compile: bool = Field(default=True, description="GPUs: fuse the decode step's small functions with "
-                          "torch.compile and place slam's tokens with a Triton kernel (false: eager kernels, no "
-                          "compile time at the first decode step)")
+                          "torch.compile and place slam's tokens with a Triton kernel; CPUs: slam's selection and "
+                          "placement as C++ ops built on first use (false: eager torch kernels, no compile time)")
     select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
                               "its critical tokens")
     select_chunk: int = Field(default=8, ge=1, description="slam: reserve tokens per chunk whose key bounds "
