@@ -1,7 +1,8 @@
 // Slam's selection tail and placement on the CPU, one call per layer each (cache/cpu_kernels.py builds
-// this file). The torch versions (selection.top_by_index, slam.place) run about forty small ops per
-// layer; on a CPU each costs microseconds of dispatch whatever its size, which made a slam step twice as
-// long as a streaming one. Both functions give exactly what the torch versions give.
+// this file). The torch versions (selection.top_by_index, slam.place) run about forty small ops per layer,
+// each paying dispatch and, when OpenMP's threads sleep between ops, a thread wake-up. Both functions give
+// exactly what the torch versions give. They run serially: a step has few rows, and waking the intra-op
+// threads would cost more than the rows.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -46,36 +47,31 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
   const int64_t* ord_p = keyed ? ord.data_ptr<int64_t>() : nullptr;
   int64_t* idx_p = out_idx.data_ptr<int64_t>();
   float* score_p = out_score.data_ptr<float>();
-  // Serial: a step has few rows, and waking the intra-op threads costs more than the rows (OMP_WAIT_POLICY
-  // is passive on the project's servers).
-  auto run = [&](int64_t begin, int64_t end) {
-    std::vector<float> s(m);
-    std::vector<uint64_t> key(m);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t slot = row / h, head = row % h;
-      const bool* ok = st_p + (slot * st_heads + (st_heads == 1 ? 0 : head)) * m;
-      const float* x = lp_p + row * g * m;
-      const int64_t* tie = keyed ? ord_p + row * m : nullptr;
-      for (int64_t i = 0; i < m; ++i) {
-        float best = x[i];
-        for (int64_t j = 1; j < g; ++j) best = std::max(best, x[j * m + i]);
-        s[i] = ok[i] ? best : kNone;
-        // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
-        // first (low word). Tie keys are reserve indices or positions, below 2^32.
-        key[i] = (uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i));
-      }
-      std::vector<int64_t> at(m);
-      std::iota(at.begin(), at.end(), 0);
-      auto better = [&](int64_t a, int64_t c) { return key[a] > key[c]; };
-      std::nth_element(at.begin(), at.begin() + kc, at.end(), better);
-      std::sort(at.begin(), at.begin() + kc, better);
-      for (int64_t j = 0; j < kc; ++j) {
-        idx_p[row * kc + j] = at[j];
-        score_p[row * kc + j] = s[at[j]];
-      }
+  std::vector<float> s(m);
+  std::vector<uint64_t> key(m);
+  std::vector<int64_t> at(m);
+  for (int64_t row = 0; row < b * h; ++row) {
+    const int64_t slot = row / h, head = row % h;
+    const bool* ok = st_p + (slot * st_heads + (st_heads == 1 ? 0 : head)) * m;
+    const float* x = lp_p + row * g * m;
+    const int64_t* tie = keyed ? ord_p + row * m : nullptr;
+    for (int64_t i = 0; i < m; ++i) {
+      float best = x[i];
+      for (int64_t j = 1; j < g; ++j) best = std::max(best, x[j * m + i]);
+      s[i] = ok[i] ? best : kNone;
+      // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
+      // first (low word). Tie keys are reserve indices or positions, below 2^32.
+      key[i] = (uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i));
     }
-  };
-  run(0, b * h);
+    std::iota(at.begin(), at.end(), 0);
+    auto better = [&](int64_t a, int64_t c) { return key[a] > key[c]; };
+    std::nth_element(at.begin(), at.begin() + kc, at.end(), better);
+    std::sort(at.begin(), at.begin() + kc, better);
+    for (int64_t j = 0; j < kc; ++j) {
+      idx_p[row * kc + j] = at[j];
+      score_p[row * kc + j] = s[at[j]];
+    }
+  }
   return {out_idx, out_score};
 }
 
@@ -83,30 +79,27 @@ template <typename T>
 void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, const T* rk, const T* rv, T* k, T* v,
                 int64_t* pos, int64_t* ridx, const int64_t* col, int64_t* churn, int64_t b, int64_t h, int64_t kc,
                 int64_t d, int64_t rows, int64_t cols, int64_t budget) {
-  auto run = [&](int64_t begin, int64_t end) {
-    std::unordered_set<int64_t> before;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t slot = row / h;
-      const int64_t* c = col + row * kc;
-      const int64_t* r = idx + row * kc;
-      const float* sc = score + row * kc;
-      int64_t* rid = ridx + row * cols;
-      before.clear();
-      for (int64_t j = 0; j < kc; ++j)
-        if (c[j] < budget && rid[c[j]] >= 0) before.insert(rid[c[j]]);
-      int64_t fresh = 0;
-      for (int64_t j = 0; j < kc; ++j) {
-        const bool found = sc[j] > kNone;
-        fresh += found && c[j] < budget && !before.count(r[j]);
-        std::copy_n(rk + (row * rows + r[j]) * d, d, k + (row * cols + c[j]) * d);
-        std::copy_n(rv + (row * rows + r[j]) * d, d, v + (row * cols + c[j]) * d);
-        pos[row * cols + c[j]] = found && c[j] < budget ? rpos[slot * rows + r[j]] : -1;  // scratch stays empty
-        rid[c[j]] = found ? r[j] : -1;
-      }
-      churn[row] = fresh;
+  std::unordered_set<int64_t> before;
+  for (int64_t row = 0; row < b * h; ++row) {
+    const int64_t slot = row / h;
+    const int64_t* c = col + row * kc;
+    const int64_t* r = idx + row * kc;
+    const float* sc = score + row * kc;
+    int64_t* rid = ridx + row * cols;
+    before.clear();
+    for (int64_t j = 0; j < kc; ++j)
+      if (c[j] < budget && rid[c[j]] >= 0) before.insert(rid[c[j]]);
+    int64_t fresh = 0;
+    for (int64_t j = 0; j < kc; ++j) {
+      const bool found = sc[j] > kNone;
+      fresh += found && c[j] < budget && !before.count(r[j]);
+      std::copy_n(rk + (row * rows + r[j]) * d, d, k + (row * cols + c[j]) * d);
+      std::copy_n(rv + (row * rows + r[j]) * d, d, v + (row * cols + c[j]) * d);
+      pos[row * cols + c[j]] = found && c[j] < budget ? rpos[slot * rows + r[j]] : -1;  // scratch stays empty
+      rid[c[j]] = found ? r[j] : -1;
     }
-  };
-  run(0, b * h);
+    churn[row] = fresh;
+  }
 }
 
 // Columns col [b, h, kc] of slots [0, b) take reserve rows idx [b, h, kc] of rk, rv [slots, h, rows, d] into
@@ -115,8 +108,7 @@ void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, con
 // slot [b]: found picks bound for real columns (below `budget`) that none of those columns held before.
 at::Tensor place(const at::Tensor& idx, const at::Tensor& score, const at::Tensor& rpos, const at::Tensor& rk,
                  const at::Tensor& rv, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-                 const at::Tensor& ridx,
-                 const at::Tensor& col, int64_t budget) {
+                 const at::Tensor& ridx, const at::Tensor& col, int64_t budget) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&rk, &rv, &k, &v, &pos, &ridx, &rpos})
     TORCH_CHECK(t->is_contiguous(), "place: pool tensors must be contiguous");
   TORCH_CHECK(rk.scalar_type() == k.scalar_type() && rv.scalar_type() == v.scalar_type(), "place: reserve dtype");
