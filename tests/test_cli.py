@@ -80,6 +80,9 @@ def test_eval_niah_json_table_and_plot(tiny_dir, tmp_path):
     assert len(rows) == 2 * 3  # seeds x (full, slam/48, slam/96)
     assert {(r["policy"], r["budget"]) for r in rows} == {("full", None), ("slam", 48), ("slam", 96)}
     assert all({"policy", "budget", "length", "depth", "seed", "found", "answer"} <= r.keys() for r in rows)
+    assert all(r["tokens"] > 0 for r in rows)
+    churn = {r["budget"]: r["replacements"] for r in rows if r["seed"] == 0}
+    assert churn[None] == 0 and churn[48] > 0  # only slam recalls tokens into its cache
     assert plot.read_bytes()[:4] == b"\x89PNG"
     table = run(*args)
     assert table.returncode == 0 and "slam" in table.stdout and "/2" in table.stdout

@@ -28,6 +28,10 @@ class NiahCase:
     answer: str
     found: bool
     setting: str = "known"  # whether the question was part of the prefill that the cache compressed
+    # slam's churn: critical tokens that entered the cache, summed over layers and KV heads, and the tokens
+    # generated meanwhile (replacements / tokens / layers / heads: the churn per refresh at r = 1)
+    replacements: int = 0
+    tokens: int = 0
 
 
 def needle_key(seed: int) -> str:
@@ -84,6 +88,8 @@ def run_niah(
                 answer=seq.output_text.strip(),
                 found=key in seq.output_text,
                 setting="unseen" if question_unseen else "known",
+                replacements=seq.replacements,
+                tokens=len(seq.output_ids),
             )
 
 
