@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-
 from slam.bench.shapes import SHAPES, random_model, synthetic_request
 from slam.cache import cpu_kernels
 from slam.cache.selection import candidate_top, exact_top
@@ -15,6 +14,7 @@ from slam.cache.slam import place
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
+
 from tests.fused_check import random_pool
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the torch code runs instead")
