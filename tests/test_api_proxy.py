@@ -12,10 +12,10 @@ import httpx
 import pytest
 from api_fixtures import MODEL, SERVER_DTYPE, running_server
 from s3_fixtures import make_config, s3_endpoint  # noqa: F401  (fixture)
-
 from slam.api.janitor import collect
-from slam.api.proxy import trusted
-from slam.checkpoint import Checkpointer, ObjectStore, latest_epoch
+from slam.api.proxy import find_owner, trusted
+from slam.api.streams import RETENTION_S
+from slam.checkpoint import Checkpointer, ObjectStore, latest_epoch, load_slot
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
@@ -129,3 +129,31 @@ def test_the_slot_owner_collects_stale_checkpoints(s3_endpoint, engine):
     assert collect(store, 2, live={live}, max_age_s=3600, orphan_grace_s=0, now=time.time() + 3700)["requests"] == 1
     assert not any(f"/{live}/" in n for n in store.list(f"{config.prefix}/"))
     assert json.loads(json.dumps(counts))  # plain counts, for the log line
+
+
+def test_a_finished_request_still_names_its_owner(s3_endpoint, engine):
+    """Once a request finishes, its checkpoints give way to a record of its owner: a client reconnecting to
+    another replica is still forwarded to the finished stream, a restore does not bring the request back,
+    and the slot's collector removes the record when the owner no longer keeps the stream."""
+    endpoint, access, secret = s3_endpoint
+    config = make_config(endpoint, access, secret, slot=4, advertise_url="http://owner.example:8000",
+                         interval_tokens=2)
+    store = ObjectStore(config)
+    ckpt = Checkpointer(store, config)
+    seq = engine.add_request(engine.encode("Tell me a story about"), SamplingParams(max_tokens=6, ignore_eos=True))
+    root = ckpt.root(seq.request_id)
+    while engine.has_work():
+        ckpt.after_step([out.seq for out in engine.step()])
+        if not seq.finished:
+            assert ckpt.flush(30)
+            assert find_owner(store, seq.request_id) == config.advertise_url  # from its manifests
+    assert ckpt.flush(30)
+    ckpt.close(5)
+    assert store.list(root) == [root + "finished.json"]  # the checkpoints are gone, the record stays
+    assert find_owner(store, seq.request_id) == config.advertise_url
+    assert load_slot(store, 4) == []
+
+    assert collect(store, 4, live=set(), max_age_s=3600, orphan_grace_s=0)["finished"] == 0
+    later = time.time() + RETENTION_S + 1
+    assert collect(store, 4, live=set(), max_age_s=3600, orphan_grace_s=0, now=later)["finished"] == 1
+    assert store.list(root) == [] and find_owner(store, seq.request_id) is None

@@ -207,6 +207,13 @@ def test_sigterm_checkpoints_then_resume_through_proxy(s3, reference, tmp_path):
             # The first two resume on their owner, the last two through C, which proxies to B.
             _resume_all(clients, [url_b, url_b, url_c, url_c])
             check(clients, reference, url_b)
+            # Finished on B, a request is still forwarded there: a client may reconnect after the end.
+            headers = {"Last-Event-ID": str(MAX_TOKENS - 3)}
+            with httpx.stream("GET", f"{url_c}/v1/requests/{clients[0].request_id}/stream", headers=headers,
+                              timeout=60) as r:
+                assert r.status_code == 200 and r.headers["X-Slam-Owner"] == url_b
+                late = [int(line[4:]) for line in r.iter_lines() if line.startswith("id: ")]
+            assert late == [MAX_TOKENS - 2, MAX_TOKENS - 1]
             missing = httpx.get(f"{url_c}/v1/requests/chatcmpl-nosuch/stream", timeout=10)
             assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
 

@@ -2,8 +2,8 @@
 
 Left behind in a slot, over time: checkpoints of requests nobody resumed here (a restore that failed, an
 abort whose delete did not reach the store during an outage, a fenced-off older pod's writes), orphaned
-versions (uploads cut off before their manifest), and checkpoints that have not been refreshed for
-`--checkpoint-max-age`. Only the store's public list/get/delete are used, and a request's directory is
+versions (uploads cut off before their manifest), checkpoints that have not been refreshed for
+`--checkpoint-max-age`, and finished requests' records once their streams are no longer kept. Only the store's public list/get/delete are used, and a request's directory is
 found from the names of its objects, so the collector does not depend on how slots are laid out inside.
 """
 
@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from slam.api.streams import RETENTION_S
 from slam.checkpoint import ObjectStore
 from slam.checkpoint import format as fmt
 from slam.config import ServerSettings
 
 log = logging.getLogger("slam.api")
 VERSION = re.compile(r"v(\d{8})")
-LEAVES = {"prompt.safetensors", "reserve"}
+LEAVES = {"prompt.safetensors", "reserve", fmt.FINISHED}
 UPLOAD_GRACE_S = 120.0  # a version without manifest younger than this may still be uploading
 
 
@@ -73,13 +74,23 @@ def slot_objects(store: ObjectStore, slot: int, epoch: int | None = None) -> lis
 
 
 def collect(store: ObjectStore, slot: int, live: set[str], max_age_s: float, orphan_grace_s: float,
-            now: float | None = None, epoch: int | None = None) -> dict[str, int]:
-    """One pass over `slot` (its epochs up to `epoch`). Returns counts of what was deleted."""
+            now: float | None = None, epoch: int | None = None, finished_keep_s: float = RETENTION_S
+            ) -> dict[str, int]:
+    """One pass over `slot` (its epochs up to `epoch`). Returns counts of what was deleted. A finished
+    request's record goes once its owner no longer keeps the stream (`finished_keep_s`, the buffers'
+    retention), with whatever a cut-off delete left beside it."""
     now = time.time() if now is None else now
-    counts = {"requests": 0, "versions": 0, "objects": 0}
+    counts = {"requests": 0, "versions": 0, "finished": 0, "objects": 0}
     for req in group(slot_objects(store, slot, epoch)).values():
+        record = next((n for n in req.other if n.endswith("/" + fmt.FINISHED)), None)
+        if record is not None:
+            done = _stamp(store, record, "finished_unix")
+            if done is None or now - done > finished_keep_s:
+                counts["objects"] += _delete(store, req.names())
+                counts["finished"] += 1
+            continue
         manifests = req.manifests()
-        newest = _created(store, manifests[max(manifests)]) if manifests else None
+        newest = _stamp(store, manifests[max(manifests)], "created_unix") if manifests else None
         age = now - newest if newest is not None else None
         nobody = req.request_id not in live and (age is None or age > orphan_grace_s)
         if nobody or (age is not None and age > max_age_s):
@@ -94,11 +105,13 @@ def collect(store: ObjectStore, slot: int, live: set[str], max_age_s: float, orp
     return counts
 
 
-def _created(store: ObjectStore, manifest: str) -> float | None:
+def _stamp(store: ObjectStore, name: str, key: str) -> float | None:
+    """The time `key` of a manifest or record; None when unreadable (a manifest's age is then unknown, so it
+    is never "too old"; a record that cannot be read names no owner, so it goes)."""
     try:
-        return float(fmt.decode_manifest(store.get(manifest)).get("created_unix", 0))
-    except Exception as exc:  # an unreadable manifest: its age is unknown, so it is never "too old"
-        log.warning("checkpoint collector cannot read %s: %s", manifest, exc)
+        return float(fmt.decode_manifest(store.get(name)).get(key, 0))
+    except Exception as exc:
+        log.warning("checkpoint collector cannot read %s: %s", name, exc)
         return None
 
 

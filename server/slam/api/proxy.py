@@ -1,7 +1,8 @@
 """Finding which replica owns a request (from the checkpoint manifests in S3) and proxying to it.
 
 A client that reconnects to a replica that does not hold the request's buffer is forwarded, streaming, to
-the URL in the newest manifest that names the request at the highest claimed epoch of its slot (format.py;
+the URL in the newest manifest (or, once it finished, the finished record) that names the request at the
+highest claimed epoch of its slot (format.py;
 a pod cut off from the cluster may still write older epochs, with newer timestamps), if that URL's host is
 one of the trusted peers (--peer-domain); a manifest naming any other host is ignored, since anyone who
 can write to the bucket could otherwise point replicas anywhere. The forward authenticates with this
@@ -54,15 +55,21 @@ def _slot_owner(store: ObjectStore, prefix: str, slot: int, request_id: str) -> 
     if epoch is None:
         return None
     root = fmt.request_dir(prefix, slot, request_id, epoch)
-    versions = sorted((m.group(1) for name in store.list(root) if (m := MANIFEST_RE.match(name[len(root):]))),
-                      reverse=True)
-    for v in versions:
-        try:
-            m = fmt.decode_manifest(store.get(f"{root}v{v}/{fmt.MANIFEST}"))
-        except Exception:
-            continue
-        if m.get("request_id") == request_id and m.get("owner_url"):
-            return float(m.get("created_unix", 0)), m["owner_url"]
+    for _ in range(2):  # the request may finish between the listing and the reads: its record is then new
+        names = store.list(root)
+        versions = sorted((m.group(1) for n in names if (m := MANIFEST_RE.match(n[len(root):]))), reverse=True)
+        # A finished request's record, else its manifests newest first: the first that names an owner.
+        candidates = ([root + fmt.FINISHED] if root + fmt.FINISHED in names else []) + \
+            [f"{root}v{v}/{fmt.MANIFEST}" for v in versions]
+        if not candidates:
+            return None
+        for name in candidates:
+            try:
+                m = fmt.decode_manifest(store.get(name))
+            except Exception:
+                continue
+            if m.get("request_id") == request_id and m.get("owner_url"):
+                return float(m.get("finished_unix", m.get("created_unix", 0))), m["owner_url"]
     return None
 
 

@@ -38,7 +38,7 @@ CLAIM = fmt.EPOCH_MARKER  # the claim's key in the queue: no request id starts w
 class _Item:
     kind: str  # "upload" | "delete" | "claim"
     snap: Snapshot | None = None
-    body: dict | None = None  # the claim's marker
+    body: dict | None = None  # the claim's marker, or a finished request's record
     not_before: float = 0.0
     attempts: int = 0
 
@@ -133,7 +133,7 @@ class Checkpointer:
         for seq in seqs:
             if seq.finished:
                 if seq.request_id in self._trackers:  # never checkpointed: nothing to delete
-                    self.delete_request(seq.request_id)
+                    self.delete_request(seq.request_id, self._finished_record(seq))
                 continue
             tr = self._trackers.get(seq.request_id)
             last = -1 if tr is None else tr.last_tokens
@@ -148,12 +148,19 @@ class Checkpointer:
                 self.submit(self.snapshot(seq), block=True, timeout=max(deadline - time.monotonic(), 0))
         return self.flush(max(deadline - time.monotonic(), 0))
 
-    def delete_request(self, request_id: str) -> None:
-        """Remove a finished request's objects (asynchronously; replaces any pending snapshot)."""
+    def delete_request(self, request_id: str, record: dict | None = None) -> None:
+        """Remove a finished or aborted request's objects (asynchronously; replaces any pending snapshot),
+        leaving `record` in their place when given (layout.FINISHED)."""
         with self._cond:
             self._pending.pop(request_id, None)
-            self._pending[request_id] = _Item("delete")
+            self._pending[request_id] = _Item("delete", body=record)
             self._cond.notify_all()
+
+    def _finished_record(self, seq: Sequence) -> dict | None:
+        if not self.config.advertise_url:
+            return None  # no replica could forward to us anyway
+        return {"request_id": seq.request_id, "owner_url": self.config.advertise_url, "finished_unix": time.time(),
+                "finish_reason": seq.finish_reason, "output_tokens": len(seq.output_ids)}
 
     def claim(self, restored_from: dict[str, int] | None = None, timeout: float | None = None) -> bool:
         """Store this epoch's marker before any later upload. With `timeout`, wait for it; False when it
@@ -236,7 +243,7 @@ class Checkpointer:
                 if self.fenced:
                     continue  # another pod holds this epoch: nothing more is written to it
                 if item.kind == "delete":
-                    self._delete(rid)
+                    self._delete(rid, item.body)
                 elif item.kind == "claim":
                     self._claim(item.body)
                 else:
@@ -281,9 +288,13 @@ class Checkpointer:
             self._pending.clear()
             self._cond.notify_all()
 
-    def _delete(self, rid: str) -> None:
+    def _delete(self, rid: str, record: dict | None) -> None:
+        root = self.root(rid)
+        if record is not None:  # first: an owner lookup half-way through finds the record or a manifest
+            self.store.put(root + fmt.FINISHED, fmt.encode_manifest(record))
         # Manifests first: a restore that lists the request half-way through finds no version, not broken ones.
-        names = sorted(self.store.list(self.root(rid)), key=lambda n: not n.endswith(fmt.MANIFEST))
+        names = sorted((n for n in self.store.list(root) if record is None or n != root + fmt.FINISHED),
+                       key=lambda n: not n.endswith(fmt.MANIFEST))
         for name in names:
             self.store.delete(name)
         with self._cond:

@@ -17,6 +17,8 @@ and in each request directory:
     v<version:08d>/tokens.safetensors    generated ids and the sampling RNG state
     v<version:08d>/state.safetensors     the active compressed cache (absent before the first forward pass)
     v<version:08d>/manifest.json         written last: a version without it does not exist
+    finished.json                        once the request finished, in place of everything above: its
+                                         owner's URL, kept while the owner keeps the finished stream
 
 Tokens live apart from the cache so that a corrupt cache still leaves a re-prefill from tokens, and the prompt lives
 apart from the versions so that a bounded policy's per-version state is bounded too. Every manifest names the
@@ -36,6 +38,7 @@ from safetensors.torch import save as st_save
 # The object names are torch-free (the operator needs them too); callers read them through this module.
 from slam.checkpoint.layout import (  # noqa: F401
     EPOCH_MARKER,
+    FINISHED,
     MANIFEST,
     dir_number,
     epoch_dir,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 MANIFEST = "manifest.json"
 EPOCH_MARKER = ".epoch.json"  # a leading dot: no request id can collide with it
+# What stays of a finished request's directory while its owner still holds the finished stream: the owner's
+# URL, so that a client reconnecting to another replica is still forwarded to it.
+FINISHED = "finished.json"
 
 
 def request_dir(prefix: str, slot: int, request_id: str, epoch: int = 0) -> str:

@@ -93,6 +93,7 @@ def load_slot(store: ObjectStore, slot: int, prefix: str | None = None, epoch: i
             return []
     base = fmt.epoch_dir(prefix, slot, epoch)
     by_request: dict[str, list[int]] = {}
+    finished: set[str] = set()
     for name in store.list(base):
         rid, slash, rest = name[len(base) :].partition("/")
         if not slash:  # the epoch's own marker
@@ -101,9 +102,10 @@ def load_slot(store: ObjectStore, slot: int, prefix: str | None = None, epoch: i
         by_request.setdefault(rid, [])
         if match:
             by_request[rid].append(int(match.group(1)))
-    return [
-        load_request(store, base + rid + "/", rid, sorted(vs, reverse=True)) for rid, vs in sorted(by_request.items())
-    ]
+        elif rest == fmt.FINISHED:
+            finished.add(rid)  # done before the crash; what is left of it is being deleted
+    return [load_request(store, base + rid + "/", rid, sorted(vs, reverse=True))
+            for rid, vs in sorted(by_request.items()) if rid not in finished]
 
 
 def load_request(store: ObjectStore, root: str, rid: str, versions: list[int]) -> RestoredRequest:
