@@ -21,6 +21,11 @@ profile)  # kernel time by name per policy (eager, torch.profiler) and graph-rep
     --budget ${BUDGET:-256} --oversample ${OVERSAMPLE:-8} ${EXTRA:-} 2>&1 | tee -a "$OUT/profile.log" ;;
 micro)  # the pieces of exact selection, each in a CUDA graph
   python3 e2e/micro_select.py 2>&1 | tee "$OUT/micro-select.log" ;;
+short)  # what a short lease allows: budget 256 at 4K, batches 1 and 32, then the correctness checks
+  timeout ${BENCH_S:-150} python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m \
+    --baseline transformers --policies full,streaming,slam --budget 256 --contexts 4000 --batches 1,32 --tokens 32 \
+    --json | tee "$OUT/bench-decode-256-short.jsonl" || true
+  timeout ${CHECKS_S:-120} python3 e2e/gpu_checks.py 2>&1 | tee "$OUT/gpu-checks.log" ;;
 bench-r)  # the same at budget 256 with layers refreshing every 1, 2 and 4 steps
   for r in 1 2 4; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m \
     --policies slam --budget 256 --contexts 4000 --batches 1,32 --tokens 32 --select-every $r --json; done \
