@@ -9,7 +9,7 @@ import pytest
 import torch
 from slam.bench.shapes import SHAPES, random_model, synthetic_request
 from slam.cache import cpu_kernels
-from slam.cache.selection import candidate_top, exact_top
+from slam.cache.selection import candidate_top, dot_int8, exact_top
 from slam.cache.slam import place
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
@@ -38,6 +38,50 @@ def test_exact_top_equals_torch_with_ties_and_empty_slots(seed):
     found = want[1] > float("-inf")
     assert torch.equal(want[1], got[1])
     assert torch.equal(want[0][found], got[0][found])  # picks that found nothing may be any index
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_top_int8_equals_scoring_then_exact_top(seed):
+    """The fused int8 path: aten's int8 scoring per slot and head, the masked log-softmax and top-k, as the
+    torch code computes them, over views of a larger reserve (as the pool passes them)."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, group, d, cap, span, kc = 3, 3, 3, 64, 900, 700, 188
+    keys = torch.randint(-127, 128, (b + 1, h, cap, d), generator=g, dtype=torch.int8)[:b, :, :span]
+    scales = (torch.rand(b + 1, h, cap, generator=g) / 50).to(torch.bfloat16)[:b, :, :span]
+    q = torch.randn(b, h, group, d, generator=g)
+    rpos = torch.arange(cap).expand(b + 1, -1).clone()
+    rpos[1, ::5] = -1  # indices that hold nothing
+    rpos = rpos[:b, :span]
+    n = torch.tensor([span, 300, 0])
+    want = exact_top(dot_int8(q, keys, scales), rpos, n, kc, 0.125, ties=True)
+    got = cpu_kernels.exact_top_int8(q, keys, scales, rpos, n, kc, 0.125)
+    found = want[1] > float("-inf")
+    assert torch.equal(want[1], got[1]) and int(found.sum()) > 0
+    assert torch.equal(want[0][found], got[0][found])
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_candidate_top_int8_equals_gather_scoring_then_candidate_top(scale_dtype):
+    """Stage two fused: the candidates' int8 rows gathered from the whole reserve, scored, masked (beyond n,
+    empty indices, repeats) and ranked with ties by reserve index, as the torch code does."""
+    g = torch.Generator().manual_seed(11)
+    slots, b, h, group, d, rows, c, kc = 4, 3, 3, 3, 64, 1001, 400, 100
+    keys = torch.randint(-127, 128, (slots, h, rows, d), generator=g, dtype=torch.int8)
+    scales = (torch.rand(slots, h, rows, generator=g) / 50).to(scale_dtype)
+    q = torch.randn(b, h, group, d, generator=g)
+    idx = torch.stack([torch.randperm(rows - 1, generator=g)[:c] for _ in range(b * h)]).view(b, h, c)
+    rpos = torch.arange(rows).expand(slots, -1).clone()
+    rpos[0, ::9] = -1
+    n = torch.tensor([1000, 600, 300])
+    fresh = torch.rand(b, h, c, generator=g) > 0.1
+    flat = (torch.arange(b * h).view(b, h, 1) * rows + idx).view(-1)
+    k_rows = keys.view(-1, d).index_select(0, flat).view(b, h, c, d)
+    s_rows = scales.view(-1).index_select(0, flat).view(b, h, c).to(torch.bfloat16)
+    want = candidate_top(dot_int8(q, k_rows, s_rows), idx, rpos[:b], n, kc, 0.125, fresh=fresh, ties=True)
+    got = cpu_kernels.candidate_top_int8(q, keys, scales, idx, rpos, n, kc, 0.125, fresh)
+    found = want[1] > float("-inf")
+    assert torch.equal(want[1], got[1]) and int(found.sum()) > 0
+    assert torch.equal(want[0][found], got[0][found])
 
 
 def test_candidate_top_breaks_ties_by_reserve_index_not_position():
@@ -70,19 +114,22 @@ def test_place_equals_torch_place(dtype):
     assert torch.equal(eager.replaced, kernel.replaced) and int(kernel.replaced.sum()) > 0
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float32"])
-def test_engine_with_kernels_decodes_like_the_torch_code(dtype):
-    """Tokens and churn of slam requests of different lengths, with the ops and without, over many steps."""
+@pytest.mark.parametrize(("dtype", "min_ratio", "every"), [("int8", 4, 1), ("float32", 4, 1), ("int8", 1, 2)])
+def test_engine_with_kernels_decodes_like_the_torch_code(dtype, min_ratio, every):
+    """Tokens and churn of slam requests of different lengths, with the ops and without, over many steps:
+    exact selection, and two stages (min ratio 1) refreshing every other step with re-ranking between."""
     loaded = random_model(dict(SHAPES["smollm2-135m"], num_hidden_layers=4), dtype, "cpu")
     runs = []
     for kernels in (True, False):
         cache = CacheConfig(policy="slam", budget=128, sink=4, recent=32)
-        engine = LLMEngine(EngineConfig(max_batch=4, cache=cache, dtype=dtype, max_model_len=1400), loaded)
+        engine = LLMEngine(EngineConfig(max_batch=4, cache=cache, dtype=dtype, max_model_len=1400,
+                                        select_min_ratio=min_ratio, select_every=every), loaded)
         assert engine.runner.pool.cpu_kernels  # built and on by default
         engine.runner.pool.cpu_kernels = kernels
         seqs = [synthetic_request(engine, 600 + 250 * i, SamplingParams(max_tokens=30, ignore_eos=True), seed=i)
                 for i in range(3)]
         for _ in range(30):
             engine.step()
+        assert engine.runner.pool.two_stage == (min_ratio == 1)
         runs.append(([s.output_ids for s in seqs], engine.runner.pool.replaced.tolist()))
     assert runs[0] == runs[1]

@@ -12,7 +12,7 @@
 #include <limits>
 #include <numeric>
 #include <tuple>
-#include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -27,9 +27,35 @@ inline uint32_t ordered_bits(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+using Pick = std::pair<uint64_t, int64_t>;  // (ordering key, position)
+
+// The kc best of one row of reserve tokens: x [g, m] log-probabilities of the group's queries, ok [m] stored,
+// tie [m] tie keys (nullptr: positions) -> positions and scores, best first. A token's score is its maximum
+// over the group, -inf where not stored; equal scores rank by lower tie key, as top_by_index does.
+void top_row(const float* x, int64_t g, int64_t m, const bool* ok, const int64_t* tie, int64_t kc, int64_t* idx,
+             float* score, std::vector<float>& s, std::vector<Pick>& pick) {
+  s.assign(x, x + m);
+  for (int64_t j = 1; j < g; ++j)  // the group's maximum, query by query: contiguous, vectorizable
+    for (int64_t i = 0; i < m; ++i) s[i] = std::max(s[i], x[j * m + i]);
+  pick.resize(m);
+  for (int64_t i = 0; i < m; ++i) {
+    if (!ok[i]) s[i] = kNone;
+    // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
+    // first (low word). Tie keys are reserve indices or positions, below 2^32.
+    pick[i] = {(uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)), i};
+  }
+  // Pairs side by side: nth_element compares neighbours in memory, not keys scattered through an index array.
+  auto better = [](const Pick& a, const Pick& c) { return a.first > c.first; };
+  std::nth_element(pick.begin(), pick.begin() + kc, pick.end(), better);
+  std::sort(pick.begin(), pick.begin() + kc, better);
+  for (int64_t j = 0; j < kc; ++j) {
+    idx[j] = pick[j].second;
+    score[j] = s[pick[j].second];
+  }
+}
+
 // logp: [b, h, g, m] float32 log-probabilities; stored: [b, 1 or h, m] bool; order: [b, h, m] int64 tie
-// keys, or an empty tensor (ties by position) -> (positions, scores) [b, h, kc], best first. A score is the
-// maximum over the group, -inf where not stored; equal scores rank by lower tie key, as top_by_index does.
+// keys, or an empty tensor (ties by position) -> (positions, scores) [b, h, kc], best first (top_row).
 std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::Tensor& stored, int64_t kc,
                                              const at::Tensor& order) {
   TORCH_CHECK(logp.dim() == 4 && logp.scalar_type() == at::kFloat, "logp: [b, h, g, m] float32");
@@ -44,32 +70,100 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
   at::Tensor out_score = at::empty({b, h, kc}, logp.options());
   const float* lp_p = lp.data_ptr<float>();
   const bool* st_p = st.data_ptr<bool>();
-  const int64_t* ord_p = keyed ? ord.data_ptr<int64_t>() : nullptr;
-  int64_t* idx_p = out_idx.data_ptr<int64_t>();
-  float* score_p = out_score.data_ptr<float>();
-  std::vector<float> s(m);
-  std::vector<uint64_t> key(m);
-  std::vector<int64_t> at(m);
+  std::vector<float> s;
+  std::vector<Pick> pick;
   for (int64_t row = 0; row < b * h; ++row) {
     const int64_t slot = row / h, head = row % h;
-    const bool* ok = st_p + (slot * st_heads + (st_heads == 1 ? 0 : head)) * m;
-    const float* x = lp_p + row * g * m;
-    const int64_t* tie = keyed ? ord_p + row * m : nullptr;
-    for (int64_t i = 0; i < m; ++i) {
-      float best = x[i];
-      for (int64_t j = 1; j < g; ++j) best = std::max(best, x[j * m + i]);
-      s[i] = ok[i] ? best : kNone;
-      // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
-      // first (low word). Tie keys are reserve indices or positions, below 2^32.
-      key[i] = (uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i));
+    top_row(lp_p + row * g * m, g, m, st_p + (slot * st_heads + (st_heads == 1 ? 0 : head)) * m,
+            keyed ? ord.data_ptr<int64_t>() + row * m : nullptr, kc, out_idx.data_ptr<int64_t>() + row * kc,
+            out_score.data_ptr<float>() + row * kc, s, pick);
+  }
+  return {out_idx, out_score};
+}
+
+// Exact selection from int8 scoring keys in one call: selection.dot_int8 (aten's weight-only int8 kernel per
+// slot and KV head), then exact_top's scaled, masked log-softmax (the same aten kernels, so the same values)
+// and top_row. q: [b, h, g, d]; keys: [b, h, m, d] int8, each head's rows contiguous; scales: [b, h, m]
+// bfloat16; rpos: [b, m] positions (-1: nothing stored); n: [b] tokens stored -> (positions, scores)
+// [b, h, kc], ties by position.
+std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at::Tensor& keys,
+                                                  const at::Tensor& scales, const at::Tensor& rpos,
+                                                  const at::Tensor& n, int64_t kc, double scale) {
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar, "keys: [b, h, m, d] int8");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && rpos.scalar_type() == at::kLong, "scales, rpos");
+  const int64_t b = keys.size(0), h = keys.size(1), m = keys.size(2);
+  TORCH_CHECK(kc <= m, "kc above the reserve");
+  const at::Tensor qb = q.to(at::kBFloat16).contiguous(), nn = n.to(at::kLong).contiguous();
+  at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
+  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
+  at::Tensor ok = at::empty({m}, rpos.options().dtype(at::kBool));
+  bool* ok_p = ok.data_ptr<bool>();
+  std::vector<float> s;
+  std::vector<Pick> pick;
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t* rp = rpos.data_ptr<int64_t>() + i * rpos.stride(0);
+    const int64_t stored = nn.data_ptr<int64_t>()[i];
+    for (int64_t t = 0; t < m; ++t) ok_p[t] = t < stored && rp[t * rpos.stride(1)] >= 0;
+    for (int64_t j = 0; j < h; ++j) {
+      at::Tensor logits = at::_weight_int8pack_mm(qb[i][j], keys[i][j], scales[i][j]).to(at::kFloat);
+      at::Tensor lp = at::log_softmax(logits.mul_(scale).masked_fill_(ok.logical_not(), kNone), -1).contiguous();
+      const int64_t row = i * h + j;
+      top_row(lp.data_ptr<float>(), lp.size(0), m, ok_p, nullptr, kc, out_idx.data_ptr<int64_t>() + row * kc,
+              out_score.data_ptr<float>() + row * kc, s, pick);
     }
-    std::iota(at.begin(), at.end(), 0);
-    auto better = [&](int64_t a, int64_t c) { return key[a] > key[c]; };
-    std::nth_element(at.begin(), at.begin() + kc, at.end(), better);
-    std::sort(at.begin(), at.begin() + kc, better);
-    for (int64_t j = 0; j < kc; ++j) {
-      idx_p[row * kc + j] = at[j];
-      score_p[row * kc + j] = s[at[j]];
+  }
+  return {out_idx, out_score};
+}
+
+// Stage two of two-stage selection from int8 scoring keys in one call: pool.scoring_int8_rows's gathers,
+// selection.dot_int8, and candidate_top's masked log-softmax and top-k (the same aten kernels, so the same
+// values). q: [b, h, g, d]; keys: [slots, h, rows, d] int8 and scales [slots, h, rows] (bfloat16, or float32
+// rounded to bfloat16 as the torch code rounds them), the whole reserve; idx: [b, h, c] candidate reserve
+// indices; rpos: [slots, rows]; n: [b]; fresh: [b, h, c] bool or empty (False: a repeat, skipped) ->
+// (reserve indices, scores) [b, h, kc], ties by lower reserve index.
+std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const at::Tensor& keys,
+                                                      const at::Tensor& scales, const at::Tensor& idx,
+                                                      const at::Tensor& rpos, const at::Tensor& n,
+                                                      const at::Tensor& fresh, int64_t kc, double scale) {
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.is_contiguous(), "keys: int8 reserve");
+  TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
+  const int64_t b = idx.size(0), h = idx.size(1), c = idx.size(2), rows = keys.size(2), d = keys.size(3);
+  TORCH_CHECK(kc <= c, "kc above the candidates");
+  const at::Tensor qb = q.to(at::kBFloat16).contiguous(), ix = idx.to(at::kLong).contiguous();
+  const at::Tensor nn = n.to(at::kLong).contiguous();
+  const bool has_fresh = fresh.defined() && fresh.numel() > 0;
+  const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
+  at::Tensor out_idx = at::empty({b, h, kc}, ix.options());
+  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
+  at::Tensor kb = at::empty({c, d}, keys.options());
+  at::Tensor sb = at::empty({c}, keys.options().dtype(at::kBFloat16));
+  at::Tensor ok = at::empty({c}, keys.options().dtype(at::kBool));
+  int8_t* kb_p = kb.data_ptr<int8_t>();
+  c10::BFloat16* sb_p = sb.data_ptr<c10::BFloat16>();
+  bool* ok_p = ok.data_ptr<bool>();
+  const bool bf16 = scales.scalar_type() == at::kBFloat16;
+  std::vector<float> s;
+  std::vector<Pick> pick;
+  std::vector<int64_t> at(kc);
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t stored = nn.data_ptr<int64_t>()[i];
+    const int64_t* rp = rpos.data_ptr<int64_t>() + i * rpos.size(1);
+    for (int64_t j = 0; j < h; ++j) {
+      const int64_t row = i * h + j;
+      const int64_t* r = ix.data_ptr<int64_t>() + row * c;
+      const int64_t base = row * rows;
+      for (int64_t t = 0; t < c; ++t) {
+        std::memcpy(kb_p + t * d, keys.data_ptr<int8_t>() + (base + r[t]) * d, d);
+        sb_p[t] = bf16 ? scales.data_ptr<c10::BFloat16>()[base + r[t]]
+                       : c10::BFloat16(scales.data_ptr<float>()[base + r[t]]);
+        ok_p[t] = r[t] < stored && rp[r[t]] >= 0 && (!has_fresh || fr.data_ptr<bool>()[row * c + t]);
+      }
+      at::Tensor logits = at::_weight_int8pack_mm(qb[i][j], kb, sb).to(at::kFloat);
+      at::Tensor lp = at::log_softmax(logits.mul_(scale).masked_fill_(ok.logical_not(), kNone), -1).contiguous();
+      top_row(lp.data_ptr<float>(), lp.size(0), c, ok_p, r, kc, at.data(), out_score.data_ptr<float>() + row * kc,
+              s, pick);
+      for (int64_t t = 0; t < kc; ++t) out_idx.data_ptr<int64_t>()[row * kc + t] = r[at[t]];
     }
   }
   return {out_idx, out_score};
@@ -79,22 +173,35 @@ template <typename T>
 void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, const T* rk, const T* rv, T* k, T* v,
                 int64_t* pos, int64_t* ridx, const int64_t* col, int64_t* churn, int64_t b, int64_t h, int64_t kc,
                 int64_t d, int64_t rows, int64_t cols, int64_t budget) {
-  std::unordered_set<int64_t> before;
+  // The picks' rows lie anywhere in a reserve far larger than the caches: each row's first touch would
+  // wait on memory, so the rows a few picks ahead are requested while this one is copied.
+  constexpr int64_t kAhead = 8;
+  const int64_t lines = std::max<int64_t>(1, d * int64_t(sizeof(T)) / 64);
+  std::vector<int64_t> before;
   for (int64_t row = 0; row < b * h; ++row) {
     const int64_t slot = row / h;
     const int64_t* c = col + row * kc;
     const int64_t* r = idx + row * kc;
     const float* sc = score + row * kc;
     int64_t* rid = ridx + row * cols;
+    const T* rk_row = rk + row * rows * d;
+    const T* rv_row = rv + row * rows * d;
     before.clear();
     for (int64_t j = 0; j < kc; ++j)
-      if (c[j] < budget && rid[c[j]] >= 0) before.insert(rid[c[j]]);
+      if (c[j] < budget && rid[c[j]] >= 0) before.push_back(rid[c[j]]);
+    std::sort(before.begin(), before.end());
     int64_t fresh = 0;
     for (int64_t j = 0; j < kc; ++j) {
+      if (j + kAhead < kc) {
+        for (int64_t l = 0; l < lines; ++l) {
+          __builtin_prefetch(reinterpret_cast<const char*>(rk_row + r[j + kAhead] * d) + 64 * l);
+          __builtin_prefetch(reinterpret_cast<const char*>(rv_row + r[j + kAhead] * d) + 64 * l);
+        }
+      }
       const bool found = sc[j] > kNone;
-      fresh += found && c[j] < budget && !before.count(r[j]);
-      std::copy_n(rk + (row * rows + r[j]) * d, d, k + (row * cols + c[j]) * d);
-      std::copy_n(rv + (row * rows + r[j]) * d, d, v + (row * cols + c[j]) * d);
+      fresh += found && c[j] < budget && !std::binary_search(before.begin(), before.end(), r[j]);
+      std::copy_n(rk_row + r[j] * d, d, k + (row * cols + c[j]) * d);
+      std::copy_n(rv_row + r[j] * d, d, v + (row * cols + c[j]) * d);
       pos[row * cols + c[j]] = found && c[j] < budget ? rpos[slot * rows + r[j]] : -1;  // scratch stays empty
       rid[c[j]] = found ? r[j] : -1;
     }
@@ -129,11 +236,17 @@ at::Tensor place(const at::Tensor& idx, const at::Tensor& score, const at::Tenso
 
 TORCH_LIBRARY(slam_cpu, m) {
   m.def("group_top(Tensor logp, Tensor stored, int kc, Tensor order) -> (Tensor, Tensor)");
+  m.def("exact_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor rpos, Tensor n, int kc, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("candidate_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor idx, Tensor rpos, Tensor n, Tensor fresh, "
+        "int kc, float scale) -> (Tensor, Tensor)");
   m.def("place(Tensor idx, Tensor score, Tensor rpos, Tensor rk, Tensor rv, Tensor(a!) k, Tensor(b!) v, "
         "Tensor(c!) pos, Tensor(d!) ridx, Tensor col, int budget) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
   m.impl("group_top", &group_top);
+  m.impl("exact_top_int8", &exact_top_int8);
+  m.impl("candidate_top_int8", &candidate_top_int8);
   m.impl("place", &place);
 }

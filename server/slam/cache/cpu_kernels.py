@@ -1,8 +1,9 @@
-"""Slam's selection tail and placement as two C++ ops for CPUs (cpu_kernels.cpp), built on first use.
+"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp), built on first use.
 
-A slam layer on a CPU ran about forty small torch ops after scoring (the group's maximum, top-k with ties
-broken by reserve index, the gathers, churn and column writes); each costs microseconds of dispatch. The
-ops give exactly what selection.top_by_index and slam.place give (tests/test_cpu_kernels.py). The build
+A slam layer on a CPU ran about sixty small torch ops for its selection (the int8 scoring per KV head, the
+masked log-softmax, the group's maximum, top-k with ties broken by reserve index, the gathers, churn and
+column writes); each costs microseconds of dispatch. The ops call the same aten kernels where the torch code
+computes values, and give exactly what it gives (tests/test_cpu_kernels.py). The build
 needs a C++ compiler: torch.utils.cpp_extension compiles once per machine, into its cache, in about 20 s.
 Without a compiler (or with the engine's `compile` off) the torch versions run.
 """
@@ -46,6 +47,24 @@ def group_top(logp: torch.Tensor, stored: torch.Tensor, kc: int, order: torch.Te
     h, m], order [b, h, m] tie keys (None: positions) -> (positions in m, scores) [b, h, kc], best first."""
     empty = torch.empty(0, dtype=torch.long)
     return torch.ops.slam_cpu.group_top(logp, stored, kc, empty if order is None else order)
+
+
+def exact_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
+                   kc: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """selection.exact_top(dot_int8(q, keys, scales), rpos, n, kc, scale, ties=True) in one call: q [b, h, g, d],
+    keys [b, h, m, d] int8 with bfloat16 scales [b, h, m], rpos [b, m], n [b] -> (positions, scores) [b, h, kc]."""
+    return torch.ops.slam_cpu.exact_top_int8(q, keys, scales, rpos, n, kc, scale)
+
+
+def candidate_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
+                       rpos: torch.Tensor, n: torch.Tensor, kc: int, scale: float, fresh: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """selection.candidate_top(dot_int8 of the candidates' rows, ..., ties=True) in one call: keys [slots, h,
+    rows, d] int8 and scales [slots, h, rows] the whole reserve, idx [b, h, c] the candidates, rpos [slots,
+    rows] -> (reserve indices, scores) [b, h, kc]."""
+    empty = torch.empty(0, dtype=torch.bool)
+    return torch.ops.slam_cpu.candidate_top_int8(q, keys, scales, idx, rpos, n, empty if fresh is None else fresh,
+                                                 kc, scale)
 
 
 def place(pool, layer: int, idx: torch.Tensor, score: torch.Tensor, col: torch.Tensor) -> None:

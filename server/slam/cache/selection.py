@@ -178,6 +178,8 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     best_first = not (pool.fused and fused.ranks_itself(kc))  # cache/fused.py ranks few picks itself
     rpos = pool.rpos[:b]
     if not pool.two_stage:
+        if pool.int8_scoring and pool.cpu_kernels:
+            return cpu_kernels.exact_top_int8(q, *pool.scoring_int8(layer, b, span), rpos[:, :span], n, kc, scale)
         if pool.int8_scoring:
             dots = dot_int8(q, *pool.scoring_int8(layer, b, span))
         else:
@@ -199,6 +201,8 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         chosen, fresh = with_latest(pool.cand[layer][:b, :, :first].long(), n, pool.chunk, latest)
         fresh = fresh.repeat_interleave(pool.chunk, dim=-1)
     idx = candidates(chosen, pool.chunk)
+    if pool.int8_scoring and pool.cpu_kernels:
+        return cpu_kernels.candidate_top_int8(q, *pool.int8_keys(layer), idx, pool.rpos, n, kc, scale, fresh)
     if pool.int8_scoring:
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
     else:

@@ -196,19 +196,19 @@ class SlotPool(ChunkBounds):
             if self.rq:
                 self.rq[layer][idx], self.rq_scale[layer][idx] = quantize_rows(k, torch.bfloat16)
 
-    def _int8_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def int8_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's int8 scoring keys and their scales: an int8 reserve's own keys, else the copies."""
         return (self.rk[layer], self.rk_scale[layer]) if self.reserve_int8 else (self.rq[layer], self.rq_scale[layer])
 
     def scoring_int8(self, layer: int, b: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Int8 scoring keys of slots [0, b) at reserve indices [0, span) and their bfloat16 scales (CPUs)."""
-        keys, scales = self._int8_keys(layer)
+        keys, scales = self.int8_keys(layer)
         return keys[:b, :, :span], scales[:b, :, :span].to(torch.bfloat16)
 
     def scoring_int8_rows(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 scoring keys [b, kv_heads, m, head_dim] and bfloat16 scales [b, kv_heads, m] of reserve
         indices idx [b, kv_heads, m] of slots [0, b) (CPUs)."""
-        keys, scales = self._int8_keys(layer)
+        keys, scales = self.int8_keys(layer)
         rows = self.reserve_rows(idx)
         k = keys.view(-1, self.head_dim).index_select(0, rows).view(*idx.shape, -1)
         return k, scales.view(-1).index_select(0, rows).view(idx.shape).to(torch.bfloat16)
