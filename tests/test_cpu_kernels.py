@@ -9,7 +9,7 @@ import pytest
 import torch
 from slam.bench.shapes import SHAPES, random_model, synthetic_request
 from slam.cache import cpu_kernels
-from slam.cache.selection import candidate_top, dot_int8, exact_top
+from slam.cache.selection import candidate_top, chunk_top_int8, dot_int8, exact_top
 from slam.cache.slam import place
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
@@ -84,6 +84,23 @@ def test_candidate_top_int8_equals_gather_scoring_then_candidate_top(scale_dtype
     assert torch.equal(want[0][found], got[0][found])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_chunk_top_int8_equals_torch_with_ties_and_unfilled_chunks(seed):
+    """Stage one from int8 bounds: the C++ op's chunks equal the torch code's, best first, ties (few distinct
+    bounds here) and unfilled chunks alike."""
+    g = torch.Generator().manual_seed(seed)
+    slots, b, h, group, d, cap_chunks, chunks, chunk, first = 4, 3, 3, 3, 64, 300, 250, 8, 120
+    smin = torch.randint(-3, 1, (slots, h, cap_chunks, d), generator=g, dtype=torch.int8)[:b, :, :chunks]
+    smax = torch.randint(0, 4, (slots, h, cap_chunks, d), generator=g, dtype=torch.int8)[:b, :, :chunks]
+    sscale = torch.rand(slots, h, cap_chunks, generator=g)[:b, :, :chunks]
+    q = torch.randn(b, h, group, d, generator=g)
+    n = torch.tensor([chunks * chunk, 700, 0])  # full, 88 chunks filled (fewer than `first`), empty
+    want = chunk_top_int8(q, smin, smax, sscale, n, first, chunk, 0.125)
+    got = chunk_top_int8(q, smin, smax, sscale, n, first, chunk, 0.125, cpu=True)
+    assert want.shape == (b, h, first) and torch.equal(want, got)
+    assert set(got[1, 0, :88].tolist()) == set(range(88))  # every filled chunk before any unfilled one
+
+
 def test_candidate_top_breaks_ties_by_reserve_index_not_position():
     g = torch.Generator().manual_seed(5)
     b, h, group, m, kc = 2, 3, 3, 512, 60
@@ -114,7 +131,7 @@ def test_place_equals_torch_place(dtype):
     assert torch.equal(eager.replaced, kernel.replaced) and int(kernel.replaced.sum()) > 0
 
 
-@pytest.mark.parametrize(("dtype", "min_ratio", "every"), [("int8", 4, 1), ("float32", 4, 1), ("int8", 1, 2)])
+@pytest.mark.parametrize(("dtype", "min_ratio", "every"), [("int8", 4, 1), ("float32", 4, 1), ("int8", 1, 2), ("float32", 1, 4)])
 def test_engine_with_kernels_decodes_like_the_torch_code(dtype, min_ratio, every):
     """Tokens and churn of slam requests of different lengths, with the ops and without, over many steps:
     exact selection, and two stages (min ratio 1) refreshing every other step with re-ranking between."""

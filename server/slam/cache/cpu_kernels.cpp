@@ -115,6 +115,38 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   return {out_idx, out_score};
 }
 
+// Stage one of two-stage selection from int8 bounds in one call: selection.chunk_top_int8's products (aten's
+// weight-only int8 kernel, the same values), masked log-softmax, the group's maximum and the `first` best
+// chunks, ties to the lower chunk index. q: [b, h, g, d]; smin, smax: [b, h, chunks, d] int8, each head's
+// rows contiguous; sscale: [b, h, chunks] float32; n: [b] tokens stored -> chunk indices [b, h, first].
+at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax,
+                          const at::Tensor& sscale, const at::Tensor& n, int64_t first, int64_t chunk, double scale) {
+  TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
+  const int64_t b = smin.size(0), h = smin.size(1), chunks = smin.size(2);
+  TORCH_CHECK(first <= chunks, "first above the chunks");
+  const at::Tensor qb = q.to(at::kBFloat16), s16 = sscale.to(at::kBFloat16);
+  const at::Tensor plus = qb.clamp_min(0), minus = qb.clamp_max(0), nn = n.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({b, h, first}, nn.options());
+  at::Tensor score = at::empty({first}, q.options().dtype(at::kFloat));
+  at::Tensor ok = at::empty({chunks}, nn.options().dtype(at::kBool));
+  bool* ok_p = ok.data_ptr<bool>();
+  std::vector<float> s;
+  std::vector<Pick> pick;
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t stored = nn.data_ptr<int64_t>()[i];
+    for (int64_t c = 0; c < chunks; ++c) ok_p[c] = c * chunk < stored;
+    const at::Tensor empty = ok.logical_not();
+    for (int64_t j = 0; j < h; ++j) {
+      at::Tensor upper = at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]).to(at::kFloat)
+                             .add_(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]).to(at::kFloat));
+      at::Tensor lp = at::log_softmax(upper.masked_fill_(empty, kNone).mul_(scale), -1).contiguous();
+      top_row(lp.data_ptr<float>(), lp.size(0), chunks, ok_p, nullptr, first,
+              out.data_ptr<int64_t>() + (i * h + j) * first, score.data_ptr<float>(), s, pick);
+    }
+  }
+  return out;
+}
+
 // Stage two of two-stage selection from int8 scoring keys in one call: pool.scoring_int8_rows's gathers,
 // selection.dot_int8, and candidate_top's masked log-softmax and top-k (the same aten kernels, so the same
 // values). q: [b, h, g, d]; keys: [slots, h, rows, d] int8 and scales [slots, h, rows] (bfloat16, or float32
@@ -154,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
       const int64_t* r = ix.data_ptr<int64_t>() + row * c;
       const int64_t base = row * rows;
       for (int64_t t = 0; t < c; ++t) {
+        if (t + 16 < c) __builtin_prefetch(keys.data_ptr<int8_t>() + (base + r[t + 16]) * d);  // see place_rows
         std::memcpy(kb_p + t * d, keys.data_ptr<int8_t>() + (base + r[t]) * d, d);
         sb_p[t] = bf16 ? scales.data_ptr<c10::BFloat16>()[base + r[t]]
                        : c10::BFloat16(scales.data_ptr<float>()[base + r[t]]);
@@ -238,6 +271,8 @@ TORCH_LIBRARY(slam_cpu, m) {
   m.def("group_top(Tensor logp, Tensor stored, int kc, Tensor order) -> (Tensor, Tensor)");
   m.def("exact_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor rpos, Tensor n, int kc, float scale) "
         "-> (Tensor, Tensor)");
+  m.def("chunk_top_int8(Tensor q, Tensor smin, Tensor smax, Tensor sscale, Tensor n, int first, int chunk, "
+        "float scale) -> Tensor");
   m.def("candidate_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor idx, Tensor rpos, Tensor n, Tensor fresh, "
         "int kc, float scale) -> (Tensor, Tensor)");
   m.def("place(Tensor idx, Tensor score, Tensor rpos, Tensor rk, Tensor rv, Tensor(a!) k, Tensor(b!) v, "
@@ -248,5 +283,6 @@ TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
   m.impl("group_top", &group_top);
   m.impl("exact_top_int8", &exact_top_int8);
   m.impl("candidate_top_int8", &candidate_top_int8);
+  m.impl("chunk_top_int8", &chunk_top_int8);
   m.impl("place", &place);
 }

@@ -56,6 +56,12 @@ def exact_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, rp
     return torch.ops.slam_cpu.exact_top_int8(q, keys, scales, rpos, n, kc, scale)
 
 
+def chunk_top_int8(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
+                   first: int, chunk: int, scale: float) -> torch.Tensor:
+    """selection.chunk_top_int8 in one call -> chunk indices [b, h, first], best first."""
+    return torch.ops.slam_cpu.chunk_top_int8(q, smin, smax, sscale, n, first, chunk, scale)
+
+
 def candidate_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
                        rpos: torch.Tensor, n: torch.Tensor, kc: int, scale: float, fresh: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,6 +131,28 @@ def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: t
     return bound_scores(q, smin, smax, filled, scale).topk(first, dim=-1, sorted=best_first).indices
 
 
+def chunk_top_int8(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
+                   first: int, chunk: int, scale: float, cpu: bool = False) -> torch.Tensor:
+    """chunk_top on CPUs with int8 scoring: the bounds are read as int8 through aten's weight-only int8
+    kernel (q's positive part against smax, its negative part against smin, the chunk's scale applied by the
+    kernel), not dequantized whole at every step of every layer, which cost more than the products. Chunks
+    come best first, equal bounds (bfloat16 outputs tie often) to the lower chunk index. `cpu`: in one C++
+    op (cache/cpu_kernels.py), with the same values and order."""
+    if cpu:
+        return cpu_kernels.chunk_top_int8(q, smin, smax, sscale, n, first, chunk, scale)
+    b, h, g, _ = q.shape
+    qb, s16 = q.to(torch.bfloat16), sscale.to(torch.bfloat16)
+    plus, minus = qb.clamp_min(0), qb.clamp_max(0)
+    mm = torch.ops.aten._weight_int8pack_mm
+    rows = [mm(plus[i, j], smax[i, j], s16[i, j]).float() + mm(minus[i, j], smin[i, j], s16[i, j]).float()
+            for i in range(b) for j in range(h)]
+    upper = torch.stack(rows).view(b, h, g, smin.shape[2])
+    filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
+    logits = upper.masked_fill(~filled.unsqueeze(2), float("-inf")) * scale
+    scores = torch.where(filled, torch.log_softmax(logits, dim=-1).amax(dim=2), float("-inf"))
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :first]
+
+
 def with_latest(chosen: torch.Tensor, n: torch.Tensor, chunk: int, latest: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunks chosen at the last refresh [b, kv_heads, c] plus the `latest` chunks up to the one holding
     reserve token n - 1 (tokens evicted since the refresh) -> (chunks [b, kv_heads, c + latest], fresh
@@ -192,7 +214,11 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     fresh = None
     if refresh:
         chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
-        chosen = _run(pool, chunk_top, q, *pool.bounds_of(layer, slice(0, b), chunks), n, first, pool.chunk, scale)
+        bounds = pool.bounds_of(layer, slice(0, b), chunks)
+        if pool.int8_scoring:
+            chosen = chunk_top_int8(q, *bounds, n, first, pool.chunk, scale, pool.cpu_kernels)
+        else:
+            chosen = _run(pool, chunk_top, q, *bounds, n, first, pool.chunk, scale)
         pool.cand[layer][:b, :, :first] = chosen
     else:
         # Between refreshes the chunks chosen last are re-ranked token by token with the current query, with
