@@ -1,9 +1,10 @@
-// Slam's selection tail and placement on the CPU, one call per layer each (cache/cpu_kernels.py builds
-// this file). The torch versions (selection.top_by_index, slam.place) run about forty small ops per layer,
-// each paying dispatch and, when OpenMP's threads sleep between ops, a thread wake-up. Both functions give
-// exactly what the torch versions give. They run serially: a step has few rows, and waking the intra-op
-// threads would cost more than the rows.
+// Slam's selection and placement on the CPU, one call per layer each (cache/cpu_kernels.py builds this
+// file). The torch code they replace (selection.py, slam.place) runs about sixty small ops per layer, each
+// paying dispatch and, when OpenMP's threads sleep between ops, a thread wake-up. Every function gives
+// exactly what the torch code gives. group_top and place run serially: their rows are cheap, and waking the
+// intra-op threads would cost more than the rows.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -81,11 +82,37 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
   return {out_idx, out_score};
 }
 
-// Exact selection from int8 scoring keys in one call: selection.dot_int8 (aten's weight-only int8 kernel per
-// slot and KV head), then exact_top's scaled, masked log-softmax (the same aten kernels, so the same values)
-// and top_row. q: [b, h, g, d]; keys: [b, h, m, d] int8, each head's rows contiguous; scales: [b, h, m]
-// bfloat16; rpos: [b, m] positions (-1: nothing stored); n: [b] tokens stored -> (positions, scores)
-// [b, h, kc], ties by position.
+// The int8 ops below work row by row, a row being one slot's KV head: its int8 products (aten's weight-only
+// int8 kernel, called here as the torch code calls it, so the values are the same), its masked log-softmax
+// and its top_row. Rows spread over the intra-op threads: a row reads thousands of keys scattered in memory,
+// so two threads hide each other's waits. Inside a parallel region aten runs serially, and every column of
+// its products is computed alike with any number of threads.
+struct Row {
+  std::vector<float> s;
+  std::vector<Pick> pick;
+  at::Tensor ok;  // [m] bool: stored
+
+  // The kc best of scaled, masked logits [g, m] (float32): positions into idx, scores into score.
+  void top(at::Tensor logits, double scale, bool scale_first, const int64_t* tie, int64_t kc, int64_t* idx,
+           float* score) {
+    const at::Tensor empty = ok.logical_not();
+    logits = scale_first ? logits.mul_(scale).masked_fill_(empty, kNone) : logits.masked_fill_(empty, kNone).mul_(scale);
+    const at::Tensor lp = at::log_softmax(logits, -1).contiguous();
+    top_row(lp.data_ptr<float>(), lp.size(0), lp.size(1), ok.data_ptr<bool>(), tie, kc, idx, score, s, pick);
+  }
+};
+
+template <typename F>
+void each_row(int64_t rows, int64_t width, F&& fn) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    Row row{{}, {}, at::empty({width}, at::kBool)};
+    for (int64_t r = begin; r < end; ++r) fn(r, row);
+  });
+}
+
+// Exact selection from int8 scoring keys in one call: selection.dot_int8 then exact_top (ties by position).
+// q: [b, h, g, d]; keys: [b, h, m, d] int8, each head's rows contiguous; scales: [b, h, m] bfloat16;
+// rpos: [b, m] positions (-1: nothing stored); n: [b] tokens stored -> (positions, scores) [b, h, kc].
 std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at::Tensor& keys,
                                                   const at::Tensor& scales, const at::Tensor& rpos,
                                                   const at::Tensor& n, int64_t kc, double scale) {
@@ -96,29 +123,20 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   const at::Tensor qb = q.to(at::kBFloat16).contiguous(), nn = n.to(at::kLong).contiguous();
   at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  at::Tensor ok = at::empty({m}, rpos.options().dtype(at::kBool));
-  bool* ok_p = ok.data_ptr<bool>();
-  std::vector<float> s;
-  std::vector<Pick> pick;
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t* rp = rpos.data_ptr<int64_t>() + i * rpos.stride(0);
-    const int64_t stored = nn.data_ptr<int64_t>()[i];
-    for (int64_t t = 0; t < m; ++t) ok_p[t] = t < stored && rp[t * rpos.stride(1)] >= 0;
-    for (int64_t j = 0; j < h; ++j) {
-      at::Tensor logits = at::_weight_int8pack_mm(qb[i][j], keys[i][j], scales[i][j]).to(at::kFloat);
-      at::Tensor lp = at::log_softmax(logits.mul_(scale).masked_fill_(ok.logical_not(), kNone), -1).contiguous();
-      const int64_t row = i * h + j;
-      top_row(lp.data_ptr<float>(), lp.size(0), m, ok_p, nullptr, kc, out_idx.data_ptr<int64_t>() + row * kc,
-              out_score.data_ptr<float>() + row * kc, s, pick);
-    }
-  }
+  const int64_t* rpos_p = rpos.data_ptr<int64_t>();
+  each_row(b * h, m, [&](int64_t row, Row& w) {
+    const int64_t i = row / h, j = row % h, stored = nn.data_ptr<int64_t>()[i];
+    bool* ok = w.ok.data_ptr<bool>();
+    for (int64_t t = 0; t < m; ++t) ok[t] = t < stored && rpos_p[i * rpos.stride(0) + t * rpos.stride(1)] >= 0;
+    w.top(at::_weight_int8pack_mm(qb[i][j], keys[i][j], scales[i][j]).to(at::kFloat), scale, true, nullptr, kc,
+          out_idx.data_ptr<int64_t>() + row * kc, out_score.data_ptr<float>() + row * kc);
+  });
   return {out_idx, out_score};
 }
 
-// Stage one of two-stage selection from int8 bounds in one call: selection.chunk_top_int8's products (aten's
-// weight-only int8 kernel, the same values), masked log-softmax, the group's maximum and the `first` best
-// chunks, ties to the lower chunk index. q: [b, h, g, d]; smin, smax: [b, h, chunks, d] int8, each head's
-// rows contiguous; sscale: [b, h, chunks] float32; n: [b] tokens stored -> chunk indices [b, h, first].
+// Stage one of two-stage selection from int8 bounds in one call: selection.chunk_top_int8 (ties to the
+// lower chunk index). q: [b, h, g, d]; smin, smax: [b, h, chunks, d] int8, each head's rows contiguous;
+// sscale: [b, h, chunks] float32; n: [b] tokens stored -> chunk indices [b, h, first], best first.
 at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax,
                           const at::Tensor& sscale, const at::Tensor& n, int64_t first, int64_t chunk, double scale) {
   TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
@@ -127,32 +145,24 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
   const at::Tensor qb = q.to(at::kBFloat16), s16 = sscale.to(at::kBFloat16);
   const at::Tensor plus = qb.clamp_min(0), minus = qb.clamp_max(0), nn = n.to(at::kLong).contiguous();
   at::Tensor out = at::empty({b, h, first}, nn.options());
-  at::Tensor score = at::empty({first}, q.options().dtype(at::kFloat));
-  at::Tensor ok = at::empty({chunks}, nn.options().dtype(at::kBool));
-  bool* ok_p = ok.data_ptr<bool>();
-  std::vector<float> s;
-  std::vector<Pick> pick;
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t stored = nn.data_ptr<int64_t>()[i];
-    for (int64_t c = 0; c < chunks; ++c) ok_p[c] = c * chunk < stored;
-    const at::Tensor empty = ok.logical_not();
-    for (int64_t j = 0; j < h; ++j) {
-      at::Tensor upper = at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]).to(at::kFloat)
-                             .add_(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]).to(at::kFloat));
-      at::Tensor lp = at::log_softmax(upper.masked_fill_(empty, kNone).mul_(scale), -1).contiguous();
-      top_row(lp.data_ptr<float>(), lp.size(0), chunks, ok_p, nullptr, first,
-              out.data_ptr<int64_t>() + (i * h + j) * first, score.data_ptr<float>(), s, pick);
-    }
-  }
+  at::Tensor score = at::empty({b, h, first}, q.options().dtype(at::kFloat));
+  each_row(b * h, chunks, [&](int64_t row, Row& w) {
+    const int64_t i = row / h, j = row % h, stored = nn.data_ptr<int64_t>()[i];
+    bool* ok = w.ok.data_ptr<bool>();
+    for (int64_t c = 0; c < chunks; ++c) ok[c] = c * chunk < stored;
+    at::Tensor upper = at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]).to(at::kFloat)
+                           .add_(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]).to(at::kFloat));
+    w.top(upper, scale, false, nullptr, first, out.data_ptr<int64_t>() + row * first,
+          score.data_ptr<float>() + row * first);
+  });
   return out;
 }
 
 // Stage two of two-stage selection from int8 scoring keys in one call: pool.scoring_int8_rows's gathers,
-// selection.dot_int8, and candidate_top's masked log-softmax and top-k (the same aten kernels, so the same
-// values). q: [b, h, g, d]; keys: [slots, h, rows, d] int8 and scales [slots, h, rows] (bfloat16, or float32
-// rounded to bfloat16 as the torch code rounds them), the whole reserve; idx: [b, h, c] candidate reserve
-// indices; rpos: [slots, rows]; n: [b]; fresh: [b, h, c] bool or empty (False: a repeat, skipped) ->
-// (reserve indices, scores) [b, h, kc], ties by lower reserve index.
+// selection.dot_int8 and candidate_top (ties by lower reserve index). q: [b, h, g, d]; keys: [slots, h,
+// rows, d] int8 and scales [slots, h, rows] (bfloat16, or float32 rounded to bfloat16 as the torch code
+// rounds them), the whole reserve; idx: [b, h, c] candidate reserve indices; rpos: [slots, rows]; n: [b];
+// fresh: [b, h, c] bool or empty (False: a repeat, skipped) -> (reserve indices, scores) [b, h, kc].
 std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const at::Tensor& keys,
                                                       const at::Tensor& scales, const at::Tensor& idx,
                                                       const at::Tensor& rpos, const at::Tensor& n,
@@ -168,37 +178,33 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
   at::Tensor out_idx = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  at::Tensor kb = at::empty({c, d}, keys.options());
-  at::Tensor sb = at::empty({c}, keys.options().dtype(at::kBFloat16));
-  at::Tensor ok = at::empty({c}, keys.options().dtype(at::kBool));
-  int8_t* kb_p = kb.data_ptr<int8_t>();
-  c10::BFloat16* sb_p = sb.data_ptr<c10::BFloat16>();
-  bool* ok_p = ok.data_ptr<bool>();
   const bool bf16 = scales.scalar_type() == at::kBFloat16;
-  std::vector<float> s;
-  std::vector<Pick> pick;
-  std::vector<int64_t> at(kc);
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t stored = nn.data_ptr<int64_t>()[i];
-    const int64_t* rp = rpos.data_ptr<int64_t>() + i * rpos.size(1);
-    for (int64_t j = 0; j < h; ++j) {
-      const int64_t row = i * h + j;
-      const int64_t* r = ix.data_ptr<int64_t>() + row * c;
-      const int64_t base = row * rows;
-      for (int64_t t = 0; t < c; ++t) {
-        if (t + 16 < c) __builtin_prefetch(keys.data_ptr<int8_t>() + (base + r[t + 16]) * d);  // see place_rows
-        std::memcpy(kb_p + t * d, keys.data_ptr<int8_t>() + (base + r[t]) * d, d);
-        sb_p[t] = bf16 ? scales.data_ptr<c10::BFloat16>()[base + r[t]]
-                       : c10::BFloat16(scales.data_ptr<float>()[base + r[t]]);
-        ok_p[t] = r[t] < stored && rp[r[t]] >= 0 && (!has_fresh || fr.data_ptr<bool>()[row * c + t]);
-      }
-      at::Tensor logits = at::_weight_int8pack_mm(qb[i][j], kb, sb).to(at::kFloat);
-      at::Tensor lp = at::log_softmax(logits.mul_(scale).masked_fill_(ok.logical_not(), kNone), -1).contiguous();
-      top_row(lp.data_ptr<float>(), lp.size(0), c, ok_p, r, kc, at.data(), out_score.data_ptr<float>() + row * kc,
-              s, pick);
-      for (int64_t t = 0; t < kc; ++t) out_idx.data_ptr<int64_t>()[row * kc + t] = r[at[t]];
+  const int8_t* keys_p = keys.data_ptr<int8_t>();
+  const c10::BFloat16* s16_p = bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr;
+  const float* s32_p = bf16 ? nullptr : scales.data_ptr<float>();
+  const bool* fr_p = has_fresh ? fr.data_ptr<bool>() : nullptr;
+  const int64_t* rpos_p = rpos.data_ptr<int64_t>();
+  each_row(b * h, c, [&](int64_t row, Row& w) {
+    const int64_t i = row / h, j = row % h, stored = nn.data_ptr<int64_t>()[i], base = row * rows;
+    const int64_t* r = ix.data_ptr<int64_t>() + row * c;
+    const int64_t* rp = rpos_p + i * rpos.size(1);
+    at::Tensor kb = at::empty({c, d}, keys.options());
+    at::Tensor sb = at::empty({c}, keys.options().dtype(at::kBFloat16));
+    int8_t* kb_p = kb.data_ptr<int8_t>();
+    c10::BFloat16* sb_p = sb.data_ptr<c10::BFloat16>();
+    bool* ok = w.ok.data_ptr<bool>();
+    for (int64_t t = 0; t < c; ++t) {
+      if (t + 16 < c) __builtin_prefetch(keys_p + (base + r[t + 16]) * d);  // as in place_rows
+      std::memcpy(kb_p + t * d, keys_p + (base + r[t]) * d, d);
+      sb_p[t] = bf16 ? s16_p[base + r[t]] : c10::BFloat16(s32_p[base + r[t]]);
+      ok[t] = r[t] < stored && rp[r[t]] >= 0 && (!fr_p || fr_p[row * c + t]);
     }
-  }
+    std::vector<int64_t> at(kc);
+    int64_t* out = out_idx.data_ptr<int64_t>() + row * kc;
+    w.top(at::_weight_int8pack_mm(qb[i][j], kb, sb).to(at::kFloat), scale, true, r, kc, at.data(),
+          out_score.data_ptr<float>() + row * kc);
+    for (int64_t t = 0; t < kc; ++t) out[t] = r[at[t]];
+  });
   return {out_idx, out_score};
 }
 
