@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -30,28 +31,41 @@ inline uint32_t ordered_bits(float f) {
 
 using Pick = std::pair<uint64_t, int64_t>;  // (ordering key, position)
 
+struct Scratch {
+  std::vector<float> s, sorted;
+  std::vector<Pick> pick;
+};
+
 // The kc best of one row of reserve tokens: x [g, m] log-probabilities of the group's queries, ok [m] stored,
 // tie [m] tie keys (nullptr: positions) -> positions and scores, best first. A token's score is its maximum
 // over the group, -inf where not stored; equal scores rank by lower tie key, as top_by_index does.
 void top_row(const float* x, int64_t g, int64_t m, const bool* ok, const int64_t* tie, int64_t kc, int64_t* idx,
-             float* score, std::vector<float>& s, std::vector<Pick>& pick) {
+             float* score, Scratch& w) {
+  if (kc == 0) return;
+  std::vector<float>& s = w.s;
   s.assign(x, x + m);
   for (int64_t j = 1; j < g; ++j)  // the group's maximum, query by query: contiguous, vectorizable
     for (int64_t i = 0; i < m; ++i) s[i] = std::max(s[i], x[j * m + i]);
-  pick.resize(m);
-  for (int64_t i = 0; i < m; ++i) {
+  for (int64_t i = 0; i < m; ++i)
     if (!ok[i]) s[i] = kNone;
+  // The kc-th best score by value alone (floats, a quarter of the pairs' bytes); then only the scores at or
+  // above it are ranked with their tie keys.
+  w.sorted.assign(s.begin(), s.end());
+  std::nth_element(w.sorted.begin(), w.sorted.begin() + (kc - 1), w.sorted.end(), std::greater<float>());
+  const float threshold = w.sorted[kc - 1];
+  w.pick.clear();
+  for (int64_t i = 0; i < m; ++i) {
     // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
     // first (low word). Tie keys are reserve indices or positions, below 2^32.
-    pick[i] = {(uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)), i};
+    if (s[i] >= threshold)
+      w.pick.push_back({(uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)), i});
   }
-  // Pairs side by side: nth_element compares neighbours in memory, not keys scattered through an index array.
   auto better = [](const Pick& a, const Pick& c) { return a.first > c.first; };
-  std::nth_element(pick.begin(), pick.begin() + kc, pick.end(), better);
-  std::sort(pick.begin(), pick.begin() + kc, better);
+  std::nth_element(w.pick.begin(), w.pick.begin() + (kc - 1), w.pick.end(), better);
+  std::sort(w.pick.begin(), w.pick.begin() + kc, better);
   for (int64_t j = 0; j < kc; ++j) {
-    idx[j] = pick[j].second;
-    score[j] = s[pick[j].second];
+    idx[j] = w.pick[j].second;
+    score[j] = s[w.pick[j].second];
   }
 }
 
@@ -71,42 +85,31 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
   at::Tensor out_score = at::empty({b, h, kc}, logp.options());
   const float* lp_p = lp.data_ptr<float>();
   const bool* st_p = st.data_ptr<bool>();
-  std::vector<float> s;
-  std::vector<Pick> pick;
+  Scratch w;
   for (int64_t row = 0; row < b * h; ++row) {
     const int64_t slot = row / h, head = row % h;
     top_row(lp_p + row * g * m, g, m, st_p + (slot * st_heads + (st_heads == 1 ? 0 : head)) * m,
             keyed ? ord.data_ptr<int64_t>() + row * m : nullptr, kc, out_idx.data_ptr<int64_t>() + row * kc,
-            out_score.data_ptr<float>() + row * kc, s, pick);
+            out_score.data_ptr<float>() + row * kc, w);
   }
   return {out_idx, out_score};
 }
 
-// The int8 ops below work row by row, a row being one slot's KV head: its int8 products (aten's weight-only
-// int8 kernel, called here as the torch code calls it, so the values are the same), its masked log-softmax
-// and its top_row. Rows spread over the intra-op threads: a row reads thousands of keys scattered in memory,
-// so two threads hide each other's waits. Inside a parallel region aten runs serially, and every column of
-// its products is computed alike with any number of threads.
-struct Row {
-  std::vector<float> s;
-  std::vector<Pick> pick;
-  at::Tensor ok;  // [m] bool: stored
-
-  // The kc best of scaled, masked logits [g, m] (float32): positions into idx, scores into score.
-  void top(at::Tensor logits, double scale, bool scale_first, const int64_t* tie, int64_t kc, int64_t* idx,
-           float* score) {
-    const at::Tensor empty = ok.logical_not();
-    logits = scale_first ? logits.mul_(scale).masked_fill_(empty, kNone) : logits.masked_fill_(empty, kNone).mul_(scale);
-    const at::Tensor lp = at::log_softmax(logits, -1).contiguous();
-    top_row(lp.data_ptr<float>(), lp.size(0), lp.size(1), ok.data_ptr<bool>(), tie, kc, idx, score, s, pick);
-  }
-};
-
-template <typename F>
-void each_row(int64_t rows, int64_t width, F&& fn) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    Row row{{}, {}, at::empty({width}, at::kBool)};
-    for (int64_t r = begin; r < end; ++r) fn(r, row);
+// The int8 ops below compute what the torch code computes with the same aten kernels, so the values are the
+// same: the int8 products one row (a slot's KV head) at a time, each spread over the intra-op threads; the
+// scaled, masked log-softmax over all rows at once; then each row's top_row, rows spread over the threads
+// when there are enough of them to be worth waking the threads for.
+void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, int64_t kc, int64_t* idx,
+              float* score) {
+  const int64_t rows = lp.size(0) * lp.size(1), g = lp.size(2), m = lp.size(3), per_slot = lp.size(1);
+  const float* x = lp.data_ptr<float>();
+  const bool* ok_p = ok.data_ptr<bool>();
+  const bool per_row = ok.size(1) != 1;
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    for (int64_t r = begin; r < end; ++r)
+      top_row(x + r * g * m, g, m, ok_p + (per_row ? r : r / per_slot) * m, tie ? tie + r * m : nullptr, kc,
+              idx + r * kc, score + r * kc, w);
   });
 }
 
@@ -118,19 +121,24 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
                                                   const at::Tensor& n, int64_t kc, double scale) {
   TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar, "keys: [b, h, m, d] int8");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && rpos.scalar_type() == at::kLong, "scales, rpos");
-  const int64_t b = keys.size(0), h = keys.size(1), m = keys.size(2);
+  const int64_t b = keys.size(0), h = keys.size(1), m = keys.size(2), g = q.size(2);
   TORCH_CHECK(kc <= m, "kc above the reserve");
   const at::Tensor qb = q.to(at::kBFloat16).contiguous(), nn = n.to(at::kLong).contiguous();
+  std::vector<at::Tensor> dots;
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h; ++j) dots.push_back(at::_weight_int8pack_mm(qb[i][j], keys[i][j], scales[i][j]));
+  at::Tensor ok = at::empty({b, 1, m}, rpos.options().dtype(at::kBool));
+  bool* ok_p = ok.data_ptr<bool>();
+  const int64_t* rpos_p = rpos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t stored = nn.data_ptr<int64_t>()[i];
+    for (int64_t t = 0; t < m; ++t) ok_p[i * m + t] = t < stored && rpos_p[i * rpos.stride(0) + t * rpos.stride(1)] >= 0;
+  }
+  at::Tensor logits = at::stack(dots).view({b, h, g, m}).to(at::kFloat).mul_(scale);
+  const at::Tensor lp = at::log_softmax(logits.masked_fill_(ok.logical_not().unsqueeze(2), kNone), -1).contiguous();
   at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  const int64_t* rpos_p = rpos.data_ptr<int64_t>();
-  each_row(b * h, m, [&](int64_t row, Row& w) {
-    const int64_t i = row / h, j = row % h, stored = nn.data_ptr<int64_t>()[i];
-    bool* ok = w.ok.data_ptr<bool>();
-    for (int64_t t = 0; t < m; ++t) ok[t] = t < stored && rpos_p[i * rpos.stride(0) + t * rpos.stride(1)] >= 0;
-    w.top(at::_weight_int8pack_mm(qb[i][j], keys[i][j], scales[i][j]).to(at::kFloat), scale, true, nullptr, kc,
-          out_idx.data_ptr<int64_t>() + row * kc, out_score.data_ptr<float>() + row * kc);
-  });
+  top_rows(lp, ok, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
   return {out_idx, out_score};
 }
 
@@ -140,21 +148,24 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
 at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax,
                           const at::Tensor& sscale, const at::Tensor& n, int64_t first, int64_t chunk, double scale) {
   TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
-  const int64_t b = smin.size(0), h = smin.size(1), chunks = smin.size(2);
+  const int64_t b = smin.size(0), h = smin.size(1), chunks = smin.size(2), g = q.size(2);
   TORCH_CHECK(first <= chunks, "first above the chunks");
   const at::Tensor qb = q.to(at::kBFloat16), s16 = sscale.to(at::kBFloat16);
   const at::Tensor plus = qb.clamp_min(0), minus = qb.clamp_max(0), nn = n.to(at::kLong).contiguous();
+  std::vector<at::Tensor> rows;
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h; ++j)
+      rows.push_back(at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]).to(at::kFloat)
+                         .add_(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]).to(at::kFloat)));
+  at::Tensor ok = at::empty({b, 1, chunks}, nn.options().dtype(at::kBool));
+  bool* ok_p = ok.data_ptr<bool>();
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t c = 0; c < chunks; ++c) ok_p[i * chunks + c] = c * chunk < nn.data_ptr<int64_t>()[i];
+  at::Tensor logits = at::stack(rows).view({b, h, g, chunks}).masked_fill_(ok.logical_not().unsqueeze(2), kNone);
+  const at::Tensor lp = at::log_softmax(logits.mul_(scale), -1).contiguous();
   at::Tensor out = at::empty({b, h, first}, nn.options());
   at::Tensor score = at::empty({b, h, first}, q.options().dtype(at::kFloat));
-  each_row(b * h, chunks, [&](int64_t row, Row& w) {
-    const int64_t i = row / h, j = row % h, stored = nn.data_ptr<int64_t>()[i];
-    bool* ok = w.ok.data_ptr<bool>();
-    for (int64_t c = 0; c < chunks; ++c) ok[c] = c * chunk < stored;
-    at::Tensor upper = at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]).to(at::kFloat)
-                           .add_(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]).to(at::kFloat));
-    w.top(upper, scale, false, nullptr, first, out.data_ptr<int64_t>() + row * first,
-          score.data_ptr<float>() + row * first);
-  });
+  top_rows(lp, ok, nullptr, first, out.data_ptr<int64_t>(), score.data_ptr<float>());
   return out;
 }
 
@@ -171,41 +182,49 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
   const int64_t b = idx.size(0), h = idx.size(1), c = idx.size(2), rows = keys.size(2), d = keys.size(3);
+  const int64_t g = q.size(2);
   TORCH_CHECK(kc <= c, "kc above the candidates");
   const at::Tensor qb = q.to(at::kBFloat16).contiguous(), ix = idx.to(at::kLong).contiguous();
   const at::Tensor nn = n.to(at::kLong).contiguous();
   const bool has_fresh = fresh.defined() && fresh.numel() > 0;
   const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
-  at::Tensor out_idx = at::empty({b, h, kc}, ix.options());
-  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
+  at::Tensor kb = at::empty({b, h, c, d}, keys.options());
+  at::Tensor sb = at::empty({b, h, c}, keys.options().dtype(at::kBFloat16));
+  at::Tensor ok = at::empty({b, h, c}, keys.options().dtype(at::kBool));
   const bool bf16 = scales.scalar_type() == at::kBFloat16;
   const int8_t* keys_p = keys.data_ptr<int8_t>();
   const c10::BFloat16* s16_p = bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr;
   const float* s32_p = bf16 ? nullptr : scales.data_ptr<float>();
   const bool* fr_p = has_fresh ? fr.data_ptr<bool>() : nullptr;
   const int64_t* rpos_p = rpos.data_ptr<int64_t>();
-  each_row(b * h, c, [&](int64_t row, Row& w) {
-    const int64_t i = row / h, j = row % h, stored = nn.data_ptr<int64_t>()[i], base = row * rows;
-    const int64_t* r = ix.data_ptr<int64_t>() + row * c;
-    const int64_t* rp = rpos_p + i * rpos.size(1);
-    at::Tensor kb = at::empty({c, d}, keys.options());
-    at::Tensor sb = at::empty({c}, keys.options().dtype(at::kBFloat16));
-    int8_t* kb_p = kb.data_ptr<int8_t>();
-    c10::BFloat16* sb_p = sb.data_ptr<c10::BFloat16>();
-    bool* ok = w.ok.data_ptr<bool>();
-    for (int64_t t = 0; t < c; ++t) {
-      if (t + 16 < c) __builtin_prefetch(keys_p + (base + r[t + 16]) * d);  // as in place_rows
-      std::memcpy(kb_p + t * d, keys_p + (base + r[t]) * d, d);
-      sb_p[t] = bf16 ? s16_p[base + r[t]] : c10::BFloat16(s32_p[base + r[t]]);
-      ok[t] = r[t] < stored && rp[r[t]] >= 0 && (!fr_p || fr_p[row * c + t]);
+  const int64_t* ix_p = ix.data_ptr<int64_t>();
+  int8_t* kb_p = kb.data_ptr<int8_t>();
+  c10::BFloat16* sb_p = sb.data_ptr<c10::BFloat16>();
+  bool* ok_p = ok.data_ptr<bool>();
+  // The gathers, rows over the threads: each reads candidates scattered through a reserve far larger than the
+  // caches, so two threads hide each other's waits on memory.
+  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row / h, stored = nn.data_ptr<int64_t>()[i], base = row * rows;
+      const int64_t* r = ix_p + row * c;
+      const int64_t* rp = rpos_p + i * rpos.size(1);
+      for (int64_t t = 0; t < c; ++t) {
+        if (t + 16 < c) __builtin_prefetch(keys_p + (base + r[t + 16]) * d);  // as in place_rows
+        std::memcpy(kb_p + (row * c + t) * d, keys_p + (base + r[t]) * d, d);
+        sb_p[row * c + t] = bf16 ? s16_p[base + r[t]] : c10::BFloat16(s32_p[base + r[t]]);
+        ok_p[row * c + t] = r[t] < stored && rp[r[t]] >= 0 && (!fr_p || fr_p[row * c + t]);
+      }
     }
-    std::vector<int64_t> at(kc);
-    int64_t* out = out_idx.data_ptr<int64_t>() + row * kc;
-    w.top(at::_weight_int8pack_mm(qb[i][j], kb, sb).to(at::kFloat), scale, true, r, kc, at.data(),
-          out_score.data_ptr<float>() + row * kc);
-    for (int64_t t = 0; t < kc; ++t) out[t] = r[at[t]];
   });
-  return {out_idx, out_score};
+  std::vector<at::Tensor> dots;
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h; ++j) dots.push_back(at::_weight_int8pack_mm(qb[i][j], kb[i][j], sb[i][j]));
+  at::Tensor logits = at::stack(dots).view({b, h, g, c}).to(at::kFloat).mul_(scale);
+  const at::Tensor lp = at::log_softmax(logits.masked_fill_(ok.logical_not().unsqueeze(2), kNone), -1).contiguous();
+  at::Tensor at_ = at::empty({b, h, kc}, ix.options());
+  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
+  top_rows(lp, ok, ix_p, kc, at_.data_ptr<int64_t>(), out_score.data_ptr<float>());
+  return {ix.gather(2, at_), out_score};
 }
 
 template <typename T>
