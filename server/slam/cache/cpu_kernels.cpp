@@ -8,11 +8,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
-#include <numeric>
 #include <tuple>
 #include <utility>
 #include <vector>
