@@ -13,6 +13,9 @@ from slam.cache.selection import candidate_top, chunk_top_int8, dot_int8, exact_
 from slam.cache.slam import place
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
+from slam.engine import bounds
+from slam.engine.bounds import ChunkBounds
+from slam.engine.pool import quantize_rows
 from slam.engine.sequence import SamplingParams
 
 from tests.fused_check import random_pool
@@ -150,3 +153,50 @@ def test_engine_with_kernels_decodes_like_the_torch_code(dtype, min_ratio, every
         assert engine.runner.pool.two_stage == (min_ratio == 1)
         runs.append(([s.output_ids for s in seqs], engine.runner.pool.replaced.tolist()))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reserve_append_equals_reserve_write(dtype):
+    """One evicted token per slot into the reserve, with its int8 scoring copy: the C++ op writes exactly
+    what pool.reserve_write writes (keys of very different magnitudes, scratch index included)."""
+    g = torch.Generator().manual_seed(2)
+    slots, h, rows, d = 5, 3, 50, 64
+    base = {name: torch.randn(slots, h, rows, d, generator=g).to(dtype) for name in ("rk", "rv")}
+    base["rq"] = torch.randint(-127, 128, (slots, h, rows, d), generator=g, dtype=torch.int8)
+    base["rq_scale"] = torch.rand(slots, h, rows, generator=g).to(torch.bfloat16)
+    at = torch.tensor([0, 17, 49, 3])  # 49: the scratch index
+    k = (torch.randn(4, h, d, generator=g) * torch.logspace(-6, 3, 4).view(4, 1, 1)).to(dtype)
+    v = torch.randn(4, h, d, generator=g).to(dtype)
+    want = {name: t.clone() for name, t in base.items()}
+    part = (torch.arange(4), slice(None), at)
+    want["rk"][part], want["rv"][part] = k, v
+    want["rq"][part], want["rq_scale"][part] = quantize_rows(k, torch.bfloat16)
+    got = {name: t.clone() for name, t in base.items()}
+    torch.ops.slam_cpu.reserve_append(got["rk"], got["rv"], got["rq"], got["rq_scale"], at, k, v)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_summarize_append_equals_the_bounds_code():
+    """Folding new keys into int8 chunk bounds, step by step over several chunks, with keys that grow (the
+    scale grows: requantized outward), shrink (kept) and start chunks: the C++ op's bounds equal the torch
+    code's at every step."""
+    g = torch.Generator().manual_seed(4)
+    slots, h, d, chunk, chunks = 3, 3, 64, 8, 6
+
+    class Bounds(ChunkBounds):
+        def __init__(self):
+            self.chunk, self.kv_heads, self.head_dim, self.cpu_kernels = chunk, h, d, False
+            self.smin = [torch.zeros(slots, h, chunks, d, dtype=torch.int8)]
+            self.smax = [torch.zeros(slots, h, chunks, d, dtype=torch.int8)]
+            self.sscale = [torch.zeros(slots, h, chunks)]
+
+    torch_side, kernel = Bounds(), Bounds()
+    for step in range(3 * chunk + 3):
+        at = torch.tensor([step, step + 5, chunks * chunk - 1])  # the last slot keeps writing one scratch chunk
+        keys = torch.randn(slots, h, d, generator=g) * float(torch.rand(1, generator=g) * 4 + 0.1)
+        ChunkBounds.summarize_append(torch_side, 0, at, keys)
+        torch.ops.slam_cpu.summarize_append(kernel.smin[0], kernel.smax[0], kernel.sscale[0], at, keys, chunk,
+                                            bounds._OUTWARD / 127)
+        for name in ("smin", "smax", "sscale"):
+            assert torch.equal(getattr(torch_side, name)[0], getattr(kernel, name)[0]), (name, step)

@@ -58,7 +58,10 @@ class SlamPolicy(CachePolicy):
             torch.arange(b, device=plan.reserve_at.device),
             torch.arange(b, device=pool.reserve_device),
             plan.reserve_at.to(pool.reserve_device, non_blocking=True)))
-        pool.reserve_write(layer, (ar_r, slice(None), idx), ev.k.squeeze(2), ev.v.squeeze(2))
+        if pool.cpu_kernels and not pool.reserve_int8:
+            cpu_kernels.reserve_append(pool, layer, plan.reserve_at, ev.k.squeeze(2), ev.v.squeeze(2))
+        else:
+            pool.reserve_write(layer, (ar_r, slice(None), idx), ev.k.squeeze(2), ev.v.squeeze(2))
         if ev.k_score is not None:
             pool.rks[layer][ar_r, :, idx] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
         if pool.two_stage:

@@ -41,6 +41,10 @@ class ChunkBounds:
     def summarize_append(self, layer: int, at: torch.Tensor, keys: torch.Tensor) -> None:
         """Fold one new scoring key of each of slots [0, b) into its chunk's bounds; at: [b] reserve index
         (the scratch index for slots that append nothing), keys: [b, kv_heads, head_dim]."""
+        if self.cpu_kernels:  # the same arithmetic in one C++ op (cache/cpu_kernels.cpp)
+            torch.ops.slam_cpu.summarize_append(self.smin[layer], self.smax[layer], self.sscale[layer], at, keys,
+                                                self.chunk, _OUTWARD / 127)
+            return
         b = keys.shape[0]
         c = (at // self.chunk).view(b, 1, 1).expand(b, self.kv_heads, 1)
         cd = c.unsqueeze(-1).expand(b, self.kv_heads, 1, self.head_dim)
