@@ -1,5 +1,6 @@
 """Slam's C++ CPU ops (server/slam/cache/cpu_kernels.py) give exactly what the torch code they replace gives:
-the group's best reserve tokens with ties broken by reserve index, and the placement with its churn count."""
+the int8 scoring and selection (exact, and both stages of two), the group's best reserve tokens with ties
+broken by reserve index, the placement with its churn count, the reserve append and the chunk bounds."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from slam.cache import cpu_kernels
 from slam.cache.selection import candidate_top, chunk_top_int8, dot_int8, exact_top
 from slam.cache.slam import place
 from slam.config import CacheConfig, EngineConfig
-from slam.engine.engine import LLMEngine
 from slam.engine import bounds
 from slam.engine.bounds import ChunkBounds
+from slam.engine.engine import LLMEngine
 from slam.engine.pool import quantize_rows
 from slam.engine.sequence import SamplingParams
 
@@ -173,8 +174,8 @@ def test_reserve_append_equals_reserve_write(dtype):
     want["rq"][part], want["rq_scale"][part] = quantize_rows(k, torch.bfloat16)
     got = {name: t.clone() for name, t in base.items()}
     torch.ops.slam_cpu.reserve_append(got["rk"], got["rv"], got["rq"], got["rq_scale"], at, k, v)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    for name, tensor in want.items():
+        assert torch.equal(tensor, got[name]), name
 
 
 def test_summarize_append_equals_the_bounds_code():
