@@ -1,4 +1,4 @@
-"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp), built on first use.
+"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp), built on first use.
 
 A slam layer on a CPU ran about sixty small torch ops for its selection (the int8 scoring per KV head, the
 masked log-softmax, the group's maximum, top-k with ties broken by reserve index, the gathers, churn and
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_suffix(".cpp")
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_kernels.cpp", "cpu_writes.cpp")]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -34,7 +34,7 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load("slam_cpu_kernels", [str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+        load("slam_cpu_kernels", _SOURCES, extra_cflags=["-O3"], is_python_module=False)
         return True
     except Exception as e:  # noqa: BLE001  (no compiler, no headers, a failed build: the torch code runs)
         log.warning("slam's CPU kernels did not build (%s: %s); selection runs as torch ops", type(e).__name__, e)
