@@ -1,8 +1,7 @@
 // Slam's selection on the CPU, one call per layer each (cache/cpu_kernels.py builds this file with
 // cpu_writes.cpp; this one declares every op). The torch code they replace (selection.py, slam.place, the
 // pool's appends) runs about sixty small ops per layer, each paying dispatch and, when OpenMP's threads
-// sleep between ops, a thread wake-up. Every function gives exactly what the torch code gives. group_top
-// runs serially: its rows are cheap, and waking the intra-op threads would cost more than the rows.
+// sleep between ops, a thread wake-up. Every function gives exactly what the torch code gives.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -68,36 +67,9 @@ void top_row(const float* x, int64_t g, int64_t m, const bool* ok, const int64_t
   }
 }
 
-// logp: [b, h, g, m] float32 log-probabilities; stored: [b, 1 or h, m] bool; order: [b, h, m] int64 tie
-// keys, or an empty tensor (ties by position) -> (positions, scores) [b, h, kc], best first (top_row).
-std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::Tensor& stored, int64_t kc,
-                                             const at::Tensor& order) {
-  TORCH_CHECK(logp.dim() == 4 && logp.scalar_type() == at::kFloat, "logp: [b, h, g, m] float32");
-  TORCH_CHECK(stored.dim() == 3 && stored.scalar_type() == at::kBool, "stored: [b, 1 or h, m] bool");
-  const int64_t b = logp.size(0), h = logp.size(1), g = logp.size(2), m = logp.size(3);
-  TORCH_CHECK(kc <= m, "kc above the candidates");
-  const at::Tensor lp = logp.contiguous(), st = stored.contiguous();
-  const bool keyed = order.defined() && order.numel() > 0;
-  const at::Tensor ord = keyed ? order.contiguous() : order;
-  const int64_t st_heads = st.size(1);
-  at::Tensor out_idx = at::empty({b, h, kc}, logp.options().dtype(at::kLong));
-  at::Tensor out_score = at::empty({b, h, kc}, logp.options());
-  const float* lp_p = lp.data_ptr<float>();
-  const bool* st_p = st.data_ptr<bool>();
-  Scratch w;
-  for (int64_t row = 0; row < b * h; ++row) {
-    const int64_t slot = row / h, head = row % h;
-    top_row(lp_p + row * g * m, g, m, st_p + (slot * st_heads + (st_heads == 1 ? 0 : head)) * m,
-            keyed ? ord.data_ptr<int64_t>() + row * m : nullptr, kc, out_idx.data_ptr<int64_t>() + row * kc,
-            out_score.data_ptr<float>() + row * kc, w);
-  }
-  return {out_idx, out_score};
-}
-
-// The int8 ops below compute what the torch code computes with the same aten kernels, so the values are the
-// same: the int8 products one row (a slot's KV head) at a time, each spread over the intra-op threads; the
-// scaled, masked log-softmax over all rows at once; then each row's top_row, rows spread over the threads
-// when there are enough of them to be worth waking the threads for.
+// Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h, m] stored, tie [b, h, m] or nullptr ->
+// idx, score [b, h, kc]. Rows spread over the intra-op threads only when there are enough of them to be worth
+// waking the threads for.
 void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, int64_t kc, int64_t* idx,
               float* score) {
   const int64_t rows = lp.size(0) * lp.size(1), g = lp.size(2), m = lp.size(3), per_slot = lp.size(1);
@@ -111,6 +83,36 @@ void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, in
               idx + r * kc, score + r * kc, w);
   });
 }
+
+// The torch code's scaled, masked log-softmax over the last dimension, in the torch code's order of scaling
+// and masking (the values must match it bit for bit): logits [b, h, g, m] float32, ok [b, 1 or h, m].
+at::Tensor masked_log_softmax(at::Tensor logits, const at::Tensor& ok, double scale, bool scale_first) {
+  const at::Tensor empty = ok.logical_not().unsqueeze(2);
+  logits = scale_first ? logits.mul_(scale).masked_fill_(empty, kNone) : logits.masked_fill_(empty, kNone).mul_(scale);
+  return at::log_softmax(logits, -1).contiguous();
+}
+
+// logp: [b, h, g, m] float32 log-probabilities; stored: [b, 1 or h, m] bool; order: [b, h, m] int64 tie
+// keys, or an empty tensor (ties by position) -> (positions, scores) [b, h, kc], best first (top_row).
+std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::Tensor& stored, int64_t kc,
+                                             const at::Tensor& order) {
+  TORCH_CHECK(logp.dim() == 4 && logp.scalar_type() == at::kFloat, "logp: [b, h, g, m] float32");
+  TORCH_CHECK(stored.dim() == 3 && stored.scalar_type() == at::kBool, "stored: [b, 1 or h, m] bool");
+  const int64_t b = logp.size(0), h = logp.size(1), m = logp.size(3);
+  TORCH_CHECK(kc <= m, "kc above the candidates");
+  const at::Tensor lp = logp.contiguous(), st = stored.contiguous();
+  const bool keyed = order.defined() && order.numel() > 0;
+  const at::Tensor ord = keyed ? order.contiguous() : order;
+  at::Tensor out_idx = at::empty({b, h, kc}, logp.options().dtype(at::kLong));
+  at::Tensor out_score = at::empty({b, h, kc}, logp.options());
+  top_rows(lp, st, keyed ? ord.data_ptr<int64_t>() : nullptr, kc, out_idx.data_ptr<int64_t>(),
+           out_score.data_ptr<float>());
+  return {out_idx, out_score};
+}
+
+// The int8 ops below compute what the torch code computes with the same aten kernels, so the values are the
+// same: the int8 products one row (a slot's KV head) at a time, each spread over the intra-op threads, then
+// masked_log_softmax over all rows at once, then top_rows.
 
 // Exact selection from int8 scoring keys in one call: selection.dot_int8 then exact_top (ties by position).
 // q: [b, h, g, d]; keys: [b, h, m, d] int8, each head's rows contiguous; scales: [b, h, m] bfloat16;
@@ -129,12 +131,12 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   at::Tensor ok = at::empty({b, 1, m}, rpos.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
   const int64_t* rpos_p = rpos.data_ptr<int64_t>();
+  const int64_t slot_stride = rpos.stride(0), index_stride = rpos.stride(1);
   for (int64_t i = 0; i < b; ++i) {
     const int64_t stored = nn.data_ptr<int64_t>()[i];
-    for (int64_t t = 0; t < m; ++t) ok_p[i * m + t] = t < stored && rpos_p[i * rpos.stride(0) + t * rpos.stride(1)] >= 0;
+    for (int64_t t = 0; t < m; ++t) ok_p[i * m + t] = t < stored && rpos_p[i * slot_stride + t * index_stride] >= 0;
   }
-  at::Tensor logits = at::stack(dots).view({b, h, g, m}).to(at::kFloat).mul_(scale);
-  const at::Tensor lp = at::log_softmax(logits.masked_fill_(ok.logical_not().unsqueeze(2), kNone), -1).contiguous();
+  const at::Tensor lp = masked_log_softmax(at::stack(dots).view({b, h, g, m}).to(at::kFloat), ok, scale, true);
   at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
@@ -160,8 +162,7 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
   bool* ok_p = ok.data_ptr<bool>();
   for (int64_t i = 0; i < b; ++i)
     for (int64_t c = 0; c < chunks; ++c) ok_p[i * chunks + c] = c * chunk < nn.data_ptr<int64_t>()[i];
-  at::Tensor logits = at::stack(rows).view({b, h, g, chunks}).masked_fill_(ok.logical_not().unsqueeze(2), kNone);
-  const at::Tensor lp = at::log_softmax(logits.mul_(scale), -1).contiguous();
+  const at::Tensor lp = masked_log_softmax(at::stack(rows).view({b, h, g, chunks}), ok, scale, false);
   at::Tensor out = at::empty({b, h, first}, nn.options());
   at::Tensor score = at::empty({b, h, first}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, first, out.data_ptr<int64_t>(), score.data_ptr<float>());
@@ -218,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   std::vector<at::Tensor> dots;
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = 0; j < h; ++j) dots.push_back(at::_weight_int8pack_mm(qb[i][j], kb[i][j], sb[i][j]));
-  at::Tensor logits = at::stack(dots).view({b, h, g, c}).to(at::kFloat).mul_(scale);
-  const at::Tensor lp = at::log_softmax(logits.masked_fill_(ok.logical_not().unsqueeze(2), kNone), -1).contiguous();
+  const at::Tensor lp = masked_log_softmax(at::stack(dots).view({b, h, g, c}).to(at::kFloat), ok, scale, true);
   at::Tensor at_ = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, ix_p, kc, at_.data_ptr<int64_t>(), out_score.data_ptr<float>());

@@ -41,7 +41,7 @@ class ChunkBounds:
     def summarize_append(self, layer: int, at: torch.Tensor, keys: torch.Tensor) -> None:
         """Fold one new scoring key of each of slots [0, b) into its chunk's bounds; at: [b] reserve index
         (the scratch index for slots that append nothing), keys: [b, kv_heads, head_dim]."""
-        if self.cpu_kernels:  # the same arithmetic in one C++ op (cache/cpu_kernels.cpp)
+        if self.cpu_kernels:  # the same arithmetic in one C++ op (cache/cpu_writes.cpp)
             torch.ops.slam_cpu.summarize_append(self.smin[layer], self.smax[layer], self.sscale[layer], at, keys,
                                                 self.chunk, _OUTWARD / 127)
             return
