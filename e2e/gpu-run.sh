@@ -63,7 +63,7 @@ niah-select)  # issue 10: exact recall against two-stage selection across refres
   IFS=';' read -ra cfgs <<< "${CONFIGS:-0 1 16;4 1 16;4 2 16;4 4 16;4 8 16}"
   for cfg in "${cfgs[@]}"; do set -- $cfg
     python3 -m slam.cli eval niah --device cuda --policies slam --budgets ${BUDGETS:-256} --lengths ${LENGTHS:-8000} \
-      --depths 0.1,0.5,0.9 --seeds 3 --select-oversample $1 --select-every $2 --select-chunk $3 --json \
+      --depths 0.1,0.5,0.9 --seeds 3 --select-oversample $1 --select-every $2 --select-chunk $3 --json ${EXTRA:-} \
       | sed "s/^{/{\"select_oversample\": $1, \"select_every\": $2, \"select_chunk\": $3, /"; done \
     | tee "$OUT/niah-select.jsonl" ;;
 niah)

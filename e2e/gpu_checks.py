@@ -33,6 +33,7 @@ VARIANTS = {  # name: (policy, engine settings)
     "slam two-stage r4 host reserve": ("slam", {"select_min_ratio": 1, "select_every": 4, "reserve_device": "cpu"}),
     "slam host reserve": ("slam", {"reserve_device": "cpu"}),
     "slam host int8 reserve": ("slam", {"reserve_device": "cpu", "reserve_dtype": "int8"}),
+    "slam host reserve eager kernels": ("slam", {"reserve_device": "cpu", "compile": False}),
     "slam device int8 reserve": ("slam", {"reserve_dtype": "int8"}),
     "slam eager kernels": ("slam", {"compile": False}),  # no torch.compile, no fused placement
     "full eager kernels": ("full", {"compile": False}),
@@ -66,7 +67,9 @@ def sync_free_step(loaded, variant: str) -> None:
     engine = engine_for(loaded, variant, eager=False)
     seqs = [synthetic_request(engine, 1800, SamplingParams(max_tokens=8, temperature=0.8, seed=i), seed=i)
             for i in range(4)]
-    engine.step()  # captures the graph for this bucket
+    # One graph per refresh phase: capture them all first, since a capture synchronises (and compiles).
+    for _ in range(engine.runner.select_every):
+        engine.step()
     rows, kc, policies = decode_plan(engine, seqs)
     params = sampling_batch(seqs, loaded.device)
     torch.cuda.synchronize()
@@ -88,14 +91,17 @@ def main() -> int:
     failures = 0
     outputs = {}
     chosen = os.environ.get("ONLY", ",".join(VARIANTS)).split(",")  # ONLY="full,slam": a subset
+    reproducible = set()  # variants whose eager runs repeat: only their comparisons say something
     for policy in chosen:
         eager, graphed = run(loaded, policy, True), run(loaded, policy, False)
         outputs[policy] = graphed
         same = eager == graphed
-        failures += not same
+        again = same or run(loaded, policy, True) == eager
+        reproducible |= {policy} if again else set()
+        failures += not same and again
         print(f"{policy}: graph replay {'equals' if same else 'DIFFERS FROM'} eager over {len(eager[0])} tokens"
               + ("" if same else f" (first differing step per request: {first_difference(eager, graphed)};"
-                 f" eager run twice {'agrees' if run(loaded, policy, True) == eager else 'DISAGREES'})"), flush=True)
+                 f" eager run twice {'agrees: a FAILURE' if again else 'DISAGREES: inconclusive'})"), flush=True)
         try:
             sync_free_step(loaded, policy)
             print(f"{policy}: decode step ran under set_sync_debug_mode('error')", flush=True)
@@ -103,11 +109,14 @@ def main() -> int:
             failures += 1
             print(f"{policy}: sync check FAILED: {type(e).__name__}: {e}", flush=True)
     pairs = (("slam host reserve", "slam"), ("slam host int8 reserve", "slam device int8 reserve"),
-             ("slam two-stage r4 host reserve", "slam two-stage r4"))
+             ("slam two-stage r4 host reserve", "slam two-stage r4"),
+             ("slam host reserve eager kernels", "slam eager kernels"))
     for host, device in (pair for pair in pairs if set(pair) <= set(chosen)):
         same = outputs[host] == outputs[device]
-        failures += not same
-        print(f"{host}: tokens {'equal' if same else 'DIFFER FROM'} {device}'s", flush=True)
+        certain = {host, device} <= reproducible
+        failures += not same and certain
+        print(f"{host}: tokens {'equal' if same else 'DIFFER FROM'} {device}'s"
+              + ("" if same or certain else " (inconclusive: eager runs do not repeat)"), flush=True)
     if {"slam", "slam eager kernels"} <= set(chosen):
         # Compiled scoring may round differently in the last bit, so this is reported, not required.
         same = outputs["slam"] == outputs["slam eager kernels"]
@@ -122,8 +131,8 @@ def main() -> int:
             compare_ring("cuda", dtype)
             compare_top("cuda", dtype)
             compare_top("cuda", dtype, kc=188, m=3936)
-            print(f"fused placement and ring write equal their eager code ({dtype})", flush=True)
-        except AssertionError as e:
+            print(f"fused placement, ring write and top-k equal their eager code ({dtype})", flush=True)
+        except Exception as e:  # an error in one kernel's check is reported like a difference
             failures += 1
             print(f"a fused kernel DIFFERS from its eager code ({dtype}): {e}", flush=True)
     return 1 if failures else 0

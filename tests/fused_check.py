@@ -116,7 +116,7 @@ def compare_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
     rpos[:, m] = -1
     n = torch.tensor([m, m - 7, kc // 2, m // 2])  # slot 2 holds fewer than kc
     rpos, n, scale = rpos.to(device), n.to(device), d**-0.5
-    want_idx, want = exact_top(q, keys, rpos[:, :m], n, kc, scale)
+    want_idx, want = exact_top(dot_float(q, keys), rpos[:, :m], n, kc, scale)
     idx, score = fused_top.group_top(dot_float(q, keys), rpos, n, kc, scale)
     found = score > float("-inf")
     assert torch.equal(found.sum(-1), (want > float("-inf")).sum(-1)), "different numbers of picks found"
