@@ -30,9 +30,12 @@ inline uint32_t ordered_bits(float f) {
 using Pick = std::pair<uint64_t, int64_t>;  // (ordering key, position)
 
 struct Scratch {
-  std::vector<float> s, sorted;
+  std::vector<float> s;
+  std::vector<int32_t> hist;
   std::vector<Pick> pick;
 };
+
+constexpr int64_t kBins = 1024;
 
 // The kc best of one row of reserve tokens: x [g, m] log-probabilities of the group's queries, ok [m] stored,
 // tie [m] tie keys (nullptr: positions) -> positions and scores, best first. A token's score is its maximum
@@ -46,16 +49,39 @@ void top_row(const float* x, int64_t g, int64_t m, const bool* ok, const int64_t
     for (int64_t i = 0; i < m; ++i) s[i] = std::max(s[i], x[j * m + i]);
   for (int64_t i = 0; i < m; ++i)
     if (!ok[i]) s[i] = kNone;
-  // The kc-th best score by value alone (floats, a quarter of the pairs' bytes); then only the scores at or
-  // above it are ranked with their tie keys.
-  w.sorted.assign(s.begin(), s.end());
-  std::nth_element(w.sorted.begin(), w.sorted.begin() + (kc - 1), w.sorted.end(), std::greater<float>());
-  const float threshold = w.sorted[kc - 1];
+  // Only scores that can reach the kc best are ranked with their tie keys. A histogram of the finite scores
+  // over their range finds the bin holding the kc-th best: every score of a higher bin is strictly higher
+  // than every score of a lower one, since the bin is monotonic in the score.
+  float lo = std::numeric_limits<float>::infinity(), hi = kNone;
+  int64_t finite = 0;
+  for (int64_t i = 0; i < m; ++i) {  // branch-free, so that it vectorizes
+    const bool f = s[i] > kNone;
+    lo = std::min(lo, f ? s[i] : lo);
+    hi = std::max(hi, s[i]);
+    finite += f;
+  }
+  const float inv = kBins / (hi - lo);
+  auto bin = [&](float v) {
+    const float x = (v - lo) * inv;
+    return x >= 0.0f ? (x < kBins ? int64_t(x) : kBins - 1) : int64_t(0);  // NaN and overflow to the ends
+  };
+  int64_t cut = 0;
+  const bool binned = finite > kc && hi > lo;
+  if (binned) {
+    w.hist.assign(kBins, 0);
+    for (int64_t i = 0; i < m; ++i)
+      if (s[i] > kNone) ++w.hist[bin(s[i])];
+    for (int64_t total = 0, b = kBins - 1; b >= 0; --b)
+      if ((total += w.hist[b]) >= kc) {
+        cut = b;
+        break;
+      }
+  }
   w.pick.clear();
   for (int64_t i = 0; i < m; ++i) {
     // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
     // first (low word). Tie keys are reserve indices or positions, below 2^32.
-    if (s[i] >= threshold)
+    if (!binned || (s[i] > kNone && bin(s[i]) >= cut))
       w.pick.push_back({(uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)), i});
   }
   auto better = [](const Pick& a, const Pick& c) { return a.first > c.first; };
@@ -76,7 +102,7 @@ void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, in
   const float* x = lp.data_ptr<float>();
   const bool* ok_p = ok.data_ptr<bool>();
   const bool per_row = ok.size(1) != 1;
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, m >= 1024 ? 1 : 4, [&](int64_t begin, int64_t end) {
     Scratch w;
     for (int64_t r = begin; r < end; ++r)
       top_row(x + r * g * m, g, m, ok_p + (per_row ? r : r / per_slot) * m, tie ? tie + r * m : nullptr, kc,
@@ -84,11 +110,30 @@ void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, in
   });
 }
 
-// The torch code's scaled, masked log-softmax over the last dimension, in the torch code's order of scaling
-// and masking (the values must match it bit for bit): logits [b, h, g, m] float32, ok [b, 1 or h, m].
-at::Tensor masked_log_softmax(at::Tensor logits, const at::Tensor& ok, double scale, bool scale_first) {
-  const at::Tensor empty = ok.logical_not().unsqueeze(2);
-  logits = scale_first ? logits.mul_(scale).masked_fill_(empty, kNone) : logits.masked_fill_(empty, kNone).mul_(scale);
+// The torch code's scaled, masked log-softmax of int8 products, in its arithmetic (the values must match it bit
+// for bit): per row (slot, KV head) one [g, m] bfloat16 product, or the sum of two (`second`, chunk bounds),
+// in float32 times float32(scale), -inf where ok [b, 1 or h, m] is False; then aten's log-softmax. One pass
+// in place of the stack, conversion, scaling and mask the torch code runs as separate ops.
+at::Tensor masked_log_softmax(const std::vector<at::Tensor>& dots, const std::vector<at::Tensor>& second,
+                              const at::Tensor& ok, int64_t b, int64_t h, int64_t g, int64_t m, double scale) {
+  at::Tensor logits = at::empty({b, h, g, m}, ok.options().dtype(at::kFloat));
+  float* out = logits.data_ptr<float>();
+  const bool* ok_p = ok.data_ptr<bool>();
+  const bool per_row = ok.size(1) != 1;
+  const float fs = static_cast<float>(scale);
+  for (int64_t row = 0; row < b * h; ++row) {
+    const c10::BFloat16* d1 = dots[row].data_ptr<c10::BFloat16>();
+    const c10::BFloat16* d2 = second.empty() ? nullptr : second[row].data_ptr<c10::BFloat16>();
+    const bool* okr = ok_p + (per_row ? row : row / h) * m;
+    for (int64_t j = 0; j < g; ++j) {
+      float* o = out + (row * g + j) * m;
+      for (int64_t i = 0; i < m; ++i) {
+        float x = static_cast<float>(d1[j * m + i]);
+        if (d2) x += static_cast<float>(d2[j * m + i]);
+        o[i] = okr[i] ? x * fs : kNone;
+      }
+    }
+  }
   return at::log_softmax(logits, -1).contiguous();
 }
 
@@ -136,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
     const int64_t stored = nn.data_ptr<int64_t>()[i];
     for (int64_t t = 0; t < m; ++t) ok_p[i * m + t] = t < stored && rpos_p[i * slot_stride + t * index_stride] >= 0;
   }
-  const at::Tensor lp = masked_log_softmax(at::stack(dots).view({b, h, g, m}).to(at::kFloat), ok, scale, true);
+  const at::Tensor lp = masked_log_softmax(dots, {}, ok, b, h, g, m, scale);
   at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
@@ -153,16 +198,17 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
   TORCH_CHECK(first <= chunks, "first above the chunks");
   const at::Tensor qb = q.to(at::kBFloat16), s16 = sscale.to(at::kBFloat16);
   const at::Tensor plus = qb.clamp_min(0), minus = qb.clamp_max(0), nn = n.to(at::kLong).contiguous();
-  std::vector<at::Tensor> rows;
+  std::vector<at::Tensor> upper, lower;
   for (int64_t i = 0; i < b; ++i)
-    for (int64_t j = 0; j < h; ++j)
-      rows.push_back(at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]).to(at::kFloat)
-                         .add_(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]).to(at::kFloat)));
+    for (int64_t j = 0; j < h; ++j) {
+      upper.push_back(at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]));
+      lower.push_back(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]));
+    }
   at::Tensor ok = at::empty({b, 1, chunks}, nn.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
   for (int64_t i = 0; i < b; ++i)
     for (int64_t c = 0; c < chunks; ++c) ok_p[i * chunks + c] = c * chunk < nn.data_ptr<int64_t>()[i];
-  const at::Tensor lp = masked_log_softmax(at::stack(rows).view({b, h, g, chunks}), ok, scale, false);
+  const at::Tensor lp = masked_log_softmax(upper, lower, ok, b, h, g, chunks, scale);
   at::Tensor out = at::empty({b, h, first}, nn.options());
   at::Tensor score = at::empty({b, h, first}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, first, out.data_ptr<int64_t>(), score.data_ptr<float>());
@@ -219,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   std::vector<at::Tensor> dots;
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = 0; j < h; ++j) dots.push_back(at::_weight_int8pack_mm(qb[i][j], kb[i][j], sb[i][j]));
-  const at::Tensor lp = masked_log_softmax(at::stack(dots).view({b, h, g, c}).to(at::kFloat), ok, scale, true);
+  const at::Tensor lp = masked_log_softmax(dots, {}, ok, b, h, g, c, scale);
   at::Tensor at_ = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, ix_p, kc, at_.data_ptr<int64_t>(), out_score.data_ptr<float>());

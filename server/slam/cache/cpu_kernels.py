@@ -34,7 +34,8 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load("slam_cpu_kernels", _SOURCES, extra_cflags=["-O3"], is_python_module=False)
+        load("slam_cpu_kernels", _SOURCES, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False)
         return True
     except Exception as e:  # noqa: BLE001  (no compiler, no headers, a failed build: the torch code runs)
         log.warning("slam's CPU kernels did not build (%s: %s); selection runs as torch ops", type(e).__name__, e)
