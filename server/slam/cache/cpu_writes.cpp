@@ -1,10 +1,11 @@
 // Slam's cache writes on the CPU, one call per layer each (cache/cpu_kernels.py builds this file with
 // cpu_kernels.cpp, which declares the ops): the placement of chosen reserve rows into the critical columns,
 // the reserve append of each slot's evicted token, and the chunk bounds' update. Each gives exactly what the
-// torch code it replaces gives (tests/test_cpu_kernels.py). They run serially: their rows are cheap, and
-// waking the intra-op threads would cost more than the rows.
+// torch code it replaces gives (tests/test_cpu_kernels.py). The appends run serially (a row each, too cheap
+// to wake the intra-op threads for); the placement's rows spread over them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,8 +26,10 @@ void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, con
   // wait on memory, so the rows a few picks ahead are requested while this one is copied.
   constexpr int64_t kAhead = 8;
   const int64_t lines = std::max<int64_t>(1, d * int64_t(sizeof(T)) / 64);
+  // Rows over the intra-op threads: each waits on memory, so two threads hide each other's waits.
+  at::parallel_for(0, b * h, 1, [&](int64_t first, int64_t last) {
   std::vector<int64_t> before;
-  for (int64_t row = 0; row < b * h; ++row) {
+  for (int64_t row = first; row < last; ++row) {
     const int64_t slot = row / h;
     const int64_t* c = col + row * kc;
     const int64_t* r = idx + row * kc;
@@ -55,6 +58,7 @@ void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, con
     }
     churn[row] = fresh;
   }
+  });
 }
 
 // Columns col [b, h, kc] of slots [0, b) take reserve rows idx [b, h, kc] of rk, rv [slots, h, rows, d] into
