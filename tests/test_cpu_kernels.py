@@ -19,7 +19,7 @@ from slam.engine.engine import LLMEngine
 from slam.engine.pool import quantize_rows
 from slam.engine.sequence import SamplingParams
 
-from tests.fused_check import random_pool
+from tests.fused_check import compare_ring, random_pool
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the torch code runs instead")
 
@@ -201,3 +201,12 @@ def test_summarize_append_equals_the_bounds_code():
                                             bounds._OUTWARD / 127)
         for name in ("smin", "smax", "sscale"):
             assert torch.equal(getattr(torch_side, name)[0], getattr(kernel, name)[0]), (name, step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ring_write_equals_the_indexing(dtype):
+    """engine/ring.py on a CPU (the C++ op) trades each slot's ring column like model_runner's indexing: what
+    it returns and every pool tensor after, with an idle slot writing its scratch column."""
+    with torch.inference_mode():
+        for seed in range(2):
+            compare_ring("cpu", dtype, seed)

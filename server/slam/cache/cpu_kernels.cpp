@@ -286,6 +286,8 @@ TORCH_LIBRARY(slam_cpu, m) {
         "Tensor v) -> ()");
   m.def("summarize_append(Tensor(a!) smin, Tensor(b!) smax, Tensor(c!) sscale, Tensor at, Tensor keys, int chunk, "
         "float mult) -> ()");
+  m.def("ring_write(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor(d!) score, Tensor write, Tensor newpos, "
+        "Tensor active, Tensor kn, Tensor vn) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("place(Tensor idx, Tensor score, Tensor rpos, Tensor rk, Tensor rv, Tensor(a!) k, Tensor(b!) v, "
         "Tensor(c!) pos, Tensor(d!) ridx, Tensor col, int budget) -> Tensor");
 }

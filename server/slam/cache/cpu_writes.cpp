@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -82,6 +83,44 @@ at::Tensor place(const at::Tensor& idx, const at::Tensor& score, const at::Tenso
                          budget);
   });
   return churn.sum(1);
+}
+
+// The ring write (engine/ring.py's GPU kernel, model_runner.ring_write's indexing): slot i of [0, b) trades
+// the token in column write[i] of each KV head for kn, vn [b, h, d] at position newpos[i] (-1 where not
+// active) with score 0. k, v [slots, h, cols, d], pos, score [slots, h, cols]: the layer's pool tensors.
+// Returns what the columns held: keys and values [b, h, d], positions [b, h], scores [b, h].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ring_write(
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, const at::Tensor& score, const at::Tensor& write,
+    const at::Tensor& newpos, const at::Tensor& active, const at::Tensor& kn, const at::Tensor& vn) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k, &v, &pos, &score})
+    TORCH_CHECK(t->is_contiguous(), "ring_write: pool tensors must be contiguous");
+  TORCH_CHECK(kn.scalar_type() == k.scalar_type() && vn.scalar_type() == v.scalar_type(), "ring_write: dtype");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && score.scalar_type() == at::kFloat, "ring_write: pos, score dtype");
+  const at::Tensor kc = kn.contiguous(), vc = vn.contiguous();
+  const at::Tensor w = write.to(at::kLong).contiguous(), np = newpos.to(at::kLong).contiguous();
+  const at::Tensor act = active.to(at::kBool).contiguous();
+  const int64_t b = kc.size(0), h = kc.size(1), d = kc.size(2), cols = k.size(2);
+  at::Tensor ek = at::empty_like(kc), ev = at::empty_like(vc);
+  at::Tensor epos = at::empty({b, h}, pos.options()), escore = at::empty({b, h}, score.options());
+  int64_t* pos_p = pos.data_ptr<int64_t>();
+  float* score_p = score.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "ring_write", [&] {
+    scalar_t* k_p = k.data_ptr<scalar_t>();
+    scalar_t* v_p = v.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t j = 0; j < h; ++j) {
+        const int64_t row = i * h + j, at = row * cols + w.data_ptr<int64_t>()[i];
+        std::copy_n(k_p + at * d, d, ek.data_ptr<scalar_t>() + row * d);
+        std::copy_n(v_p + at * d, d, ev.data_ptr<scalar_t>() + row * d);
+        epos.data_ptr<int64_t>()[row] = pos_p[at];
+        escore.data_ptr<float>()[row] = score_p[at];
+        std::copy_n(kc.data_ptr<scalar_t>() + row * d, d, k_p + at * d);
+        std::copy_n(vc.data_ptr<scalar_t>() + row * d, d, v_p + at * d);
+        pos_p[at] = act.data_ptr<bool>()[i] ? np.data_ptr<int64_t>()[i] : -1;
+        score_p[at] = 0.0f;
+      }
+  });
+  return {ek, ev, epos, escore};
 }
 
 // Appending each slot's evicted token to its reserve (slam.on_evict through pool.reserve_write): the keys
@@ -171,6 +210,7 @@ void summarize_append(const at::Tensor& smin, const at::Tensor& smax, const at::
 
 TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
   m.impl("place", &place);
+  m.impl("ring_write", &ring_write);
   m.impl("reserve_append", &reserve_append);
   m.impl("summarize_append", &summarize_append);
 }

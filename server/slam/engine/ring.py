@@ -1,11 +1,14 @@
-"""The ring write of a decode step as one Triton kernel (GPUs): each slot's column `write` gives up the token
-it held (the evicted one, returned to the policies) and takes the new token. The eager version reads and
-writes keys, values, positions and scores with eight indexing kernels per layer; model_runner.py uses this
-one when the engine's `compile` setting is on and Triton is installed."""
+"""The ring write of a decode step as one Triton kernel (GPUs) or C++ op (CPUs, cache/cpu_writes.cpp): each
+slot's column `write` gives up the token it held (the evicted one, returned to the policies) and takes the new
+token. The eager version reads and writes keys, values, positions and scores with eight indexing ops per
+layer; model_runner.py uses this one when the engine's `compile` setting is on and Triton is installed (GPUs)
+or the C++ ops built (CPUs)."""
 
 from __future__ import annotations
 
 import torch
+
+from slam.cache import cpu_kernels
 
 try:
     import triton
@@ -15,6 +18,8 @@ except ImportError:  # CPU installs: the eager indexing does the same work
 
 
 def available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return cpu_kernels.available()
     return triton is not None and device.type == "cuda"
 
 
@@ -44,6 +49,9 @@ def ring_write(pool, layer: int, write: torch.Tensor, pos: torch.Tensor, active:
     """Slots [0, b) trade the token in column write [b] for new keys and values k, v [b, kv_heads, head_dim] at
     positions pos [b] (-1 where not active). Returns what the columns held: keys and values [b, kv_heads,
     head_dim], positions [b, kv_heads], scores [b, kv_heads] (float32)."""
+    if k.device.type == "cpu":
+        return torch.ops.slam_cpu.ring_write(pool.k[layer], pool.v[layer], pool.pos[layer], pool.score[layer], write,
+                                             pos, active, k, v)
     b, heads, d = k.shape
     ek, ev = torch.empty_like(k), torch.empty_like(v)
     epos = torch.empty(b, heads, dtype=torch.long, device=k.device)
