@@ -94,8 +94,8 @@ void top_row(const float* x, int64_t g, int64_t m, const bool* ok, const int64_t
 }
 
 // Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h, m] stored, tie [b, h, m] or nullptr ->
-// idx, score [b, h, kc]. Rows spread over the intra-op threads only when there are enough of them to be worth
-// waking the threads for.
+// idx, score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of a
+// thousand scores is worth a thread's wake-up, a few short ones are not.
 void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, int64_t kc, int64_t* idx,
               float* score) {
   const int64_t rows = lp.size(0) * lp.size(1), g = lp.size(2), m = lp.size(3), per_slot = lp.size(1);
