@@ -27,7 +27,7 @@ from slam.config import EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 
-MAX_TOKENS, CUT_AT = 48, 20
+MAX_TOKENS, CUT_AT = 56, 20  # 10 + 56 tokens stay within sink + recent (68): the reserve stays empty
 REQUESTS = [{"temperature": 0.0}, {"temperature": 0.8, "seed": 7}, {"temperature": 0.0}]  # the last is corrupted
 
 
@@ -54,12 +54,18 @@ def stream(url: str, prompt: list[int], sampling: dict, got: list) -> None:
                     got.append(json.loads(line[6:])["id"])
 
 
-def corrupt_policy(s3: MotoS3, prefix: str, request_id: str) -> None:
+def store_of(s3: MotoS3, prefix: str) -> ObjectStore:
+    return ObjectStore(CheckpointConfig(endpoint=s3.endpoint, bucket="slam", prefix=prefix, access_key="testing",
+                                        secret_key="testing"))
+
+
+def manifests(store: ObjectStore, prefix: str, request_id: str) -> list[str]:
+    return sorted(n for n in store.list(prefix + "/") if f"/{request_id}/" in n and n.endswith(fmt.MANIFEST))
+
+
+def corrupt_policy(store: ObjectStore, prefix: str, request_id: str) -> None:
     """Rewrite the request's newest manifest with an unknown policy (and a valid checksum)."""
-    config = CheckpointConfig(endpoint=s3.endpoint, bucket="slam", prefix=prefix, access_key="testing",
-                              secret_key="testing")
-    store = ObjectStore(config)
-    names = sorted(n for n in store.list(prefix + "/") if f"/{request_id}/" in n and n.endswith(fmt.MANIFEST))
+    names = manifests(store, prefix, request_id)
     assert names, f"no manifest of {request_id}"
     body = fmt.decode_manifest(store.get(names[-1]))
     body["cache_config"]["policy"] = "no-such-policy"
@@ -79,11 +85,17 @@ def test_restore_at_server_defaults_after_a_short_request(s3, smol, tmp_path):
         while min(len(g) for g in got) < CUT_AT:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        time.sleep(0.5)  # let the checkpointer upload the versions of these tokens
+        # The kill comes once every request has a checkpoint: the first of each is a whole snapshot, and one
+        # worker uploads them in turn, which on a loaded machine takes longer than the tokens' pace.
+        store = store_of(s3, prefix)
+        while not all(manifests(store, prefix, g[0]) for g in got):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert max(len(g) for g in got) < MAX_TOKENS, "a request finished before the kill: nothing to restore"
     request_ids = [g[0] for g in got]
-    corrupt_policy(s3, prefix, request_ids[2])
+    corrupt_policy(store, prefix, request_ids[2])
     with default_server(s3, prefix, tmp_path / "b.log", "--restore-slot", "0", "--slot-epoch", "1") as (_, url):
         log = (tmp_path / "b.log").read_text()
         assert request_ids[2] in log  # reported, not fatal
