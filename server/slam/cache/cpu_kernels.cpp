@@ -110,6 +110,14 @@ void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, in
   });
 }
 
+// t[i][j] of a tensor [b, h, ...] as a view made without the dispatcher (two select calls cost about as
+// much as a small row's product).
+at::Tensor part(const at::Tensor& t, int64_t i, int64_t j) {
+  const auto sizes = t.sizes().slice(2), strides = t.strides().slice(2);
+  return at::from_blob(static_cast<char*>(t.data_ptr()) + (i * t.stride(0) + j * t.stride(1)) * t.element_size(),
+                       sizes, strides, t.options());
+}
+
 // The torch code's scaled, masked log-softmax of int8 products, in its arithmetic (the values must match it bit
 // for bit): per row (slot, KV head) one [g, m] bfloat16 product, or the sum of two (`second`, chunk bounds),
 // in float32 times float32(scale), -inf where ok [b, 1 or h, m] is False; then aten's log-softmax. One pass
@@ -172,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   const at::Tensor qb = q.to(at::kBFloat16).contiguous(), nn = n.to(at::kLong).contiguous();
   std::vector<at::Tensor> dots;
   for (int64_t i = 0; i < b; ++i)
-    for (int64_t j = 0; j < h; ++j) dots.push_back(at::_weight_int8pack_mm(qb[i][j], keys[i][j], scales[i][j]));
+    for (int64_t j = 0; j < h; ++j)
+      dots.push_back(at::_weight_int8pack_mm(part(qb, i, j), part(keys, i, j), part(scales, i, j)));
   at::Tensor ok = at::empty({b, 1, m}, rpos.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
   const int64_t* rpos_p = rpos.data_ptr<int64_t>();
@@ -201,8 +210,8 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
   std::vector<at::Tensor> upper, lower;
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = 0; j < h; ++j) {
-      upper.push_back(at::_weight_int8pack_mm(plus[i][j], smax[i][j], s16[i][j]));
-      lower.push_back(at::_weight_int8pack_mm(minus[i][j], smin[i][j], s16[i][j]));
+      upper.push_back(at::_weight_int8pack_mm(part(plus, i, j), part(smax, i, j), part(s16, i, j)));
+      lower.push_back(at::_weight_int8pack_mm(part(minus, i, j), part(smin, i, j), part(s16, i, j)));
     }
   at::Tensor ok = at::empty({b, 1, chunks}, nn.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
@@ -264,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   });
   std::vector<at::Tensor> dots;
   for (int64_t i = 0; i < b; ++i)
-    for (int64_t j = 0; j < h; ++j) dots.push_back(at::_weight_int8pack_mm(qb[i][j], kb[i][j], sb[i][j]));
+    for (int64_t j = 0; j < h; ++j)
+      dots.push_back(at::_weight_int8pack_mm(part(qb, i, j), part(kb, i, j), part(sb, i, j)));
   const at::Tensor lp = masked_log_softmax(dots, {}, ok, b, h, g, c, scale);
   at::Tensor at_ = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
