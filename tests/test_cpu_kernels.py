@@ -210,3 +210,19 @@ def test_ring_write_equals_the_indexing(dtype):
     with torch.inference_mode():
         for seed in range(2):
             compare_ring("cpu", dtype, seed)
+
+
+def test_a_compiler_without_openmp_still_builds_the_ops(monkeypatch):
+    """The build asks for OpenMP first and, where the compiler refuses it, builds the ops without it."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def load(name, sources, extra_cflags, extra_ldflags, is_python_module):
+        calls.append(extra_cflags)
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert cpu_kernels._build()
+    assert calls == [["-O3", "-fopenmp"], ["-O3"]]

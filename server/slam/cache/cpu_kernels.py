@@ -31,15 +31,19 @@ def available() -> bool:
 
 
 def _build() -> bool:
-    try:
-        from torch.utils.cpp_extension import load
+    # OpenMP spreads the ops' rows over the intra-op threads; a compiler without it (Apple's clang) still
+    # builds them, each row then on one thread.
+    for flags in (["-fopenmp"], []):
+        try:
+            from torch.utils import cpp_extension
 
-        load("slam_cpu_kernels", _SOURCES, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-             is_python_module=False)
-        return True
-    except Exception as e:  # noqa: BLE001  (no compiler, no headers, a failed build: the torch code runs)
-        log.warning("slam's CPU kernels did not build (%s: %s); selection runs as torch ops", type(e).__name__, e)
-        return False
+            cpp_extension.load("slam_cpu_kernels", _SOURCES, extra_cflags=["-O3", *flags], extra_ldflags=flags,
+                               is_python_module=False)
+            return True
+        except Exception as e:  # noqa: BLE001  (no compiler, no headers, a failed build: the torch code runs)
+            error = e
+    log.warning("slam's CPU kernels did not build (%s: %s); selection runs as torch ops", type(error).__name__, error)
+    return False
 
 
 def group_top(logp: torch.Tensor, stored: torch.Tensor, kc: int, order: torch.Tensor | None = None
