@@ -39,7 +39,7 @@ def engine_for(loaded, policy: str, args, eager: bool) -> LLMEngine:
     cache = CacheConfig(policy=policy, budget=None if policy == "full" else args.budget, sink=4, recent=64)
     config = EngineConfig(max_batch=args.batch, cache=cache, enforce_eager=eager, dtype=args.dtype, max_model_len=args.context + 64,
                           max_budget=args.context + 64 if policy == "full" else None,
-                          select_oversample=args.oversample, select_every=args.every,
+                          select_oversample=args.oversample, select_every=args.every, select_min_ratio=args.min_ratio,
                           compile=not args.no_compile)
     engine = LLMEngine(config, loaded)
     # --split runs about 200 steps; the reserve then has room for them (a bit above the bench's 4K row).
@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--oversample", type=int, default=8)
     p.add_argument("--every", type=int, default=1)
+    p.add_argument("--min-ratio", type=int, default=4, help="two stages start once the reserve holds this many "
+                   "times the candidates (1: at once)")
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true")
