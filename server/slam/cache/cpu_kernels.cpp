@@ -144,19 +144,21 @@ at::Tensor masked_log_softmax(const std::vector<at::Tensor>& dots, const std::ve
   const bool* ok_p = ok.data_ptr<bool>();
   const bool per_row = ok.size(1) != 1;
   const float fs = static_cast<float>(scale);
-  for (int64_t row = 0; row < b * h; ++row) {
-    const c10::BFloat16* d1 = dots[row].data_ptr<c10::BFloat16>();
-    const c10::BFloat16* d2 = second.empty() ? nullptr : second[row].data_ptr<c10::BFloat16>();
-    const bool* okr = ok_p + (per_row ? row : row / h) * m;
-    for (int64_t j = 0; j < g; ++j) {
-      float* o = out + (row * g + j) * m;
-      for (int64_t i = 0; i < m; ++i) {
-        float x = static_cast<float>(d1[j * m + i]);
-        if (d2) x += static_cast<float>(d2[j * m + i]);
-        o[i] = okr[i] ? x * fs : kNone;
+  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const c10::BFloat16* d1 = dots[row].data_ptr<c10::BFloat16>();
+      const c10::BFloat16* d2 = second.empty() ? nullptr : second[row].data_ptr<c10::BFloat16>();
+      const bool* okr = ok_p + (per_row ? row : row / h) * m;
+      for (int64_t j = 0; j < g; ++j) {
+        float* o = out + (row * g + j) * m;
+        for (int64_t i = 0; i < m; ++i) {
+          float x = static_cast<float>(d1[j * m + i]);
+          if (d2) x += static_cast<float>(d2[j * m + i]);
+          o[i] = okr[i] ? x * fs : kNone;
+        }
       }
     }
-  }
+  });
   return at::log_softmax(logits, -1).contiguous();
 }
 
