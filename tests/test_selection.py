@@ -83,6 +83,16 @@ def test_refresh_every_4_covering_the_reserve_equals_exact(smol):
     assert run(every4, prompts) == (tokens, churn)
 
 
+def test_exact_selection_picks_at_every_step_whatever_the_refresh_interval(smol):
+    """`select_every` spaces stage one of two-stage selection only: exact selection (a reserve below the
+    two-stage threshold) picks by each step's query, so r = 4 decodes what r = 1 decodes, with the same churn."""
+    every1 = engine_with(smol, oversample=0, float_scores=True)
+    prompts = [every1.encode(STORY), every1.encode(STORY[:300])]
+    every4 = engine_with(smol, oversample=0, every=4, float_scores=True)
+    assert not every4.runner.pool.two_stage and every4.runner.select_every == 4
+    assert run(every4, prompts) == run(every1, prompts)
+
+
 def test_refresh_every_4_with_few_chunks_picks_valid_tokens(smol):
     """With one chunk per critical column, picks between refreshes are still distinct evicted tokens."""
     engine = engine_with(smol, oversample=1, chunk=16, every=4)

@@ -76,7 +76,8 @@ class EngineConfig(BaseModel):
     # GPUs: small decode-step functions through torch.compile, slam's placement in Triton; CPUs: slam's
     # selection tail and placement as C++ ops (cache/cpu_kernels.py).
     compile: bool = True
-    # slam: each layer re-selects its critical tokens every `select_every` decode steps (staggered).
+    # slam: each layer runs two-stage selection's stage one every `select_every` decode steps (staggered) and
+    # re-ranks its chunks' tokens in between; exact selection (short reserves) picks at every step.
     select_every: int = Field(default=1, ge=1)
     # slam: two-stage selection scores chunks of `select_chunk` reserve tokens by their key bounds and
     # rescores the tokens of the best `select_oversample` x middle's worth of chunks; 0: score all exactly.
@@ -177,7 +178,7 @@ class ServerSettings(BaseSettings):
                           "torch.compile and place slam's tokens with a Triton kernel; CPUs: slam's selection and "
                           "placement as C++ ops built on first use (false: eager torch kernels, no compile time)")
     select_every: int = Field(default=1, ge=1, description="slam: decode steps between a layer's refreshes of "
-                              "its critical tokens")
+                              "two-stage selection's chunks (exact selection picks at every step)")
     select_chunk: int = Field(default=8, ge=1, description="slam: reserve tokens per chunk whose key bounds "
                               "the first selection stage scores")
     select_oversample: int = Field(default=8, ge=0, description="slam: chunks worth this many times the "

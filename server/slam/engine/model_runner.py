@@ -184,10 +184,11 @@ class ModelRunner:
             q, k, v = layer.qkv_heads(x, self.q_heads, self.kv_heads, d)  # [b, heads, D]
             q_rot, k_rot = compiled(A.rotate_pair, fuse)(q, k, cos, sin)
             self.ring_write(li, plan, k if cache_pos else k_rot, v, active, classes, mine)
-            plan.refresh = (phase + li) % self.select_every == 0
-            if plan.refresh or pool.two_stage:  # two stages re-rank the chunks chosen last in between
-                for cls in classes:
-                    cls.select(pool, li, plan, q_rot, mine[cls])
+            # Only stage one of two-stage selection waits for its refresh (the chunks chosen last are re-ranked
+            # in between); exact selection keeping its picks between refreshes lost needles (docs/benchmarks.md).
+            plan.refresh = not pool.two_stage or (phase + li) % self.select_every == 0
+            for cls in classes:
+                cls.select(pool, li, plan, q_rot, mine[cls])
             keys, values, pos = pool.k[li][:b], pool.v[li][:b], pool.pos[li][:b]
             valid = compiled(A.decode_mask, fuse)(pos, cols, pool.budget, active)  # [b, H, 1, C]
             q_att = q_rot
