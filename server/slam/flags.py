@@ -44,7 +44,8 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
     from slam.config import EngineConfig
 
     d = EngineConfig()
-    p.add_argument("--select-every", type=int, default=d.select_every, help="slam: steps between a layer's refreshes of two-stage selection's chunks")
+    p.add_argument("--select-every", type=int, default=d.select_every,
+                   help="slam: steps between a layer's refreshes of two-stage selection's chunks")
     p.add_argument("--select-chunk", type=int, default=d.select_chunk,
                    help="slam: reserve tokens per chunk bound (two-stage selection)")
     p.add_argument("--select-oversample", type=int, default=d.select_oversample,

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -118,17 +117,22 @@ at::Tensor part(const at::Tensor& t, int64_t i, int64_t j) {
                        sizes, strides, t.options());
 }
 
-// One int8 product per row (slot, KV head): product(row) for rows [0, rows). With at least two rows per
-// thread the rows spread over the threads, each product then running on one; with fewer, each product
-// spreads over the threads itself. Either way a product's values are the same (its reduction is per output).
-std::vector<at::Tensor> per_row(int64_t rows, const std::function<at::Tensor(int64_t)>& product) {
+// The int8 product of each row (slot i, KV head j) of [b, h, ...] activations a, int8 weights w and their
+// scales s: _weight_int8pack_mm(a[i][j], w[i][j], s[i][j]), in row order. With at least two rows per thread
+// the rows spread over the threads, each product then running on one; with fewer, each product spreads over
+// the threads itself. Either way a product's values are the same (its reduction is per output).
+std::vector<at::Tensor> row_products(const at::Tensor& a, const at::Tensor& w, const at::Tensor& s) {
+  const int64_t h = w.size(1), rows = w.size(0) * h;
   std::vector<at::Tensor> out(rows);
+  auto product = [&](int64_t r) {
+    out[r] = at::_weight_int8pack_mm(part(a, r / h, r % h), part(w, r / h, r % h), part(s, r / h, r % h));
+  };
   if (rows >= 2 * at::get_num_threads()) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) out[r] = product(r);
+      for (int64_t r = begin; r < end; ++r) product(r);
     });
   } else {
-    for (int64_t r = 0; r < rows; ++r) out[r] = product(r);
+    for (int64_t r = 0; r < rows; ++r) product(r);
   }
   return out;
 }
@@ -181,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
 }
 
 // The int8 ops below compute what the torch code computes with the same aten kernels, so the values are the
-// same: the int8 products one row (a slot's KV head) at a time (per_row), then masked_log_softmax over all
+// same: the int8 products one row (a slot's KV head) at a time (row_products), then masked_log_softmax over all
 // rows at once, then top_rows.
 
 // Exact selection from int8 scoring keys in one call: selection.dot_int8 then exact_top (ties by position).
@@ -195,9 +199,7 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   const int64_t b = keys.size(0), h = keys.size(1), m = keys.size(2), g = q.size(2);
   TORCH_CHECK(kc <= m, "kc above the reserve");
   const at::Tensor qb = q.to(at::kBFloat16).contiguous(), nn = n.to(at::kLong).contiguous();
-  const std::vector<at::Tensor> dots = per_row(b * h, [&](int64_t r) {
-    return at::_weight_int8pack_mm(part(qb, r / h, r % h), part(keys, r / h, r % h), part(scales, r / h, r % h));
-  });
+  const std::vector<at::Tensor> dots = row_products(qb, keys, scales);
   at::Tensor ok = at::empty({b, 1, m}, rpos.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
   const int64_t* rpos_p = rpos.data_ptr<int64_t>();
@@ -223,12 +225,7 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
   TORCH_CHECK(first <= chunks, "first above the chunks");
   const at::Tensor qb = q.to(at::kBFloat16), s16 = sscale.to(at::kBFloat16);
   const at::Tensor plus = qb.clamp_min(0), minus = qb.clamp_max(0), nn = n.to(at::kLong).contiguous();
-  const std::vector<at::Tensor> upper = per_row(b * h, [&](int64_t r) {
-    return at::_weight_int8pack_mm(part(plus, r / h, r % h), part(smax, r / h, r % h), part(s16, r / h, r % h));
-  });
-  const std::vector<at::Tensor> lower = per_row(b * h, [&](int64_t r) {
-    return at::_weight_int8pack_mm(part(minus, r / h, r % h), part(smin, r / h, r % h), part(s16, r / h, r % h));
-  });
+  const std::vector<at::Tensor> upper = row_products(plus, smax, s16), lower = row_products(minus, smin, s16);
   at::Tensor ok = at::empty({b, 1, chunks}, nn.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
   for (int64_t i = 0; i < b; ++i)
@@ -287,9 +284,7 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
       }
     }
   });
-  const std::vector<at::Tensor> dots = per_row(b * h, [&](int64_t r) {
-    return at::_weight_int8pack_mm(part(qb, r / h, r % h), part(kb, r / h, r % h), part(sb, r / h, r % h));
-  });
+  const std::vector<at::Tensor> dots = row_products(qb, kb, sb);
   const at::Tensor lp = masked_log_softmax(dots, {}, ok, b, h, g, c, scale);
   at::Tensor at_ = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));

@@ -126,7 +126,9 @@ class ModelRunner:
     def decode(self, plan_rows: torch.Tensor, kc: int, policies: frozenset[str]) -> torch.Tensor:
         """One step over slots [0, b); plan_rows: [len(PLAN_ROWS), b] on the host. Returns logits [b, vocab]."""
         b = plan_rows.shape[1]
-        phase = self.steps % self.select_every
+        # The refresh phase matters only to two-stage selection (exact selection picks at every step), so a
+        # graph per phase is captured only then; two stages start with a new pool version, hence new graphs.
+        phase = self.steps % self.select_every if self.pool.two_stage else 0
         self.steps += 1
         if not self.use_graphs:
             # CPU steps score only the filled part of the reserve. A graph must read its whole capacity, and
