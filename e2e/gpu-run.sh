@@ -50,6 +50,10 @@ bench-select)  # issue 10: two-stage against exact selection, then budget 2048 o
   for os in 0 4; do $B --contexts 32000 --batches 32 --select-every 4 --select-oversample $os; done \
     | tee "$OUT/bench-select-exact-vs-two-stage.jsonl"
   $B --baseline transformers --contexts 4000,32000 --batches 1,32,64 --select-every 4 | tee "$OUT/bench-select-2048.jsonl" ;;
+bench-long)  # issue 10's long contexts: budget 2048, batch 32, 4K to 128K, two stages refreshing every 4 steps
+  python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape ${SHAPE:-smollm2-135m} --baseline transformers \
+    --policies ${POLICIES:-streaming,slam} --budget 2048 --contexts ${CONTEXTS:-4000,32000,131072} --batches ${BATCHES:-32} \
+    --tokens 16 --select-every 4 --json ${EXTRA:-} | tee "$OUT/bench-long-${SHAPE:-smollm2-135m}.jsonl" ;;
 bench-select-256)  # the same at budget 256, where the middle is small next to the reserve
   for os in 0 8; do python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape smollm2-135m --policies slam \
     --budget 256 --tokens 16 --json --contexts 4000,32000 --batches 32 --select-oversample $os --select-chunk 8; done \

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from slam.cache import fused, fused_top
-from slam.cache.selection import dot_float, exact_top
+from slam.cache import fused, fused_dots, fused_top
+from slam.cache.selection import candidates, dot_float, exact_top, select_reserve
 from slam.cache.slam import place
 from slam.engine import ring
 from slam.engine.pool import SlotPool
@@ -76,8 +76,8 @@ def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: 
 
 
 @torch.inference_mode()
-def compare_ring(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
-    """engine/ring.py's kernel against the eager indexing it replaces (model_runner.ring_write)."""
+def compare_ring(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, write_fn=ring.ring_write) -> None:
+    """engine/ring.py's kernel (the C++ op on CPUs; `write_fn`: another) against the eager indexing it replaces."""
     pool = random_pool(device, dtype, seed)[0]
     g = torch.Generator().manual_seed(seed + 1)
     for layer in range(pool.layers):
@@ -90,7 +90,7 @@ def compare_ring(device: str, dtype: torch.dtype = torch.float32, seed: int = 0)
     eager = copy.deepcopy(pool)
     ar = torch.arange(b, device=device)
     for layer in range(pool.layers):
-        ek, ev, epos, escore = ring.ring_write(pool, layer, write, pos, active, k, v)
+        ek, ev, epos, escore = write_fn(pool, layer, write, pos, active, k, v)
         assert torch.equal(ek, eager.k[layer][ar, :, write]) and torch.equal(ev, eager.v[layer][ar, :, write])
         assert torch.equal(epos, eager.pos[layer][ar, :, write])
         assert torch.equal(escore, eager.score[layer][ar, :, write])
@@ -126,13 +126,72 @@ def compare_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
     assert bool(((eager.gather(2, idx) >= kth - 1e-4) | ~found).all()), "a pick outside the kc best"
     assert torch.allclose(torch.where(found, eager.gather(2, idx), 0), torch.where(found, score, 0), atol=1e-4)
     assert all(len(set(row)) == kc for row in idx.flatten(0, 1).tolist()), "a pick taken twice"
+    if not fused.ranks_itself(kc):  # many picks come best first
+        assert bool((score[..., 1:] <= score[..., :-1]).all()), "picks not best first"
+
+
+@torch.inference_mode()
+def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunk: int = 8, c: int = 37) -> None:
+    """cache/fused_dots.py's in-place stage two against gathering the candidates and dot_float, with
+    chunks in any order, repeated chunks and the last chunk of the reserve."""
+    g = torch.Generator().manual_seed(seed)
+    slots, b, heads, group, d, chunks = 5, 4, 2, 3, 16, 50
+    keys = torch.randn(slots, heads, chunks * chunk + 1, d, generator=g).to(device, dtype)
+    q = torch.randn(b, heads, group, d, generator=g).to(device, dtype)
+    chosen = torch.randint(0, chunks, (b, heads, c), generator=g)
+    chosen[0, 0, :3] = chunks - 1
+    idx = candidates(chosen, chunk).to(device)
+    want = dot_float(q, keys[:b].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
+    got = fused_dots.chunk_dots(q, keys, chosen.to(device), chunk)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+
+
+@torch.inference_mode()
+def compare_two_stage(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 24) -> None:
+    """Two-stage selection (selection.select_reserve) with the in-place kernels (pool.fused) against the
+    gathering path, at a refresh and between refreshes: the same picks where the scores are apart and the
+    same scores, with holes in the reserve and part-filled slots."""
+    g = torch.Generator().manual_seed(seed)
+    slots, heads, d, chunk, b = 5, 2, 16, 8, 4
+    pool = SlotPool(1, slots, heads, kc + 16, d, dtype, torch.device(device), chunk=chunk, oversample=4, min_ratio=1)
+    pool.ensure_reserve(5 * (kc + 16))  # min_ratio x oversample x budget, and more
+    assert pool.two_stage, "two stages did not start"
+    pool.rk[0].copy_(torch.randn(pool.rk[0].shape, generator=g).to(dtype))
+    pool.rpos[:, : pool.cap] = torch.arange(pool.cap) + 4
+    pool.rpos[1, 30:70] = -1  # tokens not stored (holes)
+    n = torch.tensor([pool.cap, pool.cap - 13, pool.cap // 2, 3 * kc], device=device)
+    for slot in range(b):
+        pool.summarize(0, slot, 0, int(n[slot]))
+    q = torch.randn(b, heads, 3, d, generator=g).to(device, dtype)
+    for refresh in (True, False):
+        pool.fused = False
+        want_idx, want = select_reserve(pool, 0, q, n, kc, refresh=refresh)
+        pool.fused = True
+        idx, score = select_reserve(pool, 0, q, n, kc, refresh=refresh)
+        found = score > float("-inf")
+        assert torch.equal(found.sum(-1), (want > float("-inf")).sum(-1)), "different numbers of picks found"
+        assert torch.allclose(score.sort(-1).values, want.sort(-1).values, atol=1e-4), "different scores"
+        kth = want.min(dim=-1, keepdim=True).values + 1e-4
+        for row, want_row, s, w in zip(idx.flatten(0, 1).tolist(), want_idx.flatten(0, 1).tolist(),
+                                       (score > kth).flatten(0, 1).tolist(), (want > kth).flatten(0, 1).tolist()):
+            assert {i for i, x in zip(row, s) if x} == {i for i, x in zip(want_row, w) if x}, "different picks"
+
+
+def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    compare(device, dtype, seed)
+    compare(device, dtype, seed, kc=150)  # several programs per slot and head
+    compare(device, dtype, seed, kc=300)  # picks sorted, churn counted outside
+    compare_ring(device, dtype, seed, ring.kernel_ring_write)
+    compare_top(device, dtype, seed)
+    compare_top(device, dtype, seed, kc=188, m=3936, group=4)
+    compare_top(device, dtype, seed, kc=300, m=3000)  # many picks: best first
+    compare_top(device, dtype, seed, kc=188, m=9000)  # a long row: the block kernels
+    compare_dots(device, dtype, seed)
+    compare_two_stage(device, dtype, seed)
+    compare_two_stage(device, dtype, seed, kc=300)
 
 
 if __name__ == "__main__":
-    compare(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    compare(sys.argv[1] if len(sys.argv) > 1 else "cpu", kc=150)  # several programs per slot and head
-    compare(sys.argv[1] if len(sys.argv) > 1 else "cpu", kc=300)  # picks sorted, churn counted outside
-    compare_ring(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    compare_top(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    compare_top(sys.argv[1] if len(sys.argv) > 1 else "cpu", kc=188, m=3936, group=4)
-    print("fused placement, ring write and group top-k equal their eager versions")
+    check_all(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print("fused placement, ring write, group top-k and in-place stage two equal their eager versions")

@@ -1,4 +1,4 @@
-"""The decode step's Triton kernels (slam's placement, the ring write) equal their eager code (tests/fused_check.py).
+"""The decode step's Triton kernels (slam's placement, the ring write, group top-k, stage two in place) equal their eager code (tests/fused_check.py).
 
 On a GPU it runs there; on a CPU with Triton installed, under Triton's interpreter in a subprocess (the
 interpreter is chosen when the kernel is defined); without Triton it is skipped, and e2e/gpu_checks.py
@@ -23,15 +23,11 @@ CHECK = Path(__file__).with_name("fused_check.py")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fused_placement_equals_eager(seed):
     if torch.cuda.is_available():
-        from tests.fused_check import compare, compare_ring, compare_top
+        from tests.fused_check import check_all
 
-        compare("cuda", torch.bfloat16, seed)
-        compare("cuda", torch.bfloat16, seed, kc=150)
-        compare("cuda", torch.bfloat16, seed, kc=300)
-        compare_ring("cuda", torch.bfloat16, seed)
-        compare_top("cuda", torch.bfloat16, seed, kc=188, m=3936)
+        check_all("cuda", torch.bfloat16, seed)
         return
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import sys; sys.path.insert(0, {str(CHECK.parent)!r}); import fused_check; fused_check.compare('cpu', seed={seed}); fused_check.compare('cpu', seed={seed}, kc=150); fused_check.compare('cpu', seed={seed}, kc=300); fused_check.compare_ring('cpu', seed={seed}); fused_check.compare_top('cpu', seed={seed}); fused_check.compare_top('cpu', seed={seed}, kc=188, m=3936, group=4)"
+    code = f"import sys; sys.path.insert(0, {str(CHECK.parent)!r}); import fused_check; fused_check.check_all('cpu', seed={seed})"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

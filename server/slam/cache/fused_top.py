@@ -5,7 +5,11 @@ reserve score (about 50 us per layer at batch 32, budget 256, 4K context: more t
 Here one program per slot and KV head holds its whole reserve row in registers, takes the log-softmax of
 each query head and their maximum (selection.group_scores), and finds the `kc`-th best score by bisection
 over the scores' bits, then writes the picks in reserve order: cache/fused.py ranks unsorted picks itself.
-tests/fused_check.py holds it to group_scores followed by torch.topk.
+Longer reserves (or more picks) take three kernels over blocks of the row instead: each block's
+log-sum-exp parts, then each token's group score as an integer key ordered like the float, then one
+program per row finds the `kc`-th best key by four 8-bit histogram passes over the keys (in L2 by then)
+and writes the picks. Two-stage selection's candidates go through the same kernels with their own mask.
+tests/fused_check.py holds both to group_scores followed by torch.topk.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ except ImportError:  # CPU installs: selection.exact_top does the same work
     triton = None
 
 SPAN_LIMIT = 8192  # reserve tokens a program holds in registers
+BLOCK = 4096  # columns per program of the long-row kernels
 
 
 def applies(pool, kc: int, span: int) -> bool:
-    return pool.fused and fused.ranks_itself(kc) and kc <= span <= SPAN_LIMIT
+    return pool.fused and kc <= span
 
 
 if triton is not None:
@@ -66,14 +71,116 @@ if triton is not None:
         tl.store(score_ptr + pid * KC + slot, best, mask=take)
 
 
+    @triton.jit
+    def _lse_parts(logit_ptr, stored_ptr, part_ptr, heads, m, nblk, st_slot, st_head, scale,
+                   G: tl.constexpr, BLOCK: tl.constexpr):
+        # Program (row, blk): row = slot * heads + head, columns [blk * BLOCK, (blk + 1) * BLOCK). Per query
+        # head, the block's largest scaled logit and the sum of exp(logit - largest) over stored columns.
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        i = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = tl.load(stored_ptr + (pid // heads) * st_slot + (pid % heads) * st_head + i, mask=i < m, other=0) != 0
+        for g in tl.static_range(G):
+            x = tl.load(logit_ptr + (pid * G + g).to(tl.int64) * m + i, mask=ok, other=float("-inf")) * scale
+            top = tl.max(x, 0)
+            total = tl.sum(tl.exp(x - tl.where(top == float("-inf"), 0.0, top)), 0)
+            at = ((pid * nblk + blk) * G + g) * 2
+            tl.store(part_ptr + at, top)
+            tl.store(part_ptr + at + 1, total)
+
+    @triton.jit
+    def _keys(logit_ptr, stored_ptr, part_ptr, key_ptr, heads, m, nblk, st_slot, st_head, scale,
+              G: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
+        # Each column's group score (the query heads' best log-softmax) as an integer key ordered like it.
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        i = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = tl.load(stored_ptr + (pid // heads) * st_slot + (pid % heads) * st_head + i, mask=i < m, other=0) != 0
+        p = tl.arange(0, NB)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            at = ((pid * nblk + p) * G + g) * 2
+            top = tl.load(part_ptr + at, mask=p < nblk, other=float("-inf"))
+            total = tl.load(part_ptr + at + 1, mask=p < nblk, other=0.0)
+            big = tl.max(top, 0)
+            big = tl.where(big == float("-inf"), 0.0, big)
+            lse = big + tl.log(tl.sum(total * tl.exp(top - big), 0))
+            x = tl.load(logit_ptr + (pid * G + g).to(tl.int64) * m + i, mask=ok, other=float("-inf")) * scale
+            best = tl.maximum(best, x - lse)
+        bits = tl.where(ok, best, float("-inf")).to(tl.int32, bitcast=True)
+        tl.store(key_ptr + pid.to(tl.int64) * m + i, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), mask=i < m)
+
+    @triton.jit
+    def _select(key_ptr, idx_ptr, score_ptr, m, KC: tl.constexpr, BLOCK: tl.constexpr):
+        # Radix select: after pass p the KC-th best key lies in [lo, lo + 2^(24 - 8p)) and `above` keys lie
+        # above that range; each pass histograms the next 8 bits of the keys inside it.
+        pid = tl.program_id(0)
+        row = key_ptr + pid.to(tl.int64) * m
+        lo = tl.full([], -(1 << 31), tl.int64)
+        above = tl.full([], 0, tl.int32)
+        d = tl.arange(0, 256)
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            counts = tl.zeros([256], tl.int32)
+            for start in range(0, m, BLOCK):
+                i = start + tl.arange(0, BLOCK)
+                rel = tl.load(row + i, mask=i < m, other=0).to(tl.int64) - lo
+                digits = rel >> shift
+                inside = (i < m) & (rel >= 0) & (digits < 256)
+                counts += tl.histogram(tl.where(inside, digits, 0).to(tl.int32), 256, mask=inside)
+            at_or_above = above + tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # keys >= each digit's start
+            digit = tl.sum((at_or_above >= KC).to(tl.int32), 0) - 1
+            above += tl.sum(tl.where(d > digit, counts, 0), 0)
+            lo += digit.to(tl.int64) << shift
+        # lo is now the KC-th best key: all keys above it, then tied ones in column order until KC are taken.
+        need = KC - above
+        taken = tl.full([], 0, tl.int32)
+        tied_before = tl.full([], 0, tl.int32)
+        for start in range(0, m, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            key = tl.load(row + i, mask=i < m, other=0)
+            tied = (i < m) & (key.to(tl.int64) == lo)
+            take = (i < m) & ((key.to(tl.int64) > lo) | (tied & (tied_before + tl.cumsum(tied.to(tl.int32), 0) <= need)))
+            at = pid * KC + taken + tl.cumsum(take.to(tl.int32), 0) - 1
+            bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+            tl.store(idx_ptr + at, i.to(tl.int64), mask=take)
+            tl.store(score_ptr + at, bits.to(tl.float32, bitcast=True), mask=take)
+            taken += tl.sum(take.to(tl.int32), 0)
+            tied_before += tl.sum(tied.to(tl.int32), 0)
+
+
 def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [b, kv_heads, group, m] float32 (q.k unscaled), rpos [b, >= m] (reserve positions, -1: empty),
-    n [b] tokens stored -> (indices, scores) [b, kv_heads, kc] of the kc best by group_scores, unordered."""
+    n [b] tokens stored -> (indices, scores) [b, kv_heads, kc] of the kc best by group_scores, unordered
+    while fused.ranks_itself(kc), else best first."""
     b, heads, group, m = logits.shape
+    if m > SPAN_LIMIT or not fused.ranks_itself(kc):
+        index = torch.arange(m, device=logits.device)
+        return stored_top(logits, ((index < n.view(-1, 1)) & (rpos[:, :m] >= 0)).unsqueeze(1), kc, scale)
     idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
     score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
     block = triton.next_power_of_2(m)
     _group_top[(b * heads,)](logits.contiguous(), rpos, n, idx, score, heads, m, rpos.stride(0), scale,
                              G=group, KC=kc, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return idx, score
+
+
+def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The long-row kernels: logits [b, kv_heads, group, m] float32 (q.k unscaled), stored [b, 1 or kv_heads,
+    m] bool -> (columns, scores) [b, kv_heads, kc] of the kc best by group_scores (-inf: not stored), in
+    column order while fused.ranks_itself(kc), else best first (equal scores in column order)."""
+    b, heads, group, m = logits.shape
+    rows, nblk = b * heads, triton.cdiv(m, BLOCK)
+    parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
+    keys = torch.empty(rows, m, dtype=torch.int32, device=logits.device)
+    idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
+    score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
+    logits, flags = logits.contiguous(), stored.view(torch.uint8)
+    strides = (flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0)
+    _lse_parts[(rows, nblk)](logits, flags, parts, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK, num_warps=8)
+    _keys[(rows, nblk)](logits, flags, parts, keys, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK,
+                        NB=max(triton.next_power_of_2(nblk), 2), num_warps=8)
+    _select[(rows,)](keys, idx, score, m, KC=kc, BLOCK=BLOCK, num_warps=8)
+    if fused.ranks_itself(kc):
+        return idx, score
+    score, order = score.sort(dim=-1, descending=True, stable=True)
+    return idx.gather(-1, order), score

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slam.cache import cpu_kernels, fused, fused_top
+from slam.cache import cpu_kernels, fused, fused_dots, fused_top
 from slam.compiled import compiled
 
 
@@ -174,14 +174,18 @@ def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: 
                   ties: bool = False, cpu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage two: the `kc` best candidates idx [b, kv_heads, m] by their q.k `dots` [b, kv_heads, group, m];
     candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats); `ties`, `cpu` as in exact_top."""
-    stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
-    if fresh is not None:
-        stored &= fresh
+    stored = candidate_stored(idx, rpos, n, fresh)
     if cpu:
         at, values = cpu_kernels.group_top(log_probs(dots * scale, stored), stored, kc, idx)
         return idx.gather(2, at), values
     at, values = top_by_index(group_log_probs(dots * scale, stored), idx if ties else None, kc, best_first)
     return idx.gather(2, at), values
+
+
+def candidate_stored(idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
+    """Which candidates idx [b, kv_heads, m] hold a token (and are `fresh`, when given) -> [b, kv_heads, m]."""
+    stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
+    return stored if fresh is None else stored & fresh
 
 
 def _run(pool, fn, *args):
@@ -229,6 +233,12 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     idx = candidates(chosen, pool.chunk)
     if pool.int8_scoring and pool.cpu_kernels:
         return cpu_kernels.candidate_top_int8(q, *pool.int8_keys(layer), idx, pool.rpos, n, kc, scale, fresh)
+    if pool.fused:
+        # The candidates' keys are read where they lie (cache/fused_dots.py) and ranked by the long-row
+        # top-k kernels: gathering them first took most of the step at long contexts.
+        dots = fused_dots.chunk_dots(q, pool.reserve_keys_store(layer), chosen, pool.chunk)
+        at, values = fused_top.stored_top(dots, candidate_stored(idx, rpos, n, fresh), kc, scale)
+        return idx.gather(2, at), values
     if pool.int8_scoring:
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
     else:

@@ -213,6 +213,11 @@ class SlotPool(ChunkBounds):
         k = keys.view(-1, self.head_dim).index_select(0, rows).view(*idx.shape, -1)
         return k, scales.view(-1).index_select(0, rows).view(idx.shape).to(torch.bfloat16)
 
+    def reserve_keys_store(self, layer: int) -> torch.Tensor:
+        """The layer's scoring keys as stored, [slots, kv_heads, cap + 1, head_dim] on the compute device
+        (a pinned host reserve through its alias); not int8 (cache/fused_dots.py reads them)."""
+        return self.rks[layer] if self.cache_positions else self.rk[layer]
+
     def reserve_keys(self, layer: int, scoring: bool = False) -> torch.Tensor:
         """Reserve keys [slots, kv_heads, cap + 1, head_dim] in the compute dtype, on the compute device."""
         if scoring and self.cache_positions:

@@ -52,6 +52,12 @@ def ring_write(pool, layer: int, write: torch.Tensor, pos: torch.Tensor, active:
     if k.device.type == "cpu":
         return torch.ops.slam_cpu.ring_write(pool.k[layer], pool.v[layer], pool.pos[layer], pool.score[layer], write,
                                              pos, active, k, v)
+    return kernel_ring_write(pool, layer, write, pos, active, k, v)
+
+
+def kernel_ring_write(pool, layer: int, write: torch.Tensor, pos: torch.Tensor, active: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ring_write by the Triton kernel (GPUs; CPUs under Triton's interpreter in tests/fused_check.py)."""
     b, heads, d = k.shape
     ek, ev = torch.empty_like(k), torch.empty_like(v)
     epos = torch.empty(b, heads, dtype=torch.long, device=k.device)
