@@ -5,10 +5,12 @@ reserve score (about 50 us per layer at batch 32, budget 256, 4K context: more t
 Here one program per slot and KV head holds its whole reserve row in registers, takes the log-softmax of
 each query head and their maximum (selection.group_scores), and finds the `kc`-th best score by bisection
 over the scores' bits, then writes the picks in reserve order: cache/fused.py ranks unsorted picks itself.
-Longer reserves (or more picks) take three kernels over blocks of the row instead: each block's
-log-sum-exp parts, then each token's group score as an integer key ordered like the float, then one
-program per row finds the `kc`-th best key by four 8-bit histogram passes over the keys (in L2 by then)
-and writes the picks. Two-stage selection's candidates go through the same kernels with their own mask.
+Longer reserves (or more picks) go through kernels over blocks of the row instead: each block's
+log-sum-exp parts, then each token's group score as an integer key ordered like the float, then four
+8-bit radix passes whose blocks add into one histogram per row (keys in L2 by then), then each block's
+count of keys above and at the `kc`-th best, then the picks. One program per row doing the passes took
+longer than the product (122 us per layer at 32K, batch 32: the rows are few and long). Two-stage
+selection's candidates go through the same kernels with their own mask.
 tests/fused_check.py holds both to group_scores followed by torch.topk.
 """
 
@@ -109,42 +111,61 @@ if triton is not None:
         tl.store(key_ptr + pid.to(tl.int64) * m + i, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), mask=i < m)
 
     @triton.jit
-    def _select(key_ptr, idx_ptr, score_ptr, m, KC: tl.constexpr, BLOCK: tl.constexpr):
-        # Radix select: after pass p the KC-th best key lies in [lo, lo + 2^(24 - 8p)) and `above` keys lie
-        # above that range; each pass histograms the next 8 bits of the keys inside it.
-        pid = tl.program_id(0)
-        row = key_ptr + pid.to(tl.int64) * m
+    def _threshold(hist_ptr, pid, rows, P: tl.constexpr, KC: tl.constexpr):
+        # Radix select over the histograms of passes [0, P): the KC-th best key lies in [lo, lo + 2^(32 - 8P))
+        # and `above` keys lie above that range. Every program recomputes it (P loads of 256 counts).
+        d = tl.arange(0, 256)
         lo = tl.full([], -(1 << 31), tl.int64)
         above = tl.full([], 0, tl.int32)
-        d = tl.arange(0, 256)
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            counts = tl.zeros([256], tl.int32)
-            for start in range(0, m, BLOCK):
-                i = start + tl.arange(0, BLOCK)
-                rel = tl.load(row + i, mask=i < m, other=0).to(tl.int64) - lo
-                digits = rel >> shift
-                inside = (i < m) & (rel >= 0) & (digits < 256)
-                counts += tl.histogram(tl.where(inside, digits, 0).to(tl.int32), 256, mask=inside)
+        for p in tl.static_range(P):
+            counts = tl.load(hist_ptr + (p * rows + pid) * 256 + d)
             at_or_above = above + tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # keys >= each digit's start
             digit = tl.sum((at_or_above >= KC).to(tl.int32), 0) - 1
             above += tl.sum(tl.where(d > digit, counts, 0), 0)
-            lo += digit.to(tl.int64) << shift
-        # lo is now the KC-th best key: all keys above it, then tied ones in column order until KC are taken.
+            lo += digit.to(tl.int64) << (24 - 8 * p)
+        return lo, above
+
+    @triton.jit
+    def _radix(key_ptr, hist_ptr, rows, m, P: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr):
+        # Pass P's histogram of the next 8 bits of the keys inside the range, one block per program.
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        lo, _ = _threshold(hist_ptr, pid, rows, P, KC)
+        i = blk * BLOCK + tl.arange(0, BLOCK)
+        digits = (tl.load(key_ptr + pid.to(tl.int64) * m + i, mask=i < m, other=0).to(tl.int64) - lo) >> (24 - 8 * P)
+        inside = (i < m) & (digits >= 0) & (digits < 256)
+        counts = tl.histogram(tl.where(inside, digits, 0).to(tl.int32), 256, mask=inside)
+        tl.atomic_add(hist_ptr + (P * rows + pid) * 256 + tl.arange(0, 256), counts)
+
+    @triton.jit
+    def _count(key_ptr, hist_ptr, count_ptr, rows, m, nblk, KC: tl.constexpr, BLOCK: tl.constexpr):
+        # Per block: keys above the KC-th best key, and keys equal to it.
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        kth, _ = _threshold(hist_ptr, pid, rows, 4, KC)
+        i = blk * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(key_ptr + pid.to(tl.int64) * m + i, mask=i < m, other=-(1 << 31)).to(tl.int64)
+        tl.store(count_ptr + (pid * nblk + blk) * 2, tl.sum((key > kth).to(tl.int32), 0))
+        tl.store(count_ptr + (pid * nblk + blk) * 2 + 1, tl.sum(((key == kth) & (i < m)).to(tl.int32), 0))
+
+    @triton.jit
+    def _compact(key_ptr, hist_ptr, count_ptr, idx_ptr, score_ptr, rows, m, nblk, KC: tl.constexpr,
+                 BLOCK: tl.constexpr, NB: tl.constexpr):
+        # All keys above the KC-th best, then tied ones in column order until KC are taken; the blocks before
+        # this one took their own keys above it and the first of the tied ones.
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        kth, above = _threshold(hist_ptr, pid, rows, 4, KC)
         need = KC - above
-        taken = tl.full([], 0, tl.int32)
-        tied_before = tl.full([], 0, tl.int32)
-        for start in range(0, m, BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            key = tl.load(row + i, mask=i < m, other=0)
-            tied = (i < m) & (key.to(tl.int64) == lo)
-            take = (i < m) & ((key.to(tl.int64) > lo) | (tied & (tied_before + tl.cumsum(tied.to(tl.int32), 0) <= need)))
-            at = pid * KC + taken + tl.cumsum(take.to(tl.int32), 0) - 1
-            bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
-            tl.store(idx_ptr + at, i.to(tl.int64), mask=take)
-            tl.store(score_ptr + at, bits.to(tl.float32, bitcast=True), mask=take)
-            taken += tl.sum(take.to(tl.int32), 0)
-            tied_before += tl.sum(tied.to(tl.int32), 0)
+        p = tl.arange(0, NB)
+        before = p < blk
+        above_before = tl.sum(tl.load(count_ptr + (pid * nblk + p) * 2, mask=before, other=0), 0)
+        tied_before = tl.sum(tl.load(count_ptr + (pid * nblk + p) * 2 + 1, mask=before, other=0), 0)
+        i = blk * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(key_ptr + pid.to(tl.int64) * m + i, mask=i < m, other=0)
+        tied = (i < m) & (key.to(tl.int64) == kth)
+        take = (i < m) & ((key.to(tl.int64) > kth) | (tied & (tied_before + tl.cumsum(tied.to(tl.int32), 0) <= need)))
+        at = pid * KC + above_before + tl.minimum(tied_before, need) + tl.cumsum(take.to(tl.int32), 0) - 1
+        bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+        tl.store(idx_ptr + at, i.to(tl.int64), mask=take)
+        tl.store(score_ptr + at, bits.to(tl.float32, bitcast=True), mask=take)
 
 
 def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
@@ -177,9 +198,15 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
     logits, flags = logits.contiguous(), stored.view(torch.uint8)
     strides = (flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0)
     _lse_parts[(rows, nblk)](logits, flags, parts, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK, num_warps=8)
-    _keys[(rows, nblk)](logits, flags, parts, keys, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK,
-                        NB=max(triton.next_power_of_2(nblk), 2), num_warps=8)
-    _select[(rows,)](keys, idx, score, m, KC=kc, BLOCK=BLOCK, num_warps=8)
+    nb = max(triton.next_power_of_2(nblk), 2)
+    _keys[(rows, nblk)](logits, flags, parts, keys, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK, NB=nb,
+                        num_warps=8)
+    hist = torch.zeros(4, rows, 256, dtype=torch.int32, device=logits.device)
+    for p in range(4):
+        _radix[(rows, nblk)](keys, hist, rows, m, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
+    counts = torch.empty(rows, nblk, 2, dtype=torch.int32, device=logits.device)
+    _count[(rows, nblk)](keys, hist, counts, rows, m, nblk, KC=kc, BLOCK=BLOCK, num_warps=8)
+    _compact[(rows, nblk)](keys, hist, counts, idx, score, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb, num_warps=8)
     if fused.ranks_itself(kc):
         return idx, score
     score, order = score.sort(dim=-1, descending=True, stable=True)
