@@ -78,10 +78,11 @@ def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: in
     if cache.policy == "slam":
         evicted = max(context - cache.sink - cache.recent, 0)
         middle = cache.budget - cache.sink - cache.recent
-        keys = evicted
+        keys = evicted  # exact selection scores every reserve key at every step
         if pool.two_stage:
-            keys = 2 * -(-evicted // pool.chunk) + min(evicted, pool.oversample * middle)
-        read += per_col * (keys + min(evicted, middle)) * batch // engine.runner.select_every
+            # Stage one's two bounds per chunk once per `select_every` steps; stage two's candidates every step.
+            keys = 2 * -(-evicted // pool.chunk) / engine.runner.select_every + min(evicted, pool.oversample * middle)
+        read += int(per_col * (keys + min(evicted, middle)) * batch)
     return read
 
 

@@ -6,9 +6,9 @@ Here one program per slot and KV head holds its whole reserve row in registers, 
 each query head and their maximum (selection.group_scores), and finds the `kc`-th best score by bisection
 over the scores' bits, then writes the picks in reserve order: cache/fused.py ranks unsorted picks itself.
 Longer reserves (or more picks) go through kernels over blocks of the row instead: each block's
-log-sum-exp parts, then each token's group score as an integer key ordered like the float, then four
-8-bit radix passes whose blocks add into one histogram per row (keys in L2 by then), then each block's
-count of keys above and at the `kc`-th best, then the picks. One program per row doing the passes took
+log-sum-exp parts, then each token's group score as an integer key ordered like the float with the first
+of four 8-bit radix passes, then the other passes, whose blocks add into one histogram per row (keys in L2
+by then), then the picks. One program per row doing the passes took
 longer than the product (122 us per layer at 32K, batch 32: the rows are few and long). Two-stage
 selection's candidates go through the same kernels with their own mask.
 tests/fused_check.py holds both to group_scores followed by torch.topk.
@@ -90,9 +90,10 @@ if triton is not None:
             tl.store(part_ptr + at + 1, total)
 
     @triton.jit
-    def _keys(logit_ptr, stored_ptr, part_ptr, key_ptr, heads, m, nblk, st_slot, st_head, scale,
+    def _keys(logit_ptr, stored_ptr, part_ptr, key_ptr, hist_ptr, heads, m, nblk, st_slot, st_head, scale,
               G: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
-        # Each column's group score (the query heads' best log-softmax) as an integer key ordered like it.
+        # Each column's group score (the query heads' best log-softmax) as an integer key ordered like it,
+        # and the first radix pass's histogram of the keys' top 8 bits.
         pid, blk = tl.program_id(0), tl.program_id(1)
         i = blk * BLOCK + tl.arange(0, BLOCK)
         ok = tl.load(stored_ptr + (pid // heads) * st_slot + (pid % heads) * st_head + i, mask=i < m, other=0) != 0
@@ -108,7 +109,10 @@ if triton is not None:
             x = tl.load(logit_ptr + (pid * G + g).to(tl.int64) * m + i, mask=ok, other=float("-inf")) * scale
             best = tl.maximum(best, x - lse)
         bits = tl.where(ok, best, float("-inf")).to(tl.int32, bitcast=True)
-        tl.store(key_ptr + pid.to(tl.int64) * m + i, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), mask=i < m)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        tl.store(key_ptr + pid.to(tl.int64) * m + i, key, mask=i < m)
+        digits = ((key.to(tl.int64) + (1 << 31)) >> 24).to(tl.int32)
+        tl.atomic_add(hist_ptr + pid * 256 + tl.arange(0, 256), tl.histogram(digits, 256, mask=i < m))
 
     @triton.jit
     def _threshold(hist_ptr, pid, rows, P: tl.constexpr, KC: tl.constexpr):
@@ -126,8 +130,9 @@ if triton is not None:
         return lo, above
 
     @triton.jit
-    def _radix(key_ptr, hist_ptr, rows, m, P: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr):
-        # Pass P's histogram of the next 8 bits of the keys inside the range, one block per program.
+    def _radix(key_ptr, hist_ptr, block_ptr, rows, m, nblk, P: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr):
+        # Pass P's histogram of the next 8 bits of the keys inside the range, one block per program. The last
+        # pass also keeps each block's own histogram and count of keys above the range (for _compact).
         pid, blk = tl.program_id(0), tl.program_id(1)
         lo, _ = _threshold(hist_ptr, pid, rows, P, KC)
         i = blk * BLOCK + tl.arange(0, BLOCK)
@@ -135,29 +140,26 @@ if triton is not None:
         inside = (i < m) & (digits >= 0) & (digits < 256)
         counts = tl.histogram(tl.where(inside, digits, 0).to(tl.int32), 256, mask=inside)
         tl.atomic_add(hist_ptr + (P * rows + pid) * 256 + tl.arange(0, 256), counts)
+        if P == 3:
+            at = (pid * nblk + blk) * 257
+            tl.store(block_ptr + at + tl.arange(0, 256), counts)
+            tl.store(block_ptr + at + 256, tl.sum(((i < m) & (digits >= 256)).to(tl.int32), 0))
 
     @triton.jit
-    def _count(key_ptr, hist_ptr, count_ptr, rows, m, nblk, KC: tl.constexpr, BLOCK: tl.constexpr):
-        # Per block: keys above the KC-th best key, and keys equal to it.
-        pid, blk = tl.program_id(0), tl.program_id(1)
-        kth, _ = _threshold(hist_ptr, pid, rows, 4, KC)
-        i = blk * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(key_ptr + pid.to(tl.int64) * m + i, mask=i < m, other=-(1 << 31)).to(tl.int64)
-        tl.store(count_ptr + (pid * nblk + blk) * 2, tl.sum((key > kth).to(tl.int32), 0))
-        tl.store(count_ptr + (pid * nblk + blk) * 2 + 1, tl.sum(((key == kth) & (i < m)).to(tl.int32), 0))
-
-    @triton.jit
-    def _compact(key_ptr, hist_ptr, count_ptr, idx_ptr, score_ptr, rows, m, nblk, KC: tl.constexpr,
+    def _compact(key_ptr, hist_ptr, block_ptr, idx_ptr, score_ptr, rows, m, nblk, KC: tl.constexpr,
                  BLOCK: tl.constexpr, NB: tl.constexpr):
         # All keys above the KC-th best, then tied ones in column order until KC are taken; the blocks before
-        # this one took their own keys above it and the first of the tied ones.
+        # this one took their own keys above it and the first of the tied ones (from their last-pass counts).
         pid, blk = tl.program_id(0), tl.program_id(1)
         kth, above = _threshold(hist_ptr, pid, rows, 4, KC)
         need = KC - above
-        p = tl.arange(0, NB)
+        digit = (kth - _threshold(hist_ptr, pid, rows, 3, KC)[0]).to(tl.int32)
+        p, d = tl.arange(0, NB), tl.arange(0, 256)
         before = p < blk
-        above_before = tl.sum(tl.load(count_ptr + (pid * nblk + p) * 2, mask=before, other=0), 0)
-        tied_before = tl.sum(tl.load(count_ptr + (pid * nblk + p) * 2 + 1, mask=before, other=0), 0)
+        counts = tl.load(block_ptr + (pid * nblk + p[:, None]) * 257 + d[None, :], mask=before[:, None], other=0)
+        above_before = tl.sum(tl.load(block_ptr + (pid * nblk + p) * 257 + 256, mask=before, other=0), 0)
+        above_before += tl.sum(tl.sum(tl.where(d[None, :] > digit, counts, 0), 1), 0)
+        tied_before = tl.sum(tl.sum(tl.where(d[None, :] == digit, counts, 0), 1), 0)
         i = blk * BLOCK + tl.arange(0, BLOCK)
         key = tl.load(key_ptr + pid.to(tl.int64) * m + i, mask=i < m, other=0)
         tied = (i < m) & (key.to(tl.int64) == kth)
@@ -199,14 +201,13 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
     strides = (flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0)
     _lse_parts[(rows, nblk)](logits, flags, parts, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK, num_warps=8)
     nb = max(triton.next_power_of_2(nblk), 2)
-    _keys[(rows, nblk)](logits, flags, parts, keys, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK, NB=nb,
-                        num_warps=8)
     hist = torch.zeros(4, rows, 256, dtype=torch.int32, device=logits.device)
-    for p in range(4):
-        _radix[(rows, nblk)](keys, hist, rows, m, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
-    counts = torch.empty(rows, nblk, 2, dtype=torch.int32, device=logits.device)
-    _count[(rows, nblk)](keys, hist, counts, rows, m, nblk, KC=kc, BLOCK=BLOCK, num_warps=8)
-    _compact[(rows, nblk)](keys, hist, counts, idx, score, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb, num_warps=8)
+    _keys[(rows, nblk)](logits, flags, parts, keys, hist, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK,
+                        NB=nb, num_warps=8)
+    blocks = torch.empty(rows, nblk, 257, dtype=torch.int32, device=logits.device)
+    for p in range(1, 4):
+        _radix[(rows, nblk)](keys, hist, blocks, rows, m, nblk, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
+    _compact[(rows, nblk)](keys, hist, blocks, idx, score, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb, num_warps=8)
     if fused.ranks_itself(kc):
         return idx, score
     score, order = score.sort(dim=-1, descending=True, stable=True)
