@@ -45,7 +45,8 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
 
     d = EngineConfig()
     p.add_argument("--select-every", type=int, default=d.select_every,
-                   help="slam: steps between a layer's refreshes of two-stage selection's chunks")
+                   help="slam: steps between a layer's refreshes of two-stage selection's chunks "
+                        "(r = 4 pairs with --select-oversample 16: docs/benchmarks.md)")
     p.add_argument("--select-chunk", type=int, default=d.select_chunk,
                    help="slam: reserve tokens per chunk bound (two-stage selection)")
     p.add_argument("--select-oversample", type=int, default=d.select_oversample,
