@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from slam.cache import fused, fused_dots, fused_top
-from slam.cache.selection import candidates, dot_float, exact_top, select_reserve
+from slam.cache.selection import candidates, dot_float, exact_top, group_scores, select_reserve
 from slam.cache.slam import place
 from slam.engine import ring
 from slam.engine.pool import SlotPool
@@ -131,6 +131,30 @@ def compare_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
 
 
 @torch.inference_mode()
+def compare_limit(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 300, m: int = 9000) -> None:
+    """fused_top.stored_top with a per-slot limit: each slot's first `limit` picks are its `limit` best (in
+    column order, unsorted), the rest of its kc are empty."""
+    g = torch.Generator().manual_seed(seed)
+    b, heads, group, d = 4, 2, 3, 16
+    q = torch.randn(b, heads, group, d, generator=g).to(device, dtype)
+    keys = torch.randn(b, heads, m, d, generator=g).to(device, dtype)
+    stored = torch.ones(b, 1, m, dtype=torch.bool)
+    stored[1, :, 100:700] = False
+    limit = torch.tensor([kc, kc // 2, 1, kc - 7])
+    stored, limit, scale = stored.to(device), limit.to(device), d**-0.5
+    logits = dot_float(q, keys)
+    idx, score = fused_top.stored_top(logits, stored, kc, scale, limit)
+    want = group_scores(q, keys, stored, scale)  # [b, heads, m]
+    for s in range(b):
+        k = int(limit[s])
+        assert bool((score[s, :, k:] == float("-inf")).all()), "picks past the limit"
+        best = want[s].topk(k, dim=-1).values
+        assert torch.allclose(score[s, :, :k].sort(-1, descending=True).values, best, atol=1e-4), "not the best"
+        assert torch.allclose(want[s].gather(-1, idx[s, :, :k]), score[s, :, :k], atol=1e-4), "scores of other picks"
+        assert bool((idx[s, :, :k].diff(dim=-1) > 0).all()), "picks not in column order"
+
+
+@torch.inference_mode()
 def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunk: int = 8, c: int = 37) -> None:
     """cache/fused_dots.py's in-place stage two against gathering the candidates and dot_float, with
     chunks in any order, repeated chunks and the last chunk of the reserve."""
@@ -164,11 +188,12 @@ def compare_two_stage(device: str, dtype: torch.dtype = torch.float32, seed: int
     for slot in range(b):
         pool.summarize(0, slot, 0, int(n[slot]))
     q = torch.randn(b, heads, 3, d, generator=g).to(device, dtype)
-    for refresh in (True, False):
+    whole = torch.full((b,), kc, device=device)  # a limit of kc: the same picks, unsorted
+    for refresh, limit in ((True, None), (False, None), (True, whole)):
         pool.fused = False
         want_idx, want = select_reserve(pool, 0, q, n, kc, refresh=refresh)
         pool.fused = True
-        idx, score = select_reserve(pool, 0, q, n, kc, refresh=refresh)
+        idx, score = select_reserve(pool, 0, q, n, kc, refresh=refresh, limit=limit)
         found = score > float("-inf")
         assert torch.equal(found.sum(-1), (want > float("-inf")).sum(-1)), "different numbers of picks found"
         assert torch.allclose(score.sort(-1).values, want.sort(-1).values, atol=1e-4), "different scores"
@@ -187,6 +212,7 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_top(device, dtype, seed, kc=188, m=3936, group=4)
     compare_top(device, dtype, seed, kc=300, m=3000)  # many picks: best first
     compare_top(device, dtype, seed, kc=188, m=9000)  # a long row: the block kernels
+    compare_limit(device, dtype, seed)
     compare_dots(device, dtype, seed)
     compare_two_stage(device, dtype, seed)
     compare_two_stage(device, dtype, seed, kc=300)

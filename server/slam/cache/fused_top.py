@@ -115,8 +115,8 @@ if triton is not None:
         tl.atomic_add(hist_ptr + pid * 256 + tl.arange(0, 256), tl.histogram(digits, 256, mask=i < m))
 
     @triton.jit
-    def _threshold(hist_ptr, pid, rows, P: tl.constexpr, KC: tl.constexpr):
-        # Radix select over the histograms of passes [0, P): the KC-th best key lies in [lo, lo + 2^(32 - 8P))
+    def _threshold(hist_ptr, pid, rows, P: tl.constexpr, K):
+        # Radix select over the histograms of passes [0, P): the K-th best key lies in [lo, lo + 2^(32 - 8P))
         # and `above` keys lie above that range. Every program recomputes it (P loads of 256 counts).
         d = tl.arange(0, 256)
         lo = tl.full([], -(1 << 31), tl.int64)
@@ -124,17 +124,18 @@ if triton is not None:
         for p in tl.static_range(P):
             counts = tl.load(hist_ptr + (p * rows + pid) * 256 + d)
             at_or_above = above + tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # keys >= each digit's start
-            digit = tl.sum((at_or_above >= KC).to(tl.int32), 0) - 1
+            digit = tl.sum((at_or_above >= K).to(tl.int32), 0) - 1
             above += tl.sum(tl.where(d > digit, counts, 0), 0)
             lo += digit.to(tl.int64) << (24 - 8 * p)
         return lo, above
 
     @triton.jit
-    def _radix(key_ptr, hist_ptr, block_ptr, rows, m, nblk, P: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr):
+    def _radix(key_ptr, hist_ptr, block_ptr, limit_ptr, heads, rows, m, nblk, P: tl.constexpr, KC: tl.constexpr,
+               BLOCK: tl.constexpr):
         # Pass P's histogram of the next 8 bits of the keys inside the range, one block per program. The last
         # pass also keeps each block's own histogram and count of keys above the range (for _compact).
         pid, blk = tl.program_id(0), tl.program_id(1)
-        lo, _ = _threshold(hist_ptr, pid, rows, P, KC)
+        lo, _ = _threshold(hist_ptr, pid, rows, P, tl.minimum(tl.load(limit_ptr + pid // heads), KC))
         i = blk * BLOCK + tl.arange(0, BLOCK)
         digits = (tl.load(key_ptr + pid.to(tl.int64) * m + i, mask=i < m, other=0).to(tl.int64) - lo) >> (24 - 8 * P)
         inside = (i < m) & (digits >= 0) & (digits < 256)
@@ -146,14 +147,16 @@ if triton is not None:
             tl.store(block_ptr + at + 256, tl.sum(((i < m) & (digits >= 256)).to(tl.int32), 0))
 
     @triton.jit
-    def _compact(key_ptr, hist_ptr, block_ptr, idx_ptr, score_ptr, rows, m, nblk, KC: tl.constexpr,
+    def _compact(key_ptr, hist_ptr, block_ptr, limit_ptr, idx_ptr, score_ptr, heads, rows, m, nblk, KC: tl.constexpr,
                  BLOCK: tl.constexpr, NB: tl.constexpr):
-        # All keys above the KC-th best, then tied ones in column order until KC are taken; the blocks before
-        # this one took their own keys above it and the first of the tied ones (from their last-pass counts).
+        # All keys above the K-th best, then tied ones in column order until K are taken (K: the row's limit);
+        # the blocks before this one took their own keys above it and the first of the tied ones (from their
+        # last-pass counts).
         pid, blk = tl.program_id(0), tl.program_id(1)
-        kth, above = _threshold(hist_ptr, pid, rows, 4, KC)
-        need = KC - above
-        digit = (kth - _threshold(hist_ptr, pid, rows, 3, KC)[0]).to(tl.int32)
+        k = tl.minimum(tl.load(limit_ptr + pid // heads), KC)
+        kth, above = _threshold(hist_ptr, pid, rows, 4, k)
+        need = k - above
+        digit = (kth - _threshold(hist_ptr, pid, rows, 3, k)[0]).to(tl.int32)
         p, d = tl.arange(0, NB), tl.arange(0, 256)
         before = p < blk
         counts = tl.load(block_ptr + (pid * nblk + p[:, None]) * 257 + d[None, :], mask=before[:, None], other=0)
@@ -170,15 +173,15 @@ if triton is not None:
         tl.store(score_ptr + at, bits.to(tl.float32, bitcast=True), mask=take)
 
 
-def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
-              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int, scale: float,
+              limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [b, kv_heads, group, m] float32 (q.k unscaled), rpos [b, >= m] (reserve positions, -1: empty),
     n [b] tokens stored -> (indices, scores) [b, kv_heads, kc] of the kc best by group_scores, unordered
-    while fused.ranks_itself(kc), else best first."""
+    while fused.ranks_itself(kc), else best first or, given `limit`, as stored_top says."""
     b, heads, group, m = logits.shape
     if m > SPAN_LIMIT or not fused.ranks_itself(kc):
         index = torch.arange(m, device=logits.device)
-        return stored_top(logits, ((index < n.view(-1, 1)) & (rpos[:, :m] >= 0)).unsqueeze(1), kc, scale)
+        return stored_top(logits, ((index < n.view(-1, 1)) & (rpos[:, :m] >= 0)).unsqueeze(1), kc, scale, limit)
     idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
     score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
     block = triton.next_power_of_2(m)
@@ -187,16 +190,23 @@ def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int
     return idx, score
 
 
-def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float,
+               limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The long-row kernels: logits [b, kv_heads, group, m] float32 (q.k unscaled), stored [b, 1 or kv_heads,
     m] bool -> (columns, scores) [b, kv_heads, kc] of the kc best by group_scores (-inf: not stored), in
-    column order while fused.ranks_itself(kc), else best first (equal scores in column order)."""
+    column order while fused.ranks_itself(kc), else best first (equal scores in column order).
+
+    limit [b] in [1, kc]: each slot's picks are its best `limit` in column order, then empty ones (score
+    -inf) up to kc, never sorted: cache/fused.py keeps a slot's first `middle` picks when it does not rank
+    them itself, so a slot's middle as its limit makes sorting the picks unnecessary."""
     b, heads, group, m = logits.shape
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
     keys = torch.empty(rows, m, dtype=torch.int32, device=logits.device)
-    idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
-    score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
+    idx = torch.zeros(b, heads, kc, dtype=torch.long, device=logits.device)
+    score = torch.full((b, heads, kc), float("-inf"), dtype=torch.float32, device=logits.device)
+    limited = limit is not None
+    limit = limit if limited else torch.full((b,), kc, dtype=torch.long, device=logits.device)
     logits, flags = logits.contiguous(), stored.view(torch.uint8)
     strides = (flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0)
     _lse_parts[(rows, nblk)](logits, flags, parts, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK, num_warps=8)
@@ -206,9 +216,10 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
                         NB=nb, num_warps=8)
     blocks = torch.empty(rows, nblk, 257, dtype=torch.int32, device=logits.device)
     for p in range(1, 4):
-        _radix[(rows, nblk)](keys, hist, blocks, rows, m, nblk, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
-    _compact[(rows, nblk)](keys, hist, blocks, idx, score, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb, num_warps=8)
-    if fused.ranks_itself(kc):
+        _radix[(rows, nblk)](keys, hist, blocks, limit, heads, rows, m, nblk, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
+    _compact[(rows, nblk)](keys, hist, blocks, limit, idx, score, heads, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb,
+                           num_warps=8)
+    if limited or fused.ranks_itself(kc):
         return idx, score
     score, order = score.sort(dim=-1, descending=True, stable=True)
     return idx.gather(-1, order), score

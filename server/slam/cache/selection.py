@@ -194,11 +194,12 @@ def _run(pool, fn, *args):
 
 
 def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, span: int = 0,
-                   refresh: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   refresh: bool = True, limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `kc` best reserve tokens of slots [0, b) for queries q [b, kv_heads, group, head_dim], given n [b]
     tokens stored among indices [0, span) (0: the capacity) -> (indices, scores) [b, kv_heads, kc]; a score of
     -inf marks an index that holds nothing. Without `refresh`, two-stage selection reuses the chunks its
-    stage one chose at the layer's last refresh."""
+    stage one chose at the layer's last refresh. `limit` [b]: the picks each slot keeps (its middle), which
+    spares the GPU kernels sorting many picks (fused_top.stored_top)."""
     b, scale, span = q.shape[0], pool.head_dim**-0.5, span or pool.cap
     q = q.contiguous()  # a strided query sends the scoring matmul to a much slower kernel on GPUs
     best_first = not (pool.fused and fused.ranks_itself(kc))  # cache/fused.py ranks few picks itself
@@ -211,7 +212,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         else:
             dots = dot_float(q, pool.reserve_keys(layer, scoring=True)[:b, :, :span])
         if fused_top.applies(pool, kc, span):
-            return fused_top.group_top(dots, rpos, n, kc, scale)
+            return fused_top.group_top(dots, rpos, n, kc, scale, limit)
         return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, best_first, pool.int8_scoring,
                     pool.cpu_kernels)
     first = -(-pool.oversample * kc // pool.chunk)
@@ -237,7 +238,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         # The candidates' keys are read where they lie (cache/fused_dots.py) and ranked by the long-row
         # top-k kernels: gathering them first took most of the step at long contexts.
         dots = fused_dots.chunk_dots(q, pool.reserve_keys_store(layer), chosen, pool.chunk)
-        at, values = fused_top.stored_top(dots, candidate_stored(idx, rpos, n, fresh), kc, scale)
+        at, values = fused_top.stored_top(dots, candidate_stored(idx, rpos, n, fresh), kc, scale, limit)
         return idx.gather(2, at), values
     if pool.int8_scoring:
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
