@@ -126,7 +126,8 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         try:
             check_all("cuda", dtype)
-            print(f"fused placement, ring write, top-k and stage two in place equal their eager code ({dtype})", flush=True)
+            print(f"fused placement, ring write, top-k, stage two in place and decode attention equal their eager "
+                  f"code ({dtype})", flush=True)
         except Exception as e:  # an error in one kernel's check is reported like a difference
             failures += 1
             print(f"a fused kernel DIFFERS from its eager code ({dtype}): {e}", flush=True)

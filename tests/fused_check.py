@@ -16,7 +16,8 @@ import torch
 from slam.cache import fused, fused_dots, fused_top
 from slam.cache.selection import candidates, dot_float, exact_top, group_scores, select_reserve
 from slam.cache.slam import place
-from slam.engine import ring
+from slam.engine import decode_attention, ring
+from slam.engine.attention import attend
 from slam.engine.pool import SlotPool
 
 
@@ -203,6 +204,27 @@ def compare_two_stage(device: str, dtype: torch.dtype = torch.float32, seed: int
             assert {i for i, x in zip(row, s) if x} == {i for i, x in zip(want_row, w) if x}, "different picks"
 
 
+@torch.inference_mode()
+def compare_attention(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, cols: int = 300,
+                      group: int = 3) -> None:
+    """engine/decode_attention.py against SDPA (attention.attend): a slot attending to its scratch column
+    only, one with holes, whole blocks without a valid column."""
+    g = torch.Generator().manual_seed(seed)
+    b, heads, d = 4, 2, 16
+    q = torch.randn(b, heads * group, 1, d, generator=g).to(device, dtype)
+    k, v = (torch.randn(b, heads, cols, d, generator=g).to(device, dtype) for _ in range(2))
+    valid = torch.rand(b, heads, 1, cols, generator=g) < 0.7
+    valid[0] = False
+    valid[0, :, :, cols - 1] = True  # an idle slot: its scratch column
+    valid[2, :, :, : cols // 2] = False
+    valid = valid.to(device)
+    want = attend(q, k, v, valid, d**-0.5)
+    got = decode_attention.attend(q, k, v, valid, d**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol), (got.float() - want.float()).abs().max()
+
+
 def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
     compare(device, dtype, seed)
     compare(device, dtype, seed, kc=150)  # several programs per slot and head
@@ -216,8 +238,11 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_dots(device, dtype, seed)
     compare_two_stage(device, dtype, seed)
     compare_two_stage(device, dtype, seed, kc=300)
+    compare_attention(device, dtype, seed)
+    compare_attention(device, dtype, seed, cols=2049, group=4)
 
 
 if __name__ == "__main__":
     check_all(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    print("fused placement, ring write, group top-k and in-place stage two equal their eager versions")
+    print("fused placement, ring write, group top-k, in-place stage two and decode attention equal their eager "
+          "versions")

@@ -182,7 +182,8 @@ def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: 
     return idx.gather(2, at), values
 
 
-def candidate_stored(idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
+def candidate_stored(idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
+                     fresh: torch.Tensor | None) -> torch.Tensor:
     """Which candidates idx [b, kv_heads, m] hold a token (and are `fresh`, when given) -> [b, kv_heads, m]."""
     stored = (idx < n.view(-1, 1, 1)) & (rpos.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx) >= 0)
     return stored if fresh is None else stored & fresh

@@ -77,7 +77,8 @@ class SlamPolicy(CachePolicy):
             return
         qg = q.view(b, pool.kv_heads, -1, pool.head_dim)  # [b, kv_heads, group, head_dim]
         limit = plan.once(("slam limit", kc), lambda: torch.where(mine, plan.middle, kc).clamp(1, kc))  # [b]
-        idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc, plan.span, plan.refresh, limit)  # [b, kv_heads, kc]
+        # idx, score: [b, kv_heads, kc]
+        idx, score = select_reserve(pool, layer, qg, plan.reserve_n, kc, plan.span, plan.refresh, limit)
         (fused.place if pool.fused else place)(pool, layer, plan, idx, score, mine)
 
     def state(self, pool, slot, length, reserve_from=0):

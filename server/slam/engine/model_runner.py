@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from slam.cache import POLICIES, POLICY_IDS, CachePolicy, Evicted, cpu_kernels, fused
 from slam.compiled import compiled
 from slam.engine import attention as A
-from slam.engine import int8
+from slam.engine import decode_attention, int8
 from slam.engine import ring
 from slam.engine.pool import SlotPool, StepPlan
 from slam.engine.prefill import prefill_layer
@@ -103,11 +103,12 @@ class ModelRunner:
         self.pool.cpu_kernels = compile and self.device.type == "cpu" and cpu_kernels.available()
         # The fused ring write keeps stored keys rotated; position_mode="cache" needs the eager one's extras.
         self.fused_ring = compile and ring.available(self.device) and not cache_positions
+        self.fused_attention = compile and decode_attention.available(self.device)
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
-        # Layer l refreshes its selection when (step + l) % select_every == 0: staggered, so every step costs
-        # the same. In between, exact selection keeps the critical tokens it chose last; two-stage selection
-        # re-ranks the tokens of the chunks it chose last (and of chunks filled since) with each new query.
+        # Layer l runs stage one of two-stage selection when (step + l) % select_every == 0: staggered, so every
+        # step costs the same. In between it re-ranks the tokens of the chunks it chose last (and of chunks
+        # filled since) with each new query; exact selection picks at every step.
         self.select_every = self.pool.select_every = select_every
         self.steps = 0
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
@@ -199,7 +200,8 @@ class ModelRunner:
                 keys = A.rotate(keys, self.rope.cos[ranks], self.rope.sin[ranks])
                 q_att = A.rotate(q, self.rope.cos[plan.rank].unsqueeze(1), self.rope.sin[plan.rank].unsqueeze(1))
             q_att = q_att.unsqueeze(2)  # [b, QH, 1, D]
-            out = A.attend(q_att, keys, values, valid, self.scale)
+            attend = decode_attention.attend if self.fused_attention else A.attend
+            out = attend(q_att, keys, values, valid, self.scale)
             # Score-keeping policies read the probabilities beside, not instead of, the attention every slot
             # gets: a request's tokens must not depend on which policies share its step.
             scorers = [cls for cls in classes if cls.decode_attention]
