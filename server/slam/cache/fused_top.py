@@ -6,12 +6,11 @@ Here one program per slot and KV head holds its whole reserve row in registers, 
 each query head and their maximum (selection.group_scores), and finds the `kc`-th best score by bisection
 over the scores' bits, then writes the picks in reserve order: cache/fused.py ranks unsorted picks itself.
 Longer reserves (or more picks) go through kernels over blocks of the row instead: each block's
-log-sum-exp parts, then each token's group score as an integer key ordered like the float with the first
-of four 8-bit radix passes, then the other passes, whose blocks add into one histogram per row (keys in L2
-by then), then the picks. One program per row doing the passes took
-longer than the product (122 us per layer at 32K, batch 32: the rows are few and long). Two-stage
-selection's candidates go through the same kernels with their own mask.
-tests/fused_check.py holds both to group_scores followed by torch.topk.
+log-sum-exp parts; each token's group score as an integer key ordered like the float, with the first of
+four 8-bit radix passes; the other passes, whose blocks add into one histogram per row (the keys are in L2
+by then); the picks. One program per row doing the passes took longer than the q.k product (122 us per
+layer at 32K, batch 32: the rows are few and long). Two-stage selection's candidates go through the same
+kernels with their own mask. tests/fused_check.py holds both to group_scores followed by torch.topk.
 """
 
 from __future__ import annotations
