@@ -78,14 +78,6 @@ def candidate_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor
                                                  kc, scale)
 
 
-def reserve_append(pool, layer: int, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """pool.reserve_write of one evicted token per slot of [0, b) at reserve index at [b] (k, v: [b, kv_heads,
-    head_dim]), with its int8 scoring copy when the pool keeps one."""
-    none = (torch.empty(0, dtype=torch.int8), torch.empty(0, dtype=torch.bfloat16))
-    rq = (pool.rq[layer], pool.rq_scale[layer]) if pool.rq else none
-    torch.ops.slam_cpu.reserve_append(pool.rk[layer], pool.rv[layer], *rq, at, k, v)
-
-
 def place(pool, layer: int, idx: torch.Tensor, score: torch.Tensor, col: torch.Tensor) -> None:
     """slam.place's gathers, churn and column writes for layer `layer` of slots [0, idx.shape[0])."""
     pool.replaced[: idx.shape[0]] += torch.ops.slam_cpu.place(

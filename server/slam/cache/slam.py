@@ -53,22 +53,16 @@ class SlamPolicy(CachePolicy):
     @classmethod
     def on_evict(cls, pool, layer, plan, ev: Evicted, mine) -> None:
         # Slots that evict nothing, or use another policy, write to the reserve's scratch index.
-        b = ev.k.shape[0]
-        ar, ar_r, idx = plan.once("slam evict", lambda: (
-            torch.arange(b, device=plan.reserve_at.device),
-            torch.arange(b, device=pool.reserve_device),
-            plan.reserve_at.to(pool.reserve_device, non_blocking=True)))
-        if pool.cpu_kernels and not pool.reserve_int8:
-            cpu_kernels.reserve_append(pool, layer, plan.reserve_at, ev.k.squeeze(2), ev.v.squeeze(2))
-        else:
-            pool.reserve_write(layer, (ar_r, slice(None), idx), ev.k.squeeze(2), ev.v.squeeze(2))
+        slots = pool.slot_index[: ev.k.shape[0]]
+        pool.reserve_append(layer, plan.reserve_at, ev.k.squeeze(2), ev.v.squeeze(2))
         if ev.k_score is not None:
-            pool.rks[layer][ar_r, :, idx] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
+            at = plan.once("slam evict", lambda: plan.reserve_at.to(pool.reserve_device, non_blocking=True))
+            pool.rks[layer][slots, :, at] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
         if pool.two_stage:
             keys = ev.k if ev.k_score is None else ev.k_score
             pool.summarize_append(layer, plan.reserve_at, keys.squeeze(2))
         if layer == 0:
-            pool.rpos[ar, plan.reserve_at] = torch.where(plan.reserve_at < pool.cap, ev.pos.squeeze(1), -1)
+            pool.rpos[slots, plan.reserve_at] = torch.where(plan.reserve_at < pool.cap, ev.pos.squeeze(1), -1)
 
     @classmethod
     def select(cls, pool, layer, plan, q, mine) -> None:

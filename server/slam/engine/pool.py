@@ -90,6 +90,7 @@ class SlotPool(ChunkBounds):
         self.reserve_memory = reserve_device or device
         host_alias = self.reserve_memory.type == "cpu" and device.type == "cuda"
         self.reserve_device = device if host_alias else self.reserve_memory
+        self.slot_index = torch.arange(slots, device=self.reserve_device)  # slots [0, b) as an index: [:b]
         self.reserve_int8 = reserve_int8
         self.cache_positions = cache_positions
         # CPU scoring reads every reserve key per step and is bound by their bytes: with int8 weights (whose
@@ -195,6 +196,18 @@ class SlotPool(ChunkBounds):
             self.rv[layer][idx] = v
             if self.rq:
                 self.rq[layer][idx], self.rq_scale[layer][idx] = quantize_rows(k, torch.bfloat16)
+
+    def reserve_append(self, layer: int, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One evicted token per slot of [0, b) at reserve index at [b] (the scratch index for slots that append
+        nothing; on the compute device); k, v: [b, kv_heads, head_dim]."""
+        if self.cpu_kernels and not self.reserve_int8:  # the same writes in one C++ op (cache/cpu_writes.cpp)
+            rq = (self.rq[layer], self.rq_scale[layer]) if self.rq else (
+                torch.empty(0, dtype=torch.int8), torch.empty(0, dtype=torch.bfloat16))
+            torch.ops.slam_cpu.reserve_append(self.rk[layer], self.rv[layer], *rq, at, k, v)
+            return
+        b = k.shape[0]
+        self.reserve_write(layer, (self.slot_index[:b], slice(None), at.to(self.reserve_device, non_blocking=True)),
+                           k, v)
 
     def int8_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's int8 scoring keys and their scales: an int8 reserve's own keys, else the copies."""
