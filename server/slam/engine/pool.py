@@ -17,9 +17,10 @@
     cand[l]:     [slots, kv_heads, oversample * budget // chunk] int32  the chunks stage one chose last
     mark:        [slots, kv_heads, cap + 1] bool scratch, all False between uses (churn counting)
 
-A host reserve (pinned memory) is read and written by the device through aliases of the pinned buffers
-(unified addressing): gathers and appends are device kernels, so decode steps stay capturable in CUDA
-graphs and only the rows a step touches cross PCIe.
+The reserve's reads (dequantized, by range or by rows) live in engine/reserve.py, its chunk bounds in
+engine/bounds.py: mixins of the pool. A host reserve (pinned memory) is read and written by the device
+through aliases of the pinned buffers (unified addressing): gathers and appends are device kernels, so
+decode steps stay capturable in CUDA graphs and only the rows a step touches cross PCIe.
 
 One tensor per layer (not views of one big tensor): compiled in-place writes stay cheap. Every buffer is
 made and changed in inference mode, like the forward passes that write it. Running requests
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slam.engine.bounds import ChunkBounds
+from slam.engine.reserve import ReserveReads
 
 
 @dataclass
@@ -65,7 +67,7 @@ class StepPlan:
         return self.memo[key]
 
 
-class SlotPool(ChunkBounds):
+class SlotPool(ChunkBounds, ReserveReads):
     @torch.inference_mode()
     def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
@@ -209,58 +211,12 @@ class SlotPool(ChunkBounds):
         self.reserve_write(layer, (self.slot_index[:b], slice(None), at.to(self.reserve_device, non_blocking=True)),
                            k, v)
 
-    def int8_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's int8 scoring keys and their scales: an int8 reserve's own keys, else the copies."""
-        return (self.rk[layer], self.rk_scale[layer]) if self.reserve_int8 else (self.rq[layer], self.rq_scale[layer])
-
-    def scoring_int8(self, layer: int, b: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Int8 scoring keys of slots [0, b) at reserve indices [0, span) and their bfloat16 scales (CPUs)."""
-        keys, scales = self.int8_keys(layer)
-        return keys[:b, :, :span], scales[:b, :, :span].to(torch.bfloat16)
-
-    def scoring_int8_rows(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 scoring keys [b, kv_heads, m, head_dim] and bfloat16 scales [b, kv_heads, m] of reserve
-        indices idx [b, kv_heads, m] of slots [0, b) (CPUs)."""
-        keys, scales = self.int8_keys(layer)
-        rows = self.reserve_rows(idx)
-        k = keys.view(-1, self.head_dim).index_select(0, rows).view(*idx.shape, -1)
-        return k, scales.view(-1).index_select(0, rows).view(idx.shape).to(torch.bfloat16)
-
-    def reserve_keys_store(self, layer: int) -> torch.Tensor:
-        """The layer's scoring keys as stored, [slots, kv_heads, cap + 1, head_dim] on the compute device
-        (a pinned host reserve through its alias); not int8 (cache/fused_dots.py reads them)."""
-        return self.rks[layer] if self.cache_positions else self.rk[layer]
-
-    def reserve_keys(self, layer: int, scoring: bool = False) -> torch.Tensor:
-        """Reserve keys [slots, kv_heads, cap + 1, head_dim] in the compute dtype, on the compute device."""
-        if scoring and self.cache_positions:
-            return self.rks[layer].to(self.device, non_blocking=True)
-        return self._dequant(self.rk, self.rk_scale, layer)
-
     def middle_columns(self, sink: torch.Tensor, take: torch.Tensor, kc: int) -> torch.Tensor:
         """Where the j-th best of kc picks goes in slots [0, b): column sink + j while j < take, else the
         scratch column; sink, take: [b] -> [b, kv_heads, kc]."""
         j = torch.arange(kc, device=sink.device)
         col = torch.where(j < take.view(-1, 1), sink.view(-1, 1) + j, self.budget)
         return col.unsqueeze(1).expand(-1, self.kv_heads, -1)
-
-    def reserve_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Flat row numbers of reserve indices `idx` [b, kv_heads, m] of slots [0, b) -> [b * kv_heads * m]."""
-        return (self.heads_base[: idx.shape[0]] * (self.cap + 1) + idx).view(-1)
-
-    def reserve_gather(self, layer: int, idx: torch.Tensor, which: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `idx` [b, kv_heads, m] of slots [0, b) of the reserve's keys ("k"), values ("v") or
-        scoring keys ("ks") -> [b, kv_heads, m, head_dim] in the compute dtype. Only these rows are read
-        (and dequantized), wherever the reserve lives; `rows`: reserve_rows(idx) when already known."""
-        if which == "ks" and not self.cache_positions:
-            which = "k"
-        store, scale = {"k": (self.rk, self.rk_scale), "v": (self.rv, self.rv_scale), "ks": (self.rks, [])}[which]
-        rows = (self.reserve_rows(idx) if rows is None else rows).to(store[layer].device)
-        x = store[layer].view(-1, self.head_dim).index_select(0, rows).to(self.device).view(*idx.shape, -1)
-        if scale and self.reserve_int8:
-            s = scale[layer].view(-1).index_select(0, rows).to(self.device).view(idx.shape)
-            return (x.float() * s.unsqueeze(-1)).to(self.dtype)
-        return x
 
     def column_rows(self, col: torch.Tensor) -> torch.Tensor:
         """Flat row numbers of columns `col` [b, kv_heads, m] of slots [0, b) -> [b * kv_heads * m]."""
@@ -291,22 +247,6 @@ class SlotPool(ChunkBounds):
         hit = mark.gather(2, idx)
         mark.scatter_(2, before, False)
         return (counted & ~hit).sum(dim=(1, 2))
-
-    def reserve_values(self, layer: int) -> torch.Tensor:
-        return self._dequant(self.rv, self.rv_scale, layer)
-
-    def reserve_keys_at(self, layer: int, part: tuple) -> torch.Tensor:
-        return self._dequant(self.rk, self.rk_scale, layer, part)
-
-    def reserve_values_at(self, layer: int, part: tuple) -> torch.Tensor:
-        return self._dequant(self.rv, self.rv_scale, layer, part)
-
-    def _dequant(self, store, scale, layer: int, part: tuple = (slice(None),)) -> torch.Tensor:
-        x = store[layer][part].to(self.device, non_blocking=True)
-        if self.reserve_int8:
-            s = scale[layer][part].to(self.device, non_blocking=True)
-            return (x.float() * s.unsqueeze(-1)).to(self.dtype)
-        return x
 
     # --- slots -------------------------------------------------------------------------------------
     @torch.inference_mode()
