@@ -56,8 +56,7 @@ class SlamPolicy(CachePolicy):
         slots = pool.slot_index[: ev.k.shape[0]]
         pool.reserve_append(layer, plan.reserve_at, ev.k.squeeze(2), ev.v.squeeze(2))
         if ev.k_score is not None:
-            at = plan.once("slam evict", lambda: plan.reserve_at.to(pool.reserve_device, non_blocking=True))
-            pool.rks[layer][slots, :, at] = ev.k_score.squeeze(2).to(pool.reserve_device, non_blocking=True)
+            pool.rks[layer][slots, :, plan.reserve_at] = ev.k_score.squeeze(2)
         if pool.two_stage:
             keys = ev.k if ev.k_score is None else ev.k_score
             pool.summarize_append(layer, plan.reserve_at, keys.squeeze(2))
@@ -99,7 +98,7 @@ class SlamPolicy(CachePolicy):
         for layer in range(pool.layers):
             pool.reserve_write(layer, part, state["rk"][layer].to(pool.device), state["rv"][layer].to(pool.device))
             if pool.cache_positions:
-                pool.rks[layer][part] = state["rks"][layer].to(pool.reserve_device)
+                pool.rks[layer][part] = state["rks"][layer].to(pool.device)
         pool.rpos[slot, start : start + m] = state["rpos"].to(pool.device)
         for layer in range(pool.layers):
             pool.summarize(layer, slot, start, start + m)
@@ -136,7 +135,7 @@ class SlamPolicy(CachePolicy):
         idx = (slot, slice(None), slice(evicted_before, evicted_before + m))
         pool.reserve_write(layer, idx, ev.k, ev.v)
         if ev.k_score is not None:
-            pool.rks[layer][idx] = ev.k_score.to(pool.reserve_device)
+            pool.rks[layer][idx] = ev.k_score
         if layer == 0:
             pool.rpos[slot, evicted_before : evicted_before + m] = ev.pos
         pool.summarize(layer, slot, evicted_before, evicted_before + m)

@@ -87,12 +87,10 @@ class SlotPool(ChunkBounds, ReserveReads):
         # which reads and writes far less index data than an element-wise gather or scatter.
         self.heads_base = torch.arange(slots * kv_heads, device=device).view(slots, kv_heads, 1)
         self.replaced = torch.zeros(slots, dtype=torch.long, device=device)  # slam churn per slot
-        # Where the reserve's bytes live, and the device whose kernels index them: a pinned host reserve
-        # is indexed by the compute device through aliases (device_alias).
+        # Where the reserve's bytes live. The compute device's kernels index them wherever they are: a pinned
+        # host reserve through device aliases (device_alias), so every reserve index lives on `device`.
         self.reserve_memory = reserve_device or device
-        host_alias = self.reserve_memory.type == "cpu" and device.type == "cuda"
-        self.reserve_device = device if host_alias else self.reserve_memory
-        self.slot_index = torch.arange(slots, device=self.reserve_device)  # slots [0, b) as an index: [:b]
+        self.slot_index = torch.arange(slots, device=device)  # slots [0, b) as an index: [:b]
         self.reserve_int8 = reserve_int8
         self.cache_positions = cache_positions
         # CPU scoring reads every reserve key per step and is bound by their bytes: with int8 weights (whose
@@ -208,8 +206,7 @@ class SlotPool(ChunkBounds, ReserveReads):
             torch.ops.slam_cpu.reserve_append(self.rk[layer], self.rv[layer], *rq, at, k, v)
             return
         b = k.shape[0]
-        self.reserve_write(layer, (self.slot_index[:b], slice(None), at.to(self.reserve_device, non_blocking=True)),
-                           k, v)
+        self.reserve_write(layer, (self.slot_index[:b], slice(None), at), k, v)
 
     def middle_columns(self, sink: torch.Tensor, take: torch.Tensor, kc: int) -> torch.Tensor:
         """Where the j-th best of kc picks goes in slots [0, b): column sink + j while j < take, else the
