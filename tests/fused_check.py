@@ -21,16 +21,27 @@ from slam.engine.attention import attend
 from slam.engine.pool import SlotPool
 
 
+def fill_reserve(pool: SlotPool, layer: int, g: torch.Generator) -> None:
+    """Random reserve keys and values: int8 with float32 scales per token where the reserve is int8."""
+    for store, scales in ((pool.rk, pool.rk_scale), (pool.rv, pool.rv_scale)):
+        shape = store[layer].shape
+        if pool.reserve_int8:
+            store[layer].copy_(torch.randint(-127, 128, shape, generator=g, dtype=torch.int8))
+            scales[layer].copy_(torch.rand(shape[:3], generator=g) * 0.02 + 0.01)
+        else:
+            store[layer].copy_(torch.randn(shape, generator=g).to(store[layer].dtype))
+
+
 @torch.inference_mode()
-def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24) -> tuple[SlotPool, SimpleNamespace, torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24, reserve_int8: bool = False
+                ) -> tuple[SlotPool, SimpleNamespace, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     slots, heads, budget, d, layers = 5, 3, kc + 16, 16, 2
-    pool = SlotPool(layers, slots, heads, budget, d, dtype, torch.device(device))
+    pool = SlotPool(layers, slots, heads, budget, d, dtype, torch.device(device), reserve_int8=reserve_int8)
     pool.ensure_reserve(12 * kc)
     n = pool.cap
     for layer in range(layers):
-        pool.rk[layer].copy_(torch.randn(pool.rk[layer].shape, generator=g).to(dtype))
-        pool.rv[layer].copy_(torch.randn(pool.rv[layer].shape, generator=g).to(dtype))
+        fill_reserve(pool, layer, g)
         pool.k[layer].copy_(torch.randn(pool.k[layer].shape, generator=g).to(dtype))
         pool.v[layer].copy_(torch.randn(pool.v[layer].shape, generator=g).to(dtype))
         # Some middle columns already hold reserve tokens that the new choice will keep, some not.
@@ -50,10 +61,12 @@ def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24) -> tup
 
 
 @torch.inference_mode()
-def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 24) -> None:
+def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 24,
+            reserve_int8: bool = False) -> None:
     """The eager placement takes the picks best first (as sorted top-k gives them), the kernel in any order
-    (as unsorted top-k gives them on GPUs): both must fill the same columns alike."""
-    pool, plan, idx, score, mine = random_pool(device, dtype, seed, kc)
+    (as unsorted top-k gives them on GPUs): both must fill the same columns alike (an int8 reserve's rows
+    dequantized alike, bit for bit)."""
+    pool, plan, idx, score, mine = random_pool(device, dtype, seed, kc, reserve_int8)
     score, order = score.sort(dim=-1, descending=True)
     idx = idx.gather(2, order)
     shuffle = torch.randperm(idx.shape[2], generator=torch.Generator().manual_seed(seed)).to(device)
@@ -156,20 +169,73 @@ def compare_limit(device: str, dtype: torch.dtype = torch.float32, seed: int = 0
 
 
 @torch.inference_mode()
-def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunk: int = 8, c: int = 37) -> None:
+def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunk: int = 8, c: int = 37,
+                 int8: bool = False) -> None:
     """cache/fused_dots.py's in-place stage two against gathering the candidates and dot_float, with
-    chunks in any order, repeated chunks and the last chunk of the reserve."""
+    chunks in any order, repeated chunks and the last chunk of the reserve; and its exact scoring of a
+    reserve's first tokens. int8: keys with a float32 scale per token, against their dequantized keys."""
     g = torch.Generator().manual_seed(seed)
     slots, b, heads, group, d, chunks = 5, 4, 2, 3, 16, 50
-    keys = torch.randn(slots, heads, chunks * chunk + 1, d, generator=g).to(device, dtype)
+    shape = (slots, heads, chunks * chunk + 1, d)
     q = torch.randn(b, heads, group, d, generator=g).to(device, dtype)
+    if int8:
+        keys = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).to(device)
+        scales = (torch.rand(shape[:3], generator=g) * 0.02 + 0.01).to(device)
+        plain, qq = keys.float() * scales.unsqueeze(-1), q.float()  # float32: the kernel's exact products
+    else:
+        keys = plain = torch.randn(shape, generator=g).to(device, dtype)
+        scales, qq = None, q
     chosen = torch.randint(0, chunks, (b, heads, c), generator=g)
     chosen[0, 0, :3] = chunks - 1
     idx = candidates(chosen, chunk).to(device)
-    want = dot_float(q, keys[:b].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
-    got = fused_dots.chunk_dots(q, keys, chosen.to(device), chunk)
+    want = dot_float(qq, plain[:b].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
+    got = fused_dots.chunk_dots(q, keys, chosen.to(device), chunk, scales)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+    span = chunks * chunk - 5
+    want = dot_float(qq, plain[:b, :, :span])
+    got = fused_dots.reserve_dots(q, keys, scales, span)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+
+
+@torch.inference_mode()
+def compare_int8_selection(device: str, seed: int = 0, kc: int = 24) -> None:
+    """An int8 reserve scored in place (pool.fused: exact scoring, then two stages at a refresh and between
+    refreshes) against the eager path, which dequantizes the keys first: the same scores and the same picks
+    where the scores are apart. float32, where dequantizing rounds little."""
+    g = torch.Generator().manual_seed(seed)
+    slots, heads, d, chunk, b = 5, 2, 16, 8, 4
+    for min_ratio in (10**6, 1):  # exact scoring, then two stages
+        pool = SlotPool(1, slots, heads, kc + 16, d, torch.float32, torch.device(device), reserve_int8=True,
+                        chunk=chunk, oversample=4, min_ratio=min_ratio)
+        pool.ensure_reserve(5 * (kc + 16))
+        assert pool.two_stage == (min_ratio == 1)
+        fill_reserve(pool, 0, g)
+        pool.rpos[:, : pool.cap] = torch.arange(pool.cap) + 4
+        pool.rpos[1, 30:70] = -1
+        n = torch.tensor([pool.cap, pool.cap - 13, pool.cap // 2, 3 * kc], device=device)
+        if pool.two_stage:
+            for slot in range(b):
+                pool.summarize(0, slot, 0, int(n[slot]))
+        q = torch.randn(b, heads, 3, d, generator=g).to(device)
+        for refresh in (True, False) if pool.two_stage else (True,):
+            pool.fused = False
+            want_idx, want = select_reserve(pool, 0, q, n, kc, refresh=refresh)
+            pool.fused = True
+            idx, score = select_reserve(pool, 0, q, n, kc, refresh=refresh)
+            same_picks(idx, score, want_idx, want)
+
+
+def same_picks(idx: torch.Tensor, score: torch.Tensor, want_idx: torch.Tensor, want: torch.Tensor) -> None:
+    """Two selections [b, heads, kc] agree: as many picks found, the same scores, the same picks where the
+    scores are apart (either may come in any order)."""
+    found = score > float("-inf")
+    assert torch.equal(found.sum(-1), (want > float("-inf")).sum(-1)), "different numbers of picks found"
+    assert torch.allclose(score.sort(-1).values, want.sort(-1).values, atol=1e-4), "different scores"
+    kth = want.min(dim=-1, keepdim=True).values + 1e-4
+    for row, want_row, s, w in zip(idx.flatten(0, 1).tolist(), want_idx.flatten(0, 1).tolist(),
+                                   (score > kth).flatten(0, 1).tolist(), (want > kth).flatten(0, 1).tolist()):
+        assert {i for i, x in zip(row, s) if x} == {i for i, x in zip(want_row, w) if x}, "different picks"
 
 
 @torch.inference_mode()
@@ -195,13 +261,7 @@ def compare_two_stage(device: str, dtype: torch.dtype = torch.float32, seed: int
         want_idx, want = select_reserve(pool, 0, q, n, kc, refresh=refresh)
         pool.fused = True
         idx, score = select_reserve(pool, 0, q, n, kc, refresh=refresh, limit=limit)
-        found = score > float("-inf")
-        assert torch.equal(found.sum(-1), (want > float("-inf")).sum(-1)), "different numbers of picks found"
-        assert torch.allclose(score.sort(-1).values, want.sort(-1).values, atol=1e-4), "different scores"
-        kth = want.min(dim=-1, keepdim=True).values + 1e-4
-        for row, want_row, s, w in zip(idx.flatten(0, 1).tolist(), want_idx.flatten(0, 1).tolist(),
-                                       (score > kth).flatten(0, 1).tolist(), (want > kth).flatten(0, 1).tolist()):
-            assert {i for i, x in zip(row, s) if x} == {i for i, x in zip(want_row, w) if x}, "different picks"
+        same_picks(idx, score, want_idx, want)
 
 
 @torch.inference_mode()
@@ -229,6 +289,8 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare(device, dtype, seed)
     compare(device, dtype, seed, kc=150)  # several programs per slot and head
     compare(device, dtype, seed, kc=300)  # picks sorted, churn counted outside
+    compare(device, dtype, seed, reserve_int8=True)
+    compare(device, dtype, seed, kc=300, reserve_int8=True)
     compare_ring(device, dtype, seed, ring.kernel_ring_write)
     compare_top(device, dtype, seed)
     compare_top(device, dtype, seed, kc=188, m=3936, group=4)
@@ -236,6 +298,8 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_top(device, dtype, seed, kc=188, m=9000)  # a long row: the block kernels
     compare_limit(device, dtype, seed)
     compare_dots(device, dtype, seed)
+    compare_dots(device, dtype, seed, int8=True)
+    compare_int8_selection(device, seed)
     compare_two_stage(device, dtype, seed)
     compare_two_stage(device, dtype, seed, kc=300)
     compare_attention(device, dtype, seed)

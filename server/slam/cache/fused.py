@@ -4,7 +4,8 @@ After top-k, the eager path spends about twenty small kernels per layer on gathe
 values and positions, counting churn and writing the columns; here programs of 64 picks per slot and KV
 head do all of it, reading the rows straight from the reserve (pinned host memory included).
 `SlamPolicy.select` uses it instead of `place()` on CUDA devices when Triton is installed, the engine's
-`compile` setting is on and the reserve is not int8; tests/fused_check.py holds it to `place()`.
+`compile` setting is on; an int8 reserve's rows are dequantized as they are read. tests/fused_check.py holds
+it to `place()`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ except ImportError:  # CPU installs: the eager path does the same work
 
 
 def available(pool) -> bool:
-    return triton is not None and pool.device.type == "cuda" and not pool.reserve_int8
+    return triton is not None and pool.device.type == "cuda"
 
 
 if triton is not None:
 
     @triton.jit
-    def _apply(idx_ptr, score_ptr, rpos_ptr, rk_ptr, rv_ptr, k_ptr, v_ptr, pos_ptr, ridx_ptr, old_ptr, take_ptr,
-               sink_ptr, replaced_ptr, heads, rows, cols, kc: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-               RANKED: tl.constexpr):
+    def _apply(idx_ptr, score_ptr, rpos_ptr, rk_ptr, rv_ptr, rks_ptr, rvs_ptr, k_ptr, v_ptr, pos_ptr, ridx_ptr,
+               old_ptr, take_ptr, sink_ptr, replaced_ptr, heads, rows, cols, kc: tl.constexpr, BLOCK: tl.constexpr,
+               D: tl.constexpr, RANKED: tl.constexpr, INT8: tl.constexpr):
         # Program (pid, blk): slot s = pid // heads, KV head pid % heads, picks [blk * BLOCK, (blk + 1) * BLOCK).
         # Reserve rows live at (pid * rows + i) * D, pool columns at (pid * cols + c) * D.
         pid = tl.program_id(0)
@@ -66,8 +67,14 @@ if triton is not None:
         src = (pid * rows + idx)[:, None] * D + d[None, :]
         dst = (pid * cols + col)[:, None] * D + d[None, :]
         m = take[:, None]
-        tl.store(k_ptr + dst, tl.load(rk_ptr + src, mask=m), mask=m)
-        tl.store(v_ptr + dst, tl.load(rv_ptr + src, mask=m), mask=m)
+        k = tl.load(rk_ptr + src, mask=m)
+        v = tl.load(rv_ptr + src, mask=m)
+        if INT8:  # dequantized as the pool's _dequant does: float32 products, then the pool's dtype
+            row = pid * rows + idx
+            k = (k.to(tl.float32) * tl.load(rks_ptr + row, mask=take, other=0.0)[:, None]).to(k_ptr.dtype.element_ty)
+            v = (v.to(tl.float32) * tl.load(rvs_ptr + row, mask=take, other=0.0)[:, None]).to(v_ptr.dtype.element_ty)
+        tl.store(k_ptr + dst, k, mask=m)
+        tl.store(v_ptr + dst, v, mask=m)
 
 
 RANK_LIMIT = 256  # picks up to which the kernel ranks them itself (above: top-k sorts them)
@@ -92,7 +99,9 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
         col = pool.middle_columns(plan.sink, take, kc)
         pool.replaced[:b] += pool.churn(layer, col, idx, (score > float("-inf")) & (col < pool.budget))
     block = 64
+    rk, rv = pool.rk[layer], pool.rv[layer]
+    scales = (pool.rk_scale[layer], pool.rv_scale[layer]) if pool.reserve_int8 else (rk, rv)  # unread unless int8
     _apply[(b * heads, triton.cdiv(kc, block))](
-        idx.contiguous(), score.contiguous(), pool.rpos, pool.rk[layer], pool.rv[layer], pool.k[layer], pool.v[layer],
+        idx.contiguous(), score.contiguous(), pool.rpos, rk, rv, *scales, pool.k[layer], pool.v[layer],
         pool.pos[layer], pool.ridx[layer], old, take, plan.sink, pool.replaced, heads, pool.cap + 1,
-        pool.budget + 1, kc=kc, BLOCK=block, D=pool.head_dim, RANKED=ranked)
+        pool.budget + 1, kc=kc, BLOCK=block, D=pool.head_dim, RANKED=ranked, INT8=pool.reserve_int8)

@@ -1,10 +1,13 @@
-"""Two-stage selection's second stage scored where the candidates lie (GPUs).
+"""Reserve keys scored where they lie (GPUs): two-stage selection's second stage, and exact scoring of an
+int8 reserve.
 
 Stage one chooses whole chunks of the reserve, so each candidate chunk is `chunk` contiguous key rows. The
 eager path gathers every candidate row into a new tensor and multiplies that: at budget 2048 and 32K
 context the gather alone took 60% of a decode step. Here each program reads 16 chunks' keys straight from
 the reserve (pinned host memory included) and multiplies them with the KV head's query group on the tensor
-cores. tests/fused_check.py holds it to the gather and dot_float.
+cores. Int8 keys are read as stored and scaled after the product; the eager path dequantized the whole
+reserve at every step, which made an int8 reserve 5x slower than bfloat16. tests/fused_check.py holds both
+to the gather (or the dequantized keys) and dot_float.
 """
 
 from __future__ import annotations
@@ -23,36 +26,59 @@ CHUNKS = 16  # chunks per program
 if triton is not None:
 
     @triton.jit
-    def _chunk_dots(q_ptr, k_ptr, chunk_ptr, out_ptr, rows, c, G: tl.constexpr, GP: tl.constexpr,
-                    D: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr):
+    def _chunk_dots(q_ptr, k_ptr, s_ptr, chunk_ptr, out_ptr, rows, c, G: tl.constexpr, GP: tl.constexpr,
+                    D: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
+                    SCALED: tl.constexpr, ALL: tl.constexpr):
         # Program (row, blk): row = slot * kv_heads + head, whose reserve keys start at row * rows; candidates
-        # [blk * R, (blk + 1) * R), candidate t being token t % CHUNK of chunk chunk_ptr[row, t // CHUNK].
+        # [blk * R, (blk + 1) * R), candidate t being token t % CHUNK of chunk chunk_ptr[row, t // CHUNK]
+        # (ALL: of chunk t // CHUNK, every chunk in order). SCALED: int8 keys, one float32 scale per token;
+        # their integers are exact in the query's dtype, so the scale applies to the product.
         pid = tl.program_id(0)
         t = tl.program_id(1) * R + tl.arange(0, R)
         ok = t < c * CHUNK
-        chunk = tl.load(chunk_ptr + pid * c + t // CHUNK, mask=ok, other=0).to(tl.int64)
+        if ALL:
+            chunk = (t // CHUNK).to(tl.int64)
+        else:
+            chunk = tl.load(chunk_ptr + pid * c + t // CHUNK, mask=ok, other=0).to(tl.int64)
         at = pid.to(tl.int64) * rows + chunk * CHUNK + t % CHUNK
         dd = tl.arange(0, D)
-        k = tl.load(k_ptr + at[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)  # [R, D]
         g = tl.arange(0, GP)
         q = tl.load(q_ptr + (pid * G + g[:, None]) * D + dd[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+        k = tl.load(k_ptr + at[:, None] * D + dd[None, :], mask=ok[:, None], other=0)  # [R, D]
+        if SCALED:
+            k = k.to(q.dtype)
         if IEEE:
             dots = tl.dot(k, tl.trans(q), input_precision="ieee")  # [R, GP] float32
         else:
             dots = tl.dot(k, tl.trans(q))
+        if SCALED:
+            dots = dots * tl.load(s_ptr + at, mask=ok, other=0.0)[:, None]
         out = out_ptr + (pid * G + g[None, :]).to(tl.int64) * (c * CHUNK) + t[:, None]
         tl.store(out, dots, mask=ok[:, None] & (g[None, :] < G))
 
 
-def chunk_dots(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int) -> torch.Tensor:
-    """q [b, kv_heads, group, head_dim]; keys [slots, kv_heads, rows, head_dim] (a reserve, slots >= b);
-    chunks [b, kv_heads, c] chunk indices -> q.k [b, kv_heads, group, c * chunk] float32, candidate order as
-    selection.candidates(chunks, chunk)."""
-    b, heads, group, d = q.shape
+def chunk_dots(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int,
+               scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q [b, kv_heads, group, head_dim]; keys [slots, kv_heads, rows, head_dim] (a reserve, slots >= b), int8
+    with `scales` [slots, kv_heads, rows] float32 or in q's dtype; chunks [b, kv_heads, c] chunk indices -> q.k
+    [b, kv_heads, group, c * chunk] float32, candidate order as selection.candidates(chunks, chunk)."""
     c = chunks.shape[2]
+    return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk))
+
+
+def reserve_dots(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None, span: int) -> torch.Tensor:
+    """q.k over reserve indices [0, span) of slots [0, b): selection.dot_float of the reserve's first `span`
+    keys without reading them into a new tensor (int8 keys with their `scales` too) -> [b, kv_heads, group,
+    span] float32."""
+    return _dots(q, keys, scales, None, span, 1, 128)
+
+
+def _dots(q, keys, scales, chunks, c: int, chunk: int, r: int) -> torch.Tensor:
+    b, heads, group, d = q.shape
     out = torch.empty(b, heads, group, c * chunk, dtype=torch.float32, device=q.device)
-    r = triton.next_power_of_2(CHUNKS * chunk)
+    scaled = scales is not None
     _chunk_dots[(b * heads, triton.cdiv(c * chunk, r))](
-        q.contiguous(), keys, chunks.contiguous(), out, keys.shape[2], c, G=group,
-        GP=max(16, triton.next_power_of_2(group)), D=d, CHUNK=chunk, R=r, IEEE=q.dtype == torch.float32)
+        q.contiguous(), keys, scales.float() if scaled else keys, keys if chunks is None else chunks, out,
+        keys.shape[2], c, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, CHUNK=chunk, R=r,
+        IEEE=q.dtype == torch.float32, SCALED=scaled, ALL=chunks is None)
     return out

@@ -210,6 +210,9 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
             return cpu_kernels.exact_top_int8(q, *pool.scoring_int8(layer, b, span), rpos[:, :span], n, kc, scale)
         if pool.int8_scoring:
             dots = dot_int8(q, *pool.scoring_int8(layer, b, span))
+        elif pool.fused and pool.reserve_int8:
+            # The int8 keys are scored as stored: dequantizing the whole reserve first cost 4x the step.
+            dots = fused_dots.reserve_dots(q, *pool.reserve_keys_store(layer), span)
         else:
             dots = dot_float(q, pool.reserve_keys(layer, scoring=True)[:b, :, :span])
         if fused_top.applies(pool, kc, span):
@@ -238,7 +241,8 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     if pool.fused:
         # The candidates' keys are read where they lie (cache/fused_dots.py) and ranked by the long-row
         # top-k kernels: gathering them first took most of the step at long contexts.
-        dots = fused_dots.chunk_dots(q, pool.reserve_keys_store(layer), chosen, pool.chunk)
+        keys, scales = pool.reserve_keys_store(layer)
+        dots = fused_dots.chunk_dots(q, keys, chosen, pool.chunk, scales)
         at, values = fused_top.stored_top(dots, candidate_stored(idx, rpos, n, fresh), kc, scale, limit)
         return idx.gather(2, at), values
     if pool.int8_scoring:

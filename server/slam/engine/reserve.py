@@ -27,10 +27,13 @@ class ReserveReads:
         k = keys.view(-1, self.head_dim).index_select(0, rows).view(*idx.shape, -1)
         return k, scales.view(-1).index_select(0, rows).view(idx.shape).to(torch.bfloat16)
 
-    def reserve_keys_store(self, layer: int) -> torch.Tensor:
+    def reserve_keys_store(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's scoring keys as stored, [slots, kv_heads, cap + 1, head_dim] on the compute device
-        (a pinned host reserve through its alias); not int8 (cache/fused_dots.py reads them)."""
-        return self.rks[layer] if self.cache_positions else self.rk[layer]
+        (a pinned host reserve through its alias), and their float32 scales [slots, kv_heads, cap + 1] where
+        they are int8 (else None): what cache/fused_dots.py reads."""
+        if self.cache_positions:
+            return self.rks[layer], None
+        return self.rk[layer], self.rk_scale[layer] if self.reserve_int8 else None
 
     def reserve_keys(self, layer: int, scoring: bool = False) -> torch.Tensor:
         """Reserve keys [slots, kv_heads, cap + 1, head_dim] in the compute dtype, on the compute device."""
