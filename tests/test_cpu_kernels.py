@@ -46,8 +46,8 @@ def test_exact_top_equals_torch_with_ties_and_empty_slots(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_exact_top_int8_equals_scoring_then_exact_top(seed):
-    """The fused int8 path: aten's int8 scoring per slot and head, the masked log-softmax and top-k, as the
-    torch code computes them, over views of a larger reserve (as the pool passes them)."""
+    """The fused int8 path: integer scoring per slot and head, the masked log-softmax and top-k, as the torch
+    code computes them, over views of a larger reserve (as the pool passes them)."""
     g = torch.Generator().manual_seed(seed)
     b, h, group, d, cap, span, kc = 3, 3, 3, 64, 900, 700, 188
     keys = torch.randint(-127, 128, (b + 1, h, cap, d), generator=g, dtype=torch.int8)[:b, :, :span]
@@ -62,6 +62,34 @@ def test_exact_top_int8_equals_scoring_then_exact_top(seed):
     found = want[1] > float("-inf")
     assert torch.equal(want[1], got[1]) and int(found.sum()) > 0
     assert torch.equal(want[0][found], got[0][found])
+
+
+@pytest.mark.parametrize("d, m", [(64, 701), (128, 64), (48, 37)])
+def test_int8_scoring_is_exact_whatever_the_kernel(d, m):
+    """The C++ scoring sums int16 x int8 products in int32 (vectorized where d is a multiple of 32, a scalar
+    loop otherwise, and for the last m % 8 keys): extreme values do not overflow and every path gives the
+    torch code's values bit for bit, ties included (duplicate keys rank by reserve index)."""
+    g = torch.Generator().manual_seed(d + m)
+    b, h, group, kc = 2, 3, 4, min(16, m)
+    keys = torch.randint(-128, 128, (b, h, m, d), generator=g, dtype=torch.int8)
+    keys[0, 0, : m // 2] = 127  # the largest products: int16 32767 x 127 over every dimension
+    keys[1, :, 1::2] = keys[1, :, ::2][:, : m // 2]  # duplicates: equal scores
+    scales = torch.rand(b, h, m, generator=g) / 50
+    q = torch.randn(b, h, group, d, generator=g) * torch.logspace(-3, 3, d)  # a wide range within a row
+    q[0, 0, 0] = q[0, 0, 0].abs() + 1  # max |q| at a positive entry: rounds to 32767
+    rpos = torch.arange(m).expand(b, -1).clone()
+    n = torch.tensor([m, m - 3])
+    want = exact_top(dot_int8(q, keys, scales), rpos, n, kc, d**-0.5, ties=True)
+    got = cpu_kernels.exact_top_int8(q, keys, scales, rpos, n, kc, d**-0.5)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    dots = dot_int8(q, keys, scales).double() / (selection_scales(q) * scales.double().unsqueeze(-2))
+    assert torch.equal(dots.round(), dots.round().clamp(-(2**31), 2**31 - 1))  # no int32 overflow possible
+
+
+def selection_scales(q: torch.Tensor) -> torch.Tensor:
+    from slam.cache.selection import quantize_query
+
+    return quantize_query(q)[1].double()
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
@@ -80,7 +108,7 @@ def test_candidate_top_int8_equals_gather_scoring_then_candidate_top(scale_dtype
     fresh = torch.rand(b, h, c, generator=g) > 0.1
     flat = (torch.arange(b * h).view(b, h, 1) * rows + idx).view(-1)
     k_rows = keys.view(-1, d).index_select(0, flat).view(b, h, c, d)
-    s_rows = scales.view(-1).index_select(0, flat).view(b, h, c).to(torch.bfloat16)
+    s_rows = scales.view(-1).index_select(0, flat).view(b, h, c)
     want = candidate_top(dot_int8(q, k_rows, s_rows), idx, rpos[:b], n, kc, 0.125, fresh=fresh, ties=True)
     got = cpu_kernels.candidate_top_int8(q, keys, scales, idx, rpos, n, kc, 0.125, fresh)
     found = want[1] > float("-inf")

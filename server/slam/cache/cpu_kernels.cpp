@@ -7,12 +7,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) && !defined(_MSC_VER)
+#include <immintrin.h>
+#define SLAM_X86 1
+#endif
 
 namespace {
 
@@ -109,61 +115,190 @@ void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, in
   });
 }
 
-// t[i][j] of a tensor [b, h, ...] as a view made without the dispatcher (two select calls cost about as
-// much as a small row's product).
-at::Tensor part(const at::Tensor& t, int64_t i, int64_t j) {
-  const auto sizes = t.sizes().slice(2), strides = t.strides().slice(2);
-  return at::from_blob(static_cast<char*>(t.data_ptr()) + (i * t.stride(0) + j * t.stride(1)) * t.element_size(),
-                       sizes, strides, t.options());
-}
+// Int8 scoring keys are scored in exact integer arithmetic: the query rounded to int16 with one float32 scale
+// per query row (quantize_query), products summed in int32 (no rounding, so any order of the sums gives the
+// same value), then float(dot) * (query scale * key scale) * softmax scale: selection.dot_int8's arithmetic,
+// which the torch code computes in float64 and so matches bit for bit. int16 queries are finer than the
+// bfloat16 ones aten's int8 kernel took, and the dots below run about four times its speed.
 
-// The int8 product of each row (slot i, KV head j) of [b, h, ...] activations a, int8 weights w and their
-// scales s: _weight_int8pack_mm(a[i][j], w[i][j], s[i][j]), in row order. With at least two rows per thread
-// the rows spread over the threads, each product then running on one; with fewer, each product spreads over
-// the threads itself. Either way a product's values are the same (its reduction is per output).
-std::vector<at::Tensor> row_products(const at::Tensor& a, const at::Tensor& w, const at::Tensor& s) {
-  const int64_t h = w.size(1), rows = w.size(0) * h;
-  std::vector<at::Tensor> out(rows);
-  auto product = [&](int64_t r) {
-    out[r] = at::_weight_int8pack_mm(part(a, r / h, r % h), part(w, r / h, r % h), part(s, r / h, r % h));
-  };
-  if (rows >= 2 * at::get_num_threads()) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) product(r);
-    });
-  } else {
-    for (int64_t r = 0; r < rows; ++r) product(r);
+// q [n, d] float32 -> int16 [n, d] and scales [n]: max |q| / 32767 per row (1e-30 at least), q / scale rounded
+// half to even (torch.round).
+void quantize_query(const float* q, int64_t n, int64_t d, int16_t* out, float* scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < d; ++k) amax = std::max(amax, std::fabs(q[i * d + k]));
+    const float s = std::max(amax, 1e-30f) / 32767.0f;
+    scale[i] = s;
+    for (int64_t k = 0; k < d; ++k) out[i * d + k] = static_cast<int16_t>(std::nearbyint(q[i * d + k] / s));
   }
-  return out;
 }
 
-// The torch code's scaled, masked log-softmax of int8 products, in its arithmetic (the values must match it bit
-// for bit): per row (slot, KV head) one [g, m] bfloat16 product, or the sum of two (`second`, chunk bounds),
-// in float32 times float32(scale), -inf where ok [b, 1 or h, m] is False; then aten's log-softmax. One pass
-// in place of the stack, conversion, scaling and mask the torch code runs as separate ops.
-at::Tensor masked_log_softmax(const std::vector<at::Tensor>& dots, const std::vector<at::Tensor>& second,
-                              const at::Tensor& ok, int64_t b, int64_t h, int64_t g, int64_t m, double scale) {
-  at::Tensor logits = at::empty({b, h, g, m}, ok.options().dtype(at::kFloat));
-  float* out = logits.data_ptr<float>();
-  const bool* ok_p = ok.data_ptr<bool>();
-  const bool per_row = ok.size(1) != 1;
-  const float fs = static_cast<float>(scale);
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const c10::BFloat16* d1 = dots[row].data_ptr<c10::BFloat16>();
-      const c10::BFloat16* d2 = second.empty() ? nullptr : second[row].data_ptr<c10::BFloat16>();
-      const bool* okr = ok_p + (per_row ? row : row / h) * m;
-      for (int64_t j = 0; j < g; ++j) {
-        float* o = out + (row * g + j) * m;
-        for (int64_t i = 0; i < m; ++i) {
-          float x = static_cast<float>(d1[j * m + i]);
-          if (d2) x += static_cast<float>(d2[j * m + i]);
-          o[i] = okr[i] ? x * fs : kNone;
-        }
+// dots[j][t] = sum_k q[j][k] * keys[t][k] for queries j < g ([g, d] int16) and keys t < m (rows of d int8,
+// `stride` bytes apart) -> dots [g, ld].
+void int_dots_scalar(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d,
+                     int32_t* dots, int64_t ld) {
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t j = 0; j < g; ++j) {
+      int32_t acc = 0;
+      for (int64_t k = 0; k < d; ++k) acc += int32_t(q[j * d + k]) * int32_t(keys[t * stride + k]);
+      dots[j * ld + t] = acc;
+    }
+}
+
+#ifdef SLAM_X86
+
+// Eight vectors of int32 partial sums -> their eight totals (lane-wise additions, then across 128-bit lanes).
+__attribute__((target("avx512f,avx512bw"))) inline __m256i sum8(const __m512i* v) {
+  __m512i p[4];
+  for (int i = 0; i < 4; ++i)
+    p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  const __m512i r0 = _mm512_add_epi32(_mm512_unpacklo_epi64(p[0], p[1]), _mm512_unpackhi_epi64(p[0], p[1]));
+  const __m512i r1 = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2], p[3]), _mm512_unpackhi_epi64(p[2], p[3]));
+  const __m512i c = _mm512_add_epi32(_mm512_shuffle_i32x4(r0, r1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_i32x4(r0, r1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512i e = _mm512_add_epi32(c, _mm512_shuffle_i32x4(c, c, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm256_set_m128i(_mm512_extracti32x4_epi32(e, 2), _mm512_castsi512_si128(e));
+}
+
+// int_dots_scalar for head_dim D: eight keys at a time, widened to int16 once for all the group's queries, whose
+// products (pairs summed per int32 lane; vpdpwssd where the CPU has VNNI) reduce to eight totals per query.
+template <int D, bool VNNI>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int_dots_avx512(
+    const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int32_t* dots, int64_t ld) {
+  constexpr int P = D / 32;
+  const int64_t m8 = m / 8 * 8;
+  for (int64_t t = 0; t < m8; t += 8) {
+    __m512i kv[8][P];
+    for (int i = 0; i < 8; ++i)
+      for (int p = 0; p < P; ++p)
+        kv[i][p] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + (t + i) * stride + 32 * p)));
+    for (int64_t j = 0; j < g; ++j) {
+      __m512i qv[P], acc[8];
+      for (int p = 0; p < P; ++p) qv[p] = _mm512_loadu_si512(q + j * D + 32 * p);
+      for (int i = 0; i < 8; ++i) {
+        __m512i a = _mm512_setzero_si512();
+        for (int p = 0; p < P; ++p)
+          a = VNNI ? _mm512_dpwssd_epi32(a, kv[i][p], qv[p]) : _mm512_add_epi32(a, _mm512_madd_epi16(kv[i][p], qv[p]));
+        acc[i] = a;
       }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + j * ld + t), sum8(acc));
+    }
+  }
+  int_dots_scalar(q, g, keys + m8 * stride, stride, m - m8, D, dots + m8, ld);
+}
+#endif
+
+bool cpu_has(const char* what) {
+#ifdef SLAM_X86
+  if (std::strcmp(what, "avx512") == 0) {
+    static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return ok;
+  }
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  return vnni;
+#else
+  (void)what;
+  return false;
+#endif
+}
+
+void int_dots(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d, int32_t* dots,
+              int64_t ld) {
+#ifdef SLAM_X86
+  if (cpu_has("avx512")) {
+    const bool vnni = cpu_has("vnni");
+    if (d == 64) return vnni ? int_dots_avx512<64, true>(q, g, keys, stride, m, dots, ld)
+                             : int_dots_avx512<64, false>(q, g, keys, stride, m, dots, ld);
+    if (d == 128) return vnni ? int_dots_avx512<128, true>(q, g, keys, stride, m, dots, ld)
+                              : int_dots_avx512<128, false>(q, g, keys, stride, m, dots, ld);
+  }
+#endif
+  int_dots_scalar(q, g, keys, stride, m, d, dots, ld);
+}
+
+// o[t] = ok[t] ? float(dots[t] + low[t]) * (qs * scales[t]) * fs : -inf for t < m (low: nullptr, or the bounds'
+// second dots); the same IEEE operations in the same order whatever the path.
+void scale_logits_scalar(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok,
+                         float fs, int64_t m, float* o) {
+  for (int64_t t = 0; t < m; ++t) {
+    const int32_t dot = low ? dots[t] + low[t] : dots[t];
+    o[t] = ok[t] ? static_cast<float>(dot) * (qs * scales[t]) * fs : kNone;
+  }
+}
+
+#ifdef SLAM_X86
+__attribute__((target("avx512f,avx512bw"))) void scale_logits_avx512(const int32_t* dots, const int32_t* low, float qs,
+                                                                      const float* scales, const bool* ok, float fs,
+                                                                      int64_t m, float* o) {
+  const __m512 vq = _mm512_set1_ps(qs), vf = _mm512_set1_ps(fs), none = _mm512_set1_ps(kNone);
+  const int64_t m16 = m / 16 * 16;
+  for (int64_t t = 0; t < m16; t += 16) {
+    __m512i di = _mm512_loadu_si512(dots + t);
+    if (low) di = _mm512_add_epi32(di, _mm512_loadu_si512(low + t));
+    const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(di), _mm512_mul_ps(vq, _mm512_loadu_ps(scales + t))), vf);
+    const __m512i okv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ok + t)));
+    _mm512_storeu_ps(o + t, _mm512_mask_blend_ps(_mm512_test_epi32_mask(okv, okv), none, x));
+  }
+  scale_logits_scalar(dots + m16, low ? low + m16 : nullptr, qs, scales + m16, ok + m16, fs, m - m16, o + m16);
+}
+#endif
+
+void scale_logits(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok, float fs,
+                  int64_t m, float* o) {
+#ifdef SLAM_X86
+  if (cpu_has("avx512")) return scale_logits_avx512(dots, low, qs, scales, ok, fs, m, o);
+#endif
+  scale_logits_scalar(dots, low, qs, scales, ok, fs, m, o);
+}
+
+// One row's int8 keys (or a chunk's two bounds): keys [m] rows `stride` bytes apart, scales [m] float32; `lower`
+// (bounds): the rows q's negative part meets, keys then being the upper bounds q's positive part meets.
+struct Int8Rows {
+  const int8_t* keys;
+  const int8_t* lower;
+  int64_t stride;
+  const float* scales;
+  const bool* ok;  // [m] stored
+};
+
+// Scaled, masked logits [b, h, g, m] of int8 rows: float(dot) * (query scale * key scale) * scale, -inf where
+// not stored. q [b, h, g, d] float32; rows(r) gives row r = slot * h + head. Work spreads over the intra-op
+// threads by row and by range of keys, so that one slot's three heads use both of two threads.
+template <typename Rows>
+at::Tensor int8_logits(const at::Tensor& q, int64_t m, double scale, Rows rows) {
+  const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3), n = b * h * g;
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  std::vector<int16_t> q16(n * d), qneg, qpos;
+  std::vector<float> qs(n);
+  quantize_query(qf.data_ptr<float>(), n, d, q16.data(), qs.data());
+  const bool bounds = rows(0).lower != nullptr;
+  if (bounds) {  // q's positive part meets the upper bounds, its negative part the lower ones
+    qpos.resize(n * d), qneg.resize(n * d);
+    for (int64_t i = 0; i < n * d; ++i) qpos[i] = std::max<int16_t>(q16[i], 0), qneg[i] = std::min<int16_t>(q16[i], 0);
+  }
+  at::Tensor logits = at::empty({b, h, g, m}, qf.options());
+  float* out = logits.data_ptr<float>();
+  const float fs = static_cast<float>(scale);
+  const int64_t threads = at::get_num_threads(), parts = std::max<int64_t>(1, (2 * threads + b * h - 1) / (b * h));
+  const int64_t span = (m / parts + 7) / 8 * 8;
+  at::parallel_for(0, b * h * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> dots(g * span), low(bounds ? g * span : 0);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t r = unit / parts, lo = std::min(m, unit % parts * span), hi = std::min(m, lo + span);
+      const Int8Rows row = rows(r);
+      const int64_t q0 = r * g * d;
+      if (bounds) {
+        int_dots(qpos.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots.data(), span);
+        int_dots(qneg.data() + q0, g, row.lower + lo * row.stride, row.stride, hi - lo, d, low.data(), span);
+      } else {
+        int_dots(q16.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots.data(), span);
+      }
+      for (int64_t j = 0; j < g; ++j)
+        scale_logits(dots.data() + j * span, bounds ? low.data() + j * span : nullptr, qs[r * g + j], row.scales + lo,
+                     row.ok + lo, fs, hi - lo, out + (r * g + j) * m + lo);
     }
   });
-  return at::log_softmax(logits, -1).contiguous();
+  return logits;
 }
 
 // logp: [b, h, g, m] float32 log-probabilities; stored: [b, 1 or h, m] bool; order: [b, h, m] int64 tie
@@ -184,22 +319,26 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
   return {out_idx, out_score};
 }
 
-// The int8 ops below compute what the torch code computes with the same aten kernels, so the values are the
-// same: the int8 products one row (a slot's KV head) at a time (row_products), then masked_log_softmax over all
-// rows at once, then top_rows.
+// The int8 ops below compute what the torch code computes (selection.dot_int8's integer arithmetic, then aten's
+// log-softmax), so the values are the same: int8_logits over all rows, log_softmax, then top_rows.
+
+// Row r = slot * h + head of a [b, h, m, d] int8 tensor whose last dimension is contiguous.
+const int8_t* row_of(const at::Tensor& t, int64_t r) {
+  const int64_t h = t.size(1);
+  return t.data_ptr<int8_t>() + (r / h) * t.stride(0) + (r % h) * t.stride(1);
+}
 
 // Exact selection from int8 scoring keys in one call: selection.dot_int8 then exact_top (ties by position).
-// q: [b, h, g, d]; keys: [b, h, m, d] int8, each head's rows contiguous; scales: [b, h, m] bfloat16;
+// q: [b, h, g, d]; keys: [b, h, m, d] int8, rows contiguous; scales: [b, h, m] (bfloat16 or float32);
 // rpos: [b, m] positions (-1: nothing stored); n: [b] tokens stored -> (positions, scores) [b, h, kc].
 std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at::Tensor& keys,
                                                   const at::Tensor& scales, const at::Tensor& rpos,
                                                   const at::Tensor& n, int64_t kc, double scale) {
-  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar, "keys: [b, h, m, d] int8");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && rpos.scalar_type() == at::kLong, "scales, rpos");
-  const int64_t b = keys.size(0), h = keys.size(1), m = keys.size(2), g = q.size(2);
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.stride(3) == 1, "keys: [b, h, m, d] int8");
+  TORCH_CHECK(rpos.scalar_type() == at::kLong, "rpos: int64");
+  const int64_t b = keys.size(0), h = keys.size(1), m = keys.size(2);
   TORCH_CHECK(kc <= m, "kc above the reserve");
-  const at::Tensor qb = q.to(at::kBFloat16).contiguous(), nn = n.to(at::kLong).contiguous();
-  const std::vector<at::Tensor> dots = row_products(qb, keys, scales);
+  const at::Tensor nn = n.to(at::kLong).contiguous(), sf = scales.to(at::kFloat).contiguous();
   at::Tensor ok = at::empty({b, 1, m}, rpos.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
   const int64_t* rpos_p = rpos.data_ptr<int64_t>();
@@ -208,7 +347,10 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
     const int64_t stored = nn.data_ptr<int64_t>()[i];
     for (int64_t t = 0; t < m; ++t) ok_p[i * m + t] = t < stored && rpos_p[i * slot_stride + t * index_stride] >= 0;
   }
-  const at::Tensor lp = masked_log_softmax(dots, {}, ok, b, h, g, m, scale);
+  const float* sf_p = sf.data_ptr<float>();
+  const at::Tensor lp = at::log_softmax(int8_logits(q, m, scale, [&](int64_t r) {
+    return Int8Rows{row_of(keys, r), nullptr, keys.stride(2), sf_p + r * m, ok_p + (r / h) * m};
+  }), -1).contiguous();
   at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
@@ -216,21 +358,23 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
 }
 
 // Stage one of two-stage selection from int8 bounds in one call: selection.chunk_top_int8 (ties to the
-// lower chunk index). q: [b, h, g, d]; smin, smax: [b, h, chunks, d] int8, each head's rows contiguous;
-// sscale: [b, h, chunks] float32; n: [b] tokens stored -> chunk indices [b, h, first], best first.
+// lower chunk index). q: [b, h, g, d]; smin, smax: [b, h, chunks, d] int8, rows contiguous; sscale: [b, h,
+// chunks] float32; n: [b] tokens stored -> chunk indices [b, h, first], best first.
 at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax,
                           const at::Tensor& sscale, const at::Tensor& n, int64_t first, int64_t chunk, double scale) {
   TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
-  const int64_t b = smin.size(0), h = smin.size(1), chunks = smin.size(2), g = q.size(2);
+  TORCH_CHECK(smin.stride(3) == 1 && smax.stride(3) == 1 && smin.stride(2) == smax.stride(2), "bounds: rows");
+  const int64_t b = smin.size(0), h = smin.size(1), chunks = smin.size(2);
   TORCH_CHECK(first <= chunks, "first above the chunks");
-  const at::Tensor qb = q.to(at::kBFloat16), s16 = sscale.to(at::kBFloat16);
-  const at::Tensor plus = qb.clamp_min(0), minus = qb.clamp_max(0), nn = n.to(at::kLong).contiguous();
-  const std::vector<at::Tensor> upper = row_products(plus, smax, s16), lower = row_products(minus, smin, s16);
+  const at::Tensor nn = n.to(at::kLong).contiguous(), sf = sscale.to(at::kFloat).contiguous();
   at::Tensor ok = at::empty({b, 1, chunks}, nn.options().dtype(at::kBool));
   bool* ok_p = ok.data_ptr<bool>();
   for (int64_t i = 0; i < b; ++i)
     for (int64_t c = 0; c < chunks; ++c) ok_p[i * chunks + c] = c * chunk < nn.data_ptr<int64_t>()[i];
-  const at::Tensor lp = masked_log_softmax(upper, lower, ok, b, h, g, chunks, scale);
+  const float* sf_p = sf.data_ptr<float>();
+  const at::Tensor lp = at::log_softmax(int8_logits(q, chunks, scale, [&](int64_t r) {
+    return Int8Rows{row_of(smax, r), row_of(smin, r), smax.stride(2), sf_p + r * chunks, ok_p + (r / h) * chunks};
+  }), -1).contiguous();
   at::Tensor out = at::empty({b, h, first}, nn.options());
   at::Tensor score = at::empty({b, h, first}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, first, out.data_ptr<int64_t>(), score.data_ptr<float>());
@@ -239,9 +383,9 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
 
 // Stage two of two-stage selection from int8 scoring keys in one call: pool.scoring_int8_rows's gathers,
 // selection.dot_int8 and candidate_top (ties by lower reserve index). q: [b, h, g, d]; keys: [slots, h,
-// rows, d] int8 and scales [slots, h, rows] (bfloat16, or float32 rounded to bfloat16 as the torch code
-// rounds them), the whole reserve; idx: [b, h, c] candidate reserve indices; rpos: [slots, rows]; n: [b];
-// fresh: [b, h, c] bool or empty (False: a repeat, skipped) -> (reserve indices, scores) [b, h, kc].
+// rows, d] int8 and scales [slots, h, rows] (bfloat16 or float32), the whole reserve; idx: [b, h, c]
+// candidate reserve indices; rpos: [slots, rows]; n: [b]; fresh: [b, h, c] bool or empty (False: a repeat,
+// skipped) -> (reserve indices, scores) [b, h, kc].
 std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const at::Tensor& keys,
                                                       const at::Tensor& scales, const at::Tensor& idx,
                                                       const at::Tensor& rpos, const at::Tensor& n,
@@ -250,14 +394,12 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
   const int64_t b = idx.size(0), h = idx.size(1), c = idx.size(2), rows = keys.size(2), d = keys.size(3);
-  const int64_t g = q.size(2);
   TORCH_CHECK(kc <= c, "kc above the candidates");
-  const at::Tensor qb = q.to(at::kBFloat16).contiguous(), ix = idx.to(at::kLong).contiguous();
-  const at::Tensor nn = n.to(at::kLong).contiguous();
+  const at::Tensor ix = idx.to(at::kLong).contiguous(), nn = n.to(at::kLong).contiguous();
   const bool has_fresh = fresh.defined() && fresh.numel() > 0;
   const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
   at::Tensor kb = at::empty({b, h, c, d}, keys.options());
-  at::Tensor sb = at::empty({b, h, c}, keys.options().dtype(at::kBFloat16));
+  at::Tensor sb = at::empty({b, h, c}, keys.options().dtype(at::kFloat));
   at::Tensor ok = at::empty({b, h, c}, keys.options().dtype(at::kBool));
   const bool bf16 = scales.scalar_type() == at::kBFloat16;
   const int8_t* keys_p = keys.data_ptr<int8_t>();
@@ -267,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   const int64_t* rpos_p = rpos.data_ptr<int64_t>();
   const int64_t* ix_p = ix.data_ptr<int64_t>();
   int8_t* kb_p = kb.data_ptr<int8_t>();
-  c10::BFloat16* sb_p = sb.data_ptr<c10::BFloat16>();
+  float* sb_p = sb.data_ptr<float>();
   bool* ok_p = ok.data_ptr<bool>();
   // The gathers, rows over the threads: each reads candidates scattered through a reserve far larger than the
   // caches, so two threads hide each other's waits on memory.
@@ -279,13 +421,14 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
       for (int64_t t = 0; t < c; ++t) {
         if (t + 16 < c) __builtin_prefetch(keys_p + (base + r[t + 16]) * d);  // as in place_rows
         std::memcpy(kb_p + (row * c + t) * d, keys_p + (base + r[t]) * d, d);
-        sb_p[row * c + t] = bf16 ? s16_p[base + r[t]] : c10::BFloat16(s32_p[base + r[t]]);
+        sb_p[row * c + t] = bf16 ? static_cast<float>(s16_p[base + r[t]]) : s32_p[base + r[t]];
         ok_p[row * c + t] = r[t] < stored && rp[r[t]] >= 0 && (!fr_p || fr_p[row * c + t]);
       }
     }
   });
-  const std::vector<at::Tensor> dots = row_products(qb, kb, sb);
-  const at::Tensor lp = masked_log_softmax(dots, {}, ok, b, h, g, c, scale);
+  const at::Tensor lp = at::log_softmax(int8_logits(q, c, scale, [&](int64_t r) {
+    return Int8Rows{kb_p + r * c * d, nullptr, d, sb_p + r * c, ok_p + r * c};
+  }), -1).contiguous();
   at::Tensor at_ = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, ix_p, kc, at_.data_ptr<int64_t>(), out_score.data_ptr<float>());

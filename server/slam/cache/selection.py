@@ -45,17 +45,24 @@ def dot_float(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return (q @ keys.transpose(-1, -2)).float()
 
 
-def dot_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """q @ keys^T from int8 keys with one bfloat16 scale per key, by aten's weight-only int8 kernel (CPUs):
-    exact scoring there is bound by the key bytes it reads, a quarter of float32's. One call per slot and KV
-    head, so a slot scores alike in any batch. The kernel rounds its outputs to bfloat16.
+def quantize_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [..., d] -> (its int16 rounding, held in float64, and float32 scales [..., 1]): max |q| / 32767 per
+    row (at least 1e-30), q / scale rounded half to even. cpu_kernels.cpp's quantize_query, bit for bit."""
+    qf = q.float()
+    qs = qf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 32767
+    return torch.round(qf / qs).double(), qs
 
-    q: [b, h, queries, d]; keys: [b, h, m, d] int8, each head's rows contiguous; scales: [b, h, m]
-    -> [b, h, queries, m] float32."""
-    b, h, g, _ = q.shape
-    qb = q.to(torch.bfloat16)
-    rows = [torch.ops.aten._weight_int8pack_mm(qb[i, j], keys[i, j], scales[i, j]) for i in range(b) for j in range(h)]
-    return torch.stack(rows).view(b, h, g, keys.shape[2]).float()
+
+def dot_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """q @ keys^T from int8 keys with one scale per key (CPUs): exact scoring there is bound by the key bytes it
+    reads, a quarter of float32's. The query is rounded to int16 (quantize_query) and the products summed
+    exactly (in float64 here, in int32 by the C++ ops, which give the same values), then scaled:
+    float(dot) * (query scale * key scale). A slot scores alike in any batch.
+
+    q: [b, h, queries, d]; keys: [b, h, m, d] int8; scales: [b, h, m] -> [b, h, queries, m] float32."""
+    q16, qs = quantize_query(q)
+    dots = (q16 @ keys.double().transpose(-1, -2)).float()
+    return dots * (qs * scales.float().unsqueeze(-2))
 
 
 def bound_scores(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, stored: torch.Tensor,
@@ -102,12 +109,13 @@ def top_by_index(scores: torch.Tensor, index: torch.Tensor | None, kc: int, best
     first -> (positions in m, scores); index None: torch.topk's own order among ties. bfloat16 dots (dot_int8)
     tie often, and torch.topk breaks ties by where they sit, which would make a slot's picks depend on how
     long the array is (on the rest of its batch). A relative nudge below float32's resolution and above
-    float64's orders ties without reordering scores."""
+    float64's orders ties without reordering scores (and an absolute one far below float32's smallest,
+    scores of exactly 0: one key taking all of a query's attention, twice)."""
     if index is None:
         top = scores.topk(kc, dim=-1, sorted=best_first)
         return top.indices, top.values
     key = scores.double()
-    key = key - key.abs() * (index.double() + 1) * 2.0**-48
+    key = key - (key.abs() + 2.0**-1000) * (index.double() + 1) * 2.0**-48
     top = key.topk(kc, dim=-1, sorted=best_first)
     return top.indices, scores.gather(-1, top.indices)
 
@@ -133,20 +141,16 @@ def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: t
 
 def chunk_top_int8(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
                    first: int, chunk: int, scale: float, cpu: bool = False) -> torch.Tensor:
-    """chunk_top on CPUs with int8 scoring: the bounds are read as int8 through aten's weight-only int8
-    kernel (q's positive part against smax, its negative part against smin, the chunk's scale applied by the
-    kernel), not dequantized whole at every step of every layer, which cost more than the products. Chunks
-    come best first, equal bounds (bfloat16 outputs tie often) to the lower chunk index. `cpu`: in one C++
-    op (cache/cpu_kernels.py), with the same values and order."""
+    """chunk_top on CPUs with int8 scoring: the bounds are read as int8, in dot_int8's arithmetic (the int16
+    query's positive part against smax plus its negative part against smin, then the chunk's scale), not
+    dequantized whole at every step of every layer, which cost more than the products. Chunks come best
+    first, equal bounds to the lower chunk index. `cpu`: in one C++ op (cache/cpu_kernels.py), with the same
+    values and order."""
     if cpu:
         return cpu_kernels.chunk_top_int8(q, smin, smax, sscale, n, first, chunk, scale)
-    b, h, g, _ = q.shape
-    qb, s16 = q.to(torch.bfloat16), sscale.to(torch.bfloat16)
-    plus, minus = qb.clamp_min(0), qb.clamp_max(0)
-    mm = torch.ops.aten._weight_int8pack_mm
-    rows = [mm(plus[i, j], smax[i, j], s16[i, j]).float() + mm(minus[i, j], smin[i, j], s16[i, j]).float()
-            for i in range(b) for j in range(h)]
-    upper = torch.stack(rows).view(b, h, g, smin.shape[2])
+    q16, qs = quantize_query(q)
+    upper = (q16.clamp_min(0) @ smax.double().transpose(-1, -2) + q16.clamp_max(0) @ smin.double().transpose(-1, -2))
+    upper = upper.float() * (qs * sscale.float().unsqueeze(-2))
     filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
     logits = upper.masked_fill(~filled.unsqueeze(2), float("-inf")) * scale
     scores = torch.where(filled, torch.log_softmax(logits, dim=-1).amax(dim=2), float("-inf"))

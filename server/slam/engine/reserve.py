@@ -15,17 +15,17 @@ class ReserveReads:
         return (self.rk[layer], self.rk_scale[layer]) if self.reserve_int8 else (self.rq[layer], self.rq_scale[layer])
 
     def scoring_int8(self, layer: int, b: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Int8 scoring keys of slots [0, b) at reserve indices [0, span) and their bfloat16 scales (CPUs)."""
+        """Int8 scoring keys of slots [0, b) at reserve indices [0, span) and their scales (CPUs)."""
         keys, scales = self.int8_keys(layer)
-        return keys[:b, :, :span], scales[:b, :, :span].to(torch.bfloat16)
+        return keys[:b, :, :span], scales[:b, :, :span]
 
     def scoring_int8_rows(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 scoring keys [b, kv_heads, m, head_dim] and bfloat16 scales [b, kv_heads, m] of reserve
-        indices idx [b, kv_heads, m] of slots [0, b) (CPUs)."""
+        """The int8 scoring keys [b, kv_heads, m, head_dim] and scales [b, kv_heads, m] of reserve indices idx
+        [b, kv_heads, m] of slots [0, b) (CPUs)."""
         keys, scales = self.int8_keys(layer)
         rows = self.reserve_rows(idx)
         k = keys.view(-1, self.head_dim).index_select(0, rows).view(*idx.shape, -1)
-        return k, scales.view(-1).index_select(0, rows).view(idx.shape).to(torch.bfloat16)
+        return k, scales.view(-1).index_select(0, rows).view(idx.shape)
 
     def reserve_keys_store(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's scoring keys as stored, [slots, kv_heads, cap + 1, head_dim] on the compute device
