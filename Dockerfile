@@ -21,7 +21,7 @@ FROM base AS server-cpu
 LABEL org.opencontainers.image.title="slam-serve (CPU)" \
       org.opencontainers.image.description="SLAM LLM server with the embedded SmolLM2-135M-Instruct" \
       org.opencontainers.image.licenses="Apache-2.0"
-# g++ builds slam's CPU kernels (server/slam/cache/cpu_kernels.cpp, cpu_writes.cpp), once, below.
+# g++ builds slam's CPU kernels (server/slam/cache/cpu_*.cpp), once, below.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch \
  && pip install . \

@@ -1,9 +1,10 @@
-"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp), built on first use.
+"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp, cpu_scores.cpp), built
+on first use.
 
 A slam layer on a CPU ran about sixty small torch ops for its selection (the int8 scoring per KV head, the
 masked log-softmax, the group's maximum, top-k with ties broken by reserve index, the gathers, churn and
-column writes); each costs microseconds of dispatch. The ops call the same aten kernels where the torch code
-computes values, and give exactly what it gives (tests/test_cpu_kernels.py). The build
+column writes); each costs microseconds of dispatch. The ops compute what the torch code computes, in the same
+arithmetic (int8 scores in exact integers), and give exactly what it gives (tests/test_cpu_kernels.py). The build
 needs a C++ compiler: torch.utils.cpp_extension compiles once per machine, into its cache, in about 20 s.
 Without a compiler (or with the engine's `compile` off) the torch versions run.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_kernels.cpp", "cpu_writes.cpp")]
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_kernels.cpp", "cpu_writes.cpp", "cpu_scores.cpp")]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 

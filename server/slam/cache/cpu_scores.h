@@ -1,0 +1,31 @@
+// Integer scoring of int8 keys on CPUs (cpu_scores.cpp), used by cpu_kernels.cpp's selection ops.
+#pragma once
+
+#include <cstdint>
+
+// Hot loops built for several x86 levels, the best the CPU runs chosen at load time (the extension is built
+// without -march flags, so that an image built on one machine runs on another). Their results do not depend
+// on the level: no additions follow their products, so no fused multiply-add can change a rounding.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SLAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SLAM_CLONES
+#endif
+
+namespace slam_scores {
+
+// q [n, d] float32 -> int16 [n, d] and scales [n]: max |q| / 32767 per row (1e-30 at least), q / scale rounded
+// half to even (torch.round), as selection.quantize_query.
+void quantize_query(const float* q, int64_t n, int64_t d, int16_t* out, float* scale);
+
+// dots[j][t] = sum_k q[j][k] * keys[t][k], exact in int32, for queries j < g ([g, d] int16) and keys t < m (rows
+// of d int8, `stride` bytes apart) -> dots [g, ld].
+void int_dots(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d, int32_t* dots,
+              int64_t ld);
+
+// o[t] = ok[t] ? float(dots[t] + low[t]) * (qs * scales[t]) * fs : -inf for t < m (low: nullptr, or the bounds'
+// second dots); the same IEEE operations in the same order whatever the path.
+void scale_logits(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok, float fs,
+                  int64_t m, float* o);
+
+}  // namespace slam_scores
