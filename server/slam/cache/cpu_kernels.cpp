@@ -33,6 +33,7 @@ using Pick = std::pair<uint64_t, int64_t>;  // (ordering key, position)
 
 struct Scratch {
   std::vector<float> s;
+  std::vector<int16_t> bins;
   std::vector<int32_t> hist;
   std::vector<Pick> pick;
 };
@@ -49,32 +50,35 @@ SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, c
   s.assign(x, x + m);
   for (int64_t j = 1; j < g; ++j)  // the group's maximum, query by query: contiguous, vectorizable
     for (int64_t i = 0; i < m; ++i) s[i] = std::max(s[i], x[j * m + i]);
-  for (int64_t i = 0; i < m; ++i)
-    if (!ok[i]) s[i] = kNone;
   // Only scores that can reach the kc best are ranked with their tie keys. A histogram of the finite scores
   // over their range finds the bin holding the kc-th best: every score of a higher bin is strictly higher
   // than every score of a lower one, since the bin is monotonic in the score.
   float lo = std::numeric_limits<float>::infinity(), hi = kNone;
   int64_t finite = 0;
   for (int64_t i = 0; i < m; ++i) {  // branch-free, so that it vectorizes
-    const bool f = s[i] > kNone;
-    lo = std::min(lo, f ? s[i] : lo);
-    hi = std::max(hi, s[i]);
+    const float v = ok[i] ? s[i] : kNone;
+    const bool f = v > kNone;
+    s[i] = v;
+    lo = std::min(lo, f ? v : lo);
+    hi = std::max(hi, v);
     finite += f;
   }
   const float inv = kBins / (hi - lo);
-  auto bin = [&](float v) {
-    const float x = (v - lo) * inv;
-    return x >= 0.0f ? (x < kBins ? int64_t(x) : kBins - 1) : int64_t(0);  // NaN and overflow to the ends
-  };
-  int64_t cut = 0;
   const bool binned = finite > kc && hi > lo;
+  std::vector<int16_t>& bins = w.bins;
+  int64_t cut = 0;
   if (binned) {
-    w.hist.assign(kBins, 0);
-    for (int64_t i = 0; i < m; ++i)
-      if (s[i] > kNone) ++w.hist[bin(s[i])];
+    bins.resize(m);
+    for (int64_t i = 0; i < m; ++i) {  // each score's bin, -1 where not stored; vectorizes
+      const float v = (s[i] - lo) * inv;  // NaN and overflow to the ends
+      const int16_t in = v >= 0.0f ? (v < kBins ? static_cast<int16_t>(v) : int16_t(kBins - 1)) : int16_t(0);
+      bins[i] = s[i] > kNone ? in : int16_t(-1);
+    }
+    w.hist.assign(kBins + 1, 0);
+    int32_t* hist = w.hist.data() + 1;  // hist[-1] counts the empty ones
+    for (int64_t i = 0; i < m; ++i) ++hist[bins[i]];
     for (int64_t total = 0, b = kBins - 1; b >= 0; --b)
-      if ((total += w.hist[b]) >= kc) {
+      if ((total += hist[b]) >= kc) {
         cut = b;
         break;
       }
@@ -83,7 +87,7 @@ SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, c
   for (int64_t i = 0; i < m; ++i) {
     // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
     // first (low word). Tie keys are reserve indices or positions, below 2^32.
-    if (!binned || (s[i] > kNone && bin(s[i]) >= cut))
+    if (binned ? bins[i] >= cut : true)
       w.pick.push_back({(uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)), i});
   }
   auto better = [](const Pick& a, const Pick& c) { return a.first > c.first; };
