@@ -100,15 +100,15 @@ SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, c
 }
 
 // Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h, m] stored, tie [b, h, m] or nullptr ->
-// idx, score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of a
-// thousand scores is worth a thread's wake-up, a few short ones are not.
+// idx, score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of five
+// hundred scores is worth a thread's wake-up, a few short ones are not.
 void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, int64_t kc, int64_t* idx,
               float* score) {
   const int64_t rows = lp.size(0) * lp.size(1), g = lp.size(2), m = lp.size(3), per_slot = lp.size(1);
   const float* x = lp.data_ptr<float>();
   const bool* ok_p = ok.data_ptr<bool>();
   const bool per_row = ok.size(1) != 1;
-  at::parallel_for(0, rows, m >= 1024 ? 1 : 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, m >= 512 ? 1 : 4, [&](int64_t begin, int64_t end) {
     Scratch w;
     for (int64_t r = begin; r < end; ++r)
       top_row(x + r * g * m, g, m, ok_p + (per_row ? r : r / per_slot) * m, tie ? tie + r * m : nullptr, kc,
