@@ -206,9 +206,9 @@ def test_churn_counts_chosen_tokens_that_no_middle_column_held():
 
 
 def test_int8_scoring_ranks_like_float_scoring():
-    """CPU exact scoring multiplies the query by int8 keys with one bfloat16 scale per key (selection.dot_int8):
-    within bfloat16 rounding of q.k, a slot scores the same alone or in a batch, and the clear winners are
-    the float winners."""
+    """CPU exact scoring multiplies the query, rounded to int16, by int8 keys with one scale per key
+    (selection.dot_int8): within the keys' rounding of q.k, a slot scores the same alone or in a batch, and the
+    clear winners are the float winners."""
     from slam.cache.selection import dot_float, dot_int8
     from slam.engine.pool import quantize_rows
 
@@ -225,9 +225,9 @@ def test_int8_scoring_ranks_like_float_scoring():
 
 
 def test_tied_scores_pick_the_same_tokens_however_long_the_array():
-    """With bfloat16 dots many scores tie; the picks among ties go to the lower reserve index, so a slot picks
-    the same tokens whether the step scores 40 indices or 3,000 (the span follows the longest reserve of
-    the batch)."""
+    """Scores can tie (equal keys, or low-precision dots); the picks among ties go to the lower reserve index, so
+    a slot picks the same tokens whether the step scores 40 indices or 3,000 (the span follows the longest
+    reserve of the batch)."""
     from slam.cache.selection import exact_top
 
     torch.manual_seed(0)
