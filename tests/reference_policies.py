@@ -8,7 +8,7 @@ policy's rule decides which earlier positions each layer and KV head attends to:
     slam       the first `sink`, the newest `recent`, and the `budget - sink - recent` evicted positions
                the current query scores highest (log-softmax over the evicted keys, max over the query group;
                with `int8_scoring`, as CPUs score: keys rounded to int8 with a bfloat16 scale per key, the
-               query to bfloat16, and their products by aten's weight-only int8 kernel)
+               query to int16 with a float32 scale per query, their products summed exactly, then scaled)
     h2o        the first `sink`, the newest `recent`, and the evicted positions with the most attention
                received so far (a leaving token replaces the weakest middle one only if it outranks it)
 """
@@ -27,9 +27,11 @@ def int8_dots(qg, k):
     """q.k per KV head from int8 keys: qg [h, g, d], k [h, n, d] -> [h, g, n] float32."""
     k = k.float()
     s = (k.abs().amax(dim=-1).clamp_min(1e-8) / 127.0).to(torch.bfloat16)  # [h, n]
-    kq = (k / s.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
-    return torch.stack([torch.ops.aten._weight_int8pack_mm(qg[j].bfloat16(), kq[j].contiguous(), s[j])
-                        for j in range(k.shape[0])]).float()
+    kq = (k / s.float().unsqueeze(-1)).round().clamp(-127, 127)
+    q = qg.float()
+    qs = q.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 32767  # [h, g, 1]
+    dots = torch.einsum("hgd,hnd->hgn", torch.round(q / qs).double(), kq.double()).float()  # exact integers
+    return dots * (qs * s.float().unsqueeze(1))
 
 
 @torch.no_grad()
@@ -76,7 +78,7 @@ def reference_generate(model, prompt: list[int], steps: int, policy: str, budget
                 else:
                     logits = torch.einsum("hgd,hnd->hgn", qg, middle_keys) * scale
                 score = torch.log_softmax(logits.float(), dim=-1).amax(dim=1)  # [h, n]
-                if int8_scoring:  # bfloat16 dots tie often: equal scores rank the older token first
+                if int8_scoring:  # equal scores (equal keys) rank the older token first
                     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
                     best = order[:, : min(middle, len(evicted))] + sink
                 else:

@@ -42,6 +42,7 @@ def test_malformed_json(server_url):
 @pytest.mark.parametrize("body, param", [
     ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "temperature": 3}, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "top_k": 175555934206208637927424}, "top_k"),  # found by the schema fuzz
     ({"model": MODEL, "prompt": 5}, "prompt.str"),
     ({"model": MODEL}, "prompt"),
     ({"model": MODEL, "messages": []}, "messages"),

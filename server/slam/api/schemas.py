@@ -58,7 +58,7 @@ class SamplingFields(Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)  # extension, 0: no cut
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)  # extension, 0: no cut
     seed: Seed | None = None
     stop: Text | list[Text] | None = None
     n: int | None = Field(default=None, ge=1, description="choices to generate, up to the server's --max-n")

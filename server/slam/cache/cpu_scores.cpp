@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #if defined(__x86_64__) && !defined(_MSC_VER)
@@ -86,25 +85,28 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int_dots_avx512(
 }
 #endif
 
-bool cpu_has(const char* what) {
+// What the CPU runs, asked once.
+struct Isa {
+  bool avx512 = false, vnni = false;
+};
+
+const Isa& isa() {
+  static const Isa found = [] {
+    Isa f;
 #ifdef SLAM_X86
-  if (std::strcmp(what, "avx512") == 0) {
-    static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-    return ok;
-  }
-  static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  return vnni;
-#else
-  (void)what;
-  return false;
+    f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    f.vnni = f.avx512 && __builtin_cpu_supports("avx512vnni");
 #endif
+    return f;
+  }();
+  return found;
 }
 
 void int_dots(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d, int32_t* dots,
               int64_t ld) {
 #ifdef SLAM_X86
-  if (cpu_has("avx512")) {
-    const bool vnni = cpu_has("vnni");
+  if (isa().avx512) {
+    const bool vnni = isa().vnni;
     if (d == 64) return vnni ? int_dots_avx512<64, true>(q, g, keys, stride, m, dots, ld)
                              : int_dots_avx512<64, false>(q, g, keys, stride, m, dots, ld);
     if (d == 128) return vnni ? int_dots_avx512<128, true>(q, g, keys, stride, m, dots, ld)
@@ -144,7 +146,7 @@ __attribute__((target("avx512f,avx512bw"))) void scale_logits_avx512(const int32
 void scale_logits(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok, float fs,
                   int64_t m, float* o) {
 #ifdef SLAM_X86
-  if (cpu_has("avx512")) return scale_logits_avx512(dots, low, qs, scales, ok, fs, m, o);
+  if (isa().avx512) return scale_logits_avx512(dots, low, qs, scales, ok, fs, m, o);
 #endif
   scale_logits_scalar(dots, low, qs, scales, ok, fs, m, o);
 }

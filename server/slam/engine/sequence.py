@@ -31,7 +31,7 @@ class SamplingParams(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # 0: no top-k cut
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1)  # 0: no top-k cut; above the vocabulary: none either
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
