@@ -151,7 +151,7 @@ at::Tensor int8_logits(const at::Tensor& q, int64_t m, double scale, Rows rows) 
   float* out = logits.data_ptr<float>();
   const float fs = static_cast<float>(scale);
   const int64_t threads = at::get_num_threads(), parts = std::max<int64_t>(1, (2 * threads + b * h - 1) / (b * h));
-  const int64_t span = (m / parts + 7) / 8 * 8;
+  const int64_t span = ((m + parts - 1) / parts + 7) / 8 * 8;  // parts x span >= m
   at::parallel_for(0, b * h * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> dots(g * span), low(bounds ? g * span : 0);
     for (int64_t unit = begin; unit < end; ++unit) {
