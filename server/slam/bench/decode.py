@@ -239,8 +239,9 @@ def run(args) -> int:
 
 
 def plot(results: list[DecodeResult], out: Path) -> None:
-    """Tokens/s and peak GPU memory per engine and policy, over the context (one line per batch), or over the
-    batch when the run had one context."""
+    """Tokens/s and peak GPU memory per engine and policy (on CPUs, where there is no GPU memory: the speed
+    against the baseline), over the context (one line per batch), or over the batch when the run had one
+    context."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,18 +249,24 @@ def plot(results: list[DecodeResult], out: Path) -> None:
 
     by_batch = len({r.context for r in results}) == 1
     x_of, series_of = (lambda r: r.batch, lambda r: r.context) if by_batch else (lambda r: r.context, lambda r: r.batch)
+    gpu = any(r.peak_gpu_mib for r in results)
+    right = (lambda r: r.peak_gpu_mib) if gpu else (lambda r: r.baseline_ratio)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lines = 0
     for key in dict.fromkeys((r.engine, r.policy) for r in results):
         for series in sorted({series_of(r) for r in results}):
             rows = [r for r in results if (r.engine, r.policy) == key and series_of(r) == series and r.step_ms]
             if not rows:
                 continue
             label = f"{key[0]} {key[1]}" + ("" if by_batch else f", batch {series}")
-            axes[0].plot([x_of(r) for r in rows], [r.decode_tokens_per_s for r in rows], marker="o", label=label)
-            axes[1].plot([x_of(r) for r in rows], [r.peak_gpu_mib or 0 for r in rows], marker="o", label=label)
+            style = {"marker": "o", "label": label, "color": f"C{lines % 10}"}  # one colour per line in both panels
+            lines += 1
+            axes[0].plot([x_of(r) for r in rows], [r.decode_tokens_per_s for r in rows], **style)
+            if any(right(r) is not None for r in rows):
+                axes[1].plot([x_of(r) for r in rows], [right(r) or 0 for r in rows], **style)
     axes[0].set_ylabel("decode tokens/s (batch total)")
     axes[0].set_yscale("log")
-    axes[1].set_ylabel("peak GPU MiB")
+    axes[1].set_ylabel("peak GPU MiB" if gpu else "x the baseline's tokens/s (same run)")
     for ax in axes:
         ax.set_xlabel("batch" if by_batch else "context tokens")
         ax.set_xscale("log", base=2 if by_batch else 10)
@@ -267,5 +274,7 @@ def plot(results: list[DecodeResult], out: Path) -> None:
     if by_batch:
         axes[0].set_title(f"context {results[0].context} tokens", fontsize=9)
     axes[0].legend(fontsize=7)
+    if not gpu:
+        axes[1].legend(fontsize=7)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
