@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -116,11 +115,10 @@ void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, in
   });
 }
 
-// Int8 scoring keys are scored in exact integer arithmetic: the query rounded to int16 with one float32 scale
-// per query row (quantize_query), products summed in int32 (no rounding, so any order of the sums gives the
-// same value), then float(dot) * (query scale * key scale) * softmax scale: selection.dot_int8's arithmetic,
-// which the torch code computes in float64 and so matches bit for bit. int16 queries are finer than the
-// bfloat16 ones aten's int8 kernel took, and the dots below run about four times its speed.
+// Int8 scoring keys are scored in exact integer arithmetic (cpu_scores.cpp): the query rounded to int16 with one
+// float32 scale per query row, products summed in int32 (no rounding, so any order of the sums gives the same
+// value), then float(dot) * (query scale * key scale) * softmax scale: selection.dot_int8's arithmetic, which
+// the torch code computes in float64 and so matches bit for bit.
 
 // One row's int8 keys (or a chunk's two bounds): keys [m] rows `stride` bytes apart, scales [m] float32; `lower`
 // (bounds): the rows q's negative part meets, keys then being the upper bounds q's positive part meets.
@@ -132,11 +130,12 @@ struct Int8Rows {
   const bool* ok;  // [m] stored
 };
 
-// Scaled, masked logits [b, h, g, m] of int8 rows: float(dot) * (query scale * key scale) * scale, -inf where
-// not stored. q [b, h, g, d] float32; rows(r) gives row r = slot * h + head. Work spreads over the intra-op
-// threads by row and by range of keys, so that one slot's three heads use both of two threads.
+// Log-probabilities [b, h, g, m] of int8 rows: aten's log-softmax of the scaled, masked logits float(dot) *
+// (query scale * key scale) * scale, -inf where not stored. q [b, h, g, d]; rows(r) gives row r = slot * h +
+// head. The logits spread over the intra-op threads by row and by range of keys, so that one slot's three
+// heads use both of two threads.
 template <typename Rows>
-at::Tensor int8_logits(const at::Tensor& q, int64_t m, double scale, Rows rows) {
+at::Tensor int8_log_probs(const at::Tensor& q, int64_t m, double scale, Rows rows) {
   const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3), n = b * h * g;
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   std::vector<int16_t> q16(n * d), qneg, qpos;
@@ -169,7 +168,7 @@ at::Tensor int8_logits(const at::Tensor& q, int64_t m, double scale, Rows rows) 
                      row.ok + lo, fs, hi - lo, out + (r * g + j) * m + lo);
     }
   });
-  return logits;
+  return at::log_softmax(logits, -1).contiguous();
 }
 
 // logp: [b, h, g, m] float32 log-probabilities; stored: [b, 1 or h, m] bool; order: [b, h, m] int64 tie
@@ -191,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
 }
 
 // The int8 ops below compute what the torch code computes (selection.dot_int8's integer arithmetic, then aten's
-// log-softmax), so the values are the same: int8_logits over all rows, log_softmax, then top_rows.
+// log-softmax), so the values are the same: int8_log_probs over all rows, then top_rows.
 
 // Row r = slot * h + head of a [b, h, m, d] int8 tensor whose last dimension is contiguous.
 const int8_t* row_of(const at::Tensor& t, int64_t r) {
@@ -219,9 +218,9 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
     for (int64_t t = 0; t < m; ++t) ok_p[i * m + t] = t < stored && rpos_p[i * slot_stride + t * index_stride] >= 0;
   }
   const float* sf_p = sf.data_ptr<float>();
-  const at::Tensor lp = at::log_softmax(int8_logits(q, m, scale, [&](int64_t r) {
+  const at::Tensor lp = int8_log_probs(q, m, scale, [&](int64_t r) {
     return Int8Rows{row_of(keys, r), nullptr, keys.stride(2), sf_p + r * m, ok_p + (r / h) * m};
-  }), -1).contiguous();
+  });
   at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
@@ -243,9 +242,9 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
   for (int64_t i = 0; i < b; ++i)
     for (int64_t c = 0; c < chunks; ++c) ok_p[i * chunks + c] = c * chunk < nn.data_ptr<int64_t>()[i];
   const float* sf_p = sf.data_ptr<float>();
-  const at::Tensor lp = at::log_softmax(int8_logits(q, chunks, scale, [&](int64_t r) {
+  const at::Tensor lp = int8_log_probs(q, chunks, scale, [&](int64_t r) {
     return Int8Rows{row_of(smax, r), row_of(smin, r), smax.stride(2), sf_p + r * chunks, ok_p + (r / h) * chunks};
-  }), -1).contiguous();
+  });
   at::Tensor out = at::empty({b, h, first}, nn.options());
   at::Tensor score = at::empty({b, h, first}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, nullptr, first, out.data_ptr<int64_t>(), score.data_ptr<float>());
@@ -297,9 +296,9 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
       }
     }
   });
-  const at::Tensor lp = at::log_softmax(int8_logits(q, c, scale, [&](int64_t r) {
+  const at::Tensor lp = int8_log_probs(q, c, scale, [&](int64_t r) {
     return Int8Rows{kb_p + r * c * d, nullptr, d, sb_p + r * c, ok_p + r * c};
-  }), -1).contiguous();
+  });
   at::Tensor at_ = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok, ix_p, kc, at_.data_ptr<int64_t>(), out_score.data_ptr<float>());

@@ -16,6 +16,11 @@
 namespace slam_scores {
 namespace {
 constexpr float kNone = -std::numeric_limits<float>::infinity();
+
+// What the CPU runs, asked once.
+struct Isa {
+  bool avx512 = false, vnni = false;
+};
 }  // namespace
 
 // q [n, d] float32 -> int16 [n, d] and scales [n]: max |q| / 32767 per row (1e-30 at least), q / scale rounded
@@ -32,7 +37,7 @@ void quantize_query(const float* q, int64_t n, int64_t d, int16_t* out, float* s
 
 // dots[j][t] = sum_k q[j][k] * keys[t][k] for queries j < g ([g, d] int16) and keys t < m (rows of d int8,
 // `stride` bytes apart) -> dots [g, ld].
-void int_dots_scalar(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d,
+static void int_dots_scalar(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d,
                      int32_t* dots, int64_t ld) {
   for (int64_t t = 0; t < m; ++t)
     for (int64_t j = 0; j < g; ++j) {
@@ -45,7 +50,7 @@ void int_dots_scalar(const int16_t* q, int64_t g, const int8_t* keys, int64_t st
 #ifdef SLAM_X86
 
 // Eight vectors of int32 partial sums -> their eight totals (lane-wise additions, then across 128-bit lanes).
-__attribute__((target("avx512f,avx512bw"))) inline __m256i sum8(const __m512i* v) {
+__attribute__((target("avx512f,avx512bw"))) static inline __m256i sum8(const __m512i* v) {
   __m512i p[4];
   for (int i = 0; i < 4; ++i)
     p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
@@ -60,7 +65,7 @@ __attribute__((target("avx512f,avx512bw"))) inline __m256i sum8(const __m512i* v
 // int_dots_scalar for head_dim D: eight keys at a time, widened to int16 once for all the group's queries, whose
 // products (pairs summed per int32 lane; vpdpwssd where the CPU has VNNI) reduce to eight totals per query.
 template <int D, bool VNNI>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int_dots_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int_dots_avx512(
     const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int32_t* dots, int64_t ld) {
   constexpr int P = D / 32;
   const int64_t m8 = m / 8 * 8;
@@ -85,12 +90,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int_dots_avx512(
 }
 #endif
 
-// What the CPU runs, asked once.
-struct Isa {
-  bool avx512 = false, vnni = false;
-};
-
-const Isa& isa() {
+static const Isa& isa() {
   static const Isa found = [] {
     Isa f;
 #ifdef SLAM_X86
@@ -118,7 +118,7 @@ void int_dots(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, i
 
 // o[t] = ok[t] ? float(dots[t] + low[t]) * (qs * scales[t]) * fs : -inf for t < m (low: nullptr, or the bounds'
 // second dots); the same IEEE operations in the same order whatever the path.
-void scale_logits_scalar(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok,
+static void scale_logits_scalar(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok,
                          float fs, int64_t m, float* o) {
   for (int64_t t = 0; t < m; ++t) {
     const int32_t dot = low ? dots[t] + low[t] : dots[t];
@@ -127,7 +127,7 @@ void scale_logits_scalar(const int32_t* dots, const int32_t* low, float qs, cons
 }
 
 #ifdef SLAM_X86
-__attribute__((target("avx512f,avx512bw"))) void scale_logits_avx512(const int32_t* dots, const int32_t* low, float qs,
+__attribute__((target("avx512f,avx512bw"))) static void scale_logits_avx512(const int32_t* dots, const int32_t* low, float qs,
                                                                       const float* scales, const bool* ok, float fs,
                                                                       int64_t m, float* o) {
   const __m512 vq = _mm512_set1_ps(qs), vf = _mm512_set1_ps(fs), none = _mm512_set1_ps(kNone);

@@ -69,7 +69,7 @@ if triton is not None:
         m = take[:, None]
         k = tl.load(rk_ptr + src, mask=m)
         v = tl.load(rv_ptr + src, mask=m)
-        if INT8:  # dequantized as the pool's _dequant does: float32 products, then the pool's dtype
+        if INT8:  # dequantized as the pool's _scaled does: float32 products, then the pool's dtype
             row = pid * rows + idx
             k = (k.to(tl.float32) * tl.load(rks_ptr + row, mask=take, other=0.0)[:, None]).to(k_ptr.dtype.element_ty)
             v = (v.to(tl.float32) * tl.load(rvs_ptr + row, mask=take, other=0.0)[:, None]).to(v_ptr.dtype.element_ty)

@@ -56,8 +56,7 @@ class ReserveReads:
         rows = (self.reserve_rows(idx) if rows is None else rows).to(store[layer].device)
         x = store[layer].view(-1, self.head_dim).index_select(0, rows).to(self.device).view(*idx.shape, -1)
         if scale and self.reserve_int8:
-            s = scale[layer].view(-1).index_select(0, rows).to(self.device).view(idx.shape)
-            return (x.float() * s.unsqueeze(-1)).to(self.dtype)
+            return self._scaled(x, scale[layer].view(-1).index_select(0, rows).to(self.device).view(idx.shape))
         return x
 
     def reserve_values(self, layer: int) -> torch.Tensor:
@@ -72,6 +71,10 @@ class ReserveReads:
     def _dequant(self, store, scale, layer: int, part: tuple = (slice(None),)) -> torch.Tensor:
         x = store[layer][part].to(self.device, non_blocking=True)
         if self.reserve_int8:
-            s = scale[layer][part].to(self.device, non_blocking=True)
-            return (x.float() * s.unsqueeze(-1)).to(self.dtype)
+            return self._scaled(x, scale[layer][part].to(self.device, non_blocking=True))
         return x
+
+    def _scaled(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """int8 rows [..., head_dim] times their scales [...]: float32 products, then the compute dtype (the
+        placement kernel of cache/fused.py dequantizes alike)."""
+        return (x.float() * s.unsqueeze(-1)).to(self.dtype)
