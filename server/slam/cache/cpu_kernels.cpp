@@ -16,6 +16,15 @@
 
 #include "cpu_scores.h"
 
+// The top-k row loop is built for several x86 levels, the best the CPU runs chosen at load time (the extension
+// is built without -march flags, so that an image built on one machine runs on another). Its results do not
+// depend on the level: no addition follows a product, so no fused multiply-add can change a rounding.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SLAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SLAM_CLONES
+#endif
+
 namespace {
 
 constexpr float kNone = -std::numeric_limits<float>::infinity();

@@ -3,15 +3,6 @@
 
 #include <cstdint>
 
-// Hot loops built for several x86 levels, the best the CPU runs chosen at load time (the extension is built
-// without -march flags, so that an image built on one machine runs on another). Their results do not depend
-// on the level: no additions follow their products, so no fused multiply-add can change a rounding.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SLAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SLAM_CLONES
-#endif
-
 namespace slam_scores {
 
 // q [n, d] float32 -> int16 [n, d] and scales [n]: max |q| / 32767 per row (1e-30 at least), q / scale rounded
