@@ -40,7 +40,7 @@ def engine_for(loaded, policy: str, args, eager: bool) -> LLMEngine:
     config = EngineConfig(max_batch=args.batch, cache=cache, enforce_eager=eager, dtype=args.dtype, max_model_len=args.context + 64,
                           max_budget=args.context + 64 if policy == "full" else None,
                           select_oversample=args.oversample, select_every=args.every, select_min_ratio=args.min_ratio,
-                          compile=not args.no_compile)
+                          compile=not args.no_compile, reserve_dtype=args.reserve_dtype)
     engine = LLMEngine(config, loaded)
     # --split runs about 200 steps; the reserve then has room for them (a bit above the bench's 4K row).
     sampling = SamplingParams(max_tokens=256 if args.split else 64, ignore_eos=True)
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--reserve-dtype", default="bfloat16", choices=["bfloat16", "int8"])
     p.add_argument("--host", action="store_true", help="where a graph step's host time goes, instead of the "
                    "eager kernel table: Python functions (cProfile) and CUDA calls (torch.profiler, CPU side)")
     p.add_argument("--split", action="store_true", help="a graph step's wall time split into host work before "

@@ -64,12 +64,34 @@ def test_exact_top_int8_equals_scoring_then_exact_top(seed):
     assert torch.equal(want[0][found], got[0][found])
 
 
+@pytest.fixture(params=["avx512", "avx2", "default"])
+def scoring_level(request):
+    """Each vector path of the integer scoring in turn, on CPUs that run it (the level is restored after)."""
+    best = cpu_kernels.scoring_level()
+    got = cpu_kernels.scoring_level(request.param)
+    if got != request.param:
+        cpu_kernels.scoring_level(best)
+        pytest.skip(f"this CPU does not run the {request.param} path")
+    yield got
+    cpu_kernels.scoring_level(best)
+
+
+def test_scoring_level_is_capped_not_raised():
+    best = cpu_kernels.scoring_level()
+    try:
+        assert cpu_kernels.scoring_level("default") == "default"
+        assert cpu_kernels.scoring_level("no-such-level") == best  # unknown names mean the best the CPU runs
+        assert cpu_kernels.scoring_level("") == best  # asking changes nothing
+    finally:
+        cpu_kernels.scoring_level(best)
+
+
 @pytest.mark.parametrize("d, m, b", [(64, 701, 2), (128, 64, 2), (48, 37, 2), (64, 3937, 1), (64, 1513, 1)])
-def test_int8_scoring_is_exact_whatever_the_kernel(d, m, b):
-    """The C++ scoring sums int16 x int8 products in int32 (vectorized where d is a multiple of 32, a scalar
-    loop otherwise, and for the last m % 8 keys; one slot's keys split between the threads): extreme values do
-    not overflow and every path gives the torch code's values bit for bit, ties included (duplicate keys rank
-    by reserve index)."""
+def test_int8_scoring_is_exact_whatever_the_kernel(d, m, b, scoring_level):
+    """The C++ scoring sums int16 x int8 products in int32 (AVX-512, AVX2 or scalar, vectorized where d is a
+    multiple of 32, a scalar loop otherwise, and for the last m % 8 keys; one slot's keys split between the
+    threads): extreme values do not overflow and every path gives the torch code's values bit for bit, ties
+    included (duplicate keys rank by reserve index)."""
     g = torch.Generator().manual_seed(d + m)
     h, group, kc = 3, 4, min(16, m)
     keys = torch.randint(-128, 128, (b, h, m, d), generator=g, dtype=torch.int8)
@@ -96,7 +118,7 @@ def selection_scales(q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
-def test_candidate_top_int8_equals_gather_scoring_then_candidate_top(scale_dtype):
+def test_candidate_top_int8_equals_gather_scoring_then_candidate_top(scale_dtype, scoring_level):
     """Stage two fused: the candidates' int8 rows gathered from the whole reserve, scored, masked (beyond n,
     empty indices, repeats) and ranked with ties by reserve index, as the torch code does."""
     g = torch.Generator().manual_seed(11)
@@ -120,7 +142,7 @@ def test_candidate_top_int8_equals_gather_scoring_then_candidate_top(scale_dtype
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_chunk_top_int8_equals_torch_with_ties_and_unfilled_chunks(seed):
+def test_chunk_top_int8_equals_torch_with_ties_and_unfilled_chunks(seed, scoring_level):
     """Stage one from int8 bounds: the C++ op's chunks equal the torch code's, best first, ties (few distinct
     bounds here) and unfilled chunks alike."""
     g = torch.Generator().manual_seed(seed)

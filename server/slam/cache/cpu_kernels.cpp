@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -314,9 +315,15 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   return {ix.gather(2, at_), out_score};
 }
 
+// The vector path of the integer scoring (cpu_scores.h's set_level): capped at `level` unless empty.
+std::string scoring_level(c10::string_view level) {
+  return slam_scores::set_level(std::string(level).c_str());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(slam_cpu, m) {
+  m.def("scoring_level(str level) -> str");
   m.def("group_top(Tensor logp, Tensor stored, int kc, Tensor order) -> (Tensor, Tensor)");
   m.def("exact_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor rpos, Tensor n, int kc, float scale) "
         "-> (Tensor, Tensor)");
@@ -340,3 +347,5 @@ TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
   m.impl("candidate_top_int8", &candidate_top_int8);
   m.impl("chunk_top_int8", &chunk_top_int8);
 }
+
+TORCH_LIBRARY_IMPL(slam_cpu, CatchAll, m) { m.impl("scoring_level", &scoring_level); }

@@ -47,6 +47,13 @@ def _build() -> bool:
     return False
 
 
+def scoring_level(level: str = "") -> str:
+    """The vector path of the integer scoring ("avx512", "avx2" or "default": scalar), capped at `level` when
+    given. The best the CPU runs is the default; torch's ATEN_CPU_CAPABILITY caps it too. Every path gives the
+    same scores (tests/test_cpu_kernels.py runs each)."""
+    return torch.ops.slam_cpu.scoring_level(level)
+
+
 def group_top(logp: torch.Tensor, stored: torch.Tensor, kc: int, order: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """selection.top_by_index over the group's maximum: logp [b, h, g, m] log-probabilities, stored [b, 1 or

@@ -1,11 +1,13 @@
-// Integer scoring of int8 keys on CPUs (declared in cpu_scores.h): AVX-512 where the CPU has it, with VNNI's
-// fused multiply-add of int16 pairs where present, and scalar loops elsewhere; every path gives the same
-// integers, hence the same logits.
+// Integer scoring of int8 keys on CPUs (declared in cpu_scores.h): AVX-512 where the CPU has it (with VNNI's
+// fused multiply-add of int16 pairs where present), AVX2 on x86 CPUs without it, and scalar loops elsewhere;
+// every path gives the same integers, hence the same logits.
 #include "cpu_scores.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #if defined(__x86_64__) && !defined(_MSC_VER)
@@ -17,10 +19,10 @@ namespace slam_scores {
 namespace {
 constexpr float kNone = -std::numeric_limits<float>::infinity();
 
-// What the CPU runs, asked once.
-struct Isa {
-  bool avx512 = false, vnni = false;
-};
+// The vector paths, best last. The best the CPU runs is asked once; ATEN_CPU_CAPABILITY (torch's own setting:
+// default, avx2, avx512) or set_level caps it, so that every path can be run and compared on one machine.
+enum Level { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kNames[] = {"default", "avx2", "avx512"};
 }  // namespace
 
 // q [n, d] float32 -> int16 [n, d] and scales [n]: max |q| / 32767 per row (1e-30 at least), q / scale rounded
@@ -88,29 +90,85 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int_dots_avx5
   }
   int_dots_scalar(q, g, keys + m8 * stride, stride, m - m8, D, dots + m8, ld);
 }
+
+// Eight vectors of int32 partial sums -> their eight totals (pairwise within 128-bit lanes, then across them).
+__attribute__((target("avx2"))) static inline __m256i sum8_avx2(const __m256i* v) {
+  const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// int_dots_avx512 for CPUs with AVX2 only: sixteen dimensions per vector.
+template <int D>
+__attribute__((target("avx2"))) static void int_dots_avx2(const int16_t* q, int64_t g, const int8_t* keys,
+                                                          int64_t stride, int64_t m, int32_t* dots, int64_t ld) {
+  constexpr int P = D / 16;
+  const int64_t m8 = m / 8 * 8;
+  for (int64_t t = 0; t < m8; t += 8) {
+    __m256i kv[8][P];
+    for (int i = 0; i < 8; ++i)
+      for (int p = 0; p < P; ++p)
+        kv[i][p] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + (t + i) * stride + 16 * p)));
+    for (int64_t j = 0; j < g; ++j) {
+      __m256i acc[8];
+      for (int i = 0; i < 8; ++i) {
+        __m256i a = _mm256_setzero_si256();
+        for (int p = 0; p < P; ++p)
+          a = _mm256_add_epi32(a, _mm256_madd_epi16(kv[i][p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * D + 16 * p))));
+        acc[i] = a;
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + j * ld + t), sum8_avx2(acc));
+    }
+  }
+  int_dots_scalar(q, g, keys + m8 * stride, stride, m - m8, D, dots + m8, ld);
+}
 #endif
 
-static const Isa& isa() {
-  static const Isa found = [] {
-    Isa f;
+static bool cpu_vnni() {
 #ifdef SLAM_X86
-    f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-    f.vnni = f.avx512 && __builtin_cpu_supports("avx512vnni");
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
 #endif
-    return f;
-  }();
-  return found;
+}
+
+static int best_level() {
+#ifdef SLAM_X86
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (__builtin_cpu_supports("avx2")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+static int level_named(const char* name, int otherwise) {
+  for (int l = kScalar; l <= kAvx512; ++l)
+    if (name && std::strcmp(name, kNames[l]) == 0) return l;
+  return otherwise;
+}
+
+static int& level() {
+  static int chosen = std::min(best_level(), level_named(std::getenv("ATEN_CPU_CAPABILITY"), kAvx512));
+  return chosen;
+}
+
+const char* set_level(const char* name) {
+  if (name && *name) level() = std::min(best_level(), level_named(name, best_level()));
+  return kNames[level()];
 }
 
 void int_dots(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d, int32_t* dots,
               int64_t ld) {
 #ifdef SLAM_X86
-  if (isa().avx512) {
-    const bool vnni = isa().vnni;
+  if (level() == kAvx512) {
+    static const bool vnni = cpu_vnni();
     if (d == 64) return vnni ? int_dots_avx512<64, true>(q, g, keys, stride, m, dots, ld)
                              : int_dots_avx512<64, false>(q, g, keys, stride, m, dots, ld);
     if (d == 128) return vnni ? int_dots_avx512<128, true>(q, g, keys, stride, m, dots, ld)
                               : int_dots_avx512<128, false>(q, g, keys, stride, m, dots, ld);
+  }
+  if (level() >= kAvx2) {
+    if (d == 64) return int_dots_avx2<64>(q, g, keys, stride, m, dots, ld);
+    if (d == 128) return int_dots_avx2<128>(q, g, keys, stride, m, dots, ld);
   }
 #endif
   int_dots_scalar(q, g, keys, stride, m, d, dots, ld);
@@ -141,12 +199,29 @@ __attribute__((target("avx512f,avx512bw"))) static void scale_logits_avx512(cons
   }
   scale_logits_scalar(dots + m16, low ? low + m16 : nullptr, qs, scales + m16, ok + m16, fs, m - m16, o + m16);
 }
+
+__attribute__((target("avx2"))) static void scale_logits_avx2(const int32_t* dots, const int32_t* low, float qs,
+                                                              const float* scales, const bool* ok, float fs, int64_t m,
+                                                              float* o) {
+  const __m256 vq = _mm256_set1_ps(qs), vf = _mm256_set1_ps(fs), none = _mm256_set1_ps(kNone);
+  const int64_t m8 = m / 8 * 8;
+  for (int64_t t = 0; t < m8; t += 8) {
+    __m256i di = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + t));
+    if (low) di = _mm256_add_epi32(di, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + t)));
+    const __m256 x = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(di), _mm256_mul_ps(vq, _mm256_loadu_ps(scales + t))), vf);
+    const __m256i okv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ok + t)));
+    const __m256 stored = _mm256_castsi256_ps(_mm256_cmpgt_epi32(okv, _mm256_setzero_si256()));
+    _mm256_storeu_ps(o + t, _mm256_blendv_ps(none, x, stored));
+  }
+  scale_logits_scalar(dots + m8, low ? low + m8 : nullptr, qs, scales + m8, ok + m8, fs, m - m8, o + m8);
+}
 #endif
 
 void scale_logits(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok, float fs,
                   int64_t m, float* o) {
 #ifdef SLAM_X86
-  if (isa().avx512) return scale_logits_avx512(dots, low, qs, scales, ok, fs, m, o);
+  if (level() == kAvx512) return scale_logits_avx512(dots, low, qs, scales, ok, fs, m, o);
+  if (level() == kAvx2) return scale_logits_avx2(dots, low, qs, scales, ok, fs, m, o);
 #endif
   scale_logits_scalar(dots, low, qs, scales, ok, fs, m, o);
 }

@@ -19,4 +19,8 @@ void int_dots(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, i
 void scale_logits(const int32_t* dots, const int32_t* low, float qs, const float* scales, const bool* ok, float fs,
                   int64_t m, float* o);
 
+// The vector path the scoring takes: "avx512", "avx2" or "default" (scalar). name: a level to cap it at (the best
+// the CPU runs otherwise; ATEN_CPU_CAPABILITY caps it at start), or empty to only ask.
+const char* set_level(const char* name);
+
 }  // namespace slam_scores
