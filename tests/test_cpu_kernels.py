@@ -10,7 +10,7 @@ import pytest
 import torch
 from slam.bench.shapes import SHAPES, random_model, synthetic_request
 from slam.cache import cpu_kernels
-from slam.cache.selection import candidate_top, chunk_top_int8, dot_int8, exact_top
+from slam.cache.selection import candidate_top, candidates, chunk_top_int8, dot_int8, exact_top
 from slam.cache.slam import place
 from slam.config import CacheConfig, EngineConfig
 from slam.engine import bounds
@@ -156,6 +156,40 @@ def test_chunk_top_int8_equals_torch_with_ties_and_unfilled_chunks(seed, scoring
     got = chunk_top_int8(q, smin, smax, sscale, n, first, chunk, 0.125, cpu=True)
     assert want.shape == (b, h, first) and torch.equal(want, got)
     assert set(got[1, 0, :88].tolist()) == set(range(88))  # every filled chunk before any unfilled one
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_two_stage_top_int8_equals_stage_one_then_stage_two(scale_dtype, scoring_level):
+    """Both stages in one op: the torch code's stage one over chunks [0, chunks) of the whole bound buffers, its
+    chunks written to cand[:b, :, :first] (the rest of cand untouched), then stage two over their tokens; with
+    a slot whose filled chunks are fewer than `first` and an empty one."""
+    g = torch.Generator().manual_seed(7)
+    slots, b, h, group, d, chunk, cap_chunks, chunks, first, kc = 4, 3, 3, 3, 64, 8, 130, 120, 40, 90
+    rows = cap_chunks * chunk + 1
+    smin = torch.randint(-100, 1, (slots, h, cap_chunks + 1, d), generator=g, dtype=torch.int8)
+    smax = torch.randint(0, 100, (slots, h, cap_chunks + 1, d), generator=g, dtype=torch.int8)
+    sscale = torch.rand(slots, h, cap_chunks + 1, generator=g)
+    keys = torch.randint(-127, 128, (slots, h, rows, d), generator=g, dtype=torch.int8)
+    scales = (torch.rand(slots, h, rows, generator=g) / 50).to(scale_dtype)
+    q = torch.randn(b, h, group, d, generator=g)
+    rpos = torch.arange(rows).expand(slots, -1).clone()
+    rpos[0, ::11] = -1  # indices that hold nothing
+    n = torch.tensor([chunks * chunk, 20 * chunk + 3, 0])  # full; 21 chunks filled (fewer than first); empty
+    cand = torch.full((slots, h, first + 5), -7, dtype=torch.int32)
+    part = (slice(0, b), slice(None), slice(0, chunks))
+    chosen = chunk_top_int8(q, smin[part], smax[part], sscale[part], n, first, chunk, 0.125)
+    idx = candidates(chosen, chunk)
+    flat = (torch.arange(b * h).view(b, h, 1) * rows + idx).view(-1)
+    k_rows = keys.view(-1, d).index_select(0, flat).view(b, h, -1, d)
+    s_rows = scales.view(-1).index_select(0, flat).view(b, h, -1)
+    want = candidate_top(dot_int8(q, k_rows, s_rows), idx, rpos[:b], n, kc, 0.125, ties=True)
+    got = torch.ops.slam_cpu.two_stage_top_int8(q, smin, smax, sscale, keys, scales, rpos, n, cand, chunks, first,
+                                                chunk, kc, 0.125)
+    found = want[1] > float("-inf")
+    assert torch.equal(want[1], got[1]) and int(found[1].sum()) > 0 and not bool(found[2].any())
+    assert torch.equal(want[0][found], got[0][found])
+    assert torch.equal(cand[:b, :, :first], chosen.int())
+    assert bool((cand[b:] == -7).all()) and bool((cand[:, :, first:] == -7).all())
 
 
 def test_candidate_top_breaks_ties_by_reserve_index_not_position():

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -108,19 +109,17 @@ SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, c
   }
 }
 
-// Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h, m] stored, tie [b, h, m] or nullptr ->
-// idx, score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of five
-// hundred scores is worth a thread's wake-up, a few short ones are not.
-void top_rows(const at::Tensor& lp, const at::Tensor& ok, const int64_t* tie, int64_t kc, int64_t* idx,
+// Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h (per_row), m] stored, tie [b, h, m] or
+// nullptr -> idx, score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of
+// five hundred scores is worth a thread's wake-up, a few short ones are not.
+void top_rows(const at::Tensor& lp, const bool* ok, bool per_row, const int64_t* tie, int64_t kc, int64_t* idx,
               float* score) {
   const int64_t rows = lp.size(0) * lp.size(1), g = lp.size(2), m = lp.size(3), per_slot = lp.size(1);
   const float* x = lp.data_ptr<float>();
-  const bool* ok_p = ok.data_ptr<bool>();
-  const bool per_row = ok.size(1) != 1;
   at::parallel_for(0, rows, m >= 512 ? 1 : 4, [&](int64_t begin, int64_t end) {
     Scratch w;
     for (int64_t r = begin; r < end; ++r)
-      top_row(x + r * g * m, g, m, ok_p + (per_row ? r : r / per_slot) * m, tie ? tie + r * m : nullptr, kc,
+      top_row(x + r * g * m, g, m, ok + (per_row ? r : r / per_slot) * m, tie ? tie + r * m : nullptr, kc,
               idx + r * kc, score + r * kc, w);
   });
 }
@@ -194,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
   const at::Tensor ord = keyed ? order.contiguous() : order;
   at::Tensor out_idx = at::empty({b, h, kc}, logp.options().dtype(at::kLong));
   at::Tensor out_score = at::empty({b, h, kc}, logp.options());
-  top_rows(lp, st, keyed ? ord.data_ptr<int64_t>() : nullptr, kc, out_idx.data_ptr<int64_t>(),
-           out_score.data_ptr<float>());
+  top_rows(lp, st.data_ptr<bool>(), st.size(1) != 1, keyed ? ord.data_ptr<int64_t>() : nullptr, kc,
+           out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
   return {out_idx, out_score};
 }
 
@@ -233,86 +232,150 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   });
   at::Tensor out_idx = at::empty({b, h, kc}, rpos.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  top_rows(lp, ok, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
+  top_rows(lp, ok_p, false, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
   return {out_idx, out_score};
 }
 
-// Stage one of two-stage selection from int8 bounds in one call: selection.chunk_top_int8 (ties to the
-// lower chunk index). q: [b, h, g, d]; smin, smax: [b, h, chunks, d] int8, rows contiguous; sscale: [b, h,
-// chunks] float32; n: [b] tokens stored -> chunk indices [b, h, first], best first.
-at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax,
-                          const at::Tensor& sscale, const at::Tensor& n, int64_t first, int64_t chunk, double scale) {
+// Stage one of two-stage selection from int8 bounds (selection.chunk_top_int8, ties to the lower chunk index):
+// q [b, h, g, d]; smin, smax [>= b, h, >= chunks, d] int8, rows contiguous; sscale [>= b, h, >= chunks] float32,
+// chunks contiguous; stored [b] tokens stored -> the `first` best of chunks [0, chunks) per row, best first, at
+// chosen [b * h * first].
+void stage_one(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax, const at::Tensor& sscale,
+               const int64_t* stored, int64_t chunks, int64_t first, int64_t chunk, double scale, int64_t* chosen) {
   TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
   TORCH_CHECK(smin.stride(3) == 1 && smax.stride(3) == 1 && smin.stride(2) == smax.stride(2), "bounds: rows");
-  const int64_t b = smin.size(0), h = smin.size(1), chunks = smin.size(2);
-  TORCH_CHECK(first <= chunks, "first above the chunks");
-  const at::Tensor nn = n.to(at::kLong).contiguous(), sf = sscale.to(at::kFloat).contiguous();
-  at::Tensor ok = at::empty({b, 1, chunks}, nn.options().dtype(at::kBool));
-  bool* ok_p = ok.data_ptr<bool>();
+  TORCH_CHECK(sscale.scalar_type() == at::kFloat && sscale.stride(2) == 1, "sscale: float32, chunks contiguous");
+  const int64_t b = q.size(0), h = q.size(1);
+  TORCH_CHECK(first <= chunks && chunks <= smin.size(2) && b <= smin.size(0), "chunks: first <= chunks <= bounds");
+  std::unique_ptr<bool[]> ok(new bool[b * chunks]);
   for (int64_t i = 0; i < b; ++i)
-    for (int64_t c = 0; c < chunks; ++c) ok_p[i * chunks + c] = c * chunk < nn.data_ptr<int64_t>()[i];
-  const float* sf_p = sf.data_ptr<float>();
+    for (int64_t c = 0; c < chunks; ++c) ok[i * chunks + c] = c * chunk < stored[i];
+  const float* ss = sscale.data_ptr<float>();
+  const int64_t s0 = sscale.stride(0), s1 = sscale.stride(1);
   const at::Tensor lp = int8_log_probs(q, chunks, scale, [&](int64_t r) {
-    return Int8Rows{row_of(smax, r), row_of(smin, r), smax.stride(2), sf_p + r * chunks, ok_p + (r / h) * chunks};
+    return Int8Rows{row_of(smax, r), row_of(smin, r), smax.stride(2), ss + (r / h) * s0 + (r % h) * s1,
+                    ok.get() + (r / h) * chunks};
   });
-  at::Tensor out = at::empty({b, h, first}, nn.options());
-  at::Tensor score = at::empty({b, h, first}, q.options().dtype(at::kFloat));
-  top_rows(lp, ok, nullptr, first, out.data_ptr<int64_t>(), score.data_ptr<float>());
-  return out;
+  std::vector<float> score(b * h * first);
+  top_rows(lp, ok.get(), false, nullptr, first, chosen, score.data());
 }
 
-// Stage two of two-stage selection from int8 scoring keys in one call: pool.scoring_int8_rows's gathers,
-// selection.dot_int8 and candidate_top (ties by lower reserve index). q: [b, h, g, d]; keys: [slots, h,
-// rows, d] int8 and scales [slots, h, rows] (bfloat16 or float32), the whole reserve; idx: [b, h, c]
-// candidate reserve indices; rpos: [slots, rows]; n: [b]; fresh: [b, h, c] bool or empty (False: a repeat,
-// skipped) -> (reserve indices, scores) [b, h, kc].
-std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const at::Tensor& keys,
-                                                      const at::Tensor& scales, const at::Tensor& idx,
-                                                      const at::Tensor& rpos, const at::Tensor& n,
-                                                      const at::Tensor& fresh, int64_t kc, double scale) {
+// Stage two of two-stage selection from int8 scoring keys (pool.scoring_int8_rows's gathers, selection.dot_int8
+// and candidate_top, ties by lower reserve index): q [b, h, g, d]; keys [slots, h, rows, d] int8 and scales
+// [slots, h, rows] (bfloat16 or float32), the whole reserve; ix [b * h * c] candidate reserve indices; rpos
+// [slots, rows]; stored [b]; fresh [b * h * c] or nullptr (false: a repeat, skipped) -> reserve indices and
+// scores at out_idx, out_score [b * h * kc].
+void stage_two(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& scales, const int64_t* ix_p, int64_t c,
+               const at::Tensor& rpos, const int64_t* stored, const bool* fr_p, int64_t kc, double scale,
+               int64_t* out_idx, float* out_score) {
   TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.is_contiguous(), "keys: int8 reserve");
   TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
-  const int64_t b = idx.size(0), h = idx.size(1), c = idx.size(2), rows = keys.size(2), d = keys.size(3);
   TORCH_CHECK(kc <= c, "kc above the candidates");
-  const at::Tensor ix = idx.to(at::kLong).contiguous(), nn = n.to(at::kLong).contiguous();
-  const bool has_fresh = fresh.defined() && fresh.numel() > 0;
-  const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
+  const int64_t b = q.size(0), h = q.size(1), rows = keys.size(2), d = keys.size(3);
   at::Tensor kb = at::empty({b, h, c, d}, keys.options());
-  at::Tensor sb = at::empty({b, h, c}, keys.options().dtype(at::kFloat));
-  at::Tensor ok = at::empty({b, h, c}, keys.options().dtype(at::kBool));
+  std::vector<float> sb(b * h * c);
+  std::unique_ptr<bool[]> ok(new bool[b * h * c]);
   const bool bf16 = scales.scalar_type() == at::kBFloat16;
   const int8_t* keys_p = keys.data_ptr<int8_t>();
   const c10::BFloat16* s16_p = bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr;
   const float* s32_p = bf16 ? nullptr : scales.data_ptr<float>();
-  const bool* fr_p = has_fresh ? fr.data_ptr<bool>() : nullptr;
   const int64_t* rpos_p = rpos.data_ptr<int64_t>();
-  const int64_t* ix_p = ix.data_ptr<int64_t>();
   int8_t* kb_p = kb.data_ptr<int8_t>();
-  float* sb_p = sb.data_ptr<float>();
-  bool* ok_p = ok.data_ptr<bool>();
-  // The gathers, rows over the threads: each reads candidates scattered through a reserve far larger than the
-  // caches, so two threads hide each other's waits on memory.
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row / h, stored = nn.data_ptr<int64_t>()[i], base = row * rows;
+  float* sb_p = sb.data();
+  bool* ok_p = ok.get();
+  // The gathers, over the threads by row and by range of candidates (one slot's three heads use both of two
+  // threads): each reads candidates scattered through a reserve far larger than the caches, so the rows, their
+  // scales and positions are prefetched well ahead, and two threads hide each other's waits on memory.
+  const int64_t threads = at::get_num_threads(), parts = std::max<int64_t>(1, (2 * threads + b * h - 1) / (b * h));
+  const int64_t span = (c + parts - 1) / parts;
+  constexpr int64_t kAhead = 32;
+  at::parallel_for(0, b * h * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t row = unit / parts, lo = std::min(c, unit % parts * span), hi = std::min(c, lo + span);
+      const int64_t i = row / h, n = stored[i], base = row * rows;
       const int64_t* r = ix_p + row * c;
       const int64_t* rp = rpos_p + i * rpos.size(1);
-      for (int64_t t = 0; t < c; ++t) {
-        if (t + 16 < c) __builtin_prefetch(keys_p + (base + r[t + 16]) * d);  // as in place_rows
+      for (int64_t t = lo; t < hi; ++t) {
+        if (t + kAhead < hi) {
+          const int64_t ahead = r[t + kAhead];
+          for (int64_t l = 0; l < d; l += 64) __builtin_prefetch(keys_p + (base + ahead) * d + l);
+          __builtin_prefetch(bf16 ? static_cast<const void*>(s16_p + base + ahead) : static_cast<const void*>(s32_p + base + ahead));
+          __builtin_prefetch(rp + ahead);
+        }
         std::memcpy(kb_p + (row * c + t) * d, keys_p + (base + r[t]) * d, d);
         sb_p[row * c + t] = bf16 ? static_cast<float>(s16_p[base + r[t]]) : s32_p[base + r[t]];
-        ok_p[row * c + t] = r[t] < stored && rp[r[t]] >= 0 && (!fr_p || fr_p[row * c + t]);
+        ok_p[row * c + t] = r[t] < n && rp[r[t]] >= 0 && (!fr_p || fr_p[row * c + t]);
       }
     }
   });
   const at::Tensor lp = int8_log_probs(q, c, scale, [&](int64_t r) {
     return Int8Rows{kb_p + r * c * d, nullptr, d, sb_p + r * c, ok_p + r * c};
   });
-  at::Tensor at_ = at::empty({b, h, kc}, ix.options());
+  std::vector<int64_t> at_(b * h * kc);
+  top_rows(lp, ok_p, true, ix_p, kc, at_.data(), out_score);
+  for (int64_t r = 0; r < b * h; ++r)
+    for (int64_t j = 0; j < kc; ++j) out_idx[r * kc + j] = ix_p[r * c + at_[r * kc + j]];
+}
+
+// Stage one in one call: q [b, h, g, d]; smin, smax [b, h, chunks, d] int8, rows contiguous; sscale [b, h, chunks];
+// n [b] tokens stored -> chunk indices [b, h, first], best first.
+at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax,
+                          const at::Tensor& sscale, const at::Tensor& n, int64_t first, int64_t chunk, double scale) {
+  const at::Tensor nn = n.to(at::kLong).contiguous();
+  at::Tensor sf = sscale.to(at::kFloat);
+  if (sf.stride(2) != 1) sf = sf.contiguous();
+  at::Tensor out = at::empty({q.size(0), q.size(1), first}, nn.options());
+  stage_one(q, smin, smax, sf, nn.data_ptr<int64_t>(), smin.size(2), first, chunk, scale, out.data_ptr<int64_t>());
+  return out;
+}
+
+// Stage two in one call: idx [b, h, c] candidate reserve indices; fresh [b, h, c] bool or empty -> (reserve
+// indices, scores) [b, h, kc] (stage_two).
+std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const at::Tensor& keys,
+                                                      const at::Tensor& scales, const at::Tensor& idx,
+                                                      const at::Tensor& rpos, const at::Tensor& n,
+                                                      const at::Tensor& fresh, int64_t kc, double scale) {
+  const int64_t b = idx.size(0), h = idx.size(1), c = idx.size(2);
+  const at::Tensor ix = idx.to(at::kLong).contiguous(), nn = n.to(at::kLong).contiguous();
+  const bool has_fresh = fresh.defined() && fresh.numel() > 0;
+  const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
+  at::Tensor out_idx = at::empty({b, h, kc}, ix.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  top_rows(lp, ok, ix_p, kc, at_.data_ptr<int64_t>(), out_score.data_ptr<float>());
-  return {ix.gather(2, at_), out_score};
+  stage_two(q, keys, scales, ix.data_ptr<int64_t>(), c, rpos, nn.data_ptr<int64_t>(),
+            has_fresh ? fr.data_ptr<bool>() : nullptr, kc, scale, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
+  return {out_idx, out_score};
+}
+
+// Both stages in one call, stage one refreshed: stage_one over chunks [0, chunks) of the layer's bounds, its picks
+// written to cand[:b, :, :first] (int32: the chunks later steps re-rank), then stage_two over every token of those
+// chunks. Saves the dozen small ops between the two per layer. smin, smax, sscale, cand: the layer's whole
+// buffers; keys, scales, rpos: the whole reserve.
+std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const at::Tensor& smin,
+                                                      const at::Tensor& smax, const at::Tensor& sscale,
+                                                      const at::Tensor& keys, const at::Tensor& scales,
+                                                      const at::Tensor& rpos, const at::Tensor& n, at::Tensor cand,
+                                                      int64_t chunks, int64_t first, int64_t chunk, int64_t kc,
+                                                      double scale) {
+  TORCH_CHECK(cand.scalar_type() == at::kInt && cand.size(2) >= first && cand.stride(2) == 1,
+              "cand: [slots, h, >= first] int32");
+  const int64_t b = q.size(0), h = q.size(1), c = first * chunk;
+  const at::Tensor nn = n.to(at::kLong).contiguous();
+  const int64_t* stored = nn.data_ptr<int64_t>();
+  std::vector<int64_t> chosen(b * h * first), ix(b * h * c);
+  stage_one(q, smin, smax, sscale, stored, chunks, first, chunk, scale, chosen.data());
+  int32_t* cand_p = cand.data_ptr<int32_t>();
+  for (int64_t r = 0; r < b * h; ++r)
+    for (int64_t j = 0; j < first; ++j) {
+      const int64_t k = chosen[r * first + j];
+      cand_p[(r / h) * cand.stride(0) + (r % h) * cand.stride(1) + j] = static_cast<int32_t>(k);
+      for (int64_t o = 0; o < chunk; ++o) ix[(r * first + j) * chunk + o] = k * chunk + o;
+    }
+  at::Tensor out_idx = at::empty({b, h, kc}, nn.options());
+  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
+  stage_two(q, keys, scales, ix.data(), c, rpos, stored, nullptr, kc, scale, out_idx.data_ptr<int64_t>(),
+            out_score.data_ptr<float>());
+  return {out_idx, out_score};
 }
 
 // The vector path of the integer scoring (cpu_scores.h's set_level): capped at `level` unless empty.
@@ -331,6 +394,8 @@ TORCH_LIBRARY(slam_cpu, m) {
         "float scale) -> Tensor");
   m.def("candidate_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor idx, Tensor rpos, Tensor n, Tensor fresh, "
         "int kc, float scale) -> (Tensor, Tensor)");
+  m.def("two_stage_top_int8(Tensor q, Tensor smin, Tensor smax, Tensor sscale, Tensor keys, Tensor scales, "
+        "Tensor rpos, Tensor n, Tensor(a!) cand, int chunks, int first, int chunk, int kc, float scale) -> (Tensor, Tensor)");
   m.def("reserve_append(Tensor(a!) rk, Tensor(b!) rv, Tensor(c!) rq, Tensor(d!) rq_scale, Tensor at, Tensor k, "
         "Tensor v) -> ()");
   m.def("summarize_append(Tensor(a!) smin, Tensor(b!) smax, Tensor(c!) sscale, Tensor at, Tensor keys, int chunk, "
@@ -346,6 +411,7 @@ TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
   m.impl("exact_top_int8", &exact_top_int8);
   m.impl("candidate_top_int8", &candidate_top_int8);
   m.impl("chunk_top_int8", &chunk_top_int8);
+  m.impl("two_stage_top_int8", &two_stage_top_int8);
 }
 
 TORCH_LIBRARY_IMPL(slam_cpu, CatchAll, m) { m.impl("scoring_level", &scoring_level); }

@@ -86,6 +86,16 @@ def candidate_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor
                                                  kc, scale)
 
 
+def two_stage_top_int8(q: torch.Tensor, pool, layer: int, n: torch.Tensor, chunks: int, first: int, kc: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A refreshing layer's two stages in one call: chunk_top_int8 over the pool's bounds of chunks [0, chunks),
+    its picks stored in pool.cand[layer][:b, :, :first], then candidate_top_int8 over their tokens -> (reserve
+    indices, scores) [b, kv_heads, kc]."""
+    return torch.ops.slam_cpu.two_stage_top_int8(q, pool.smin[layer], pool.smax[layer], pool.sscale[layer],
+                                                 *pool.int8_keys(layer), pool.rpos, n, pool.cand[layer], chunks,
+                                                 first, pool.chunk, kc, scale)
+
+
 def place(pool, layer: int, idx: torch.Tensor, score: torch.Tensor, col: torch.Tensor) -> None:
     """slam.place's gathers, churn and column writes for layer `layer` of slots [0, idx.shape[0])."""
     pool.replaced[: idx.shape[0]] += torch.ops.slam_cpu.place(

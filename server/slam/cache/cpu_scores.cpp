@@ -72,6 +72,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int_dots_avx5
   constexpr int P = D / 32;
   const int64_t m8 = m / 8 * 8;
   for (int64_t t = 0; t < m8; t += 8) {
+    if (t + 40 <= m8)
+      for (int i = 0; i < 8; ++i) _mm_prefetch(reinterpret_cast<const char*>(keys + (t + 32 + i) * stride), _MM_HINT_T0);
     __m512i kv[8][P];
     for (int i = 0; i < 8; ++i)
       for (int p = 0; p < P; ++p)

@@ -227,6 +227,8 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     fresh = None
     if refresh:
         chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
+        if pool.int8_scoring and pool.cpu_kernels:
+            return cpu_kernels.two_stage_top_int8(q, pool, layer, n, chunks, first, kc, scale)
         bounds = pool.bounds_of(layer, slice(0, b), chunks)
         if pool.int8_scoring:
             chosen = chunk_top_int8(q, *bounds, n, first, pool.chunk, scale, pool.cpu_kernels)
