@@ -38,6 +38,7 @@ def per_call(fn, calls: int = 16) -> float:
 def engine_for(loaded, policy: str, args, eager: bool) -> LLMEngine:
     cache = CacheConfig(policy=policy, budget=None if policy == "full" else args.budget, sink=4, recent=64)
     config = EngineConfig(max_batch=args.batch, cache=cache, enforce_eager=eager, dtype=args.dtype, max_model_len=args.context + 64,
+                          max_prompt_tokens=args.context + 64,
                           max_budget=args.context + 64 if policy == "full" else None,
                           select_oversample=args.oversample, select_every=args.every, select_min_ratio=args.min_ratio,
                           compile=not args.no_compile, reserve_dtype=args.reserve_dtype)

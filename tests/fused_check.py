@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import torch
 
 from slam.cache import fused, fused_dots, fused_top
-from slam.cache.selection import candidates, dot_float, exact_top, group_scores, select_reserve
+from slam.cache.selection import (bound_scores, candidates, chunk_top, chunk_top_in_place, dequantize_bounds, dot_float,
+                                  exact_top, group_scores, select_reserve)
 from slam.cache.slam import place
 from slam.engine import decode_attention, ring
 from slam.engine.attention import attend
@@ -199,6 +200,36 @@ def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0,
 
 
 @torch.inference_mode()
+def compare_chunk_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunks: int = 300,
+                      first: int = 40) -> None:
+    """Stage one on GPUs (selection.chunk_top_in_place: int8 bounds read in place, the long-row top-k) against
+    the eager chunk_top, which dequantizes them: the same chunks where their bounds are apart, over views of
+    larger buffers; a slot with fewer filled chunks than `first` gets them all, then distinct empty ones."""
+    g = torch.Generator().manual_seed(seed)
+    slots, b, heads, group, d, chunk = 5, 3, 2, 3, 16, 8
+    shape = (slots, heads, chunks + 9, d)
+    smin = torch.randint(-127, 1, shape, generator=g, dtype=torch.int8).to(device)
+    smax = torch.randint(0, 128, shape, generator=g, dtype=torch.int8).to(device)
+    sscale = (torch.rand(shape[:3], generator=g) * 0.02 + 0.01).to(device)
+    q = torch.randn(b, heads, group, d, generator=g).to(device, dtype)
+    n = torch.tensor([chunks * chunk, chunks * chunk - 13, 11 * chunk + 2], device=device)  # 12 filled < first
+    got = chunk_top_in_place(q, smin, smax, sscale, n, chunks, first, chunk, d**-0.5)
+    part = (slice(0, b), slice(None), slice(0, chunks))
+    lo, hi = dequantize_bounds(smin[part], smax[part], sscale[part], torch.float32)
+    filled = (torch.arange(chunks, device=device) * chunk < n.view(-1, 1)).unsqueeze(1)
+    scores = bound_scores(q.float(), lo, hi, filled, d**-0.5)  # [b, heads, chunks]
+    want = chunk_top(q, smin[part], smax[part], sscale[part], n, first, chunk, d**-0.5)
+    assert got.shape == want.shape == (b, heads, first)
+    kth = scores.gather(2, want).min(dim=-1, keepdim=True).values
+    for row, want_row, s, k in zip(got.flatten(0, 1).tolist(), want.flatten(0, 1).tolist(),
+                                   scores.flatten(0, 1).tolist(), kth.flatten().tolist()):
+        assert len(set(row)) == first, "a chunk picked twice"
+        clear = {c for c in range(chunks) if s[c] > float("-inf") and abs(s[c] - k) > 1e-3}  # apart from the cut
+        assert {c for c in row if c in clear} == {c for c in want_row if c in clear}, "different chunks"
+    assert set(got[2, 0].tolist()) >= set(range(12)), "a filled chunk left out"
+
+
+@torch.inference_mode()
 def compare_int8_selection(device: str, seed: int = 0, kc: int = 24) -> None:
     """An int8 reserve scored in place (pool.fused: exact scoring, then two stages at a refresh and between
     refreshes) against the eager path, which dequantizes the keys first: the same scores and the same picks
@@ -299,6 +330,7 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_limit(device, dtype, seed)
     compare_dots(device, dtype, seed)
     compare_dots(device, dtype, seed, int8=True)
+    compare_chunk_top(device, dtype, seed)
     compare_int8_selection(device, seed)
     compare_two_stage(device, dtype, seed)
     compare_two_stage(device, dtype, seed, kc=300)

@@ -139,6 +139,23 @@ def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: t
     return bound_scores(q, smin, smax, filled, scale).topk(first, dim=-1, sorted=best_first).indices
 
 
+def chunk_top_in_place(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
+                       chunks: int, first: int, chunk: int, scale: float) -> torch.Tensor:
+    """chunk_top on GPUs: the int8 bounds of chunks [0, chunks) read where they lie in the layer's whole buffers
+    (smin, smax [slots, kv_heads, >= chunks, head_dim], sscale [slots, kv_heads, >= chunks]; q's positive part
+    against smax, its negative part against smin, each chunk's scale after the products) and ranked by the
+    long-row top-k (cache/fused_top.py), instead of dequantizing every bound at every refresh: at 128K that
+    copy alone took 420 us per refreshing layer (H100, batch 32). -> chunk indices [b, kv_heads, first],
+    in column order."""
+    b = q.shape[0]
+    upper = (fused_dots.reserve_dots(q.clamp_min(0), smax, sscale, chunks)
+             + fused_dots.reserve_dots(q.clamp_max(0), smin, sscale, chunks))  # [b, kv_heads, group, chunks]
+    filled = (torch.arange(chunks, device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
+    # A slot with fewer filled chunks than `first` gets them all, then distinct unfilled ones (whose tokens stage
+    # two finds not stored): stored_top fills a row's empty picks with its first unstored columns.
+    return fused_top.stored_top(upper, filled, first, scale, torch.full((b,), first, device=q.device))[0]
+
+
 def chunk_top_int8(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
                    first: int, chunk: int, scale: float, cpu: bool = False) -> torch.Tensor:
     """chunk_top on CPUs with int8 scoring: the bounds are read as int8, in dot_int8's arithmetic (the int16
@@ -230,7 +247,10 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         if pool.int8_scoring and pool.cpu_kernels:
             return cpu_kernels.two_stage_top_int8(q, pool, layer, n, chunks, first, kc, scale)
         bounds = pool.bounds_of(layer, slice(0, b), chunks)
-        if pool.int8_scoring:
+        if pool.fused:
+            chosen = chunk_top_in_place(q, pool.smin[layer], pool.smax[layer], pool.sscale[layer], n, chunks,
+                                        first, pool.chunk, scale)
+        elif pool.int8_scoring:
             chosen = chunk_top_int8(q, *bounds, n, first, pool.chunk, scale, pool.cpu_kernels)
         else:
             chosen = _run(pool, chunk_top, q, *bounds, n, first, pool.chunk, scale)

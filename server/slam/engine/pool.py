@@ -133,9 +133,7 @@ class SlotPool(ChunkBounds, ReserveReads):
         """Make room for `need` evicted tokens per slot (grows every layer's reserve by doubling)."""
         if need <= self.cap:
             return
-        cap = max(need, 2 * self.cap, 256)
-        if self.chunk:
-            cap = -(-cap // self.chunk) * self.chunk  # whole chunks: the scratch index gets its own chunk
+        cap = self.grown_capacity(need, self.cap)
         n = self.cap
         pin = self.reserve_memory.type == "cpu" and self.device.type == "cuda"
         pinned = []
@@ -184,6 +182,12 @@ class SlotPool(ChunkBounds, ReserveReads):
             self.two_stage = True
             self._rebuild_bounds(n)
         self.version += 1
+
+    def grown_capacity(self, need: int, cap: int) -> int:
+        """The capacity ensure_reserve grows `cap` to for `need` tokens: at least double (so appends cost
+        amortized O(1)), whole chunks (the scratch index gets its own chunk)."""
+        cap = max(need, 2 * cap, 256)
+        return -(-cap // self.chunk) * self.chunk if self.chunk else cap
 
     def reserve_write(self, layer: int, idx: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values at reserve index `idx` (a tuple of index tensors / slices)."""
