@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import torch
 
 from slam.cache import fused, fused_dots, fused_top
-from slam.cache.selection import (bound_scores, candidates, chunk_top, chunk_top_in_place, dequantize_bounds, dot_float,
-                                  exact_top, group_scores, select_reserve)
+from slam.cache.selection import (bound_scores, candidates, chunk_top_in_place, dequantize_bounds, dot_float, exact_top,
+                                  group_scores, select_reserve)
 from slam.cache.slam import place
 from slam.engine import decode_attention, ring
 from slam.engine.attention import attend
@@ -203,8 +203,9 @@ def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0,
 def compare_chunk_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunks: int = 300,
                       first: int = 40) -> None:
     """Stage one on GPUs (selection.chunk_top_in_place: int8 bounds read in place, the long-row top-k) against
-    the eager chunk_top, which dequantizes them: the same chunks where their bounds are apart, over views of
-    larger buffers; a slot with fewer filled chunks than `first` gets them all, then distinct empty ones."""
+    bound_scores of the bounds dequantized in float32 (the eager chunk_top rounds them to q's dtype first): the
+    same chunks where their bounds are apart, over views of larger buffers; a slot with fewer filled chunks than
+    `first` gets them all, then distinct empty ones."""
     g = torch.Generator().manual_seed(seed)
     slots, b, heads, group, d, chunk = 5, 3, 2, 3, 16, 8
     shape = (slots, heads, chunks + 9, d)
@@ -218,11 +219,10 @@ def compare_chunk_top(device: str, dtype: torch.dtype = torch.float32, seed: int
     lo, hi = dequantize_bounds(smin[part], smax[part], sscale[part], torch.float32)
     filled = (torch.arange(chunks, device=device) * chunk < n.view(-1, 1)).unsqueeze(1)
     scores = bound_scores(q.float(), lo, hi, filled, d**-0.5)  # [b, heads, chunks]
-    want = chunk_top(q, smin[part], smax[part], sscale[part], n, first, chunk, d**-0.5)
-    assert got.shape == want.shape == (b, heads, first)
-    kth = scores.gather(2, want).min(dim=-1, keepdim=True).values
-    for row, want_row, s, k in zip(got.flatten(0, 1).tolist(), want.flatten(0, 1).tolist(),
-                                   scores.flatten(0, 1).tolist(), kth.flatten().tolist()):
+    top = scores.topk(first, dim=-1)
+    assert got.shape == top.indices.shape == (b, heads, first)
+    for row, want_row, s, k in zip(got.flatten(0, 1).tolist(), top.indices.flatten(0, 1).tolist(),
+                                   scores.flatten(0, 1).tolist(), top.values[..., -1].flatten().tolist()):
         assert len(set(row)) == first, "a chunk picked twice"
         clear = {c for c in range(chunks) if s[c] > float("-inf") and abs(s[c] - k) > 1e-3}  # apart from the cut
         assert {c for c in row if c in clear} == {c for c in want_row if c in clear}, "different chunks"

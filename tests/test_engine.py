@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from slam.engine.pool import SlotPool
 from slam.engine.sequence import SamplingParams
 from tests.conftest import make_engine
 
@@ -104,3 +105,20 @@ def test_pool_keeps_shape_and_storage_while_requests_come_and_go(smol):
         steps += 1
         assert [(t.data_ptr(), t.shape) for group in (pool.k, pool.v, pool.pos, pool.rk, pool.rv) for t in group] == before
     assert added == 12
+
+
+def test_reserve_capacity_doubles_up_to_the_longest_request():
+    """The reserve grows by doubling (amortized appends), but never past what a request of max_model_len tokens
+    can evict: rows beyond it would stay empty, and exact scoring under CUDA graphs reads the whole capacity."""
+    def caps(max_reserve: int) -> list[int]:
+        pool = SlotPool(1, 2, 1, 16, 8, torch.float32, torch.device("cpu"), chunk=8, oversample=2,
+                        max_reserve=max_reserve)
+        out = []
+        for need in (300, 400, 700, 1001):
+            pool.ensure_reserve(need)
+            assert pool.rk[0].shape[2] == pool.cap + 1 >= need + 1
+            out.append(pool.cap)
+        return out
+
+    assert caps(0) == [304, 608, 1216, 1216]
+    assert caps(1000) == [304, 608, 1000, 1008]  # bounded, then whole chunks for a need beyond the bound

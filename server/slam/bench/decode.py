@@ -99,8 +99,11 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     full = cache.policy == "full"
     length = context + WARMUP_STEPS + tokens + 8  # the most a request reaches
     release_memory(device)
+    # A server's default length, or the run's when longer: the reserve's capacity follows it, and with it
+    # whether two-stage selection runs (pool.ensure_reserve).
+    served = max(length, loaded.model.config.max_position_embeddings, 16)
     config = EngineConfig(max_batch=batch, cache=cache, dtype=args.dtype, max_budget=length if full else None,
-                          max_model_len=max(length, 16), max_prompt_tokens=max(context + 8, 16),
+                          max_model_len=served, max_prompt_tokens=max(context + 8, 16),
                           enforce_eager=args.enforce_eager,
                           compile=args.compile,
                           **selection(args))

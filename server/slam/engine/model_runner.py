@@ -82,7 +82,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, slots: int, budget: int, reserve_device: str = "auto",
                  reserve_int8: bool = False, cache_positions: bool = False, int8_weights: bool = False,
                  enforce_eager: bool = False, select_every: int = 1, selection: tuple[int, int, int] = (8, 8, 4),
-                 compile: bool = False):
+                 compile: bool = False, max_reserve: int = 0):
         model = loaded.model
         self.config, self.device = model.config, loaded.device
         self.dtype = next(model.parameters()).dtype
@@ -97,7 +97,8 @@ class ModelRunner:
             self.layers, self.lm_head = int8.quantize(self.layers), int8.quantize(self.lm_head)
         rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
         self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, self.dtype,
-                             self.device, rdev, reserve_int8, cache_positions, *selection, int8_scoring=int8_weights)
+                             self.device, rdev, reserve_int8, cache_positions, *selection, int8_scoring=int8_weights,
+                             max_reserve=max_reserve)
         self.pool.compile = compile and self.device.type == "cuda"
         self.pool.fused = compile and fused.available(self.pool)
         self.pool.cpu_kernels = compile and self.device.type == "cpu" and cpu_kernels.available()

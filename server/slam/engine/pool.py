@@ -72,7 +72,7 @@ class SlotPool(ChunkBounds, ReserveReads):
     def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
                  reserve_int8: bool = False, cache_positions: bool = False, chunk: int = 0,
-                 oversample: int = 0, min_ratio: int = 4, int8_scoring: bool = False):
+                 oversample: int = 0, min_ratio: int = 4, int8_scoring: bool = False, max_reserve: int = 0):
         self.layers, self.slots, self.kv_heads, self.budget, self.head_dim = layers, slots, kv_heads, budget, head_dim
         self.dtype, self.device = dtype, device
         cols = budget + 1
@@ -118,6 +118,7 @@ class SlotPool(ChunkBounds, ReserveReads):
         self.cand: list[torch.Tensor] = []
         self._pinned: list[torch.Tensor] = []  # host buffers behind the device aliases
         self.cap = 0  # reserve capacity per slot; 0: not allocated
+        self.max_reserve = max_reserve  # the most a request can evict (its longest length); 0: no bound
         self.rk: list[torch.Tensor] = []
         self.rv: list[torch.Tensor] = []
         self.rk_scale: list[torch.Tensor] = []
@@ -185,8 +186,10 @@ class SlotPool(ChunkBounds, ReserveReads):
 
     def grown_capacity(self, need: int, cap: int) -> int:
         """The capacity ensure_reserve grows `cap` to for `need` tokens: at least double (so appends cost
-        amortized O(1)), whole chunks (the scratch index gets its own chunk)."""
+        amortized O(1)) up to max_reserve, whole chunks (the scratch index gets its own chunk)."""
         cap = max(need, 2 * cap, 256)
+        if self.max_reserve:  # doubling past what any request can evict would only hold empty rows
+            cap = max(need, min(cap, self.max_reserve))
         return -(-cap // self.chunk) * self.chunk if self.chunk else cap
 
     def reserve_write(self, layer: int, idx: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
