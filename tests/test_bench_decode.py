@@ -3,6 +3,8 @@ roofline, JSON rows and a plot; bad flags exit 2 naming the flag."""
 
 from __future__ import annotations
 
+import torch
+
 import json
 import subprocess
 import sys
@@ -41,3 +43,18 @@ def test_bench_decode_bad_flags_exit_2(args, flag):
     run = bench(*args, timeout=120)
     assert run.returncode == 2
     assert flag in run.stderr
+
+
+def test_warm_up_visits_every_refresh_phase_however_slow_the_steps():
+    """Two-stage selection captures a decode graph per refresh phase, and at long contexts each capture takes
+    longer than the warm-up's time budget: the warm-up still runs every phase (and two steps more), so no
+    capture lands in the timed steps."""
+    import time
+
+    from slam.bench.decode import WARMUP_S, warm_up
+
+    calls = []
+    for phases in (1, 4):
+        calls.clear()
+        warm_up(lambda: (calls.append(1), time.sleep(WARMUP_S / 2)), torch.device("cpu"), phases)
+        assert len(calls) == max(3, phases + 2)

@@ -57,13 +57,15 @@ def _device_name(device: torch.device) -> str:
 WARMUP_S, WARMUP_STEPS = 0.5, 64  # warm-up before timing: at least 3 steps and WARMUP_S, at most WARMUP_STEPS
 
 
-def warm_up(step, device: torch.device) -> None:
+def warm_up(step, device: torch.device, phases: int = 1) -> None:
     """Run steps until the device is warm: graphs captured, kernels compiled, and the GPU at its working
-    clocks (an idle GPU takes a few hundred milliseconds to reach them, which would count against short rows)."""
+    clocks (an idle GPU takes a few hundred milliseconds to reach them, which would count against short rows).
+    phases: steps before the decode graphs repeat (two-stage selection captures one per refresh phase, each
+    taking longer than many steps at long contexts; one left to the timed steps inflated them by half)."""
     start = time.perf_counter()
-    for i in range(WARMUP_STEPS):
+    for i in range(max(WARMUP_STEPS, phases + 2)):
         step()
-        if i >= 2:
+        if i >= phases + 1:
             _sync(device)
             if time.perf_counter() - start > WARMUP_S:
                 return
@@ -113,7 +115,7 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     sampling = SamplingParams(max_tokens=tokens + WARMUP_STEPS + 4, ignore_eos=True)
     seqs = [synthetic_request(engine, context, sampling, seed=i) for i in range(batch)]
     engine.runner.rope.ensure(length + 1)  # a table grown between timed steps would recapture the graphs
-    warm_up(engine.step, device)
+    warm_up(engine.step, device, engine.runner.select_every)
     start = time.perf_counter()
     for _ in range(tokens):
         engine.step()

@@ -134,9 +134,11 @@ def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: t
 
     smin, smax: [b, kv_heads, chunks, head_dim] int8 bounds, sscale [b, kv_heads, chunks] their scales
     (engine/bounds.py); n: [b] tokens stored."""
-    smin, smax = dequantize_bounds(smin, smax, sscale, q.dtype)
+    # In float32: bounds rounded to a bfloat16 query's dtype moved chunks across the cut, and chunk_top_in_place
+    # (GPUs) multiplies the exact int8 bounds with float32 sums.
+    smin, smax = dequantize_bounds(smin, smax, sscale, torch.float32)
     filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
-    return bound_scores(q, smin, smax, filled, scale).topk(first, dim=-1, sorted=best_first).indices
+    return bound_scores(q.float(), smin, smax, filled, scale).topk(first, dim=-1, sorted=best_first).indices
 
 
 def chunk_top_in_place(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
