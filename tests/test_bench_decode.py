@@ -3,13 +3,12 @@ roofline, JSON rows and a plot; bad flags exit 2 naming the flag."""
 
 from __future__ import annotations
 
-import torch
-
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def bench(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
