@@ -26,13 +26,16 @@ CHUNKS = 16  # chunks per program
 if triton is not None:
 
     @triton.jit
-    def _chunk_dots(q_ptr, k_ptr, s_ptr, chunk_ptr, out_ptr, rows, c, G: tl.constexpr, GP: tl.constexpr,
-                    D: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
-                    SCALED: tl.constexpr, ALL: tl.constexpr):
+    def _chunk_dots(q_ptr, k_ptr, s_ptr, chunk_ptr, out_ptr, rows, c, rpos_ptr, n_ptr, fresh_ptr, flag_ptr, heads,
+                    rpos_stride, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                    R: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr, ALL: tl.constexpr,
+                    FLAGS: tl.constexpr, FRESH: tl.constexpr):
         # Program (row, blk): row = slot * kv_heads + head, whose reserve keys start at row * rows; candidates
         # [blk * R, (blk + 1) * R), candidate t being token t % CHUNK of chunk chunk_ptr[row, t // CHUNK]
         # (ALL: of chunk t // CHUNK, every chunk in order). SCALED: int8 keys, one float32 scale per token;
-        # their integers are exact in the query's dtype, so the scale applies to the product.
+        # their integers are exact in the query's dtype, so the scale applies to the product. FLAGS: also
+        # whether each candidate holds a token (index below the slot's n, a position stored, and its chunk
+        # fresh[row, t // CHUNK] when FRESH), written to flag_ptr [row, c * CHUNK].
         pid = tl.program_id(0)
         t = tl.program_id(1) * R + tl.arange(0, R)
         ok = t < c * CHUNK
@@ -55,6 +58,14 @@ if triton is not None:
             dots = dots * tl.load(s_ptr + at, mask=ok, other=0.0)[:, None]
         out = out_ptr + (pid * G + g[None, :]).to(tl.int64) * (c * CHUNK) + t[:, None]
         tl.store(out, dots, mask=ok[:, None] & (g[None, :] < G))
+        if FLAGS:
+            slot = pid // heads
+            index = chunk * CHUNK + t % CHUNK  # the candidate's reserve index
+            held = ok & (index < tl.load(n_ptr + slot))
+            held = held & (tl.load(rpos_ptr + slot.to(tl.int64) * rpos_stride + index, mask=held, other=-1) >= 0)
+            if FRESH:
+                held = held & (tl.load(fresh_ptr + pid * c + t // CHUNK, mask=ok, other=0) != 0)
+            tl.store(flag_ptr + pid.to(tl.int64) * (c * CHUNK) + t, held.to(tl.int8), mask=ok)
 
 
 def chunk_dots(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int,
@@ -63,22 +74,39 @@ def chunk_dots(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk:
     with `scales` [slots, kv_heads, rows] float32 or in q's dtype; chunks [b, kv_heads, c] chunk indices -> q.k
     [b, kv_heads, group, c * chunk] float32, candidate order as selection.candidates(chunks, chunk)."""
     c = chunks.shape[2]
-    return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk))
+    return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk))[0]
+
+
+def chunk_dots_stored(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int,
+                      scales: torch.Tensor | None, rpos: torch.Tensor, n: torch.Tensor,
+                      fresh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_dots and, in the same pass, which candidates hold a token (selection.candidate_stored): rpos [>= b,
+    rows] the slots' positions (-1: empty), n [b] tokens stored, fresh [b, kv_heads, c] per chunk or None ->
+    (dots [b, kv_heads, group, c * chunk] float32, stored [b, kv_heads, c * chunk] bool). Building every
+    candidate's reserve index and looking up its position took a dozen eager ops over 1.5M candidates a layer
+    at 128K."""
+    c = chunks.shape[2]
+    stored = (rpos, n, fresh.contiguous() if fresh is not None else None)
+    return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk), stored)
 
 
 def reserve_dots(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None, span: int) -> torch.Tensor:
     """q.k over reserve indices [0, span) of slots [0, b): selection.dot_float of the reserve's first `span`
     keys without reading them into a new tensor (int8 keys with their `scales` too) -> [b, kv_heads, group,
     span] float32."""
-    return _dots(q, keys, scales, None, span, 1, 128)
+    return _dots(q, keys, scales, None, span, 1, 128)[0]
 
 
-def _dots(q, keys, scales, chunks, c: int, chunk: int, r: int) -> torch.Tensor:
+def _dots(q, keys, scales, chunks, c: int, chunk: int, r: int, stored=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, heads, group, d = q.shape
     out = torch.empty(b, heads, group, c * chunk, dtype=torch.float32, device=q.device)
+    flags = torch.empty(b, heads, c * chunk, dtype=torch.bool, device=q.device) if stored else None
+    rpos, n, fresh = stored or (out, out, None)
     scaled = scales is not None
     _chunk_dots[(b * heads, triton.cdiv(c * chunk, r))](
         q.contiguous(), keys, scales.float() if scaled else keys, keys if chunks is None else chunks, out,
-        keys.shape[2], c, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, CHUNK=chunk, R=r,
-        IEEE=q.dtype == torch.float32, SCALED=scaled, ALL=chunks is None)
-    return out
+        keys.shape[2], c, rpos, n, out if fresh is None else fresh, out if flags is None else flags.view(torch.int8),
+        heads, rpos.stride(0) if stored else 0, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
+        CHUNK=chunk, R=r, IEEE=q.dtype == torch.float32, SCALED=scaled, ALL=chunks is None,
+        FLAGS=stored is not None, FRESH=fresh is not None)
+    return out, flags

@@ -262,17 +262,19 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         # the chunks of tokens evicted since then: every step still picks by its own query.
         latest = (pool.select_every - 1 + pool.chunk - 1) // pool.chunk + 1
         chosen, fresh = with_latest(pool.cand[layer][:b, :, :first].long(), n, pool.chunk, latest)
-        fresh = fresh.repeat_interleave(pool.chunk, dim=-1)
+    if pool.fused:
+        # The candidates' keys are read where they lie (cache/fused_dots.py), their stored flags found in the
+        # same pass, and ranked by the long-row top-k kernels: gathering them first took most of the step at
+        # long contexts. A pick's reserve index follows from its chunk and its place in it.
+        keys, scales = pool.reserve_keys_store(layer)
+        dots, stored = fused_dots.chunk_dots_stored(q, keys, chosen, pool.chunk, scales, rpos, n, fresh)
+        at, values = fused_top.stored_top(dots, stored, kc, scale, limit)
+        return chosen.gather(2, at // pool.chunk) * pool.chunk + at % pool.chunk, values
+    if fresh is not None:
+        fresh = fresh.repeat_interleave(pool.chunk, dim=-1)  # per chunk -> per candidate token
     idx = candidates(chosen, pool.chunk)
     if pool.int8_scoring and pool.cpu_kernels:
         return cpu_kernels.candidate_top_int8(q, *pool.int8_keys(layer), idx, pool.rpos, n, kc, scale, fresh)
-    if pool.fused:
-        # The candidates' keys are read where they lie (cache/fused_dots.py) and ranked by the long-row
-        # top-k kernels: gathering them first took most of the step at long contexts.
-        keys, scales = pool.reserve_keys_store(layer)
-        dots = fused_dots.chunk_dots(q, keys, chosen, pool.chunk, scales)
-        at, values = fused_top.stored_top(dots, candidate_stored(idx, rpos, n, fresh), kc, scale, limit)
-        return idx.gather(2, at), values
     if pool.int8_scoring:
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
     else:
