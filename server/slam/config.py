@@ -171,8 +171,9 @@ class ServerSettings(BaseSettings):
                                    "running requests get to finish before the server exits")
     reserve_device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="where slam keeps "
                                                            "evicted tokens: auto, cuda, cpu")
-    reserve_dtype: Literal["bfloat16", "int8"] = Field(default="bfloat16", description="bfloat16, or int8 "
-                                                       "(per-token scales) for evicted tokens")
+    reserve_dtype: Literal["bfloat16", "int8"] = Field(default="bfloat16", description="evicted tokens in "
+                                                       "the cache's dtype (bfloat16: bfloat16 on GPUs, float32 on "
+                                                       "CPUs), or int8 with per-token scales")
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
     compile: bool = Field(default=True, description="GPUs: fuse the decode step's small functions with "
                           "torch.compile and place slam's tokens with a Triton kernel; CPUs: slam's selection and "
