@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import torch
 
 from slam.cache import fused, fused_dots, fused_top
-from slam.cache.selection import (bound_scores, candidates, chunk_top_in_place, dequantize_bounds, dot_float, exact_top,
-                                  group_scores, select_reserve)
+from slam.cache.selection import (bound_scores, candidate_stored, candidates, chunk_top_in_place, dequantize_bounds,
+                                  dot_float, exact_top, group_scores, select_reserve)
 from slam.cache.slam import place
 from slam.engine import decode_attention, ring
 from slam.engine.attention import attend
@@ -173,7 +173,8 @@ def compare_limit(device: str, dtype: torch.dtype = torch.float32, seed: int = 0
 def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunk: int = 8, c: int = 37,
                  int8: bool = False) -> None:
     """cache/fused_dots.py's in-place stage two against gathering the candidates and dot_float, with
-    chunks in any order, repeated chunks and the last chunk of the reserve; and its exact scoring of a
+    chunks in any order, repeated chunks and the last chunk of the reserve, and its stored flags against
+    candidate_stored (holes, part-filled and empty slots, repeats); and its exact scoring of a
     reserve's first tokens. int8: keys with a float32 scale per token, against their dequantized keys."""
     g = torch.Generator().manual_seed(seed)
     slots, b, heads, group, d, chunks = 5, 4, 2, 3, 16, 50
@@ -189,10 +190,19 @@ def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     chosen = torch.randint(0, chunks, (b, heads, c), generator=g)
     chosen[0, 0, :3] = chunks - 1
     idx = candidates(chosen, chunk).to(device)
+    rpos = torch.arange(shape[2]).expand(slots, -1).clone()
+    rpos[1, 30:70] = -1  # positions not stored (holes)
+    n = torch.tensor([chunks * chunk, chunks * chunk - 13, 5 * chunk + 3, 0])
+    fresh = torch.rand(b, heads, c, generator=g) > 0.2
+    rpos, n, fresh = rpos.to(device), n.to(device), fresh.to(device)
     want = dot_float(qq, plain[:b].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
-    got = fused_dots.chunk_dots(q, keys, chosen.to(device), chunk, scales)
+    want_stored = candidate_stored(idx, rpos[:b], n, fresh.repeat_interleave(chunk, dim=-1))
+    got, stored = fused_dots.chunk_dots_stored(q, keys, chosen.to(device), chunk, scales, rpos, n, fresh)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+    assert torch.equal(stored, want_stored) and bool(stored.any()) and not bool(stored.all()), "stored flags"
+    assert torch.equal(fused_dots.chunk_dots_stored(q, keys, chosen.to(device), chunk, scales, rpos, n, None)[1],
+                       candidate_stored(idx, rpos[:b], n, None)), "stored flags without fresh"
     span = chunks * chunk - 5
     want = dot_float(qq, plain[:b, :, :span])
     got = fused_dots.reserve_dots(q, keys, scales, span)

@@ -139,10 +139,15 @@ struct Int8Rows {
   const bool* ok;  // [m] stored
 };
 
+// Ranges each of `rows` rows is split into, so that the threads get at least two units each: one slot's three
+// KV heads then use both of two threads.
+int64_t parts_per_row(int64_t rows) {
+  return std::max<int64_t>(1, (2 * at::get_num_threads() + rows - 1) / rows);
+}
+
 // Log-probabilities [b, h, g, m] of int8 rows: aten's log-softmax of the scaled, masked logits float(dot) *
 // (query scale * key scale) * scale, -inf where not stored. q [b, h, g, d]; rows(r) gives row r = slot * h +
-// head. The logits spread over the intra-op threads by row and by range of keys, so that one slot's three
-// heads use both of two threads.
+// head. The logits spread over the intra-op threads by row and by range of keys (parts_per_row).
 template <typename Rows>
 at::Tensor int8_log_probs(const at::Tensor& q, int64_t m, double scale, Rows rows) {
   const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3), n = b * h * g;
@@ -158,7 +163,7 @@ at::Tensor int8_log_probs(const at::Tensor& q, int64_t m, double scale, Rows row
   at::Tensor logits = at::empty({b, h, g, m}, qf.options());
   float* out = logits.data_ptr<float>();
   const float fs = static_cast<float>(scale);
-  const int64_t threads = at::get_num_threads(), parts = std::max<int64_t>(1, (2 * threads + b * h - 1) / (b * h));
+  const int64_t parts = parts_per_row(b * h);
   const int64_t span = ((m + parts - 1) / parts + 7) / 8 * 8;  // parts x span >= m
   at::parallel_for(0, b * h * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> dots(g * span), low(bounds ? g * span : 0);
@@ -284,10 +289,10 @@ void stage_two(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& sc
   int8_t* kb_p = kb.data_ptr<int8_t>();
   float* sb_p = sb.data();
   bool* ok_p = ok.get();
-  // The gathers, over the threads by row and by range of candidates (one slot's three heads use both of two
-  // threads): each reads candidates scattered through a reserve far larger than the caches, so the rows, their
-  // scales and positions are prefetched well ahead, and two threads hide each other's waits on memory.
-  const int64_t threads = at::get_num_threads(), parts = std::max<int64_t>(1, (2 * threads + b * h - 1) / (b * h));
+  // The gathers, over the threads by row and by range of candidates (parts_per_row): each reads candidates
+  // scattered through a reserve far larger than the caches, so the rows, their scales and positions are
+  // prefetched well ahead, and two threads hide each other's waits on memory.
+  const int64_t parts = parts_per_row(b * h);
   const int64_t span = (c + parts - 1) / parts;
   constexpr int64_t kAhead = 32;
   at::parallel_for(0, b * h * parts, 1, [&](int64_t begin, int64_t end) {

@@ -68,23 +68,16 @@ if triton is not None:
             tl.store(flag_ptr + pid.to(tl.int64) * (c * CHUNK) + t, held.to(tl.int8), mask=ok)
 
 
-def chunk_dots(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int,
-               scales: torch.Tensor | None = None) -> torch.Tensor:
-    """q [b, kv_heads, group, head_dim]; keys [slots, kv_heads, rows, head_dim] (a reserve, slots >= b), int8
-    with `scales` [slots, kv_heads, rows] float32 or in q's dtype; chunks [b, kv_heads, c] chunk indices -> q.k
-    [b, kv_heads, group, c * chunk] float32, candidate order as selection.candidates(chunks, chunk)."""
-    c = chunks.shape[2]
-    return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk))[0]
-
-
 def chunk_dots_stored(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int,
                       scales: torch.Tensor | None, rpos: torch.Tensor, n: torch.Tensor,
                       fresh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """chunk_dots and, in the same pass, which candidates hold a token (selection.candidate_stored): rpos [>= b,
-    rows] the slots' positions (-1: empty), n [b] tokens stored, fresh [b, kv_heads, c] per chunk or None ->
-    (dots [b, kv_heads, group, c * chunk] float32, stored [b, kv_heads, c * chunk] bool). Building every
-    candidate's reserve index and looking up its position took a dozen eager ops over 1.5M candidates a layer
-    at 128K."""
+    """Stage two's candidates scored where they lie, and in the same pass which of them hold a token
+    (selection.candidate_stored). q [b, kv_heads, group, head_dim]; keys [slots, kv_heads, rows, head_dim] (a
+    reserve, slots >= b), int8 with `scales` [slots, kv_heads, rows] float32 or in q's dtype; chunks [b,
+    kv_heads, c] chunk indices; rpos [>= b, rows] the slots' positions (-1: empty), n [b] tokens stored, fresh
+    [b, kv_heads, c] per chunk or None -> (q.k [b, kv_heads, group, c * chunk] float32, stored [b, kv_heads,
+    c * chunk] bool), candidate order as selection.candidates(chunks, chunk). Building every candidate's
+    reserve index and looking up its position took a dozen eager ops over 1.5M candidates a layer at 128K."""
     c = chunks.shape[2]
     stored = (rpos, n, fresh.contiguous() if fresh is not None else None)
     return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk), stored)

@@ -127,6 +127,11 @@ def dequantize_bounds(smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tens
     return (smin * s).to(dtype), (smax * s).to(dtype)
 
 
+def filled_chunks(chunks: int, chunk: int, n: torch.Tensor) -> torch.Tensor:
+    """Which of chunks [0, chunks) hold a stored token, given n [b] tokens stored -> [b, 1, chunks]."""
+    return (torch.arange(chunks, device=n.device) * chunk < n.view(-1, 1)).unsqueeze(1)
+
+
 def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
               first: int, chunk: int, scale: float, best_first: bool = False) -> torch.Tensor:
     """Stage one: the `first` chunks of highest bound -> chunk indices [b, kv_heads, first], unordered unless
@@ -137,8 +142,8 @@ def chunk_top(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: t
     # In float32: bounds rounded to a bfloat16 query's dtype moved chunks across the cut, and chunk_top_in_place
     # (GPUs) multiplies the exact int8 bounds with float32 sums.
     smin, smax = dequantize_bounds(smin, smax, sscale, torch.float32)
-    filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
-    return bound_scores(q.float(), smin, smax, filled, scale).topk(first, dim=-1, sorted=best_first).indices
+    scores = bound_scores(q.float(), smin, smax, filled_chunks(smin.shape[2], chunk, n), scale)
+    return scores.topk(first, dim=-1, sorted=best_first).indices
 
 
 def chunk_top_in_place(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
@@ -152,10 +157,10 @@ def chunk_top_in_place(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, 
     b = q.shape[0]
     upper = (fused_dots.reserve_dots(q.clamp_min(0), smax, sscale, chunks)
              + fused_dots.reserve_dots(q.clamp_max(0), smin, sscale, chunks))  # [b, kv_heads, group, chunks]
-    filled = (torch.arange(chunks, device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
     # A slot with fewer filled chunks than `first` gets them all, then distinct unfilled ones (whose tokens stage
     # two finds not stored): stored_top fills a row's empty picks with its first unstored columns.
-    return fused_top.stored_top(upper, filled, first, scale, torch.full((b,), first, device=q.device))[0]
+    every = torch.full((b,), first, device=q.device)
+    return fused_top.stored_top(upper, filled_chunks(chunks, chunk, n), first, scale, every)[0]
 
 
 def chunk_top_int8(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, n: torch.Tensor,
@@ -170,7 +175,7 @@ def chunk_top_int8(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, ssca
     q16, qs = quantize_query(q)
     upper = (q16.clamp_min(0) @ smax.double().transpose(-1, -2) + q16.clamp_max(0) @ smin.double().transpose(-1, -2))
     upper = upper.float() * (qs * sscale.float().unsqueeze(-2))
-    filled = (torch.arange(smin.shape[2], device=q.device) * chunk < n.view(-1, 1)).unsqueeze(1)  # [b, 1, chunks]
+    filled = filled_chunks(smin.shape[2], chunk, n)  # [b, 1, chunks]
     logits = upper.masked_fill(~filled.unsqueeze(2), float("-inf")) * scale
     scores = torch.where(filled, torch.log_softmax(logits, dim=-1).amax(dim=2), float("-inf"))
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :first]
@@ -248,14 +253,14 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)
         if pool.int8_scoring and pool.cpu_kernels:
             return cpu_kernels.two_stage_top_int8(q, pool, layer, n, chunks, first, kc, scale)
-        bounds = pool.bounds_of(layer, slice(0, b), chunks)
         if pool.fused:
             chosen = chunk_top_in_place(q, pool.smin[layer], pool.smax[layer], pool.sscale[layer], n, chunks,
                                         first, pool.chunk, scale)
         elif pool.int8_scoring:
-            chosen = chunk_top_int8(q, *bounds, n, first, pool.chunk, scale, pool.cpu_kernels)
+            chosen = chunk_top_int8(q, *pool.bounds_of(layer, slice(0, b), chunks), n, first, pool.chunk, scale,
+                                    pool.cpu_kernels)
         else:
-            chosen = _run(pool, chunk_top, q, *bounds, n, first, pool.chunk, scale)
+            chosen = _run(pool, chunk_top, q, *pool.bounds_of(layer, slice(0, b), chunks), n, first, pool.chunk, scale)
         pool.cand[layer][:b, :, :first] = chosen
     else:
         # Between refreshes the chunks chosen last are re-ranked token by token with the current query, with
