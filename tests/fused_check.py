@@ -175,7 +175,8 @@ def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     """cache/fused_dots.py's in-place stage two against gathering the candidates and dot_float, with
     chunks in any order, repeated chunks and the last chunk of the reserve, and its stored flags against
     candidate_stored (holes, part-filled and empty slots, repeats); and its exact scoring of a
-    reserve's first tokens. int8: keys with a float32 scale per token, against their dequantized keys."""
+    reserve's first tokens. Keys past a slot's n are not read: their products are 0. int8: keys with a
+    float32 scale per token, against their dequantized keys."""
     g = torch.Generator().manual_seed(seed)
     slots, b, heads, group, d, chunks = 5, 4, 2, 3, 16, 50
     shape = (slots, heads, chunks * chunk + 1, d)
@@ -196,6 +197,7 @@ def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     fresh = torch.rand(b, heads, c, generator=g) > 0.2
     rpos, n, fresh = rpos.to(device), n.to(device), fresh.to(device)
     want = dot_float(qq, plain[:b].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
+    want = want.masked_fill((idx >= n.view(-1, 1, 1)).unsqueeze(2), 0.0)  # keys past a slot's n are not read
     want_stored = candidate_stored(idx, rpos[:b], n, fresh.repeat_interleave(chunk, dim=-1))
     got, stored = fused_dots.chunk_dots_stored(q, keys, chosen.to(device), chunk, scales, rpos, n, fresh)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -204,9 +206,10 @@ def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     assert torch.equal(fused_dots.chunk_dots_stored(q, keys, chosen.to(device), chunk, scales, rpos, n, None)[1],
                        candidate_stored(idx, rpos[:b], n, None)), "stored flags without fresh"
     span = chunks * chunk - 5
-    want = dot_float(qq, plain[:b, :, :span])
-    got = fused_dots.reserve_dots(q, keys, scales, span)
+    want = dot_float(qq, plain[:b, :, :span]).masked_fill(torch.arange(span, device=device) >= n.view(-1, 1, 1, 1), 0.0)
+    got = fused_dots.reserve_dots(q, keys, scales, span, n)
     assert got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+    assert bool((want[1, :, :, int(n[1]) - 8 : int(n[1])] != 0).all()) and bool((got[2, :, :, int(n[2]):] == 0).all())
 
 
 @torch.inference_mode()

@@ -35,7 +35,9 @@ if triton is not None:
         # (ALL: of chunk t // CHUNK, every chunk in order). SCALED: int8 keys, one float32 scale per token;
         # their integers are exact in the query's dtype, so the scale applies to the product. FLAGS: also
         # whether each candidate holds a token (index below the slot's n, a position stored, and its chunk
-        # fresh[row, t // CHUNK] when FRESH), written to flag_ptr [row, c * CHUNK].
+        # fresh[row, t // CHUNK] when FRESH), written to flag_ptr [row, c * CHUNK]. Keys at reserve indices from
+        # the slot's n_ptr on are not read (their products are 0): under CUDA graphs the candidates span the
+        # reserve's capacity, and a short request beside a long one would otherwise read the long one's worth.
         pid = tl.program_id(0)
         t = tl.program_id(1) * R + tl.arange(0, R)
         ok = t < c * CHUNK
@@ -43,11 +45,14 @@ if triton is not None:
             chunk = (t // CHUNK).to(tl.int64)
         else:
             chunk = tl.load(chunk_ptr + pid * c + t // CHUNK, mask=ok, other=0).to(tl.int64)
-        at = pid.to(tl.int64) * rows + chunk * CHUNK + t % CHUNK
+        slot = pid // heads
+        index = chunk * CHUNK + t % CHUNK  # the candidate's reserve index
+        read = ok & (index < tl.load(n_ptr + slot))
+        at = pid.to(tl.int64) * rows + index
         dd = tl.arange(0, D)
         g = tl.arange(0, GP)
         q = tl.load(q_ptr + (pid * G + g[:, None]) * D + dd[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
-        k = tl.load(k_ptr + at[:, None] * D + dd[None, :], mask=ok[:, None], other=0)  # [R, D]
+        k = tl.load(k_ptr + at[:, None] * D + dd[None, :], mask=read[:, None], other=0)  # [R, D]
         if SCALED:
             k = k.to(q.dtype)
         if IEEE:
@@ -55,14 +60,11 @@ if triton is not None:
         else:
             dots = tl.dot(k, tl.trans(q))
         if SCALED:
-            dots = dots * tl.load(s_ptr + at, mask=ok, other=0.0)[:, None]
+            dots = dots * tl.load(s_ptr + at, mask=read, other=0.0)[:, None]
         out = out_ptr + (pid * G + g[None, :]).to(tl.int64) * (c * CHUNK) + t[:, None]
         tl.store(out, dots, mask=ok[:, None] & (g[None, :] < G))
         if FLAGS:
-            slot = pid // heads
-            index = chunk * CHUNK + t % CHUNK  # the candidate's reserve index
-            held = ok & (index < tl.load(n_ptr + slot))
-            held = held & (tl.load(rpos_ptr + slot.to(tl.int64) * rpos_stride + index, mask=held, other=-1) >= 0)
+            held = read & (tl.load(rpos_ptr + slot.to(tl.int64) * rpos_stride + index, mask=read, other=-1) >= 0)
             if FRESH:
                 held = held & (tl.load(fresh_ptr + pid * c + t // CHUNK, mask=ok, other=0) != 0)
             tl.store(flag_ptr + pid.to(tl.int64) * (c * CHUNK) + t, held.to(tl.int8), mask=ok)
@@ -79,22 +81,24 @@ def chunk_dots_stored(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor,
     c * chunk] bool), candidate order as selection.candidates(chunks, chunk). Building every candidate's
     reserve index and looking up its position took a dozen eager ops over 1.5M candidates a layer at 128K."""
     c = chunks.shape[2]
-    stored = (rpos, n, fresh.contiguous() if fresh is not None else None)
-    return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk), stored)
+    stored = (rpos, fresh.contiguous() if fresh is not None else None)
+    return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk), n, stored)
 
 
-def reserve_dots(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None, span: int) -> torch.Tensor:
+def reserve_dots(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None, span: int, n: torch.Tensor
+                 ) -> torch.Tensor:
     """q.k over reserve indices [0, span) of slots [0, b): selection.dot_float of the reserve's first `span`
     keys without reading them into a new tensor (int8 keys with their `scales` too) -> [b, kv_heads, group,
-    span] float32."""
-    return _dots(q, keys, scales, None, span, 1, 128)[0]
+    span] float32. Only each slot's first n [b] keys are read; the products of the others are 0."""
+    return _dots(q, keys, scales, None, span, 1, 128, n)[0]
 
 
-def _dots(q, keys, scales, chunks, c: int, chunk: int, r: int, stored=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _dots(q, keys, scales, chunks, c: int, chunk: int, r: int, n: torch.Tensor, stored=None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, heads, group, d = q.shape
     out = torch.empty(b, heads, group, c * chunk, dtype=torch.float32, device=q.device)
     flags = torch.empty(b, heads, c * chunk, dtype=torch.bool, device=q.device) if stored else None
-    rpos, n, fresh = stored or (out, out, None)
+    rpos, fresh = stored or (out, None)
     scaled = scales is not None
     _chunk_dots[(b * heads, triton.cdiv(c * chunk, r))](
         q.contiguous(), keys, scales.float() if scaled else keys, keys if chunks is None else chunks, out,

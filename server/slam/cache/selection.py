@@ -155,8 +155,9 @@ def chunk_top_in_place(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, 
     copy alone took 420 us per refreshing layer (H100, batch 32). -> chunk indices [b, kv_heads, first],
     in column order."""
     b = q.shape[0]
-    upper = (fused_dots.reserve_dots(q.clamp_min(0), smax, sscale, chunks)
-             + fused_dots.reserve_dots(q.clamp_max(0), smin, sscale, chunks))  # [b, kv_heads, group, chunks]
+    filled = (n + chunk - 1) // chunk  # [b] chunks holding a token: the others' bounds are not read
+    upper = (fused_dots.reserve_dots(q.clamp_min(0), smax, sscale, chunks, filled)
+             + fused_dots.reserve_dots(q.clamp_max(0), smin, sscale, chunks, filled))  # [b, kv_heads, group, chunks]
     # A slot with fewer filled chunks than `first` gets them all, then distinct unfilled ones (whose tokens stage
     # two finds not stored): stored_top fills a row's empty picks with its first unstored columns.
     every = torch.full((b,), first, device=q.device)
@@ -240,7 +241,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
             dots = dot_int8(q, *pool.scoring_int8(layer, b, span))
         elif pool.fused and pool.reserve_int8:
             # The int8 keys are scored as stored: dequantizing the whole reserve first made the step 5x slower.
-            dots = fused_dots.reserve_dots(q, *pool.reserve_keys_store(layer), span)
+            dots = fused_dots.reserve_dots(q, *pool.reserve_keys_store(layer), span, n)
         else:
             dots = dot_float(q, pool.reserve_keys(layer, scoring=True)[:b, :, :span])
         if fused_top.applies(pool, kc, span):
