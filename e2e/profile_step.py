@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--reserve-dtype", default="bfloat16", choices=["bfloat16", "int8"])
+    p.add_argument("--reserve-dtype", default="auto", choices=["auto", "bfloat16", "int8"])
     p.add_argument("--host", action="store_true", help="where a graph step's host time goes, instead of the "
                    "eager kernel table: Python functions (cProfile) and CUDA calls (torch.profiler, CPU side)")
     p.add_argument("--split", action="store_true", help="a graph step's wall time split into host work before "

@@ -77,7 +77,7 @@ def test_empty_spec_gets_every_default():
     assert spec["replicas"] == 1 and spec["nodeFailureGraceSeconds"] == 60
     assert spec["model"] == {"source": "embedded", "dtype": "auto"}
     assert spec["cache"] == {"policy": "slam", "budget": 256, "sink": 4, "recent": 64,
-                             "reserveDevice": "auto", "reserveDtype": "bfloat16"}
+                             "reserveDevice": "auto", "reserveDtype": "auto"}
     assert spec["server"] == {"port": 8000, "maxBatch": 8, "maxQueue": 64}
     assert spec["resources"] == {"gpus": 0}
     # No checkpoint section: checkpointing off, and the rest of the section still defaulted.

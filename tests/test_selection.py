@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from slam.cache.selection import dequantize_bounds, upper_bound
+from slam.config import CacheConfig, EngineConfig
+from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 from tests.conftest import make_engine
 
@@ -247,3 +249,16 @@ def test_tied_scores_pick_the_same_tokens_however_long_the_array():
             left = tied_unpicked[0, h].nonzero().flatten()
             assert left.numel() == 0 or left.min() > idx[0, h][score[0, h] == best[0, h]].max()
     assert torch.equal(picks[0], picks[1]) and torch.equal(picks[0], picks[2])
+
+
+def test_the_reserve_dtype_auto_is_int8_on_gpus_and_the_cache_dtype_on_cpus(smol):
+    from slam.model import resolve_reserve_dtype
+
+    assert resolve_reserve_dtype("auto", torch.device("cuda")) == "int8"
+    assert resolve_reserve_dtype("auto", torch.device("cpu")) == "bfloat16"
+    assert resolve_reserve_dtype("bfloat16", torch.device("cuda")) == "bfloat16"
+    assert resolve_reserve_dtype("int8", torch.device("cpu")) == "int8"
+    engine = make_engine(smol, "slam", budget=24, sink=2, recent=8)  # the default: auto
+    assert engine.config.reserve_dtype == "auto" and not engine.runner.pool.reserve_int8
+    cache = CacheConfig(policy="slam", budget=24, sink=2, recent=8)
+    assert LLMEngine(EngineConfig(max_batch=2, cache=cache, reserve_dtype="int8"), smol).runner.pool.reserve_int8

@@ -31,7 +31,7 @@ class CacheSpec(_Spec):
     sink: int = Field(default=4, ge=0)
     recent: int = Field(default=64, ge=1)
     reserveDevice: Literal["auto", "cuda", "cpu"] = "auto"
-    reserveDtype: Literal["bfloat16", "int8"] = "bfloat16"
+    reserveDtype: Literal["auto", "bfloat16", "int8"] = "auto"
 
     @model_validator(mode="after")
     def _budget(self) -> CacheSpec:

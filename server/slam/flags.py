@@ -54,7 +54,7 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-min-ratio", type=int, default=d.select_min_ratio,
                    help="slam: two stages once the reserve holds this many times the candidates")
     p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default=d.reserve_device)
-    p.add_argument("--reserve-dtype", choices=["bfloat16", "int8"], default=d.reserve_dtype)
+    p.add_argument("--reserve-dtype", choices=["auto", "bfloat16", "int8"], default=d.reserve_dtype)
 
 
 def selection(args: argparse.Namespace) -> dict:

@@ -125,6 +125,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "int8" if device.type == "cpu" else "float32"
 
 
+def resolve_reserve_dtype(reserve_dtype: str, device: torch.device) -> str:
+    """"auto": int8 on GPUs, whose kernels score and place int8 rows where they lie (docs/benchmarks.md: faster
+    from 32K on, half the bytes, the needles bfloat16 finds); the cache's dtype ("bfloat16") on CPUs, which
+    score int8 copies of the keys already and whose placement reads the cache's dtype."""
+    if reserve_dtype != "auto":
+        return reserve_dtype
+    return "int8" if device.type == "cuda" else "bfloat16"
+
+
 def load_model(model: str | None = None, dtype: str = "float32", device: str = "auto") -> LoadedModel:
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path)

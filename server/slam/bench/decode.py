@@ -25,6 +25,7 @@ from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 from slam.flags import selection
+from slam.model import resolve_reserve_dtype
 
 
 @dataclass
@@ -222,7 +223,7 @@ def run(args) -> int:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
                                   "select_every": args.select_every,
                                   "select_oversample": args.select_oversample, "select_chunk": args.select_chunk,
-                                  "reserve_device": args.reserve_device, "reserve_dtype": args.reserve_dtype, "graphs": not args.enforce_eager,
+                                  "reserve_device": args.reserve_device, "reserve_dtype": resolve_reserve_dtype(args.reserve_dtype, loaded.device), "graphs": not args.enforce_eager,
                                   "compile": args.compile,
                                   "torch": torch.__version__}), flush=True)
     if not args.json:
