@@ -251,13 +251,15 @@ def test_tied_scores_pick_the_same_tokens_however_long_the_array():
     assert torch.equal(picks[0], picks[1]) and torch.equal(picks[0], picks[2])
 
 
-def test_the_reserve_dtype_auto_is_int8_on_gpus_and_the_cache_dtype_on_cpus(smol):
+def test_the_reserve_dtype_auto_is_int8_on_gpus_serving_past_32k_and_the_cache_dtype_elsewhere(smol):
     from slam.model import resolve_reserve_dtype
 
-    assert resolve_reserve_dtype("auto", torch.device("cuda")) == "int8"
-    assert resolve_reserve_dtype("auto", torch.device("cpu")) == "bfloat16"
-    assert resolve_reserve_dtype("bfloat16", torch.device("cuda")) == "bfloat16"
-    assert resolve_reserve_dtype("int8", torch.device("cpu")) == "int8"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_reserve_dtype("auto", cuda, 131072) == "int8"
+    assert resolve_reserve_dtype("auto", cuda, 8192) == resolve_reserve_dtype("auto", cuda, 32768) == "bfloat16"
+    assert resolve_reserve_dtype("auto", cpu, 131072) == "bfloat16"
+    assert resolve_reserve_dtype("bfloat16", cuda, 131072) == "bfloat16"
+    assert resolve_reserve_dtype("int8", cpu, 8192) == "int8"
     engine = make_engine(smol, "slam", budget=24, sink=2, recent=8)  # the default: auto
     assert engine.config.reserve_dtype == "auto" and not engine.runner.pool.reserve_int8
     cache = CacheConfig(policy="slam", budget=24, sink=2, recent=8)

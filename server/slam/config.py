@@ -71,7 +71,7 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(default=None, ge=2)  # None: the model's trained length
     # Where the `slam` policy keeps evicted tokens: "auto" picks the measured default of the device.
     reserve_device: Literal["auto", "cuda", "cpu"] = "auto"
-    # "auto": int8 on GPUs, the cache's dtype on CPUs (model.resolve_reserve_dtype).
+    # "auto": int8 on GPUs serving requests past 32K tokens, else the cache's dtype (model.resolve_reserve_dtype).
     reserve_dtype: Literal["auto", "bfloat16", "int8"] = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     # GPUs: small decode-step functions through torch.compile, slam's placement in Triton; CPUs: slam's
@@ -175,7 +175,8 @@ class ServerSettings(BaseSettings):
     reserve_dtype: Literal["auto", "bfloat16", "int8"] = Field(default="auto", description="evicted tokens "
                                                                "in the cache's dtype (bfloat16: bfloat16 on GPUs, "
                                                                "float32 on CPUs), or int8 with per-token scales; "
-                                                               "auto: int8 on GPUs, the cache's dtype on CPUs")
+                                                               "auto: int8 on GPUs whose max model length passes "
+                                                               "32K, else the cache's dtype")
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
     compile: bool = Field(default=True, description="GPUs: fuse the decode step's small functions with "
                           "torch.compile and place slam's tokens with a Triton kernel; CPUs: slam's selection and "

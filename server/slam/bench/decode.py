@@ -25,7 +25,6 @@ from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 from slam.flags import selection
-from slam.model import resolve_reserve_dtype
 
 
 @dataclass
@@ -44,6 +43,7 @@ class DecodeResult:
     baseline_ratio: float | None = None  # tokens/s over the baseline's at the same batch and context
     note: str = ""
     kv_mib_per_request: float | None = None  # device memory of one request's cache (and reserve tier)
+    reserve_dtype: str | None = None  # slam's reserve as the engine resolved --reserve-dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -126,12 +126,14 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
     pool = engine.runner.pool
+    reserve_dtype = "int8" if pool.reserve_int8 else "bfloat16"
     kv_mib = (pool.nbytes_per_slot() + pool.reserve_nbytes_on_device() / pool.slots) / 2**20
     if device.type != "cuda":
         kv_mib = None
     del engine, seqs, pool
     return DecodeResult("slam", cache.policy, cache.budget, context, batch, batch / step_s, 1000 * step_s,
-                        1000 * roof, 100 * roof / step_s, peak, _device_name(device), kv_mib_per_request=kv_mib)
+                        1000 * roof, 100 * roof / step_s, peak, _device_name(device), kv_mib_per_request=kv_mib,
+                        reserve_dtype=reserve_dtype)
 
 
 @torch.inference_mode()
@@ -223,7 +225,7 @@ def run(args) -> int:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
                                   "select_every": args.select_every,
                                   "select_oversample": args.select_oversample, "select_chunk": args.select_chunk,
-                                  "reserve_device": args.reserve_device, "reserve_dtype": resolve_reserve_dtype(args.reserve_dtype, loaded.device), "graphs": not args.enforce_eager,
+                                  "reserve_device": args.reserve_device,  "graphs": not args.enforce_eager,
                                   "compile": args.compile,
                                   "torch": torch.__version__}), flush=True)
     if not args.json:

@@ -59,7 +59,7 @@ class LLMEngine:
         self.budget = config.max_budget or (config.cache.budget if config.cache.bounded else self.max_model_len)
         self.runner = ModelRunner(
             self.loaded, config.max_batch, self.budget, reserve_device=self._reserve_device(),
-            reserve_int8=resolve_reserve_dtype(config.reserve_dtype, self.loaded.device) == "int8", cache_positions=config.cache.position_mode == "cache",
+            reserve_int8=resolve_reserve_dtype(config.reserve_dtype, self.loaded.device, self.max_model_len) == "int8", cache_positions=config.cache.position_mode == "cache",
             int8_weights=resolve_dtype(config.dtype, self.loaded.device) == "int8", enforce_eager=config.enforce_eager, select_every=config.select_every, compile=config.compile,
             selection=(config.select_chunk, config.select_oversample, config.select_min_ratio),
             max_reserve=self.max_model_len)
