@@ -10,6 +10,7 @@ from slam.cache.selection import dequantize_bounds, upper_bound
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
+from slam.model import resolve_reserve_dtype
 from tests.conftest import make_engine
 
 STORY = ("The lighthouse keeper wrote the day's weather in a book. Ships passed at night, and the lamp "
@@ -252,8 +253,6 @@ def test_tied_scores_pick_the_same_tokens_however_long_the_array():
 
 
 def test_the_reserve_dtype_auto_is_int8_on_gpus_serving_past_32k_and_the_cache_dtype_elsewhere(smol):
-    from slam.model import resolve_reserve_dtype
-
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_reserve_dtype("auto", cuda, 131072) == "int8"
     assert resolve_reserve_dtype("auto", cuda, 8192) == resolve_reserve_dtype("auto", cuda, 32768) == "bfloat16"

@@ -225,7 +225,7 @@ def run(args) -> int:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
                                   "select_every": args.select_every,
                                   "select_oversample": args.select_oversample, "select_chunk": args.select_chunk,
-                                  "reserve_device": args.reserve_device,  "graphs": not args.enforce_eager,
+                                  "reserve_device": args.reserve_device, "graphs": not args.enforce_eager,
                                   "compile": args.compile,
                                   "torch": torch.__version__}), flush=True)
     if not args.json:
