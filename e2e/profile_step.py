@@ -52,6 +52,7 @@ def engine_for(loaded, policy: str, args, eager: bool) -> LLMEngine:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     p.add_argument("--policies", default="streaming,slam")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=4000)
@@ -75,7 +76,7 @@ def main() -> None:
         from slam.cache import fused_top
 
         fused_top.applies = lambda *_: False
-    loaded = random_model(SHAPES["smollm2-135m"], args.dtype, args.device)
+    loaded = random_model(SHAPES[args.shape], args.dtype, args.device)
     for policy in args.policies.split(","):
         engine = engine_for(loaded, policy, args, eager=False)
         for _ in range(3):

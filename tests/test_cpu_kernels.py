@@ -313,3 +313,25 @@ def test_a_compiler_without_openmp_still_builds_the_ops(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", load)
     assert cpu_kernels._build()
     assert calls == [["-O3", "-fopenmp"], ["-O3"]]
+
+
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (7, 40), (5, 1536), (4, 17)])
+def test_int8_linear_rows_do_not_depend_on_the_batch_or_the_kernel(n, k, scoring_level):
+    """The int8 weights' decode product: close to the exact product, and each row's bits the same alone or in any
+    batch, on every vector path (the same order of sums; row and column tails off the vector width included)."""
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) / 127
+    x = torch.randn(9, k, generator=g)
+    y = cpu_kernels.int8_linear(x, w, scale)
+    exact = (x.double() @ w.double().T) * scale.double()
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
+    alone = torch.cat([cpu_kernels.int8_linear(x[i : i + 1], w, scale) for i in range(9)])
+    assert torch.equal(alone, y)
+    assert torch.equal(cpu_kernels.int8_linear(x[2:6], w, scale), y[2:6])
+    best = cpu_kernels.scoring_level()
+    try:
+        cpu_kernels.scoring_level("default")  # the scalar loop: the reference order of every path
+        assert torch.equal(cpu_kernels.int8_linear(x, w, scale), y)
+    finally:
+        cpu_kernels.scoring_level(best)

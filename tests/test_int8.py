@@ -92,3 +92,32 @@ def test_int8_request_decodes_the_same_whatever_shares_its_steps(smol):
                 live.append(((p, c), shared.add_request(prompts[p], sampling, caches[c])))
         shared.step()
     assert {key: seq.output_ids for key, seq in live} == alone
+
+
+def test_int8_engine_keeps_its_cache_in_bfloat16(smol):
+    """Int8 weights make bfloat16 keys and values, so the pool and the reserve keep them in bfloat16 (half of a
+    float32 cache's bytes), and the reserve's int8 scoring copies are made from the keys it keeps."""
+    from slam.engine.pool import quantize_rows
+
+    def engine(dtype):
+        return LLMEngine(EngineConfig(dtype=dtype, max_batch=1, cache=CacheConfig(policy="slam", budget=32, sink=4,
+                                                                                  recent=8)), smol)
+
+    fp32, int8 = engine("float32"), engine("int8")
+    prompt = fp32.encode("Notes: " + " ".join(f"item {i} is {i * 7 % 10};" for i in range(30)) + " item 3 is")
+    seq = int8.add_request(prompt, SamplingParams(max_tokens=64, ignore_eos=True))
+    for _ in range(16):  # looked at mid-flight: a finished request's slot is cleared
+        if len(seq.output_ids) >= 4:
+            break
+        int8.step()
+    assert len(seq.output_ids) >= 4, seq.status
+    pool = int8.runner.pool
+    assert {t.dtype for t in pool.k + pool.v + pool.rk + pool.rv} == {torch.bfloat16}
+    assert fp32.runner.pool.k[0].dtype == torch.float32
+    assert 2 * pool.nbytes_per_slot() == fp32.runner.pool.nbytes_per_slot()
+    evicted = int((pool.rpos[seq.slot] >= 0).sum())
+    assert evicted > len(prompt) // 2
+    for layer in (0, len(pool.rk) - 1):
+        q, scale = quantize_rows(pool.rk[layer][seq.slot, :, :evicted], torch.bfloat16)
+        assert torch.equal(pool.rq[layer][seq.slot, :, :evicted], q)
+        assert torch.equal(pool.rq_scale[layer][seq.slot, :, :evicted], scale)

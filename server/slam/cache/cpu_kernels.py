@@ -1,5 +1,5 @@
-"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp, cpu_scores.cpp), built
-on first use.
+"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp, cpu_scores.cpp), and the
+int8 weights' decode product (cpu_linear.cpp), built on first use.
 
 A slam layer on a CPU ran about sixty small torch ops for its selection (the int8 scoring per KV head, the
 masked log-softmax, the group's maximum, top-k with ties broken by reserve index, the gathers, churn and
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_kernels.cpp", "cpu_writes.cpp", "cpu_scores.cpp")]
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_kernels.cpp", "cpu_writes.cpp", "cpu_scores.cpp",
+                                                              "cpu_linear.cpp")]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -101,3 +102,9 @@ def place(pool, layer: int, idx: torch.Tensor, score: torch.Tensor, col: torch.T
     pool.replaced[: idx.shape[0]] += torch.ops.slam_cpu.place(
         idx, score, pool.rpos, pool.rk[layer], pool.rv[layer], pool.k[layer], pool.v[layer], pool.pos[layer],
         pool.ridx[layer], col, pool.budget)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 times int8 weight [N, K] with float32 scales [N] -> [M, N] float32; each row's bits do not
+    depend on M or on the vector path (cpu_linear.cpp)."""
+    return torch.ops.slam_cpu.int8_linear(x, weight, scale)

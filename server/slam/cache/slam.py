@@ -98,7 +98,7 @@ class SlamPolicy(CachePolicy):
         for layer in range(pool.layers):
             pool.reserve_write(layer, part, state["rk"][layer].to(pool.device), state["rv"][layer].to(pool.device))
             if pool.cache_positions:
-                pool.rks[layer][part] = state["rks"][layer].to(pool.device)
+                pool.rks[layer][part] = state["rks"][layer].to(pool.device, pool.dtype)
         pool.rpos[slot, start : start + m] = state["rpos"].to(pool.device)
         for layer in range(pool.layers):
             pool.summarize(layer, slot, start, start + m)
@@ -151,7 +151,7 @@ class SlamPolicy(CachePolicy):
         keys = pool.rks[layer][part].to(pool.device) if pool.cache_positions else stored_k
         qg = q.reshape(1, pool.kv_heads, -1, pool.head_dim)  # the group's queries of every chunk token
         stored = (pool.rpos[slot : slot + 1, :evicted] >= 0).unsqueeze(1)
-        idx = group_scores(qg, keys.unsqueeze(0), stored, pool.head_dim**-0.5)[0]
+        idx = group_scores(qg, keys.to(q.dtype).unsqueeze(0), stored, pool.head_dim**-0.5)[0]
         idx = idx.topk(kc, dim=-1).indices  # [kv_heads, kc]
         rows = idx.unsqueeze(-1).expand(-1, -1, pool.head_dim)
         cols = slice(self.sink, self.sink + kc)

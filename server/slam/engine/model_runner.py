@@ -92,16 +92,20 @@ class ModelRunner:
         self.head_dim, self.scale = attn.head_dim, attn.scaling
         self.q_heads, self.kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         self.vocab_size = self.config.vocab_size
+        cpu_ops = compile and self.device.type == "cpu" and cpu_kernels.available()
         if int8_weights:
             # Weight bytes bound a CPU decode step: int8 weights read 4x fewer of them (engine/int8.py).
-            self.layers, self.lm_head = int8.quantize(self.layers), int8.quantize(self.lm_head)
+            self.layers, self.lm_head = int8.quantize(self.layers, cpu_ops), int8.quantize(self.lm_head, cpu_ops)
         rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
-        self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, self.dtype,
+        # Int8 weights make bfloat16 keys and values (engine/int8.py), so the cache keeps them in bfloat16: half
+        # the bytes of a float32 pool and reserve, which a CPU step's placement and attention read per request.
+        cache_dtype = torch.bfloat16 if int8_weights else self.dtype
+        self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, cache_dtype,
                              self.device, rdev, reserve_int8, cache_positions, *selection, int8_scoring=int8_weights,
                              max_reserve=max_reserve)
         self.pool.compile = compile and self.device.type == "cuda"
         self.pool.fused = compile and fused.available(self.pool)
-        self.pool.cpu_kernels = compile and self.device.type == "cpu" and cpu_kernels.available()
+        self.pool.cpu_kernels = cpu_ops
         # The fused ring write keeps stored keys rotated; position_mode="cache" needs the eager one's extras.
         self.fused_ring = compile and ring.available(self.device) and not cache_positions
         # Decode attention: flash decoding in Triton on GPUs (engine/decode_attention.py), else SDPA.
@@ -189,7 +193,8 @@ class ModelRunner:
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv_heads(x, self.q_heads, self.kv_heads, d)  # [b, heads, D]
             q_rot, k_rot = compiled(A.rotate_pair, fuse)(q, k, cos, sin)
-            self.ring_write(li, plan, k if cache_pos else k_rot, v, active, classes, mine)
+            stored_k = (k if cache_pos else k_rot).to(pool.dtype)
+            self.ring_write(li, plan, stored_k, v.to(pool.dtype), active, classes, mine)
             # Only stage one of two-stage selection waits for its refresh (the chunks chosen last are re-ranked
             # in between); exact selection keeping its picks between refreshes lost needles (docs/benchmarks.md).
             plan.refresh = not pool.two_stage or (phase + li) % self.select_every == 0
@@ -203,20 +208,20 @@ class ModelRunner:
                 keys = A.rotate(keys, self.rope.cos[ranks], self.rope.sin[ranks])
                 q_att = A.rotate(q, self.rope.cos[plan.rank].unsqueeze(1), self.rope.sin[plan.rank].unsqueeze(1))
             q_att = q_att.unsqueeze(2)  # [b, QH, 1, D]
-            out = self.decode_attend(q_att, keys, values, valid, self.scale)
+            out = self.decode_attend(q_att.to(pool.dtype), keys.to(pool.dtype), values, valid, self.scale)
             # Score-keeping policies read the probabilities beside, not instead of, the attention every slot
             # gets: a request's tokens must not depend on which policies share its step.
             scorers = [cls for cls in classes if cls.decode_attention]
             if scorers:
-                probs = A.attention_probs(q_att, keys, valid, self.scale)
+                probs = A.attention_probs(q_att, keys.to(q_att.dtype), valid, self.scale)
                 for cls in scorers:
                     cls.observe(pool, li, probs[:, :, :, 0], mine[cls])
             if fuse and layer.silu:
-                x, h = compiled(A.add_rms_norm)(x, layer.o(out.reshape(b, -1)), layer.post_norm.weight,
+                x, h = compiled(A.add_rms_norm)(x, layer.o(out.reshape(b, -1).to(x.dtype)), layer.post_norm.weight,
                                                 layer.post_norm.eps)
                 x = x + layer.down(compiled(A.silu_mul)(layer.gate_up(h)))
             else:
-                x = x + layer.o(out.reshape(b, -1))
+                x = x + layer.o(out.reshape(b, -1).to(x.dtype))
                 x = x + layer.mlp(x)
         return self.lm_head(self.norm(x)).float()
 
@@ -235,7 +240,8 @@ class ModelRunner:
             k_score = None
             if pool.cache_positions:
                 c = old_pos.clamp_min(0)
-                k_score = A.rotate(old_k, self.rope.cos[c].unsqueeze(1), self.rope.sin[c].unsqueeze(1)).unsqueeze(2)
+                k_score = A.rotate(old_k, self.rope.cos[c].unsqueeze(1), self.rope.sin[c].unsqueeze(1))
+                k_score = k_score.to(pool.dtype).unsqueeze(2)
             ev = Evicted(old_k.unsqueeze(2), pool.v[li][ar, :, plan.write].unsqueeze(2), old_pos.unsqueeze(1),
                          pool.score[li][ar, :, plan.write].unsqueeze(-1), k_score)
             pool.k[li][ar, :, plan.write] = k

@@ -194,7 +194,8 @@ class SlotPool(ChunkBounds, ReserveReads):
 
     def reserve_write(self, layer: int, idx: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values at reserve index `idx` (a tuple of index tensors / slices)."""
-        k, v = k.to(self.rk[layer].device, non_blocking=True), v.to(self.rk[layer].device, non_blocking=True)
+        # In the cache's dtype first: int8 copies and bounds are made from the values the reserve keeps.
+        k, v = (x.to(self.rk[layer].device, self.dtype, non_blocking=True) for x in (k, v))
         if self.reserve_int8:
             for store, scale, x in ((self.rk, self.rk_scale, k), (self.rv, self.rv_scale, v)):
                 store[layer][idx], scale[layer][idx] = quantize_rows(x, torch.float32)

@@ -66,6 +66,7 @@ def write_chunk(runner: ModelRunner, li: int, slot: int, policy: CachePolicy, st
                 v: torch.Tensor, scores: torch.Tensor | None, k_rot: torch.Tensor) -> None:
     """Evict what leaves the ring, oldest first, then store the chunk's surviving tokens in their columns."""
     pool = runner.pool
+    k, v, k_rot = (t.to(pool.dtype) for t in (k, v, k_rot))
     end = start + k.shape[1]
     if scores is None:
         scores = torch.zeros(k.shape[:2], device=k.device)
@@ -85,7 +86,7 @@ def write_chunk(runner: ModelRunner, li: int, slot: int, policy: CachePolicy, st
         if pool.cache_positions and policy.uses_reserve:
             cos, sin = runner.rope.cos[pos], runner.rope.sin[pos]
             old_rot = A.rotate(pool.k[li][slot][:, idx], cos[: len(old)], sin[: len(old)])
-            ev.k_score = torch.cat([old_rot, k_rot[:, new]], dim=1)
+            ev.k_score = torch.cat([old_rot.to(pool.dtype), k_rot[:, new]], dim=1)
         policy.evict_prefill(pool, li, slot, ev, policy.counts(start)[3])
     keep = [p for p in range(start, end) if p < policy.sink or p >= last]
     if keep:
