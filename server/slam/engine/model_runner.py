@@ -97,8 +97,9 @@ class ModelRunner:
             # Weight bytes bound a CPU decode step: int8 weights read 4x fewer of them (engine/int8.py).
             self.layers, self.lm_head = int8.quantize(self.layers, cpu_ops), int8.quantize(self.lm_head, cpu_ops)
         rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
-        # Int8 weights make bfloat16 keys and values (engine/int8.py), so the cache keeps them in bfloat16: half
-        # the bytes of a float32 pool and reserve, which a CPU step's placement and attention read per request.
+        # Int8 weights (8 bits each) give keys and values no more precision than bfloat16 holds, so the cache keeps
+        # them in bfloat16: half the bytes of a float32 pool and reserve, which a CPU step's placement and attention
+        # read per request.
         cache_dtype = torch.bfloat16 if int8_weights else self.dtype
         self.pool = SlotPool(len(self.layers), slots, self.kv_heads, budget, self.head_dim, cache_dtype,
                              self.device, rdev, reserve_int8, cache_positions, *selection, int8_scoring=int8_weights,
