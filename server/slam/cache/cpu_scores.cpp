@@ -158,6 +158,8 @@ const char* set_level(const char* name) {
   return kNames[level()];
 }
 
+int vector_level() { return level(); }
+
 void int_dots(const int16_t* q, int64_t g, const int8_t* keys, int64_t stride, int64_t m, int64_t d, int32_t* dots,
               int64_t ld) {
 #ifdef SLAM_X86

@@ -23,4 +23,7 @@ void scale_logits(const int32_t* dots, const int32_t* low, float qs, const float
 // the CPU runs otherwise; ATEN_CPU_CAPABILITY caps it at start), or empty to only ask.
 const char* set_level(const char* name);
 
+// The same path as a number: 0 scalar, 1 AVX2, 2 AVX-512 (the int8 weights' product, cpu_linear.cpp, follows it).
+int vector_level();
+
 }  // namespace slam_scores
