@@ -95,7 +95,9 @@ class ModelRunner:
         cpu_ops = compile and self.device.type == "cpu" and cpu_kernels.available()
         if int8_weights:
             # Weight bytes bound a CPU decode step: int8 weights read 4x fewer of them (engine/int8.py).
-            self.layers, self.lm_head = int8.quantize(self.layers, cpu_ops), int8.quantize(self.lm_head, cpu_ops)
+            # Slam's int8 product pays only with a vector path: its scalar loop is far slower than aten's kernel.
+            fast = cpu_ops and cpu_kernels.scoring_level() != "default"
+            self.layers, self.lm_head = int8.quantize(self.layers, fast), int8.quantize(self.lm_head, fast)
         rdev = self.device if reserve_device == "auto" else torch.device(reserve_device)
         # Int8 weights (8 bits each) give keys and values no more precision than bfloat16 holds, so the cache keeps
         # them in bfloat16: half the bytes of a float32 pool and reserve, which a CPU step's placement and attention
