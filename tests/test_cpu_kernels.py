@@ -335,3 +335,40 @@ def test_int8_linear_rows_do_not_depend_on_the_batch_or_the_kernel(n, k, scoring
         assert torch.equal(cpu_kernels.int8_linear(x, w, scale), y)
     finally:
         cpu_kernels.scoring_level(best)
+
+
+@pytest.mark.parametrize(("dtype", "d"), [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 40)])
+def test_decode_attention_equals_sdpa_and_its_rows_do_not_depend_on_the_batch(dtype, d, scoring_level):
+    """Decode attention over the pool (cpu_attention.cpp): the masked softmax-weighted sum of SDPA, columns outside
+    the mask never read (NaN there changes nothing), and each row's bits the same alone, batched and on every
+    vector path."""
+    g = torch.Generator().manual_seed(d)
+    b, h, group, c, scale = 5, 3, 3, 37, 0.17
+    q = torch.randn(b, h * group, 1, d, generator=g)
+    k, v = (torch.randn(b, h, c, d, generator=g).to(dtype) for _ in range(2))
+    valid = torch.rand(b, h, 1, c, generator=g) > 0.3
+    valid[..., 0] = True
+    valid[1] = False
+    valid[1, :, :, 5] = True  # one column to attend
+    out = cpu_kernels.decode_attend(q, k, v, valid, scale)
+    mask = valid.repeat_interleave(group, dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                            scale=scale, enable_gqa=True)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], v[1, :, 5:6].float().repeat_interleave(group, dim=0))
+    hidden = ~valid.squeeze(2)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[hidden], v_nan[hidden] = float("nan"), float("nan")
+    assert torch.equal(cpu_kernels.decode_attend(q, k_nan, v_nan, valid, scale), out)
+    alone = torch.cat([cpu_kernels.decode_attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], valid[i : i + 1], scale)
+                       for i in range(b)])
+    assert torch.equal(alone, out)
+    assert torch.equal(cpu_kernels.decode_attend(q.to(dtype), k, v, valid, scale),
+                       cpu_kernels.decode_attend(q.to(dtype).float(), k, v, valid, scale))
+    best = cpu_kernels.scoring_level()
+    try:
+        cpu_kernels.scoring_level("default")  # the scalar loop: the reference order of every path
+        assert torch.equal(cpu_kernels.decode_attend(q, k, v, valid, scale), out)
+    finally:
+        cpu_kernels.scoring_level(best)

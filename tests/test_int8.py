@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+from slam.cache import cpu_kernels
 from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.int8 import Int8Linear, decode_step
@@ -113,6 +114,9 @@ def test_int8_engine_keeps_its_cache_in_bfloat16(smol):
     assert len(seq.output_ids) >= 4, seq.status
     pool = int8.runner.pool
     assert {t.dtype for t in pool.k + pool.v + pool.rk + pool.rv} == {torch.bfloat16}
+    if cpu_kernels.available():  # aten's SDPA in bfloat16 is slow on CPUs: the cache's own attention op reads it
+        assert int8.runner.decode_attend is cpu_kernels.decode_attend
+        assert fp32.runner.decode_attend is not cpu_kernels.decode_attend
     assert fp32.runner.pool.k[0].dtype == torch.float32
     assert 2 * pool.nbytes_per_slot() == fp32.runner.pool.nbytes_per_slot()
     evicted = int((pool.rpos[seq.slot] >= 0).sum())

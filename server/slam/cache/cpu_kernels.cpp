@@ -408,6 +408,7 @@ TORCH_LIBRARY(slam_cpu, m) {
   m.def("ring_write(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor(d!) score, Tensor write, Tensor newpos, "
         "Tensor active, Tensor kn, Tensor vn) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("decode_attend(Tensor q, Tensor k, Tensor v, Tensor valid, float scale) -> Tensor");
   m.def("place(Tensor idx, Tensor score, Tensor rpos, Tensor rk, Tensor rv, Tensor(a!) k, Tensor(b!) v, "
         "Tensor(c!) pos, Tensor(d!) ridx, Tensor col, int budget) -> Tensor");
 }

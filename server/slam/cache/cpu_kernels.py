@@ -1,5 +1,5 @@
-"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp, cpu_scores.cpp), and the
-int8 weights' decode product (cpu_linear.cpp), built on first use.
+"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp, cpu_scores.cpp), the int8
+weights' decode product (cpu_linear.cpp) and decode attention over the pool (cpu_attention.cpp), built on first use.
 
 A slam layer on a CPU ran about sixty small torch ops for its selection (the int8 scoring per KV head, the
 masked log-softmax, the group's maximum, top-k with ties broken by reserve index, the gathers, churn and
@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_kernels.cpp", "cpu_writes.cpp", "cpu_scores.cpp",
-                                                              "cpu_linear.cpp")]
+                                                              "cpu_linear.cpp", "cpu_attention.cpp")]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -108,3 +108,10 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """x [M, K] float32 times int8 weight [N, K] with float32 scales [N] -> [M, N] float32; each row's bits do not
     depend on M or on the vector path (cpu_linear.cpp)."""
     return torch.ops.slam_cpu.int8_linear(x, weight, scale)
+
+
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """engine/attention.attend for one query per slot: q [b, H*G, 1, D], k and v [b, H, C, D] float32 or bfloat16,
+    valid [b, H, 1, C] -> [b, H*G, 1, D] float32; each row's bits do not depend on b or on the vector path
+    (cpu_attention.cpp)."""
+    return torch.ops.slam_cpu.decode_attend(q, k, v, valid, scale)

@@ -77,7 +77,7 @@ def expand_mask(valid: torch.Tensor, group: int) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
     """SDPA over the pool. q: [b, H*G, t, D]; k, v: [b, H, C, D]; valid: [b, H, t, C] bool."""
     mask = expand_mask(valid, q.shape[1] // k.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def attend_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,

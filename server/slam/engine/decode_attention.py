@@ -76,6 +76,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     """attention.attend for one query per head: q [b, H*G, 1, D]; k, v [b, H, C, D]; valid [b, H, 1, C] bool
     (every row with a valid column) -> [b, H*G, 1, D]."""
     b, heads, cols, d = k.shape
+    q = q.to(k.dtype)
     group = q.shape[1] // heads
     rows, nblk = b * heads, triton.cdiv(cols, COLUMNS)
     m = torch.empty(rows, nblk, group, dtype=torch.float32, device=q.device)

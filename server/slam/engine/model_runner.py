@@ -111,9 +111,14 @@ class ModelRunner:
         self.pool.cpu_kernels = cpu_ops
         # The fused ring write keeps stored keys rotated; position_mode="cache" needs the eager one's extras.
         self.fused_ring = compile and ring.available(self.device) and not cache_positions
-        # Decode attention: flash decoding in Triton on GPUs (engine/decode_attention.py), else SDPA.
-        fused_attention = compile and decode_attention.available(self.device)
-        self.decode_attend = decode_attention.attend if fused_attention else A.attend
+        # Decode attention: flash decoding in Triton on GPUs (engine/decode_attention.py), a C++ op over a bfloat16
+        # CPU cache (aten's SDPA in bfloat16 took 5x the op's time there), else SDPA.
+        if compile and decode_attention.available(self.device):
+            self.decode_attend = decode_attention.attend
+        elif cpu_ops and cache_dtype == torch.bfloat16:
+            self.decode_attend = cpu_kernels.decode_attend
+        else:
+            self.decode_attend = A.attend
         self.rope = A.Rope(model.model.rotary_emb, self.head_dim, self.device, self.dtype)
         self.rope.ensure(budget + 1)
         # Layer l runs stage one of two-stage selection when (step + l) % select_every == 0: staggered, so every
@@ -211,7 +216,7 @@ class ModelRunner:
                 keys = A.rotate(keys, self.rope.cos[ranks], self.rope.sin[ranks])
                 q_att = A.rotate(q, self.rope.cos[plan.rank].unsqueeze(1), self.rope.sin[plan.rank].unsqueeze(1))
             q_att = q_att.unsqueeze(2)  # [b, QH, 1, D]
-            out = self.decode_attend(q_att.to(pool.dtype), keys.to(pool.dtype), values, valid, self.scale)
+            out = self.decode_attend(q_att, keys.to(pool.dtype), values, valid, self.scale)
             # Score-keeping policies read the probabilities beside, not instead of, the attention every slot
             # gets: a request's tokens must not depend on which policies share its step.
             scorers = [cls for cls in classes if cls.decode_attention]
