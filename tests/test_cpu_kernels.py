@@ -337,7 +337,7 @@ def test_int8_linear_rows_do_not_depend_on_the_batch_or_the_kernel(n, k, scoring
         cpu_kernels.scoring_level(best)
 
 
-@pytest.mark.parametrize(("dtype", "d"), [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 40)])
+@pytest.mark.parametrize(("dtype", "d"), [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 128), (torch.bfloat16, 40)])
 def test_decode_attention_equals_sdpa_and_its_rows_do_not_depend_on_the_batch(dtype, d, scoring_level):
     """Decode attention over the pool (cpu_attention.cpp): the masked softmax-weighted sum of SDPA, columns outside
     the mask never read (NaN there changes nothing), and each row's bits the same alone, batched and on every

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_scores.h"
@@ -112,6 +113,45 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(float p, const T* v, float* o
     _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(out + i)));
   for (int64_t i = d8; i < d; ++i) out[i] = std::fma(p, widen(v[i]), out[i]);
 }
+
+// Sixteen keys' dots at once for head_dim 16 x P: each key's sixteen running sums as above, then reduced across the
+// sixteen vectors by shuffles in the same pairwise order (lanes 8 apart, then 4, 2, 1) -> logits [16] x scale.
+template <int P, typename T>
+__attribute__((target("avx512f"))) void dots16_avx512(const float* q, const T* k, float scale, float* out) {
+  __m512 qv[P], acc[16];
+  for (int p = 0; p < P; ++p) qv[p] = _mm512_loadu_ps(q + 16 * p);
+  for (int i = 0; i < 16; ++i) {
+    __m512 a = _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p) a = _mm512_fmadd_ps(qv[p], load16(k + (i * P + p) * 16), a);
+    acc[i] = a;
+  }
+  __m512 x[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i)  // lanes l + (l + 8): keys 2i, 2i + 1 in halves
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // + 4: keys 4j .. 4j + 3 in 128-bit blocks
+    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0xDD));
+  for (int u = 0; u < 2; ++u)  // + 2
+    w[u] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * u], z[2 * u + 1], 0x44), _mm512_shuffle_ps(z[2 * u], z[2 * u + 1], 0xEE));
+  // + 1: lane 4k + p holds key k + 4p; the permutation puts key j in lane j.
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutexvar_ps(order, t), _mm512_set1_ps(scale)));
+}
+
+// out [d] = sum over columns j (in order) of p[j] v[j] for head_dim 16 x P, the sums held in registers.
+template <int P, typename T>
+__attribute__((target("avx512f"))) void weigh_avx512(const float* p, const T* v, const bool* ok, int64_t c, float* out) {
+  __m512 acc[P];
+  for (int e = 0; e < P; ++e) acc[e] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < c; ++j) {
+    if (!ok[j]) continue;
+    const __m512 pv = _mm512_set1_ps(p[j]);
+    for (int e = 0; e < P; ++e) acc[e] = _mm512_fmadd_ps(pv, load16(v + (j * P + e) * 16), acc[e]);
+  }
+  for (int e = 0; e < P; ++e) _mm512_storeu_ps(out + 16 * e, acc[e]);
+}
 #endif
 
 template <typename T>
@@ -133,12 +173,26 @@ void axpy(int level, float p, const T* v, float* out, int64_t d) {
 }
 
 // One (slot, KV head): q [g, d] float32, k and v [c, d], ok [c] -> out [g, d] float32. logit: scratch [g, c].
-template <typename T>
+// P: head_dim / 16 where the AVX-512 path has a register-blocked kernel for it (64 and 128), else 0.
+template <int P, typename T>
 void attend_row(int level, const float* q, int64_t g, const T* k, const T* v, const bool* ok, int64_t c, int64_t d,
                 float scale, float* out, float* logit) {
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   std::vector<float> top(g, kNone), sum(g, 0.0f);
-  for (int64_t j = 0; j < c; ++j)
+  int64_t j0 = 0;
+#ifdef SLAM_X86
+  if (P > 0 && level == 2) {
+    for (; j0 + 16 <= c; j0 += 16)
+      for (int64_t i = 0; i < g; ++i) dots16_avx512<P>(q + i * d, k + j0 * d, scale, logit + i * c + j0);
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t j = 0; j < j0; ++j) {
+        float& x = logit[i * c + j];
+        x = ok[j] ? x : kNone;
+        top[i] = std::max(top[i], x);
+      }
+  }
+#endif
+  for (int64_t j = j0; j < c; ++j)
     for (int64_t i = 0; i < g; ++i) {
       const float x = ok[j] ? dot(level, q + i * d, k + j * d, d) * scale : kNone;
       logit[i * c + j] = x;
@@ -153,10 +207,16 @@ void attend_row(int level, const float* q, int64_t g, const T* k, const T* v, co
       sum[i] += row[j];
     }
   }
-  for (int64_t j = 0; j < c; ++j) {
-    if (!ok[j]) continue;
-    for (int64_t i = 0; i < g; ++i) axpy(level, logit[i * c + j], v + j * d, out + i * d, d);
-  }
+#ifdef SLAM_X86
+  if (P > 0 && level == 2) {
+    for (int64_t i = 0; i < g; ++i)
+      if (top[i] != kNone) weigh_avx512<P>(logit + i * c, v, ok, c, out + i * d);
+  } else
+#endif
+    for (int64_t j = 0; j < c; ++j) {
+      if (!ok[j]) continue;
+      for (int64_t i = 0; i < g; ++i) axpy(level, logit[i * c + j], v + j * d, out + i * d, d);
+    }
   for (int64_t i = 0; i < g; ++i) {
     if (top[i] == kNone) continue;
     const float inv = 1.0f / sum[i];
@@ -185,9 +245,19 @@ at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const auto run = [&](auto* kp, auto* vp) {
     at::parallel_for(0, b * h, 1, [&](int64_t first, int64_t last) {
       std::vector<float> logit(g * c);
-      for (int64_t r = first; r < last; ++r)
-        attend_row(level, qp + r * g * d, g, kp + r * c * d, vp + r * c * d, okp + r * c, c, d,
-                   static_cast<float>(scale), op + r * g * d, logit.data());
+      for (int64_t r = first; r < last; ++r) {
+        const auto row = [&](auto attend) {
+          attend(level, qp + r * g * d, g, kp + r * c * d, vp + r * c * d, okp + r * c, c, d, static_cast<float>(scale),
+                 op + r * g * d, logit.data());
+        };
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+        if (d == 64)
+          row(attend_row<4, T>);
+        else if (d == 128)
+          row(attend_row<8, T>);
+        else
+          row(attend_row<0, T>);
+      }
     });
   };
   if (kc.scalar_type() == at::kBFloat16)
