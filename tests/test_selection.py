@@ -263,3 +263,19 @@ def test_the_reserve_dtype_auto_is_int8_on_gpus_serving_past_32k_and_the_cache_d
     assert engine.config.reserve_dtype == "auto" and not engine.runner.pool.reserve_int8
     cache = CacheConfig(policy="slam", budget=24, sink=2, recent=8)
     assert LLMEngine(EngineConfig(max_batch=2, cache=cache, reserve_dtype="int8"), smol).runner.pool.reserve_int8
+
+
+def test_oversampling_pairs_with_the_refresh_interval_unless_set(smol):
+    """Chunks chosen at a refresh serve r - 1 more queries: from r = 3 on, unset oversampling doubles to 16 (r = 4
+    with 8 lost a needle more than the target allows at 8K); a set value, 0 (exact) included, is kept."""
+    from slam.cli.serve import settings_from
+    from slam.config import oversample_for
+
+    assert [oversample_for(r, None) for r in (1, 2, 3, 4, 8)] == [8, 8, 16, 16, 16]
+    assert oversample_for(4, 8) == 8 and oversample_for(4, 0) == 0 and oversample_for(1, 16) == 16
+    cache = CacheConfig(policy="slam", budget=24, sink=2, recent=8)
+    for every, oversample, want in ((1, None, 8), (4, None, 16), (4, 8, 8), (2, 0, 0)):
+        engine = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_every=every, select_oversample=oversample), smol)
+        assert engine.runner.pool.oversample == want, (every, oversample)
+    args = type("Args", (), {"select_every": "4", "select_oversample": None})()
+    assert settings_from(args).engine_config().select_oversample is None  # resolved by the engine, as above

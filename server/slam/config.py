@@ -81,11 +81,21 @@ class EngineConfig(BaseModel):
     # re-ranks its chunks' tokens in between; exact selection (short reserves) picks at every step.
     select_every: int = Field(default=1, ge=1)
     # slam: two-stage selection scores chunks of `select_chunk` reserve tokens by their key bounds and
-    # rescores the tokens of the best `select_oversample` x middle's worth of chunks; 0: score all exactly.
+    # rescores the tokens of the best `select_oversample` x middle's worth of chunks; 0: score all exactly;
+    # None: paired with select_every (oversample_for).
     select_chunk: int = Field(default=8, ge=1)
-    select_oversample: int = Field(default=8, ge=0)
+    select_oversample: int | None = Field(default=None, ge=0)
     # ... once the reserve's capacity is this many times the candidates (oversample x budget).
     select_min_ratio: int = Field(default=4, ge=1)
+
+
+def oversample_for(every: int, oversample: int | None) -> int:
+    """Two-stage selection's oversampling: as set, else paired with the refresh interval. Chunks chosen at a
+    refresh serve the next r - 1 queries too; at r = 4 eight middles' worth of them lost two needles of exact
+    recall's six at 8K on the H100, sixteen lost one (docs/benchmarks.md, "r = 4 with more candidates")."""
+    if oversample is not None:
+        return oversample
+    return 8 if every <= 2 else 16
 
 
 def _split_commas(value: Any) -> Any:
@@ -185,8 +195,9 @@ class ServerSettings(BaseSettings):
                               "two-stage selection's chunks (exact selection picks at every step)")
     select_chunk: int = Field(default=8, ge=1, description="slam: reserve tokens per chunk whose key bounds "
                               "the first selection stage scores")
-    select_oversample: int = Field(default=8, ge=0, description="slam: chunks worth this many times the "
-                                   "critical columns are rescored exactly (0: score every reserve token)")
+    select_oversample: int | None = Field(default=None, ge=0, description="slam: chunks worth this many times "
+                                          "the critical columns are rescored exactly (0: score every reserve token; "
+                                          "unset: 8, or 16 when select_every is 3 or more)")
     select_min_ratio: int = Field(default=4, ge=1, description="slam: two-stage selection starts once the "
                                   "reserve holds this many times the candidates; before, every token is scored")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "

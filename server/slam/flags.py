@@ -45,12 +45,12 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
 
     d = EngineConfig()
     p.add_argument("--select-every", type=int, default=d.select_every,
-                   help="slam: steps between a layer's refreshes of two-stage selection's chunks "
-                        "(r = 4 pairs with --select-oversample 16: docs/benchmarks.md)")
+                   help="slam: steps between a layer's refreshes of two-stage selection's chunks")
     p.add_argument("--select-chunk", type=int, default=d.select_chunk,
                    help="slam: reserve tokens per chunk bound (two-stage selection)")
     p.add_argument("--select-oversample", type=int, default=d.select_oversample,
-                   help="slam: chunks rescored, in multiples of the critical columns (0: score the whole reserve)")
+                   help="slam: chunks rescored, in multiples of the critical columns (0: score the whole reserve; "
+                        "default: 8, or 16 with --select-every 3 or more)")
     p.add_argument("--select-min-ratio", type=int, default=d.select_min_ratio,
                    help="slam: two stages once the reserve holds this many times the candidates")
     p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default=d.reserve_device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request, weight_bytes
-from slam.config import CacheConfig, EngineConfig
+from slam.config import CacheConfig, EngineConfig, oversample_for
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 from slam.flags import selection
@@ -224,7 +224,8 @@ def run(args) -> int:
             if args.json:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
                                   "select_every": args.select_every,
-                                  "select_oversample": args.select_oversample, "select_chunk": args.select_chunk,
+                                  "select_oversample": oversample_for(args.select_every, args.select_oversample),
+                                  "select_chunk": args.select_chunk,
                                   "reserve_device": args.reserve_device, "graphs": not args.enforce_eager,
                                   "compile": args.compile,
                                   "torch": torch.__version__}), flush=True)
