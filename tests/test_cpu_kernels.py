@@ -230,17 +230,21 @@ def test_engine_with_kernels_decodes_like_the_torch_code(dtype, min_ratio, every
     runs = []
     for kernels in (True, False):
         cache = CacheConfig(policy="slam", budget=128, sink=4, recent=32)
-        engine = LLMEngine(EngineConfig(max_batch=4, cache=cache, dtype=dtype, max_model_len=1400,
+        # Oversampling 8 at every r: with r = 4's default of 16 two stages would not start on this reserve.
+        engine = LLMEngine(EngineConfig(max_batch=4, cache=cache, dtype=dtype, max_model_len=1400, select_oversample=8,
                                         select_min_ratio=min_ratio, select_every=every), loaded)
         assert engine.runner.pool.cpu_kernels  # built and on by default
         engine.runner.pool.cpu_kernels = kernels
-        seqs = [synthetic_request(engine, 600 + 250 * i, SamplingParams(max_tokens=30, ignore_eos=True), seed=i)
+        seqs = [synthetic_request(engine, 600 + 250 * i, SamplingParams(max_tokens=40, ignore_eos=True), seed=i)
                 for i in range(3)]
+        churn = []  # per step: a finished request's slot forgets its count
         for _ in range(30):
             engine.step()
+            churn.append(engine.runner.pool.replaced[:3].tolist())
         assert engine.runner.pool.two_stage == (min_ratio == 1)
-        runs.append(([s.output_ids for s in seqs], engine.runner.pool.replaced.tolist()))
-    assert runs[0] == runs[1]
+        runs.append(([s.output_ids for s in seqs], churn, [layer.clone() for layer in engine.runner.pool.ridx]))
+    assert runs[0][:2] == runs[1][:2] and min(runs[0][1][-1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))  # the same tokens in the same columns
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -234,6 +234,9 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     q = q.contiguous()  # a strided query sends the scoring matmul to a much slower kernel on GPUs
     best_first = not (pool.fused and fused.ranks_itself(kc))  # cache/fused.py ranks few picks itself
     rpos = pool.rpos[:b]
+    # Ties go to the lower reserve index wherever the C++ ops may run (CPUs, which order them so) or scores are
+    # coarse (int8 scoring), so that the torch code picks what the ops pick.
+    ties = pool.int8_scoring or not q.is_cuda
     if not pool.two_stage:
         if pool.int8_scoring and pool.cpu_kernels:
             return cpu_kernels.exact_top_int8(q, *pool.scoring_int8(layer, b, span), rpos[:, :span], n, kc, scale)
@@ -246,8 +249,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
             dots = dot_float(q, pool.reserve_keys(layer, scoring=True)[:b, :, :span])
         if fused_top.applies(pool, kc, span):
             return fused_top.group_top(dots, rpos, n, kc, scale, limit)
-        return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, best_first, pool.int8_scoring,
-                    pool.cpu_kernels)
+        return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, best_first, ties, pool.cpu_kernels)
     first = -(-pool.oversample * kc // pool.chunk)
     fresh = None
     if refresh:
@@ -285,5 +287,4 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
     else:
         dots = dot_float(q, pool.reserve_gather(layer, idx, "ks"))
-    return _run(pool, candidate_top, dots, idx, rpos, n, kc, scale, best_first, fresh, pool.int8_scoring,
-                pool.cpu_kernels)
+    return _run(pool, candidate_top, dots, idx, rpos, n, kc, scale, best_first, fresh, ties, pool.cpu_kernels)
