@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -31,13 +30,7 @@ namespace {
 inline float widen(float x) { return x; }
 inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
-// The sixteen running sums of a dot -> its total, in the pairwise order above.
-inline float reduce16(const float* s) {
-  float a[8], b[4];
-  for (int l = 0; l < 8; ++l) a[l] = s[l] + s[l + 8];
-  for (int l = 0; l < 4; ++l) b[l] = a[l] + a[l + 4];
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
+using slam_scores::reduce16;
 
 template <typename T>
 float dot_scalar(const float* q, const T* k, int64_t d) {

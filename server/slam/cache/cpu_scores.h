@@ -26,4 +26,13 @@ const char* set_level(const char* name);
 // The same path as a number: 0 scalar, 1 AVX2, 2 AVX-512 (the int8 weights' product, cpu_linear.cpp, follows it).
 int vector_level();
 
+// Sixteen running float sums -> their total, added pairwise (lanes l and l + 8, then + 4, + 2, + 1): the one order
+// of additions that keeps the float ops' rows the same on every vector path (cpu_linear.cpp, cpu_attention.cpp).
+inline float reduce16(const float* s) {
+  float a[8], b[4];
+  for (int l = 0; l < 8; ++l) a[l] = s[l] + s[l + 8];
+  for (int l = 0; l < 4; ++l) b[l] = a[l] + a[l + 4];
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 }  // namespace slam_scores
