@@ -18,7 +18,7 @@ checks)  # sync-free decode step, CUDA graphs equal eager (random weights: no mo
   python3 e2e/gpu_checks.py 2>&1 | tee "$OUT/gpu-checks.log" ;;
 profile)  # kernel time by name per policy (eager, torch.profiler) and graph-replayed step time
   python3 e2e/profile_step.py --policies ${POLICIES:-streaming,slam} --batch ${BATCH:-32} --context ${CONTEXT:-4000} \
-    --budget ${BUDGET:-256} --oversample ${OVERSAMPLE:-8} ${EXTRA:-} 2>&1 | tee -a "$OUT/profile.log" ;;
+    --budget ${BUDGET:-256} --oversample ${OVERSAMPLE:-8} --shape ${SHAPE:-smollm2-135m} ${EXTRA:-} 2>&1 | tee -a "$OUT/profile.log" ;;
 micro)  # the pieces of exact selection, each in a CUDA graph
   python3 e2e/micro_select.py 2>&1 | tee "$OUT/micro-select.log" ;;
 short)  # what a short lease allows: budget 256 at 4K, batches 1 and 32, then the correctness checks
@@ -62,6 +62,10 @@ bench-host)  # the reserve in pinned host memory against the device, 4K to 128K
   B="python3 -m slam.cli bench decode --device cuda --dtype bfloat16 --shape ${SHAPE:-smollm2-135m} --policies slam --budget 2048 --tokens 16 --json --select-every 4"
   for dev in cpu cuda; do $B --contexts ${CONTEXTS:-4000,32000,131072} --batches ${BATCHES:-1,8} --reserve-device $dev; done \
     | tee "$OUT/bench-host-${SHAPE:-smollm2-135m}.jsonl" ;;
+llama)  # issue 10's Llama-8B row: batch 32 at 32K with the int8 device reserve (an H200's memory), r = 1 and 4
+  for r in ${RS:-1 4}; do timeout ${BENCH_S:-240} python3 -m slam.cli bench decode --device cuda --dtype bfloat16 \
+    --shape llama-8b --policies ${POLICIES:-slam} --budget 2048 --contexts ${CONTEXTS:-32000} --batches ${BATCHES:-32} \
+    --tokens 16 --reserve-dtype int8 --select-every $r --json || true; done | tee "$OUT/bench-llama8b-32k.jsonl" ;;
 niah-select)  # issue 10: exact recall against two-stage selection across refresh intervals
   # CONFIGS: "oversample every chunk" triples (oversample 0: exact scoring of the whole reserve)
   IFS=';' read -ra cfgs <<< "${CONFIGS:-0 1 16;4 1 16;4 2 16;4 4 16;4 8 16}"

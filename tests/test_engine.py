@@ -107,18 +107,32 @@ def test_pool_keeps_shape_and_storage_while_requests_come_and_go(smol):
     assert added == 12
 
 
-def test_reserve_capacity_doubles_up_to_the_longest_request():
-    """The reserve grows by doubling (amortized appends), but never past what a request of max_model_len tokens
-    can evict: rows beyond it would stay empty, and exact scoring under CUDA graphs reads the whole capacity."""
+def test_reserve_capacity_grows_by_size_classes_up_to_the_longest_request():
+    """The reserve grows by at least a quarter (amortized appends) to a size class, an eighth of a power of two,
+    but never past what a request of max_model_len tokens can evict: rows beyond it would stay empty, and
+    exact scoring under CUDA graphs reads the whole capacity."""
     def caps(max_reserve: int) -> list[int]:
         pool = SlotPool(1, 2, 1, 16, 8, torch.float32, torch.device("cpu"), chunk=8, oversample=2,
                         max_reserve=max_reserve)
         out = []
-        for need in (300, 400, 700, 1001):
+        for need in (300, 400, 700, 1001, 31_932):
             pool.ensure_reserve(need)
             assert pool.rk[0].shape[2] == pool.cap + 1 >= need + 1
             out.append(pool.cap)
         return out
 
-    assert caps(0) == [304, 608, 1216, 1216]
-    assert caps(1000) == [304, 608, 1000, 1008]  # bounded, then whole chunks for a need beyond the bound
+    assert caps(0) == [320, 416, 704, 1024, 32_768]
+    assert caps(1000) == [320, 416, 704, 1008, 31_936]  # bounded, then whole chunks for a need beyond the bound
+
+
+def test_a_prompt_reserve_is_sized_once_for_what_it_evicts(smol):
+    """A request's reserve is sized when it takes its slot, for what its prompt will evict: prefill in chunks
+    grew it chunk by chunk before, by doubling, and a 32,000-token prompt held a 61,440-row reserve."""
+    engine = make_engine(smol, "slam", budget=128, sink=4, recent=32, prefill_chunk=64)
+    pool = engine.runner.pool
+    prompt = (engine.encode("The quick brown fox jumps over the lazy dog. ") * 200)[:1500]
+    versions = pool.version
+    [seq] = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
+    evicted = seq.policy.counts(len(prompt))[3]
+    assert evicted <= pool.cap <= 1.125 * evicted + pool.chunk
+    assert pool.version - versions == 1  # one allocation for the prompt, no growth chunk by chunk

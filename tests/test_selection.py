@@ -113,14 +113,18 @@ def test_refresh_every_4_with_few_chunks_picks_valid_tokens(smol):
 
 def test_summaries_track_the_reserve(smol):
     """Two stages start when the reserve grows past 4 x 2 x 40 tokens: the bounds are rebuilt from what it
-    holds, then kept by prefill and decode steps; each chunk's int8 bounds hold its keys, within a step of
+    holds, then kept by the decode steps after; each chunk's int8 bounds hold its keys, within a step of
     their scale per time the scale grew while the chunk filled."""
     engine = engine_with(smol, oversample=2, chunk=16)
     seq = engine.add_request(engine.encode(STORY), SamplingParams(max_tokens=30, ignore_eos=True))
-    assert not engine.runner.pool.two_stage
-    for _ in range(20):
-        engine.step()
     pool = engine.runner.pool
+    assert not pool.two_stage
+    for _ in range(30):  # the prompt's reserve holds fewer rows: two stages start when decoding grows it
+        engine.step()
+        if pool.two_stage:
+            break
+    for _ in range(5):  # and the bounds are kept by the steps after
+        engine.step()
     assert pool.two_stage and pool.smin[0].dtype == torch.int8
     while seq.policy.counts(seq.num_cached)[3] % 16 == 0:  # stop inside a chunk: a partial last one
         engine.step()
@@ -134,7 +138,8 @@ def test_summaries_track_the_reserve(smol):
 def test_restored_summaries_equal_the_originals(smol):
     """load_state rebuilds the chunk bounds from the restored reserve: they hold its keys within one step of
     their scale (rounding outward), and equal the bounds of chunks the source computed whole."""
-    src, dst = engine_with(smol, oversample=2), engine_with(smol, oversample=2)
+    # Two stages from the start (a capacity of 4 x the candidates), so the source summarizes at prefill.
+    src, dst = engine_with(smol, oversample=2, capacity=320), engine_with(smol, oversample=2, capacity=320)
     seq = src.add_request(src.encode(STORY), SamplingParams(max_tokens=30, ignore_eos=True))
     for _ in range(15):
         src.step()

@@ -79,12 +79,9 @@ def synthetic_request(engine, context: int, sampling, seed: int = 0):
             pool.v[layer][seq.slot][:, cols] = randn(shape)
             pool.pos[layer][seq.slot][:, cols] = positions
         if policy.uses_reserve and evicted:
-            # The capacity a served prompt leaves, whose prefill chunks grow the reserve by doubling: selection
-            # follows it (two stages start by capacity). Room for the decode steps too: a timed step that grew
-            # the reserve would charge one request's doubling (paid once per doubling in serving) to a handful
-            # of steps. One allocation, not the doublings themselves: their copies would need half as much again.
-            pool.ensure_reserve(max(served_capacity(pool, context, sink + ring, engine.config.prefill_chunk),
-                                    evicted + sampling.max_tokens))
+            # take_slot sized the reserve for the prompt as a server does; room for the decode steps too: a timed
+            # step that grew the reserve would charge one request's growth (paid once in serving) to a handful.
+            pool.ensure_reserve(evicted + sampling.max_tokens)
             part = (seq.slot, slice(None), slice(0, evicted))
             for layer in range(pool.layers):
                 shape = (pool.kv_heads, evicted, pool.head_dim)
@@ -94,14 +91,3 @@ def synthetic_request(engine, context: int, sampling, seed: int = 0):
         seq.num_cached = context
         engine.scheduler.resume(seq)
     return seq
-
-
-def served_capacity(pool, context: int, kept: int, chunk: int) -> int:
-    """The reserve capacity after prefilling `context` tokens in chunks of `chunk`, `kept` of them staying in
-    the active cache (pool.ensure_reserve's growth at each chunk's evictions), at least the pool's now."""
-    cap = pool.cap
-    for end in range(chunk, context + chunk, chunk):
-        need = min(end, context) - kept
-        if need > cap:
-            cap = pool.grown_capacity(need, cap)
-    return cap

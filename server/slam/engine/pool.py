@@ -4,7 +4,7 @@
     pos[l]:      [slots, kv_heads, budget + 1]  original position of each column, -1 when empty (the mask)
     score[l]:    [slots, kv_heads, budget + 1]  float32, for the score-keeping policies (h2o, snapkv)
     ridx[l]:     [slots, kv_heads, budget + 1]  reserve index of the token a column recalled (slam), else -1
-    reserve (slam only, allocated on first use, grown by doubling):
+    reserve (slam only, sized for a request's prompt when it takes a slot, grown by at least a quarter):
     rk[l], rv[l]: [slots, kv_heads, cap + 1, head_dim]  evicted tokens, append-only (int8 + scales optional)
     rks[l]:      keys rotated at their original positions, for scoring (position_mode="cache" only)
     rpos:        [slots, cap + 1] their original positions (the same in every layer and head), -1 empty
@@ -131,7 +131,7 @@ class SlotPool(ChunkBounds, ReserveReads):
     # --- reserve tier ------------------------------------------------------------------------------
     @torch.inference_mode()
     def ensure_reserve(self, need: int) -> None:
-        """Make room for `need` evicted tokens per slot (grows every layer's reserve by doubling)."""
+        """Make room for `need` evicted tokens per slot (grows every layer's reserve: grown_capacity)."""
         if need <= self.cap:
             return
         cap = self.grown_capacity(need, self.cap)
@@ -185,10 +185,14 @@ class SlotPool(ChunkBounds, ReserveReads):
         self.version += 1
 
     def grown_capacity(self, need: int, cap: int) -> int:
-        """The capacity ensure_reserve grows `cap` to for `need` tokens: at least double (so appends cost
-        amortized O(1)) up to max_reserve, whole chunks (the scratch index gets its own chunk)."""
-        cap = max(need, 2 * cap, 256)
-        if self.max_reserve:  # doubling past what any request can evict would only hold empty rows
+        """The capacity ensure_reserve grows `cap` to for `need` tokens: at least a quarter more (so appends
+        cost amortized O(1)), rounded up to a size class, an eighth of a power of two, so a prompt's reserve
+        holds at most 12.5% more rows than it evicts plus the decode steps that fit there (doubling from a
+        capacity just short of the need held twice the need); up to max_reserve, in whole chunks."""
+        want = max(need, cap + cap // 4, 256)
+        step = 1 << (want.bit_length() - 4)
+        cap = -(-want // step) * step
+        if self.max_reserve:  # growing past what any request can evict would only hold empty rows
             cap = max(need, min(cap, self.max_reserve))
         return -(-cap // self.chunk) * self.chunk if self.chunk else cap
 
