@@ -31,10 +31,10 @@ def test_upper_bound_bounds_every_key_of_the_chunk():
 def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, every: int = 1, float_scores: bool = False,
                 **cache):
     engine = make_engine(smol, "slam", budget=40, sink=4, recent=12, prefill_chunk=64, max_batch=2, **cache)
-    if (oversample, chunk, every) != (engine.config.select_oversample, engine.config.select_chunk, 1):
-        config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk,
-                                                  "select_every": every})
-        engine = type(engine)(config, smol)
+    # Two stages start at 4 x the candidates here, the GPUs' default, whatever this machine's default.
+    config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk,
+                                              "select_every": every, "select_min_ratio": 4})
+    engine = type(engine)(config, smol)
     # With int8 weights CPUs score from int8 keys, and that kernel rounds scores to bfloat16: near-ties
     # that exact scoring and stage two (softmaxes over other arrays) may order differently. Comparing the
     # stages' choices needs float scores; the other tests here score as the CPU default does.
@@ -284,3 +284,19 @@ def test_oversampling_pairs_with_the_refresh_interval_unless_set(smol):
         assert engine.runner.pool.oversample == want, (every, oversample)
     args = type("Args", (), {"select_every": "4", "select_oversample": None})()
     assert settings_from(args).engine_config().select_oversample is None  # resolved by the engine, as above
+
+
+def test_two_stages_start_by_device_unless_set(smol):
+    """Unset, two-stage selection starts at 8 x its candidates on CPUs (exact scoring stayed faster at 8K with
+    budget 256) and 4 x on GPUs; a set ratio is kept."""
+    from slam.config import min_ratio_for
+
+    assert (min_ratio_for("cpu", None), min_ratio_for("cuda", None), min_ratio_for("cpu", 2)) == (8, 4, 2)
+    cache = CacheConfig(policy="slam", budget=24, sink=2, recent=8)
+    for ratio, starts_at in ((None, 8), (2, 2)):
+        pool = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_min_ratio=ratio), smol).runner.pool
+        candidates = pool.oversample * pool.budget
+        pool.ensure_reserve((starts_at - 1) * candidates)
+        assert not pool.two_stage, ratio
+        pool.ensure_reserve(starts_at * candidates)
+        assert pool.two_stage, ratio

@@ -85,8 +85,9 @@ class EngineConfig(BaseModel):
     # None: paired with select_every (oversample_for).
     select_chunk: int = Field(default=8, ge=1)
     select_oversample: int | None = Field(default=None, ge=0)
-    # ... once the reserve's capacity is this many times the candidates (oversample x budget).
-    select_min_ratio: int = Field(default=4, ge=1)
+    # ... once the reserve's capacity is this many times the candidates (oversample x budget); None: by
+    # device (min_ratio_for).
+    select_min_ratio: int | None = Field(default=None, ge=1)
 
 
 def oversample_for(every: int, oversample: int | None) -> int:
@@ -96,6 +97,16 @@ def oversample_for(every: int, oversample: int | None) -> int:
     if oversample is not None:
         return oversample
     return 8 if every <= 2 else 16
+
+
+def min_ratio_for(device_type: str, min_ratio: int | None) -> int:
+    """Where two-stage selection starts, in multiples of its candidates: as set, else where it beat exact
+    scoring. On an H100 exact scoring was as fast up to 4x (docs/benchmarks.md, "Two stages from the start
+    do not pay at 32K"); on 2 CPU cores, whose gathers of candidate chunks cost about five times a streamed
+    key, exact scoring stayed faster at 8x for one request and 4x for four ("Where two stages start on CPUs")."""
+    if min_ratio is not None:
+        return min_ratio
+    return 4 if device_type == "cuda" else 8
 
 
 def _split_commas(value: Any) -> Any:
@@ -198,8 +209,9 @@ class ServerSettings(BaseSettings):
     select_oversample: int | None = Field(default=None, ge=0, description="slam: chunks worth this many times "
                                           "the critical columns are rescored exactly (0: score every reserve token; "
                                           "unset: 8, or 16 when select_every is 3 or more)")
-    select_min_ratio: int = Field(default=4, ge=1, description="slam: two-stage selection starts once the "
-                                  "reserve holds this many times the candidates; before, every token is scored")
+    select_min_ratio: int | None = Field(default=None, ge=1, description="slam: two-stage selection starts once "
+                                         "the reserve holds this many times the candidates; before, every token is "
+                                         "scored (unset: 4 on GPUs, 8 on CPUs)")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
                                       "must send one as Authorization: Bearer")
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.

@@ -52,7 +52,8 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
                    help="slam: chunks rescored, in multiples of the critical columns (0: score the whole reserve; "
                         "default: 8, or 16 with --select-every 3 or more)")
     p.add_argument("--select-min-ratio", type=int, default=d.select_min_ratio,
-                   help="slam: two stages once the reserve holds this many times the candidates")
+                   help="slam: two stages once the reserve holds this many times the candidates "
+                        "(default: 4 on GPUs, 8 on CPUs)")
     p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default=d.reserve_device)
     p.add_argument("--reserve-dtype", choices=["auto", "bfloat16", "int8"], default=d.reserve_dtype)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request, weight_bytes
-from slam.config import CacheConfig, EngineConfig, oversample_for
+from slam.config import CacheConfig, EngineConfig, min_ratio_for, oversample_for
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 from slam.flags import selection
@@ -226,6 +226,7 @@ def run(args) -> int:
                                   "select_every": args.select_every,
                                   "select_oversample": oversample_for(args.select_every, args.select_oversample),
                                   "select_chunk": args.select_chunk,
+                                  "select_min_ratio": min_ratio_for(loaded.device.type, args.select_min_ratio),
                                   "reserve_device": args.reserve_device, "graphs": not args.enforce_eager,
                                   "compile": args.compile,
                                   "torch": torch.__version__}), flush=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slam.config import CacheConfig, EngineConfig, oversample_for
+from slam.config import CacheConfig, EngineConfig, min_ratio_for, oversample_for
 from slam.engine.model_runner import ModelRunner
 from slam.engine.output import detokenize, stop_reason, visible_delta
 from slam.engine.plan import decode_plan, sampling_batch
@@ -62,7 +62,7 @@ class LLMEngine:
             reserve_int8=resolve_reserve_dtype(config.reserve_dtype, self.loaded.device, self.max_model_len) == "int8", cache_positions=config.cache.position_mode == "cache",
             int8_weights=resolve_dtype(config.dtype, self.loaded.device) == "int8", enforce_eager=config.enforce_eager, select_every=config.select_every, compile=config.compile,
             selection=(config.select_chunk, oversample_for(config.select_every, config.select_oversample),
-                       config.select_min_ratio),
+                       min_ratio_for(self.loaded.device.type, config.select_min_ratio)),
             max_reserve=self.max_model_len)
         self.scheduler = Scheduler(config.max_batch, config.prefill_chunk)
         self.slots: list[Sequence] = []  # slots[i] runs in pool slot i; running requests fill [0, n)
