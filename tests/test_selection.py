@@ -287,7 +287,7 @@ def test_oversampling_pairs_with_the_refresh_interval_unless_set(smol):
 
 
 def test_two_stages_start_by_device_unless_set(smol):
-    """Unset, two-stage selection starts at 8 x its candidates on CPUs (exact scoring stayed faster at 8K with
+    """Unset, two-stage selection starts at 8 x its candidates on CPUs (exact scoring cost no more at 8K with
     budget 256) and 4 x on GPUs; a set ratio is kept."""
     from slam.config import min_ratio_for
 

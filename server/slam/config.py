@@ -103,7 +103,8 @@ def min_ratio_for(device_type: str, min_ratio: int | None) -> int:
     """Where two-stage selection starts, in multiples of its candidates: as set, else where it beat exact
     scoring. On an H100 exact scoring was as fast up to 4x (docs/benchmarks.md, "Two stages from the start
     do not pay at 32K"); on 2 CPU cores, whose gathers of candidate chunks cost about five times a streamed
-    key, exact scoring stayed faster at 8x for one request and 4x for four ("Where two stages start on CPUs")."""
+    key, exact scoring (what two stages approximate) cost no more at 8K, and two stages paid from 16K ("Where
+    two stages start on CPUs")."""
     if min_ratio is not None:
         return min_ratio
     return 4 if device_type == "cuda" else 8
