@@ -63,9 +63,14 @@ def synthetic_request(engine, context: int, sampling, seed: int = 0):
     pool, policy = engine.runner.pool, seq.policy
     dev_gen = torch.Generator(device=pool.device).manual_seed(seed)
     randn = lambda shape: torch.randn(shape, device=pool.device, dtype=pool.dtype, generator=dev_gen)  # noqa: E731
+    sink, _, ring, evicted = policy.counts(context)
     with engine.lock:
+        if policy.uses_reserve and evicted:
+            # Room for the prompt and the decode steps, made before take_slot sizes it for the prompt: a timed step
+            # that grew the reserve would charge one request's growth (paid once in serving) to a handful, and a
+            # growth holds the old reserve beside the new one (at 128K and batch 32, more than an H100 has).
+            pool.ensure_reserve(evicted + sampling.max_tokens)
         engine.take_slot(seq)
-        sink, _, ring, evicted = policy.counts(context)
         kept = list(range(sink)) + list(range(context - ring, context))
         if policy.keeps_scores:
             kept += list(range(sink, sink + min(policy.middle, evicted)))
@@ -79,9 +84,6 @@ def synthetic_request(engine, context: int, sampling, seed: int = 0):
             pool.v[layer][seq.slot][:, cols] = randn(shape)
             pool.pos[layer][seq.slot][:, cols] = positions
         if policy.uses_reserve and evicted:
-            # take_slot sized the reserve for the prompt as a server does; room for the decode steps too: a timed
-            # step that grew the reserve would charge one request's growth (paid once in serving) to a handful.
-            pool.ensure_reserve(evicted + sampling.max_tokens)
             part = (seq.slot, slice(None), slice(0, evicted))
             for layer in range(pool.layers):
                 shape = (pool.kv_heads, evicted, pool.head_dim)
