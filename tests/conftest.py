@@ -56,6 +56,7 @@ def make_engine(loaded, policy: str = "full", **cache) -> LLMEngine:
     budget = None if policy == "full" else budget
     # A full cache holds whole requests: 1,024 tokens covers every test (also past a tiny model's 64).
     max_budget = cache.pop("max_budget", 1024 if policy == "full" else None)
-    config = EngineConfig(max_batch=cache.pop("max_batch", 8), prefill_chunk=cache.pop("prefill_chunk", 512),
-                          max_budget=max_budget, cache=CacheConfig(policy=policy, budget=budget, **cache))
+    engine = {"max_batch": 8, "prefill_chunk": 512}
+    engine.update({name: cache.pop(name) for name in list(cache) if name in EngineConfig.model_fields})  # select_*, ...
+    config = EngineConfig(max_budget=max_budget, cache=CacheConfig(policy=policy, budget=budget, **cache), **engine)
     return LLMEngine(config, loaded)

@@ -30,11 +30,9 @@ def test_upper_bound_bounds_every_key_of_the_chunk():
 
 def engine_with(smol, oversample: int, chunk: int = 16, capacity: int = 0, every: int = 1, float_scores: bool = False,
                 **cache):
-    engine = make_engine(smol, "slam", budget=40, sink=4, recent=12, prefill_chunk=64, max_batch=2, **cache)
     # Two stages start at 4 x the candidates here, the GPUs' default, whatever this machine's default.
-    config = engine.config.model_copy(update={"select_oversample": oversample, "select_chunk": chunk,
-                                              "select_every": every, "select_min_ratio": 4})
-    engine = type(engine)(config, smol)
+    engine = make_engine(smol, "slam", budget=40, sink=4, recent=12, prefill_chunk=64, max_batch=2,
+                         select_oversample=oversample, select_chunk=chunk, select_every=every, select_min_ratio=4, **cache)
     # With int8 weights CPUs score from int8 keys, and that kernel rounds scores to bfloat16: near-ties
     # that exact scoring and stage two (softmaxes over other arrays) may order differently. Comparing the
     # stages' choices needs float scores; the other tests here score as the CPU default does.

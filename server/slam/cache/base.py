@@ -68,6 +68,11 @@ class CachePolicy:
         evicted = length - sink - ring
         return sink, min(self.middle, evicted), ring, evicted
 
+    def reserve_rows(self, length: int) -> int:
+        """Reserve rows a slot needs after `length` tokens: its evictions, and at least one middle's worth (the
+        picks selection returns) and one row (uses_reserve policies)."""
+        return max(self.counts(length)[3], self.middle, 1)
+
     def columns_used(self, length: int) -> int:
         """Columns [0, n) of the slot that can hold a token (the ring sits at the end of the budget)."""
         return self.budget

@@ -130,7 +130,7 @@ class LLMEngine:
         pool.clear(seq.slot)
         seq.token_bytes = 2 * pool.layers * pool.kv_heads * pool.head_dim * pool.k[0].element_size()
         if seq.policy.uses_reserve:  # sized once for what the request's known tokens will evict
-            pool.ensure_reserve(max(seq.policy.counts(seq.length)[3], seq.policy.middle, 1))
+            pool.ensure_reserve(seq.policy.reserve_rows(seq.length))
         return seq.slot
 
     def release_slot(self, seq: Sequence) -> None:

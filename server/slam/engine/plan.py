@@ -32,7 +32,7 @@ def decode_plan(engine: LLMEngine, decoding: list[Sequence]) -> tuple[torch.Tens
     for seq in decoding:  # first grow the reserve if needed: its scratch index is its capacity
         p = seq.policy
         if p.uses_reserve:
-            pool.ensure_reserve(max(p.counts(seq.num_cached + 1)[3], p.middle, 1))
+            pool.ensure_reserve(p.reserve_rows(seq.num_cached + 1))
             kc = max(kc, p.middle)
         policies.add(p.name)
         top = max(top, seq.num_cached + 1)
