@@ -1,5 +1,5 @@
 """The Triton kernels of the decode step against the eager code they replace, on one random pool: slam's
-placement of chosen tokens (cache/fused.py against cache/slam.py place: same columns, positions, reserve
+placement of chosen tokens (cache/fused.py against cache/slam.py place: the same tokens, positions, reserve
 indices and churn) and the ring write (engine/ring.py). Runs on a CUDA device, or on the CPU
 under Triton's interpreter (`TRITON_INTERPRET=1 python tests/fused_check.py`); e2e/gpu_checks.py and
 tests/test_fused_place.py call it.
@@ -33,6 +33,39 @@ def fill_reserve(pool: SlotPool, layer: int, g: torch.Generator) -> None:
             store[layer].copy_(torch.randn(shape, generator=g).to(store[layer].dtype))
 
 
+def hold_reserve_tokens(pool: SlotPool, layer: int, m: int, g: torch.Generator) -> None:
+    """Columns that hold distinct reserve tokens of [0, m), as a running pool's middle does (with their rows,
+    dequantized, and positions), or nothing (-1): some the new choice keeps, some not."""
+    slots, heads, cols = pool.ridx[layer].shape
+    ridx = torch.stack([torch.randperm(m, generator=g)[:cols] for _ in range(slots * heads)]).view(slots, heads, cols)
+    ridx[torch.rand(ridx.shape, generator=g) < 0.2] = -1
+    ridx = ridx.to(pool.device)
+    pool.ridx[layer].copy_(ridx)
+    held = (ridx >= 0).unsqueeze(-1)
+    at = ridx.clamp_min(0)
+    rows = pool.reserve_rows(at)
+    for name in ("k", "v"):
+        store = getattr(pool, name)[layer]
+        store.copy_(torch.where(held, pool.reserve_gather(layer, at, name, rows), store))
+    pool.pos[layer].copy_(torch.where(ridx >= 0, pool.rpos.gather(1, at.flatten(1)).view_as(at), pool.pos[layer]))
+
+
+def same_tokens(a: SlotPool, b: SlotPool, layer: int) -> None:
+    """Each (slot, KV head) of the two pools holds the same tokens in columns [0, budget): reserve indices,
+    positions, keys and values, in whatever columns (attention does not depend on their order)."""
+    cols = slice(0, a.budget)  # the eager path may also write the scratch column; nothing reads it
+    keys = []
+    for pool in (a, b):
+        ridx, pos = pool.ridx[layer][:, :, cols], pool.pos[layer][:, :, cols]
+        order = (ridx * 1_000_000 + pos).argsort(dim=-1, stable=True)
+        held = (pos.gather(2, order) >= 0).unsqueeze(-1)
+        rows = order.unsqueeze(-1).expand(-1, -1, -1, pool.head_dim)
+        keys.append([ridx.gather(2, order), pos.gather(2, order)]
+                    + [getattr(pool, name)[layer][:, :, cols].gather(2, rows) * held for name in ("k", "v")])
+    for name, x, y in zip(("ridx", "pos", "k", "v"), *keys):
+        assert torch.equal(x, y), f"{name}[{layer}] differs at {(x != y).nonzero()[:5].tolist()}"
+
+
 @torch.inference_mode()
 def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24, reserve_int8: bool = False
                 ) -> tuple[SlotPool, SimpleNamespace, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,10 +78,10 @@ def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24, reserv
         fill_reserve(pool, layer, g)
         pool.k[layer].copy_(torch.randn(pool.k[layer].shape, generator=g).to(dtype))
         pool.v[layer].copy_(torch.randn(pool.v[layer].shape, generator=g).to(dtype))
-        # Some middle columns already hold reserve tokens that the new choice will keep, some not.
-        pool.ridx[layer].copy_(torch.randint(-1, 3 * kc, pool.ridx[layer].shape, generator=g))
         pool.pos[layer].copy_(torch.randint(-1, 500, pool.pos[layer].shape, generator=g))
     pool.rpos[:, :n] = torch.arange(n).expand(slots, -1) + 4
+    for layer in range(layers):
+        hold_reserve_tokens(pool, layer, 3 * kc, g)
     b = 4
     sink = torch.tensor([4, 2, 4, 0])
     middle = torch.tensor([kc, kc // 2, kc, kc])
@@ -65,8 +98,9 @@ def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24, reserv
 def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 24,
             reserve_int8: bool = False) -> None:
     """The eager placement takes the picks best first (as sorted top-k gives them), the kernel in any order
-    (as unsorted top-k gives them on GPUs): both must fill the same columns alike (an int8 reserve's rows
-    dequantized alike, bit for bit)."""
+    (as unsorted top-k gives them on GPUs): both must leave the same tokens in the columns (an int8 reserve's
+    rows dequantized alike, bit for bit), though the eager code keeps a token chosen again in its column and
+    the kernel writes the picks by rank."""
     pool, plan, idx, score, mine = random_pool(device, dtype, seed, kc, reserve_int8)
     score, order = score.sort(dim=-1, descending=True)
     idx = idx.gather(2, order)
@@ -77,15 +111,8 @@ def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: 
     for layer in range(pool.layers):
         place(eager, layer, plan, idx, score, mine)
         fused.place(pool, layer, plan, idx[:, :, shuffle], score[:, :, shuffle], mine)
-    cols = slice(0, pool.budget)  # the eager path also writes the scratch column; nothing reads it
     for layer in range(pool.layers):
-        for name in ("pos", "ridx"):
-            a, b = getattr(eager, name)[layer][:, :, cols], getattr(pool, name)[layer][:, :, cols]
-            assert torch.equal(a, b), f"{name}[{layer}] differs at {(a != b).nonzero()[:5].tolist()}"
-        held = (eager.pos[layer][:, :, cols] >= 0).unsqueeze(-1)  # columns holding nothing may hold any bytes
-        for name in ("k", "v"):
-            a, b = getattr(eager, name)[layer][:, :, cols], getattr(pool, name)[layer][:, :, cols]
-            assert torch.equal(a * held, b * held), f"{name}[{layer}] differs"
+        same_tokens(eager, pool, layer)
     assert torch.equal(eager.replaced, pool.replaced), (eager.replaced.tolist(), pool.replaced.tolist())
     assert int(pool.replaced.sum()) > 0 and int((pool.replaced == 0).sum()) >= 1  # slot 2 is not slam's
 

@@ -29,42 +29,64 @@ void place_rows(const int64_t* idx, const float* score, const int64_t* rpos, con
   const int64_t lines = std::max<int64_t>(1, d * int64_t(sizeof(T)) / 64);
   // Rows over the intra-op threads: each waits on memory, so two threads hide each other's waits.
   at::parallel_for(0, b * h, 1, [&](int64_t first, int64_t last) {
-  std::vector<int64_t> before;
+  // where[t]: the column holding reserve token t, -1 for none. It spans the reserve, so it lives on across
+  // calls and only the entries a row set are cleared after it.
+  thread_local std::vector<int32_t> where;
+  if (int64_t(where.size()) < rows) where.resize(rows, -1);
+  std::vector<int64_t> newcomers, open;
+  std::vector<char> keep(cols);
   for (int64_t row = first; row < last; ++row) {
     const int64_t slot = row / h;
     const int64_t* c = col + row * kc;
     const int64_t* r = idx + row * kc;
     const float* sc = score + row * kc;
     int64_t* rid = ridx + row * cols;
+    int64_t* p = pos + row * cols;
     const T* rk_row = rk + row * rows * d;
     const T* rv_row = rv + row * rows * d;
-    before.clear();
-    for (int64_t j = 0; j < kc; ++j)
-      if (c[j] < budget && rid[c[j]] >= 0) before.push_back(rid[c[j]]);
-    std::sort(before.begin(), before.end());
-    int64_t fresh = 0;
+    // A token chosen again keeps its column (slam.keep_columns): only newcomers are copied, into the columns
+    // of tokens that left, in pick order; columns left over are emptied.
+    newcomers.clear(), open.clear();
+    std::fill(keep.begin(), keep.end(), 0);
+    for (int64_t j = 0; j < kc; ++j) {  // a token in two columns (never in a running pool): the first holds it
+      const int64_t t = c[j] < budget ? rid[c[j]] : -1;
+      if (t >= 0 && t < rows && where[t] < 0) where[t] = int32_t(c[j]);
+    }
     for (int64_t j = 0; j < kc; ++j) {
-      if (j + kAhead < kc) {
+      if (c[j] >= budget || !(sc[j] > kNone)) continue;
+      if (where[r[j]] >= 0) keep[where[r[j]]] = 1;
+      else newcomers.push_back(r[j]);
+    }
+    for (int64_t j = 0; j < kc; ++j) {
+      if (c[j] >= budget) continue;
+      if (rid[c[j]] >= 0 && rid[c[j]] < rows) where[rid[c[j]]] = -1;
+      if (!keep[c[j]]) open.push_back(c[j]);
+    }
+    const size_t placed = std::min(newcomers.size(), open.size());
+    for (size_t i = 0; i < placed; ++i) {
+      if (i + kAhead < placed) {
         for (int64_t l = 0; l < lines; ++l) {
-          __builtin_prefetch(reinterpret_cast<const char*>(rk_row + r[j + kAhead] * d) + 64 * l);
-          __builtin_prefetch(reinterpret_cast<const char*>(rv_row + r[j + kAhead] * d) + 64 * l);
+          __builtin_prefetch(reinterpret_cast<const char*>(rk_row + newcomers[i + kAhead] * d) + 64 * l);
+          __builtin_prefetch(reinterpret_cast<const char*>(rv_row + newcomers[i + kAhead] * d) + 64 * l);
         }
       }
-      const bool found = sc[j] > kNone;
-      fresh += found && c[j] < budget && !std::binary_search(before.begin(), before.end(), r[j]);
-      std::copy_n(rk_row + r[j] * d, d, k + (row * cols + c[j]) * d);
-      std::copy_n(rv_row + r[j] * d, d, v + (row * cols + c[j]) * d);
-      pos[row * cols + c[j]] = found && c[j] < budget ? rpos[slot * rows + r[j]] : -1;  // scratch stays empty
-      rid[c[j]] = found ? r[j] : -1;
+      const int64_t t = newcomers[i], to = open[i];
+      std::copy_n(rk_row + t * d, d, k + (row * cols + to) * d);
+      std::copy_n(rv_row + t * d, d, v + (row * cols + to) * d);
+      p[to] = rpos[slot * rows + t];
+      rid[to] = t;
     }
-    churn[row] = fresh;
+    for (size_t i = placed; i < open.size(); ++i) p[open[i]] = rid[open[i]] = -1;
+    churn[row] = int64_t(placed);
   }
   });
 }
 
 // Columns col [b, h, kc] of slots [0, b) take reserve rows idx [b, h, kc] of rk, rv [slots, h, rows, d] into
 // k, v [slots, h, cols, d] with their positions (rpos [slots, rows]) and reserve indices into pos, ridx
-// [slots, h, cols]; where score is -inf nothing was found (position and index -1). Returns the churn per
+// [slots, h, cols]; where score is -inf nothing was found. Picks the real columns (below `budget`) already hold
+// stay where they are; the others fill the rest of those columns in pick order, and what is left over is
+// emptied (position and index -1). Returns the churn per
 // slot [b]: found picks bound for real columns (below `budget`) that none of those columns held before.
 at::Tensor place(const at::Tensor& idx, const at::Tensor& score, const at::Tensor& rpos, const at::Tensor& rk,
                  const at::Tensor& rv, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,

@@ -87,7 +87,9 @@ def ranks_itself(kc: int) -> bool:
 def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
     """cache/slam.py's place() in one kernel: columns [sink, sink + middle) of each slam slot of [0, b) take
     its best `middle` chosen reserve tokens idx [b, kv_heads, kc], best first, and the newcomers count into
-    pool.replaced. The picks may come in any order when ranks_itself(kc); else a slot's first `middle` picks
+    pool.replaced. The columns end up holding what place() leaves there, though in rank order: place() keeps
+    a token chosen again in its column, which saves CPUs copying rows and would cost this kernel a second
+    pass over the picks. The picks may come in any order when ranks_itself(kc); else a slot's first `middle` picks
     must be its best (best first, or fused_top.stored_top's `limit`)."""
     b, heads, kc = idx.shape
     take = torch.where(mine, plan.middle, 0)  # [b] middle columns written per slot

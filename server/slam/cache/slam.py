@@ -21,11 +21,13 @@ from slam.cache.selection import chunk_top, group_scores, select_reserve
 
 def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
     """Columns [sink, sink + middle) of each slam slot of [0, b) take the chosen reserve tokens idx [b,
-    kv_heads, kc] (a score of -inf: nothing found); counts the newcomers into pool.replaced (churn)."""
+    kv_heads, kc], best first (a score of -inf: nothing found), those chosen again staying where they are
+    (keep_columns); counts the newcomers into pool.replaced (churn)."""
     b, kc = idx.shape[0], idx.shape[2]
     col, usable, col_rows = middle_columns(pool, plan, mine, kc)
     if pool.cpu_kernels and not pool.reserve_int8:
         return cpu_kernels.place(pool, layer, idx, score, col)
+    idx, score = keep_columns(pool.ridx[layer][:b].gather(2, col), idx, score, usable)
     found = score > float("-inf")
     rows = pool.reserve_rows(idx)
     k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
@@ -33,6 +35,35 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     pos = torch.where(found, rpos.gather(2, idx), -1)
     pool.replaced[:b] += pool.churn(layer, col, idx, found & usable, usable)
     pool.write_columns(layer, col_rows, k, v, pos, torch.where(found, idx, -1))
+
+
+def keep_columns(held: torch.Tensor, idx: torch.Tensor, score: torch.Tensor, usable: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Picks idx, score [b, kv_heads, kc], best first, rearranged so that entry j is what the step's column j
+    takes: a token chosen again stays in the column that holds it (held [b, kv_heads, kc]: the columns'
+    reserve indices), newcomers fill the other columns in pick order, and columns left over are emptied
+    (score -inf). Only columns where `usable` take anything. A CPU's placement is bound by copying rows out
+    of a reserve far larger than its caches; this way it copies only the newcomers (the C++ op does the same)."""
+    b, h, kc = idx.shape
+    none = float("-inf")
+    chosen = usable & (score > none)
+    held = torch.where(usable & (held >= 0), held, -1)
+    by_token, column = held.sort(dim=-1, stable=True)  # a token in two columns (never in a running pool): the first
+    at = torch.searchsorted(by_token, idx).clamp_max(kc - 1)
+    hit = chosen & (by_token.gather(2, at) == idx)
+    home = column.gather(2, at)  # where a token chosen again lies
+    picks = torch.where(chosen, idx, -1).sort(dim=-1).values
+    again = picks.gather(2, torch.searchsorted(picks, held).clamp_max(kc - 1)) == held
+    own = column.gather(2, torch.searchsorted(by_token, held).clamp_max(kc - 1))  # the column a held token keeps
+    first = own == torch.arange(kc, device=idx.device)
+    kept = (held >= 0) & again & first
+    open_first = (~(usable & ~kept)).to(torch.int8).argsort(dim=-1, stable=True)  # free columns first, in order
+    newcomer = chosen & ~hit
+    nth = (newcomer.cumsum(dim=-1) - 1).clamp_min(0)
+    dest = torch.where(hit, home, torch.where(newcomer, open_first.gather(2, nth), kc))  # kc: dropped
+    out_idx = torch.zeros(b, h, kc + 1, dtype=idx.dtype, device=idx.device).scatter_(2, dest, idx)
+    out_score = torch.full((b, h, kc + 1), none, dtype=score.dtype, device=score.device).scatter_(2, dest, score)
+    return out_idx[..., :kc], out_score[..., :kc]
 
 
 def middle_columns(pool, plan, mine: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
