@@ -37,7 +37,23 @@ def test_bench_decode_rows_baseline_and_plot(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args, flag", [(("--batches", "0"), "--batches"), (("--shape", "gpt-9"), "--shape")])
+def test_bench_decode_repeat_times_each_cell_that_often(tmp_path):
+    """--repeat R times each combination R times over its own steps and gives the fastest; the requests have
+    room for all R x --tokens steps (bench_engine asserts they decoded them), and rows name R."""
+    from slam.bench import decode
+
+    steps = []
+    best = decode.fastest(lambda: steps.append(1), 4, 3, torch.device("cpu"))
+    assert len(steps) == 12 and best > 0
+    run = bench("--shape", "smollm2-135m", "--dtype", "float32", "--policies", "slam", "--budget", "96",
+                "--contexts", "200", "--batches", "1", "--tokens", "2", "--repeat", "3", "--json", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = [json.loads(line) for line in run.stdout.splitlines()]
+    assert row["repeat"] == 3 and row["tokens"] == 2 and row["step_ms"] > 0
+
+
+@pytest.mark.parametrize("args, flag", [(("--batches", "0"), "--batches"), (("--shape", "gpt-9"), "--shape"),
+                                        (("--repeat", "0"), "--repeat"), (("--tokens", "x"), "--tokens")])
 def test_bench_decode_bad_flags_exit_2(args, flag):
     run = bench(*args, timeout=120)
     assert run.returncode == 2

@@ -21,6 +21,16 @@ def positive_list(kind):
     return parse
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer above 0, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer above 0, got {text!r}")
+    return value
+
+
 def add_cache_flags(p: argparse.ArgumentParser, with_policy: bool = True) -> None:
     if with_policy:
         p.add_argument("--policy", default="slam", help="full, streaming, slam, snapkv, h2o")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slam.bench.shape_configs import SHAPES
-from slam.flags import add_model_flags, add_selection_flags, positive_list
+from slam.flags import add_model_flags, add_selection_flags, positive_int, positive_list
 
 
 def add_parser(sub) -> None:
@@ -14,7 +14,9 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", type=positive_list(str), default=["full", "streaming", "slam"])
     p.add_argument("--contexts", type=positive_list(int), default=[512, 2000, 4000])
     p.add_argument("--batches", type=positive_list(int), default=[1])
-    p.add_argument("--tokens", type=int, default=32, help="decode steps timed per combination")
+    p.add_argument("--tokens", type=positive_int, default=32, help="decode steps timed per combination")
+    p.add_argument("--repeat", type=positive_int, default=1,
+                   help="timings of --tokens steps per combination, each row giving the fastest (noisy machines)")
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=64)
