@@ -72,20 +72,6 @@ def warm_up(step, device: torch.device, phases: int = 1) -> None:
                 return
 
 
-def fastest(step, tokens: int, repeat: int, device: torch.device) -> float:
-    """Seconds per step of the fastest of `repeat` timings of `tokens` steps each. A shared machine's neighbours
-    only ever add time, so the fastest timing is the one least disturbed; each cell of a run repeats at once,
-    so a burst of noise that covers one cell's single timing does not decide its row."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(tokens):
-            step()
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / tokens)
-    return best
-
-
 def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: int) -> int:
     """Bytes of keys and values one decode step reads: the pool slots, plus what slam's selection reads
     (every reserve key, or two chunk bounds per chunk and the candidates' keys) and the chosen values."""
@@ -114,8 +100,7 @@ def release_memory(device: torch.device) -> None:
 def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: int, args, gbps: float) -> DecodeResult:
     device = loaded.device
     full = cache.policy == "full"
-    timed = tokens * args.repeat
-    length = context + WARMUP_STEPS + timed + 8  # the most a request reaches
+    length = context + WARMUP_STEPS + tokens + 8  # the most a request reaches
     release_memory(device)
     # A server's default length, or the run's when longer: the reserve's capacity follows it, and with it
     # whether two-stage selection runs (pool.ensure_reserve).
@@ -128,12 +113,16 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     engine = LLMEngine(config, loaded)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sampling = SamplingParams(max_tokens=timed + WARMUP_STEPS + 4, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=tokens + WARMUP_STEPS + 4, ignore_eos=True)
     seqs = [synthetic_request(engine, context, sampling, seed=i) for i in range(batch)]
     engine.runner.rope.ensure(length + 1)  # a table grown between timed steps would recapture the graphs
     warm_up(engine.step, device, engine.runner.select_every)
-    step_s = fastest(engine.step, tokens, args.repeat, device)
-    assert all(len(s.output_ids) >= timed for s in seqs)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        engine.step()
+    _sync(device)
+    step_s = (time.perf_counter() - start) / tokens
+    assert all(len(s.output_ids) >= tokens for s in seqs)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
     pool = engine.runner.pool
@@ -148,7 +137,7 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
 
 
 @torch.inference_mode()
-def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: float, repeat: int = 1) -> DecodeResult:
+def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: float) -> DecodeResult:
     """transformers' decode with its full DynamicCache (sdpa), the cache filled with random keys/values."""
     model, device = loaded.model, loaded.device
     cfg = model.config
@@ -159,7 +148,7 @@ def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: floa
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        step_s = _time_full_cache(model, context, batch, tokens, head_dim, repeat)
+        step_s = _time_full_cache(model, context, batch, tokens, head_dim)
     except torch.OutOfMemoryError:
         step_s = None
     if step_s is None:
@@ -173,9 +162,8 @@ def bench_transformers(loaded, context: int, batch: int, tokens: int, gbps: floa
                         100 * roof / step_s, peak, name, kv_mib_per_request=kv_bytes / batch / 2**20)
 
 
-def _time_full_cache(model, context: int, batch: int, tokens: int, head_dim: int, repeat: int = 1) -> float:
-    """Seconds per decode step of `model` with a DynamicCache of `context` random tokens per request (the
-    fastest of `repeat` timings)."""
+def _time_full_cache(model, context: int, batch: int, tokens: int, head_dim: int) -> float:
+    """Seconds per decode step of `model` with a DynamicCache of `context` random tokens per request."""
     from transformers import DynamicCache
 
     cfg, device = model.config, model.device
@@ -193,7 +181,11 @@ def _time_full_cache(model, context: int, batch: int, tokens: int, head_dim: int
         state["mask"] = torch.cat([state["mask"], state["mask"][:, :1]], dim=1)
 
     warm_up(step, device)
-    return fastest(step, tokens, repeat, device)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / tokens
 
 
 def run(args) -> int:
@@ -212,23 +204,35 @@ def run(args) -> int:
               for p in args.policies]
     combos = [(n, b) for n in args.contexts for b in args.batches]
     results: list[DecodeResult] = []
-    for context, batch in tqdm(combos, desc="bench decode", file=sys.stderr):
-        base = (bench_transformers(loaded, context, batch, args.tokens, gbps, args.repeat)
-                if args.baseline == "transformers" else None)
+    best: dict[tuple, DecodeResult] = {}
+    # With --repeat R every combination is timed in each of R passes over them all, and a row is its fastest
+    # pass: a shared machine's neighbours only add time, in bursts that can cover a whole combination, and
+    # passes spread a row's timings over the run. Rows are printed as the last pass gives them.
+    passes = [(p, c) for p in range(args.repeat) for c in combos]
+    for last, (context, batch) in ((p == args.repeat - 1, c) for p, c in tqdm(passes, desc="bench decode",
+                                                                              file=sys.stderr)):
+        base = bench_transformers(loaded, context, batch, args.tokens, gbps) if args.baseline == "transformers" else None
         rows = [base] if base else []
         for cache in caches:
             try:
-                row = bench_engine(loaded, cache, context, batch, args.tokens, args, gbps)
+                rows.append(bench_engine(loaded, cache, context, batch, args.tokens, args, gbps))
             except torch.OutOfMemoryError:
-                row = DecodeResult("slam", cache.policy, cache.budget, context, batch, None, None, 0.0, None, None,
-                                   _device_name(loaded.device), note="does not fit")
-            if base and base.decode_tokens_per_s and row.decode_tokens_per_s:
-                row.baseline_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
-            rows.append(row)
+                rows.append(DecodeResult("slam", cache.policy, cache.budget, context, batch, None, None, 0.0, None,
+                                         None, _device_name(loaded.device), note="does not fit"))
             gc.collect()
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
         for row in rows:
+            key = (row.engine, row.policy, context, batch)
+            if key not in best or (row.step_ms is not None and (best[key].step_ms or float("inf")) > row.step_ms):
+                best[key] = row
+        if not last:
+            continue
+        rows = [best[(row.engine, row.policy, context, batch)] for row in rows]
+        base = rows[0] if args.baseline == "transformers" else None
+        for row in rows:
+            if base and row is not base and base.decode_tokens_per_s and row.decode_tokens_per_s:
+                row.baseline_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
             results.append(row)
             if args.json:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,

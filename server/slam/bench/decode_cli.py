@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batches", type=positive_list(int), default=[1])
     p.add_argument("--tokens", type=positive_int, default=32, help="decode steps timed per combination")
     p.add_argument("--repeat", type=positive_int, default=1,
-                   help="timings of --tokens steps per combination, each row giving the fastest (noisy machines)")
+                   help="passes over every combination, each row giving its fastest pass (noisy machines)")
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=64)
