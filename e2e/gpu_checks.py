@@ -27,10 +27,12 @@ VARIANTS = {  # name: (policy, engine settings)
     "full": ("full", {}), "streaming": ("streaming", {}), "snapkv": ("snapkv", {}), "h2o": ("h2o", {}),
     "slam": ("slam", {}),  # two-stage selection, the default
     "slam exact": ("slam", {"select_oversample": 0}),
-    # Two stages forced at these short contexts (min ratio 1); r = 4 re-ranks between stage-one refreshes.
+    # Two stages forced at these short contexts (min ratio 1); r = 4 re-ranks between stage-one refreshes. r = 4
+    # takes oversampling 16 unless told, whose candidates (4,096 tokens) these requests never reach.
     "slam two-stage": ("slam", {"select_min_ratio": 1}),
-    "slam two-stage r4": ("slam", {"select_min_ratio": 1, "select_every": 4}),
-    "slam two-stage r4 host reserve": ("slam", {"select_min_ratio": 1, "select_every": 4, "reserve_device": "cpu"}),
+    "slam two-stage r4": ("slam", {"select_min_ratio": 1, "select_every": 4, "select_oversample": 8}),
+    "slam two-stage r4 host reserve": ("slam", {"select_min_ratio": 1, "select_every": 4, "select_oversample": 8,
+                                                "reserve_device": "cpu"}),
     "slam host reserve": ("slam", {"reserve_device": "cpu"}),
     "slam host int8 reserve": ("slam", {"reserve_device": "cpu", "reserve_dtype": "int8"}),
     "slam host reserve eager kernels": ("slam", {"reserve_device": "cpu", "compile": False}),
