@@ -25,7 +25,7 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer above 0, got {text!r}")
+        value = 0  # not an integer: refused below with the same message
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected an integer above 0, got {text!r}")
     return value

@@ -209,8 +209,7 @@ def run(args) -> int:
     # pass: a shared machine's neighbours only add time, in bursts that can cover a whole combination, and
     # passes spread a row's timings over the run. Rows are printed as the last pass gives them.
     passes = [(p, c) for p in range(args.repeat) for c in combos]
-    for last, (context, batch) in ((p == args.repeat - 1, c) for p, c in tqdm(passes, desc="bench decode",
-                                                                              file=sys.stderr)):
+    for pass_no, (context, batch) in tqdm(passes, desc="bench decode", file=sys.stderr):
         base = bench_transformers(loaded, context, batch, args.tokens, gbps) if args.baseline == "transformers" else None
         rows = [base] if base else []
         for cache in caches:
@@ -226,7 +225,7 @@ def run(args) -> int:
             key = (row.engine, row.policy, context, batch)
             if key not in best or (row.step_ms is not None and (best[key].step_ms or float("inf")) > row.step_ms):
                 best[key] = row
-        if not last:
+        if pass_no < args.repeat - 1:
             continue
         rows = [best[(row.engine, row.policy, context, batch)] for row in rows]
         base = rows[0] if args.baseline == "transformers" else None

@@ -27,23 +27,24 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     col, usable, col_rows = middle_columns(pool, plan, mine, kc)
     if pool.cpu_kernels and not pool.reserve_int8:
         return cpu_kernels.place(pool, layer, idx, score, col)
-    idx, score = keep_columns(pool.ridx[layer][:b].gather(2, col), idx, score, usable)
+    idx, score, fresh = keep_columns(pool.ridx[layer][:b].gather(2, col), idx, score, usable)
     found = score > float("-inf")
     rows = pool.reserve_rows(idx)
     k, v = pool.reserve_gather(layer, idx, "k", rows), pool.reserve_gather(layer, idx, "v", rows)
     rpos = plan.once("slam rpos", lambda: pool.rpos[:b].unsqueeze(1).expand(-1, pool.kv_heads, -1))
     pos = torch.where(found, rpos.gather(2, idx), -1)
-    pool.replaced[:b] += pool.churn(layer, col, idx, found & usable, usable)
+    pool.replaced[:b] += fresh
     pool.write_columns(layer, col_rows, k, v, pos, torch.where(found, idx, -1))
 
 
 def keep_columns(held: torch.Tensor, idx: torch.Tensor, score: torch.Tensor, usable: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Picks idx, score [b, kv_heads, kc], best first, rearranged so that entry j is what the step's column j
     takes: a token chosen again stays in the column that holds it (held [b, kv_heads, kc]: the columns'
     reserve indices), newcomers fill the other columns in pick order, and columns left over are emptied
     (score -inf). Only columns where `usable` take anything. A CPU's placement is bound by copying rows out
-    of a reserve far larger than its caches; this way it copies only the newcomers (the C++ op does the same)."""
+    of a reserve far larger than its caches; this way it copies only the newcomers (the C++ op does the same).
+    Also returns the newcomers per slot [b]: the churn."""
     b, h, kc = idx.shape
     none = float("-inf")
     chosen = usable & (score > none)
@@ -63,7 +64,7 @@ def keep_columns(held: torch.Tensor, idx: torch.Tensor, score: torch.Tensor, usa
     dest = torch.where(hit, home, torch.where(newcomer, open_first.gather(2, nth), kc))  # kc: dropped
     out_idx = torch.zeros(b, h, kc + 1, dtype=idx.dtype, device=idx.device).scatter_(2, dest, idx)
     out_score = torch.full((b, h, kc + 1), none, dtype=score.dtype, device=score.device).scatter_(2, dest, score)
-    return out_idx[..., :kc], out_score[..., :kc]
+    return out_idx[..., :kc], out_score[..., :kc], newcomer.sum(dim=(1, 2))
 
 
 def middle_columns(pool, plan, mine: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
