@@ -284,6 +284,25 @@ def test_oversampling_pairs_with_the_refresh_interval_unless_set(smol):
     assert settings_from(args).engine_config().select_oversample is None  # resolved by the engine, as above
 
 
+def test_larger_middles_keep_the_candidate_tokens_measured_at_budget_256(smol):
+    """Unset oversampling was measured for budget 256's 188 critical columns; a larger middle rescores as many
+    candidate tokens (at least twice its columns), so budget 2048 does not rescore its whole 32K reserve, and a
+    smaller middle keeps its multiple."""
+    from slam.config import oversample_for
+
+    assert [oversample_for(4, None, m) for m in (60, 188, 444, 956, 1980, 8000)] == [16, 16, 7, 4, 2, 2]
+    assert [oversample_for(1, None, m) for m in (60, 188, 444, 1980)] == [8, 8, 4, 2]
+    assert oversample_for(4, 16, 1980) == 16 and oversample_for(4, 0, 1980) == 0  # set values are kept
+    for budget, every, want in ((256, 4, 16), (512, 4, 7), (2048, 4, 2), (2048, 1, 2)):
+        cache = CacheConfig(policy="slam", budget=budget, sink=4, recent=64)
+        engine = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_every=every), smol)
+        assert engine.runner.pool.oversample == want, (budget, every)
+    # The pool's widest slot decides: requests may ask for up to max_budget.
+    cache = CacheConfig(policy="slam", budget=256, sink=4, recent=64)
+    engine = LLMEngine(EngineConfig(max_batch=1, cache=cache, max_budget=2048, select_every=4), smol)
+    assert engine.runner.pool.oversample == 2
+
+
 def test_two_stages_start_by_device_unless_set(smol):
     """Unset, two-stage selection starts at 8 x its candidates on CPUs (exact scoring cost no more at 8K with
     budget 256) and 4 x on GPUs; a set ratio is kept."""

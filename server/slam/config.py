@@ -90,13 +90,20 @@ class EngineConfig(BaseModel):
     select_min_ratio: int | None = Field(default=None, ge=1)
 
 
-def oversample_for(every: int, oversample: int | None) -> int:
+MEASURED_MIDDLE = 188  # budget 256's middle columns (sink 4, recent 64), where the oversampling was measured
+
+
+def oversample_for(every: int, oversample: int | None, middle: int = MEASURED_MIDDLE) -> int:
     """Two-stage selection's oversampling: as set, else paired with the refresh interval. Chunks chosen at a
     refresh serve the next r - 1 queries too; at r = 4 eight middles' worth of them lost two needles of exact
-    recall's six at 8K on the H100, sixteen lost one (docs/benchmarks.md, "r = 4 with more candidates")."""
+    recall's six at 8K on the H100, sixteen lost one (docs/benchmarks.md, "r = 4 with more candidates").
+    Those counts hold for a middle of up to 188 columns. A needle needs its chunk among the best few hundred,
+    a number that does not grow with the middle, so a larger middle keeps as many candidate tokens (at least
+    twice its picks): budget 2048 rescores 2 x 1,980 where 16 x would be the whole reserve at 32K."""
     if oversample is not None:
         return oversample
-    return 8 if every <= 2 else 16
+    base = 8 if every <= 2 else 16
+    return max(2, min(base, -(-base * MEASURED_MIDDLE // max(middle, 1))))
 
 
 def min_ratio_for(device_type: str, min_ratio: int | None) -> int:
@@ -209,7 +216,9 @@ class ServerSettings(BaseSettings):
                               "the first selection stage scores")
     select_oversample: int | None = Field(default=None, ge=0, description="slam: chunks worth this many times "
                                           "the critical columns are rescored exactly (0: score every reserve token; "
-                                          "unset: 8, or 16 when select_every is 3 or more)")
+                                          "unset: 8, or 16 when select_every is 3 or more, for up to 188 "
+                                          "critical columns; larger budgets keep as many candidate tokens, at "
+                                          "least twice their columns)")
     select_min_ratio: int | None = Field(default=None, ge=1, description="slam: two-stage selection starts once "
                                          "the reserve holds this many times the candidates; before, every token is "
                                          "scored (unset: 4 on GPUs, 8 on CPUs)")

@@ -60,7 +60,8 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
                    help="slam: reserve tokens per chunk bound (two-stage selection)")
     p.add_argument("--select-oversample", type=int, default=d.select_oversample,
                    help="slam: chunks rescored, in multiples of the critical columns (0: score the whole reserve; "
-                        "default: 8, or 16 with --select-every 3 or more)")
+                        "default: 8, or 16 with --select-every 3 or more, for up to 188 critical columns; larger "
+                        "budgets keep as many candidate tokens, at least twice their columns)")
     p.add_argument("--select-min-ratio", type=int, default=d.select_min_ratio,
                    help="slam: two stages once the reserve holds this many times the candidates "
                         "(default: 4 on GPUs, 8 on CPUs)")

@@ -236,7 +236,8 @@ def run(args) -> int:
             if args.json:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
                                   "tokens": args.tokens, "repeat": args.repeat, "select_every": args.select_every,
-                                  "select_oversample": oversample_for(args.select_every, args.select_oversample),
+                                  "select_oversample": oversample_for(args.select_every, args.select_oversample,
+                                                                      args.budget - args.sink - args.recent),
                                   "select_chunk": args.select_chunk,
                                   "select_min_ratio": min_ratio_for(loaded.device.type, args.select_min_ratio),
                                   "reserve_device": args.reserve_device, "graphs": not args.enforce_eager,

@@ -61,7 +61,8 @@ class LLMEngine:
             self.loaded, config.max_batch, self.budget, reserve_device=self._reserve_device(),
             reserve_int8=resolve_reserve_dtype(config.reserve_dtype, self.loaded.device, self.max_model_len) == "int8", cache_positions=config.cache.position_mode == "cache",
             int8_weights=resolve_dtype(config.dtype, self.loaded.device) == "int8", enforce_eager=config.enforce_eager, select_every=config.select_every, compile=config.compile,
-            selection=(config.select_chunk, oversample_for(config.select_every, config.select_oversample),
+            selection=(config.select_chunk,
+                       oversample_for(config.select_every, config.select_oversample, self._middle()),
                        min_ratio_for(self.loaded.device.type, config.select_min_ratio)),
             max_reserve=self.max_model_len)
         self.scheduler = Scheduler(config.max_batch, config.prefill_chunk)
@@ -69,6 +70,10 @@ class LLMEngine:
         self.stats = EngineStats()
         self.replaced_done = 0  # churn of requests that left their slots
         self.lock = threading.Lock()  # guards the scheduler's queues between the step and other threads
+
+    def _middle(self) -> int:
+        # slam's critical columns in the pool's widest slot, which size two-stage selection's candidates.
+        return self.budget - self.config.cache.sink - self.config.cache.recent
 
     def _reserve_device(self) -> str:
         # Measured (docs/benchmarks.md): on a GPU the device reserve wins as long as it fits.
