@@ -175,13 +175,19 @@ def compare_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
 @torch.inference_mode()
 def compare_limit(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 300, m: int = 9000) -> None:
     """fused_top.stored_top with a per-slot limit: each slot's first `limit` picks are its `limit` best (in
-    column order, unsorted), the rest of its kc are empty."""
+    column order, unsorted), the rest of its kc are empty. Ties go to lower columns: a slot storing fewer
+    tokens than its limit gets them all, then its first unstored columns; equal scores, the first columns."""
     g = torch.Generator().manual_seed(seed)
     b, heads, group, d = 4, 2, 3, 16
     q = torch.randn(b, heads, group, d, generator=g).to(device, dtype)
-    keys = torch.randn(b, heads, m, d, generator=g).to(device, dtype)
+    keys = torch.randn(b, heads, m, d, generator=g)
+    keys[3, 0] = keys[3, 0, :1]  # slot 3, head 0: every score equal
+    keys = keys.to(device, dtype)
     stored = torch.ones(b, 1, m, dtype=torch.bool)
     stored[1, :, 100:700] = False
+    few = torch.randperm(m, generator=g)[: kc // 3]
+    stored[0] = False
+    stored[0, :, few] = True  # slot 0 stores fewer tokens than its limit
     limit = torch.tensor([kc, kc // 2, 1, kc - 7])
     stored, limit, scale = stored.to(device), limit.to(device), d**-0.5
     logits = dot_float(q, keys)
@@ -190,10 +196,16 @@ def compare_limit(device: str, dtype: torch.dtype = torch.float32, seed: int = 0
     for s in range(b):
         k = int(limit[s])
         assert bool((score[s, :, k:] == float("-inf")).all()), "picks past the limit"
+        assert bool((idx[s, :, k:] == 0).all()), "empty picks not zeroed"
         best = want[s].topk(k, dim=-1).values
         assert torch.allclose(score[s, :, :k].sort(-1, descending=True).values, best, atol=1e-4), "not the best"
         assert torch.allclose(want[s].gather(-1, idx[s, :, :k]), score[s, :, :k], atol=1e-4), "scores of other picks"
         assert bool((idx[s, :, :k].diff(dim=-1) > 0).all()), "picks not in column order"
+    held = stored[0, 0].nonzero().view(-1)
+    unstored = (~stored[0, 0]).nonzero().view(-1)
+    expect = torch.cat([held, unstored[: kc - held.numel()]]).sort().values
+    assert torch.equal(idx[0, 0], expect) and torch.equal(idx[0, 1], expect), "stored tokens, then the first unstored"
+    assert torch.equal(idx[3, 0, : kc - 7], torch.arange(kc - 7, device=idx.device)), "equal scores: not the first columns"
 
 
 @torch.inference_mode()
@@ -368,6 +380,8 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_top(device, dtype, seed, kc=300, m=3000)  # many picks: best first
     compare_top(device, dtype, seed, kc=188, m=9000)  # a long row: the block kernels
     compare_limit(device, dtype, seed)
+    compare_limit(device, dtype, seed, m=3000)  # a row of one block
+    compare_limit(device, dtype, seed, kc=1980, m=3960)  # budget 2048's middle among its candidates
     compare_dots(device, dtype, seed)
     compare_dots(device, dtype, seed, int8=True)
     compare_chunk_top(device, dtype, seed)
