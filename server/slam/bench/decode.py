@@ -72,6 +72,15 @@ def warm_up(step, device: torch.device, phases: int = 1) -> None:
                 return
 
 
+def seconds_per_step(step, tokens: int, device: torch.device) -> float:
+    """Wall seconds per call of `step` over `tokens` calls, the device drained at the end."""
+    start = time.perf_counter()
+    for _ in range(tokens):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / tokens
+
+
 def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: int) -> int:
     """Bytes of keys and values one decode step reads: the pool slots, plus what slam's selection reads
     (every reserve key, or two chunk bounds per chunk and the candidates' keys) and the chosen values."""
@@ -117,11 +126,7 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     seqs = [synthetic_request(engine, context, sampling, seed=i) for i in range(batch)]
     engine.runner.rope.ensure(length + 1)  # a table grown between timed steps would recapture the graphs
     warm_up(engine.step, device, engine.runner.select_every)
-    start = time.perf_counter()
-    for _ in range(tokens):
-        engine.step()
-    _sync(device)
-    step_s = (time.perf_counter() - start) / tokens
+    step_s = seconds_per_step(engine.step, tokens, device)
     assert all(len(s.output_ids) >= tokens for s in seqs)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
@@ -181,11 +186,7 @@ def _time_full_cache(model, context: int, batch: int, tokens: int, head_dim: int
         state["mask"] = torch.cat([state["mask"], state["mask"][:, :1]], dim=1)
 
     warm_up(step, device)
-    start = time.perf_counter()
-    for _ in range(tokens):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / tokens
+    return seconds_per_step(step, tokens, device)
 
 
 def run(args) -> int:
