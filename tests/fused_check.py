@@ -94,27 +94,47 @@ def random_pool(device: str, dtype: torch.dtype, seed: int, kc: int = 24, reserv
     return pool, plan, idx.to(device), score.to(device), mine.to(device)
 
 
+def same_columns(a: SlotPool, b: SlotPool, layer: int) -> None:
+    """Each column of [0, budget) holds the same token in both pools: reserve index, position, and its key and
+    value rows where it holds one (an emptied column's rows are not read)."""
+    cols = slice(0, a.budget)
+    for name in ("ridx", "pos"):
+        x, y = getattr(a, name)[layer][:, :, cols], getattr(b, name)[layer][:, :, cols]
+        assert torch.equal(x, y), f"{name}[{layer}] differs at {(x != y).nonzero()[:5].tolist()}"
+    held = (a.pos[layer][:, :, cols] >= 0).unsqueeze(-1)
+    for name in ("k", "v"):
+        x, y = (getattr(p, name)[layer][:, :, cols] * held for p in (a, b))
+        assert torch.equal(x, y), f"{name}[{layer}] differs at {(x != y).nonzero()[:5].tolist()}"
+
+
 @torch.inference_mode()
 def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: int = 24,
             reserve_int8: bool = False) -> None:
-    """The eager placement takes the picks best first (as sorted top-k gives them), the kernel in any order
-    (as unsorted top-k gives them on GPUs): both must leave the same tokens in the columns (an int8 reserve's
-    rows dequantized alike, bit for bit), though the eager code keeps a token chosen again in its column and
-    the kernel writes the picks by rank."""
+    """The kernels against place(): given the same picks, the same columns (a token chosen again keeps its
+    column, newcomers take the freed ones in pick order; an int8 reserve's rows dequantized alike, bit for
+    bit) and the same churn. Given each slot's best `middle` picks in another order, as the top-k kernels
+    leave them, the same tokens in whatever columns."""
     pool, plan, idx, score, mine = random_pool(device, dtype, seed, kc, reserve_int8)
     score, order = score.sort(dim=-1, descending=True)
     idx = idx.gather(2, order)
-    shuffle = torch.randperm(idx.shape[2], generator=torch.Generator().manual_seed(seed)).to(device)
-    if not fused.ranks_itself(kc):  # many picks reach the kernel best first, as sorted top-k leaves them
-        shuffle = torch.arange(idx.shape[2], device=device)
-    eager = copy.deepcopy(pool)
+    g = torch.Generator().manual_seed(seed)
+    shuffle = torch.stack([torch.cat([torch.randperm(m, generator=g), m + torch.randperm(kc - m, generator=g)])
+                           for m in plan.middle.tolist()]).to(device)  # [b, kc], within each slot's best middle
+    shuffle = shuffle.unsqueeze(1).expand_as(idx)
+    eager, ordered = copy.deepcopy(pool), copy.deepcopy(pool)
     for layer in range(pool.layers):
         place(eager, layer, plan, idx, score, mine)
-        fused.place(pool, layer, plan, idx[:, :, shuffle], score[:, :, shuffle], mine)
+        fused.place(ordered, layer, plan, idx, score, mine)
+        fused.place(pool, layer, plan, idx.gather(2, shuffle), score.gather(2, shuffle), mine)
     for layer in range(pool.layers):
+        same_columns(eager, ordered, layer)
         same_tokens(eager, pool, layer)
-    assert torch.equal(eager.replaced, pool.replaced), (eager.replaced.tolist(), pool.replaced.tolist())
+        assert bool((pool.home == -1).all()), "the column map is not left empty"
+    for p in (ordered, pool):
+        assert torch.equal(eager.replaced, p.replaced), (eager.replaced.tolist(), p.replaced.tolist())
     assert int(pool.replaced.sum()) > 0 and int((pool.replaced == 0).sum()) >= 1  # slot 2 is not slam's
+    kept = (eager.ridx[0] == pool.ridx[0]) & (pool.ridx[0] >= 0)
+    assert int(kept.sum()) > 0, "no token chosen again kept its column"
 
 
 @torch.inference_mode()
@@ -168,8 +188,17 @@ def compare_top(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
     assert bool(((eager.gather(2, idx) >= kth - 1e-4) | ~found).all()), "a pick outside the kc best"
     assert torch.allclose(torch.where(found, eager.gather(2, idx), 0), torch.where(found, score, 0), atol=1e-4)
     assert all(len(set(row)) == kc for row in idx.flatten(0, 1).tolist()), "a pick taken twice"
-    if not fused.ranks_itself(kc):  # many picks come best first
+    if m > fused_top.SPAN_LIMIT:  # long rows' picks come best first, the one-program kernel's in reserve order
         assert bool((score[..., 1:] <= score[..., :-1]).all()), "picks not best first"
+    else:
+        assert bool((idx.diff(dim=-1) > 0).all()), "picks not in reserve order"
+    limit = torch.tensor([kc, kc // 2, 1, kc - 3], device=device)
+    lidx, lscore = fused_top.group_top(dot_float(q, keys), rpos, n, kc, scale, limit)
+    for s in range(b):  # each slot's best `limit` first, then empty picks
+        k = int(limit[s])
+        assert bool((lscore[s, :, k:] == float("-inf")).all()) and bool((lidx[s, :, k:] == 0).all()), "past the limit"
+        best = want[s].sort(dim=-1, descending=True).values[:, :k]
+        assert torch.allclose(lscore[s, :, :k].sort(dim=-1, descending=True).values, best, atol=1e-4), "not the best"
 
 
 @torch.inference_mode()
@@ -370,14 +399,14 @@ def compare_attention(device: str, dtype: torch.dtype = torch.float32, seed: int
 
 def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
     compare(device, dtype, seed)
-    compare(device, dtype, seed, kc=150)  # several programs per slot and head
-    compare(device, dtype, seed, kc=300)  # picks sorted, churn counted outside
+    compare(device, dtype, seed, kc=150)  # several copy programs per slot and head
+    compare(device, dtype, seed, kc=300)
     compare(device, dtype, seed, reserve_int8=True)
     compare(device, dtype, seed, kc=300, reserve_int8=True)
     compare_ring(device, dtype, seed, ring.kernel_ring_write)
     compare_top(device, dtype, seed)
     compare_top(device, dtype, seed, kc=188, m=3936, group=4)
-    compare_top(device, dtype, seed, kc=300, m=3000)  # many picks: best first
+    compare_top(device, dtype, seed, kc=300, m=3000)  # many picks
     compare_top(device, dtype, seed, kc=188, m=9000)  # a long row: the block kernels
     compare_limit(device, dtype, seed)
     compare_limit(device, dtype, seed, m=3000)  # a row of one block

@@ -1,11 +1,15 @@
-"""One Triton kernel that puts slam's chosen tokens into the middle columns (GPUs).
+"""Two Triton kernels that put slam's chosen tokens into the middle columns (GPUs).
 
-After top-k, the eager path spends about twenty small kernels per layer on gathering the chosen keys,
-values and positions, counting churn and writing the columns; here programs of 64 picks per slot and KV
-head do all of it, reading the rows straight from the reserve (pinned host memory included).
-`SlamPolicy.select` uses it instead of `place()` on CUDA devices when Triton is installed, the engine's
-`compile` setting is on; an int8 reserve's rows are dequantized as they are read. tests/fused_check.py holds
-it to `place()`.
+Eagerly, placement takes about twenty small kernels per layer (churn, columns, gathers, writes). Here one
+program per slot and KV head decides where each pick goes, as slam.keep_columns does: a token chosen again
+stays in the column that holds it, newcomers take the columns of tokens that left, in pick order, and
+columns left over are emptied. It finds held tokens through `pool.home`, a map from reserve index to column
+that it fills and clears again. A second kernel, in programs of 64 picks, then copies only the newcomers'
+rows straight from the reserve (pinned host memory included; an int8 reserve's rows dequantized as they are
+read). On real text about a third of the chosen tokens are new at each step.
+
+`SlamPolicy.select` uses it instead of `place()` on CUDA devices when Triton is installed and the engine's
+`compile` setting is on. tests/fused_check.py holds it to `place()`.
 """
 
 from __future__ import annotations
@@ -26,84 +30,91 @@ def available(pool) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _apply(idx_ptr, score_ptr, rpos_ptr, rk_ptr, rv_ptr, rks_ptr, rvs_ptr, k_ptr, v_ptr, pos_ptr, ridx_ptr,
-               old_ptr, take_ptr, sink_ptr, replaced_ptr, heads, rows, cols, kc: tl.constexpr, BLOCK: tl.constexpr,
-               D: tl.constexpr, RANKED: tl.constexpr, INT8: tl.constexpr):
-        # Program (pid, blk): slot s = pid // heads, KV head pid % heads, picks [blk * BLOCK, (blk + 1) * BLOCK).
-        # Reserve rows live at (pid * rows + i) * D, pool columns at (pid * cols + c) * D.
+    def _keep(idx_ptr, score_ptr, rpos_ptr, pos_ptr, ridx_ptr, home_ptr, open_ptr, dest_ptr, take_ptr, sink_ptr,
+              replaced_ptr, heads, rows, cols, kc, BLOCK: tl.constexpr):
+        # Program pid: slot s = pid // heads, KV head pid % heads. Its middle columns are sink + c for c < take;
+        # pick j may go to one of them only while j < take (the picks' first `take` are the slot's best).
+        # The phases read what earlier phases wrote to the map, hence the barriers.
         pid = tl.program_id(0)
         s = pid // heads
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        base = pid * kc
-        middle = tl.load(take_ptr + s)  # columns this slot's middle has (0: not a slam slot)
-        score = tl.load(score_ptr + base + j, mask=j < kc, other=float("-inf"))
-        idx = tl.load(idx_ptr + base + j, mask=j < kc, other=0)
+        c = tl.arange(0, BLOCK)
+        take = tl.load(take_ptr + s)
         sink = tl.load(sink_ptr + s)
-        # With few picks top-k leaves them unsorted (RANKED): each one's rank by score is its column, and the
-        # slot keeps its best `middle` (equal scores rank by pick order; only picks that found nothing tie in
-        # practice). Many picks come sorted, best first, and their churn is counted outside: both pairwise
-        # comparisons grow with the square of the picks. Churn: chosen tokens that no middle column held
-        # before this step (`old_ptr`: a copy taken before any program writes).
-        rank = j
-        if RANKED:
-            rank = tl.zeros([BLOCK], dtype=tl.int32)
-            hit = tl.zeros([BLOCK], dtype=tl.int32)
-            for t in range(0, kc, BLOCK):
-                jo = t + tl.arange(0, BLOCK)
-                other = tl.load(score_ptr + base + jo, mask=jo < kc, other=float("-inf"))
-                better = (other[None, :] > score[:, None]) | ((other[None, :] == score[:, None]) & (jo[None, :] < j[:, None]))
-                rank += tl.sum(better.to(tl.int32), axis=1)
-                old = tl.load(old_ptr + pid * cols + sink + jo, mask=(jo < middle) & (jo < kc), other=-1)
-                hit += tl.sum((old[None, :] == idx[:, None]).to(tl.int32), axis=1)
-        take = (j < kc) & (rank < middle)
-        found = take & (score > float("-inf"))
-        col = sink + rank
-        if RANKED:
-            tl.atomic_add(replaced_ptr + s, tl.sum((found & (hit == 0)).to(tl.int64)))
-        pos = tl.load(rpos_ptr + s * rows + idx, mask=found, other=-1)
-        tl.store(pos_ptr + pid * cols + col, pos, mask=take)
-        tl.store(ridx_ptr + pid * cols + col, tl.where(found, idx, -1), mask=take)
+        usable = (c < take) & (c < kc)
+        col = pid * cols + sink + c
+        home = home_ptr + pid.to(tl.int64) * rows
+        held = tl.load(ridx_ptr + col, mask=usable, other=-1)
+        has = usable & (held >= 0)
+        tl.store(home + held, c, mask=has)
+        idx = tl.load(idx_ptr + pid * kc + c, mask=usable, other=0)
+        chosen = usable & (tl.load(score_ptr + pid * kc + c, mask=usable, other=float("-inf")) > float("-inf"))
+        tl.debug_barrier()
+        owner = has & (tl.load(home + held, mask=has, other=-1) == c)  # a token held twice keeps one column
+        hit = chosen & (tl.load(home + idx, mask=chosen, other=-1) >= 0)
+        tl.debug_barrier()
+        tl.store(home + idx, -2, mask=chosen)
+        tl.debug_barrier()
+        kept = owner & (tl.load(home + held, mask=owner, other=-1) == -2)
+        tl.debug_barrier()
+        tl.store(home + held, -1, mask=has)  # the map is left as found: all -1
+        tl.store(home + idx, -1, mask=chosen)
+        # The n-th newcomer takes the n-th column whose token left (through `open_ptr`, rank -> column).
+        free = usable & ~kept
+        newcomer = chosen & ~hit
+        rank = tl.cumsum(free.to(tl.int32), 0) - 1
+        nth = tl.cumsum(newcomer.to(tl.int32), 0) - 1
+        fresh = tl.sum(newcomer.to(tl.int32), 0)
+        tl.store(open_ptr + pid * kc + rank, c, mask=free & (rank < fresh))
+        tl.debug_barrier()
+        to = sink + tl.load(open_ptr + pid * kc + nth, mask=newcomer, other=0)
+        tl.store(dest_ptr + pid * kc + c, tl.where(newcomer, to, -1), mask=c < kc)
+        tl.store(pos_ptr + pid * cols + to, tl.load(rpos_ptr + s * rows + idx, mask=newcomer, other=-1), mask=newcomer)
+        tl.store(ridx_ptr + pid * cols + to, idx, mask=newcomer)
+        left = free & (rank >= fresh)
+        tl.store(pos_ptr + col, -1, mask=left)
+        tl.store(ridx_ptr + col, -1, mask=left)
+        tl.atomic_add(replaced_ptr + s, fresh.to(tl.int64))
+
+    @triton.jit
+    def _copy(idx_ptr, dest_ptr, rk_ptr, rv_ptr, rks_ptr, rvs_ptr, k_ptr, v_ptr, rows, cols, kc,
+              BLOCK: tl.constexpr, D: tl.constexpr, INT8: tl.constexpr):
+        # Program (pid, blk): slot and KV head pid, picks [blk * BLOCK, (blk + 1) * BLOCK); a pick with a
+        # destination column (a newcomer) copies its key and value rows there.
+        pid = tl.program_id(0)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        to = tl.load(dest_ptr + pid * kc + j, mask=j < kc, other=-1)
+        go = to >= 0
+        idx = tl.load(idx_ptr + pid * kc + j, mask=go, other=0)
         d = tl.arange(0, D)
-        src = (pid * rows + idx)[:, None] * D + d[None, :]
-        dst = (pid * cols + col)[:, None] * D + d[None, :]
-        m = take[:, None]
+        row = pid.to(tl.int64) * rows + idx
+        src = row[:, None] * D + d[None, :]
+        dst = (pid * cols + to)[:, None] * D + d[None, :]
+        m = go[:, None]
         k = tl.load(rk_ptr + src, mask=m)
         v = tl.load(rv_ptr + src, mask=m)
         if INT8:  # dequantized as the pool's _scaled does: float32 products, then the pool's dtype
-            row = pid * rows + idx
-            k = (k.to(tl.float32) * tl.load(rks_ptr + row, mask=take, other=0.0)[:, None]).to(k_ptr.dtype.element_ty)
-            v = (v.to(tl.float32) * tl.load(rvs_ptr + row, mask=take, other=0.0)[:, None]).to(v_ptr.dtype.element_ty)
+            k = (k.to(tl.float32) * tl.load(rks_ptr + row, mask=go, other=0.0)[:, None]).to(k_ptr.dtype.element_ty)
+            v = (v.to(tl.float32) * tl.load(rvs_ptr + row, mask=go, other=0.0)[:, None]).to(v_ptr.dtype.element_ty)
         tl.store(k_ptr + dst, k, mask=m)
         tl.store(v_ptr + dst, v, mask=m)
 
 
-RANK_LIMIT = 256  # picks up to which the kernel ranks them itself (above: top-k sorts them)
-
-
-def ranks_itself(kc: int) -> bool:
-    return kc <= RANK_LIMIT
-
-
 def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: torch.Tensor) -> None:
-    """cache/slam.py's place() in one kernel: columns [sink, sink + middle) of each slam slot of [0, b) take
-    its best `middle` chosen reserve tokens idx [b, kv_heads, kc], best first, and the newcomers count into
-    pool.replaced. The columns end up holding what place() leaves there, though in rank order: place() keeps
-    a token chosen again in its column, which saves CPUs copying rows and would cost this kernel a second
-    pass over the picks. The picks may come in any order when ranks_itself(kc); else a slot's first `middle` picks
-    must be its best (best first, or fused_top.stored_top's `limit`)."""
+    """cache/slam.py's place() in two kernels: columns [sink, sink + middle) of each slam slot of [0, b) take
+    its chosen reserve tokens idx [b, kv_heads, kc] (score -inf: nothing found), a token chosen again staying
+    in its column, and the newcomers count into pool.replaced. A slot's first `middle` picks must be its best,
+    in any order (best first, or the top-k kernels' `limit`)."""
     b, heads, kc = idx.shape
-    take = torch.where(mine, plan.middle, 0)  # [b] middle columns written per slot
-    ranked = ranks_itself(kc)
-    if ranked:
-        old = pool.ridx[layer][:b].clone()  # what the columns held, read by every program before any writes
-    else:
-        old = pool.ridx[layer][:b]  # not read: the kernel's churn count is off here
-        col = pool.middle_columns(plan.sink, take, kc)
-        pool.replaced[:b] += pool.churn(layer, col, idx, (score > float("-inf")) & (col < pool.budget))
-    block = 64
+    rows = b * heads
+    take = torch.where(mine, plan.middle, 0)  # [b] middle columns per slot (0: not a slam slot)
+    open_at = torch.empty(rows, kc, dtype=torch.int32, device=idx.device)
+    dest = torch.empty(rows, kc, dtype=torch.int32, device=idx.device)
+    idx, score = idx.contiguous(), score.contiguous()
+    block = max(triton.next_power_of_2(kc), 16)
+    _keep[(rows,)](idx, score, pool.rpos, pool.pos[layer], pool.ridx[layer], pool.home, open_at, dest, take,
+                   plan.sink, pool.replaced, heads, pool.cap + 1, pool.budget + 1, kc, BLOCK=block,
+                   num_warps=8 if block >= 1024 else 4)
     rk, rv = pool.rk[layer], pool.rv[layer]
     scales = (pool.rk_scale[layer], pool.rv_scale[layer]) if pool.reserve_int8 else (rk, rv)  # unread unless int8
-    _apply[(b * heads, triton.cdiv(kc, block))](
-        idx.contiguous(), score.contiguous(), pool.rpos, rk, rv, *scales, pool.k[layer], pool.v[layer],
-        pool.pos[layer], pool.ridx[layer], old, take, plan.sink, pool.replaced, heads, pool.cap + 1,
-        pool.budget + 1, kc=kc, BLOCK=block, D=pool.head_dim, RANKED=ranked, INT8=pool.reserve_int8)
+    _copy[(rows, triton.cdiv(kc, 64))](idx, dest, rk, rv, *scales, pool.k[layer], pool.v[layer], pool.cap + 1,
+                                       pool.budget + 1, kc, BLOCK=64, D=pool.head_dim, INT8=pool.reserve_int8)

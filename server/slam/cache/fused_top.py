@@ -4,8 +4,9 @@ After the q.k product, torch spends a compiled log-softmax and a radix-select to
 reserve score (about 50 us per layer at batch 32, budget 256, 4K context: more than the product itself).
 Here one program per slot and KV head holds its whole reserve row in registers, takes the log-softmax of
 each query head and their maximum (selection.group_scores), and finds the `kc`-th best score by bisection
-over the scores' bits, then writes the picks in reserve order: cache/fused.py ranks unsorted picks itself.
-Longer reserves (or more picks) go through kernels over blocks of the row instead: each block's
+over the scores' bits, then writes the picks in reserve order, each slot's best `middle` first (the
+columns it has: cache/fused.py places those in any order). Longer reserves go through kernels over blocks
+of the row instead: each block's
 log-sum-exp parts; each token's group score as an integer key ordered like the float, with the first of
 four 8-bit radix passes; the other passes, whose blocks add into one histogram per row (the keys are in L2
 by then); the picks. One program per row doing the passes took longer than the q.k product (122 us per
@@ -16,8 +17,6 @@ kernels with their own mask. tests/fused_check.py holds both to group_scores fol
 from __future__ import annotations
 
 import torch
-
-from slam.cache import fused
 
 try:
     import triton
@@ -36,11 +35,13 @@ def applies(pool, kc: int, span: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _group_top(logit_ptr, rpos_ptr, n_ptr, idx_ptr, score_ptr, heads, m, rpos_stride, scale,
+    def _group_top(logit_ptr, rpos_ptr, n_ptr, limit_ptr, idx_ptr, score_ptr, heads, m, rpos_stride, scale,
                    G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr):
         # Program pid: slot pid // heads, KV head pid % heads; its logits are rows [pid * G, (pid + 1) * G) of m.
+        # It takes the slot's best K = limit picks and writes them first; picks [K, KC) are empty.
         pid = tl.program_id(0)
         s = pid // heads
+        K = tl.minimum(tl.load(limit_ptr + s), KC)
         i = tl.arange(0, BLOCK)
         n = tl.load(n_ptr + s)
         rp = tl.load(rpos_ptr + s * rpos_stride + i, mask=i < m, other=-1)
@@ -52,7 +53,7 @@ if triton is not None:
             best = tl.maximum(best, x - (top + tl.log(tl.sum(tl.exp(x - top), 0))))
         best = tl.where(stored, best, float("-inf"))
         # Integer keys ordered like the floats (negative floats' magnitude bits flipped); columns past the
-        # reserve rank below -inf. The largest t with at least KC keys >= t is the KC-th best key.
+        # reserve rank below -inf. The largest t with at least K keys >= t is the K-th best key.
         bits = best.to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
         key = tl.where(i < m, key, -(1 << 31))
@@ -60,16 +61,19 @@ if triton is not None:
         hi = tl.full([], (1 << 31) - 1, tl.int64)
         for _ in range(32):
             mid = (lo + hi + 1) // 2
-            ok = tl.sum((key >= mid).to(tl.int32), 0) >= KC
+            ok = tl.sum((key >= mid).to(tl.int32), 0) >= K
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
         above = key > lo
         tied = key == lo
-        # All keys above the threshold, then tied ones in reserve order until KC are taken.
-        take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= KC - tl.sum(above.to(tl.int32), 0)))
+        # All keys above the threshold, then tied ones in reserve order until K are taken.
+        take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= K - tl.sum(above.to(tl.int32), 0)))
         slot = tl.cumsum(take.to(tl.int32), 0) - 1
         tl.store(idx_ptr + pid * KC + slot, i.to(tl.int64), mask=take)
         tl.store(score_ptr + pid * KC + slot, best, mask=take)
+        empty = (i >= K) & (i < KC)
+        tl.store(idx_ptr + pid * KC + i, tl.zeros([BLOCK], tl.int64), mask=empty)
+        tl.store(score_ptr + pid * KC + i, tl.full([BLOCK], float("-inf"), tl.float32), mask=empty)
 
 
     @triton.jit
@@ -175,16 +179,18 @@ if triton is not None:
 def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int, scale: float,
               limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [b, kv_heads, group, m] float32 (q.k unscaled), rpos [b, >= m] (reserve positions, -1: empty),
-    n [b] tokens stored -> (indices, scores) [b, kv_heads, kc] of the kc best by group_scores, unordered
-    while fused.ranks_itself(kc), else best first or, given `limit`, as stored_top says."""
+    n [b] tokens stored -> (indices, scores) [b, kv_heads, kc] of the kc best by group_scores; given `limit`
+    [b] in [1, kc], each slot's best `limit` first, then empty picks (score -inf). Picks come in reserve order
+    from rows of up to SPAN_LIMIT tokens, else as stored_top gives them."""
     b, heads, group, m = logits.shape
-    if m > SPAN_LIMIT or not fused.ranks_itself(kc):
+    if m > SPAN_LIMIT:
         index = torch.arange(m, device=logits.device)
         return stored_top(logits, ((index < n.view(-1, 1)) & (rpos[:, :m] >= 0)).unsqueeze(1), kc, scale, limit)
+    limit = torch.full((b,), kc, dtype=torch.long, device=logits.device) if limit is None else limit
     idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
     score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
     block = triton.next_power_of_2(m)
-    _group_top[(b * heads,)](logits.contiguous(), rpos, n, idx, score, heads, m, rpos.stride(0), scale,
+    _group_top[(b * heads,)](logits.contiguous(), rpos, n, limit, idx, score, heads, m, rpos.stride(0), scale,
                              G=group, KC=kc, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return idx, score
 
@@ -192,12 +198,12 @@ def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int
 def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float,
                limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The long-row kernels: logits [b, kv_heads, group, m] float32 (q.k unscaled), stored [b, 1 or kv_heads,
-    m] bool -> (columns, scores) [b, kv_heads, kc] of the kc best by group_scores (-inf: not stored), in
-    column order while fused.ranks_itself(kc), else best first (equal scores in column order).
+    m] bool -> (columns, scores) [b, kv_heads, kc] of the kc best by group_scores (-inf: not stored), best
+    first (equal scores in column order).
 
     limit [b] in [1, kc]: each slot's picks are its best `limit` in column order, then empty ones (score
-    -inf) up to kc, never sorted: cache/fused.py keeps a slot's first `middle` picks when it does not rank
-    them itself, so a slot's middle as its limit makes sorting the picks unnecessary."""
+    -inf) up to kc, never sorted: cache/fused.py keeps a slot's first `middle` picks in any order, so a
+    slot's middle as its limit makes sorting the picks unnecessary."""
     b, heads, group, m = logits.shape
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
@@ -218,7 +224,7 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
         _radix[(rows, nblk)](keys, hist, blocks, limit, heads, rows, m, nblk, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
     _compact[(rows, nblk)](keys, hist, blocks, limit, idx, score, heads, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb,
                            num_warps=8)
-    if limited or fused.ranks_itself(kc):
+    if limited:
         return idx, score
     score, order = score.sort(dim=-1, descending=True, stable=True)
     return idx.gather(-1, order), score

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slam.cache import cpu_kernels, fused, fused_dots, fused_top
+from slam.cache import cpu_kernels, fused_dots, fused_top
 from slam.compiled import compiled
 
 
@@ -90,33 +90,31 @@ def candidates(chunks: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def exact_top(dots: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
-              scale: float, best_first: bool = True, ties: bool = False, cpu: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float, ties: bool = False, cpu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact selection: the `kc` best of reserve indices [0, m) by their q.k `dots` [b, kv_heads, group, m]
     (dot_float or dot_int8); rpos: [b, m]; n: [b] tokens stored -> (indices, scores) [b, kv_heads, kc], best
-    first unless not `best_first` (cache/fused.py ranks them). `ties`: break ties toward lower indices.
+    first. `ties`: break ties toward lower indices.
     `cpu`: the group's maximum and top-k in one C++ op (cache/cpu_kernels.py), which breaks ties so too."""
     index = torch.arange(dots.shape[3], device=dots.device)
     stored = ((index < n.view(-1, 1)) & (rpos >= 0)).unsqueeze(1)
     if cpu:
         return cpu_kernels.group_top(log_probs(dots * scale, stored), stored, kc)
-    return top_by_index(group_log_probs(dots * scale, stored), index if ties else None, kc, best_first)
+    return top_by_index(group_log_probs(dots * scale, stored), index if ties else None, kc)
 
 
-def top_by_index(scores: torch.Tensor, index: torch.Tensor | None, kc: int, best_first: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk of scores [b, kv_heads, m] whose equal scores rank by reserve `index` (broadcast to scores), lower
+def top_by_index(scores: torch.Tensor, index: torch.Tensor | None, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk (best first) of scores [b, kv_heads, m] whose equal scores rank by reserve `index` (broadcast to scores), lower
     first -> (positions in m, scores); index None: torch.topk's own order among ties. Low-precision dots
     tie often, and torch.topk breaks ties by where they sit, which would make a slot's picks depend on how
     long the array is (on the rest of its batch). A relative nudge below float32's resolution and above
     float64's orders ties without reordering scores (and an absolute one far below float32's smallest,
     scores of exactly 0: one key taking all of a query's attention, twice)."""
     if index is None:
-        top = scores.topk(kc, dim=-1, sorted=best_first)
+        top = scores.topk(kc, dim=-1)
         return top.indices, top.values
     key = scores.double()
     key = key - (key.abs() + 2.0**-1000) * (index.double() + 1) * 2.0**-48
-    top = key.topk(kc, dim=-1, sorted=best_first)
+    top = key.topk(kc, dim=-1)
     return top.indices, scores.gather(-1, top.indices)
 
 
@@ -199,7 +197,7 @@ def with_latest(chosen: torch.Tensor, n: torch.Tensor, chunk: int, latest: int) 
 
 
 def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor,
-                  kc: int, scale: float, best_first: bool = True, fresh: torch.Tensor | None = None,
+                  kc: int, scale: float, fresh: torch.Tensor | None = None,
                   ties: bool = False, cpu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage two: the `kc` best candidates idx [b, kv_heads, m] by their q.k `dots` [b, kv_heads, group, m];
     candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats); `ties`, `cpu` as in exact_top."""
@@ -207,7 +205,7 @@ def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: 
     if cpu:
         at, values = cpu_kernels.group_top(log_probs(dots * scale, stored), stored, kc, idx)
         return idx.gather(2, at), values
-    at, values = top_by_index(group_log_probs(dots * scale, stored), idx if ties else None, kc, best_first)
+    at, values = top_by_index(group_log_probs(dots * scale, stored), idx if ties else None, kc)
     return idx.gather(2, at), values
 
 
@@ -232,7 +230,6 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     spares the GPU kernels sorting many picks (fused_top.stored_top)."""
     b, scale, span = q.shape[0], pool.head_dim**-0.5, span or pool.cap
     q = q.contiguous()  # a strided query sends the scoring matmul to a much slower kernel on GPUs
-    best_first = not (pool.fused and fused.ranks_itself(kc))  # cache/fused.py ranks few picks itself
     rpos = pool.rpos[:b]
     # Ties go to the lower reserve index wherever the C++ ops may run (CPUs, which order them so) or scores are
     # coarse (int8 scoring), so that the torch code picks what the ops pick.
@@ -249,7 +246,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
             dots = dot_float(q, pool.reserve_keys(layer, scoring=True)[:b, :, :span])
         if fused_top.applies(pool, kc, span):
             return fused_top.group_top(dots, rpos, n, kc, scale, limit)
-        return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, best_first, ties, pool.cpu_kernels)
+        return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, ties, pool.cpu_kernels)
     first = -(-pool.oversample * kc // pool.chunk)
     fresh = None
     if refresh:
@@ -287,4 +284,4 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
     else:
         dots = dot_float(q, pool.reserve_gather(layer, idx, "ks"))
-    return _run(pool, candidate_top, dots, idx, rpos, n, kc, scale, best_first, fresh, ties, pool.cpu_kernels)
+    return _run(pool, candidate_top, dots, idx, rpos, n, kc, scale, fresh, ties, pool.cpu_kernels)

@@ -126,6 +126,7 @@ class SlotPool(ChunkBounds, ReserveReads):
         self.rks: list[torch.Tensor] = []
         self.rpos = torch.empty(0)
         self.mark = torch.empty(0, dtype=torch.bool)
+        self.home = torch.empty(0, dtype=torch.int32)  # cache/fused.py: reserve index -> column, all -1 between calls
         self.version = 0  # bumped when buffers are reallocated: captured graphs must be recaptured
 
     # --- reserve tier ------------------------------------------------------------------------------
@@ -177,6 +178,7 @@ class SlotPool(ChunkBounds, ReserveReads):
             rpos[:, :n] = self.rpos[:, :n]
         self.rpos = rpos
         self.mark = torch.zeros((self.slots, self.kv_heads, cap + 1), dtype=torch.bool, device=self.device)
+        self.home = torch.full((self.slots, self.kv_heads, cap + 1), -1, dtype=torch.int32, device=self.device)
         self._pinned = pinned
         self.cap = cap
         if started:
