@@ -408,8 +408,8 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_top(device, dtype, seed, kc=188, m=3936, group=4)
     compare_top(device, dtype, seed, kc=300, m=3000)  # many picks
     compare_top(device, dtype, seed, kc=188, m=9000)  # a long row: the block kernels
-    compare_limit(device, dtype, seed)
-    compare_limit(device, dtype, seed, m=3000)  # a row of one block
+    compare_limit(device, dtype, seed)  # a long row: the block kernels
+    compare_limit(device, dtype, seed, m=3000)  # one program per row
     compare_limit(device, dtype, seed, kc=1980, m=3960)  # budget 2048's middle among its candidates
     compare_dots(device, dtype, seed)
     compare_dots(device, dtype, seed, int8=True)

@@ -25,6 +25,7 @@ except ImportError:  # CPU installs: selection.exact_top does the same work
     triton = None
 
 SPAN_LIMIT = 8192  # reserve tokens a program holds in registers
+ROW_LIMIT = 8192  # stored_top's row length up to which one program takes a whole row (_row_top)
 BLOCK = 4096  # columns per program of the long-row kernels
 
 
@@ -75,6 +76,47 @@ if triton is not None:
         tl.store(idx_ptr + pid * KC + i, tl.zeros([BLOCK], tl.int64), mask=empty)
         tl.store(score_ptr + pid * KC + i, tl.full([BLOCK], float("-inf"), tl.float32), mask=empty)
 
+
+    @triton.jit
+    def _row_top(logit_ptr, stored_ptr, limit_ptr, idx_ptr, score_ptr, heads, m, st_slot, st_head, scale,
+                 G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr):
+        # stored_top for rows of up to ROW_LIMIT columns: one program per row (slot * heads + head) holds it in
+        # registers and runs what the long-row kernels do over blocks (log-softmax, integer keys, four 8-bit
+        # radix passes, compaction), then writes the row's empty picks itself.
+        pid = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        row = i < m
+        ok = tl.load(stored_ptr + (pid // heads) * st_slot + (pid % heads) * st_head + i, mask=row, other=0) != 0
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            x = tl.load(logit_ptr + (pid * G + g).to(tl.int64) * m + i, mask=ok, other=float("-inf")) * scale
+            top = tl.max(x, 0)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            best = tl.maximum(best, x - (top + tl.log(tl.sum(tl.exp(x - top), 0))))
+        best = tl.where(ok, best, float("-inf"))
+        bits = best.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        k = tl.minimum(tl.minimum(tl.load(limit_ptr + pid // heads), KC), m)
+        d = tl.arange(0, 256)
+        lo = tl.full([], -(1 << 31), tl.int64)
+        above = tl.full([], 0, tl.int32)
+        for p in tl.static_range(4):  # the k-th best key, 8 bits a pass (as _threshold over the histograms)
+            digits = (key - lo) >> (24 - 8 * p)
+            inside = row & (digits >= 0) & (digits < 256)
+            counts = tl.histogram(tl.where(inside, digits, 0).to(tl.int32), 256, mask=inside)
+            at_or_above = above + tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
+            digit = tl.sum((at_or_above >= k).to(tl.int32), 0) - 1
+            above += tl.sum(tl.where(d > digit, counts, 0), 0)
+            lo += digit.to(tl.int64) << (24 - 8 * p)
+        tied = row & (key == lo)
+        take = row & ((key > lo) | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= k - above)))
+        at = pid * KC + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(idx_ptr + at, i.to(tl.int64), mask=take)
+        tl.store(score_ptr + at, best, mask=take)
+        j = tl.arange(0, KB)
+        empty = (j >= k) & (j < KC)
+        tl.store(idx_ptr + pid * KC + j, tl.zeros([KB], tl.int64), mask=empty)
+        tl.store(score_ptr + pid * KC + j, tl.full([KB], float("-inf"), tl.float32), mask=empty)
 
     @triton.jit
     def _lse_parts(logit_ptr, stored_ptr, part_ptr, heads, m, nblk, st_slot, st_head, scale,
@@ -205,15 +247,22 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
     -inf) up to kc, never sorted: cache/fused.py keeps a slot's first `middle` picks in any order, so a
     slot's middle as its limit makes sorting the picks unnecessary."""
     b, heads, group, m = logits.shape
+    limited = limit is not None
+    limit = limit if limited else torch.full((b,), kc, dtype=torch.long, device=logits.device)
+    logits, flags = logits.contiguous(), stored.view(torch.uint8)
+    strides = (flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0)
+    if m <= ROW_LIMIT:
+        idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
+        score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
+        block = max(triton.next_power_of_2(m), 16)
+        _row_top[(b * heads,)](logits, flags, limit, idx, score, heads, m, *strides, scale, G=group, KC=kc,
+                               BLOCK=block, KB=max(triton.next_power_of_2(kc), 16), num_warps=8 if block >= 4096 else 4)
+        return _ordered(idx, score, limited)
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
     keys = torch.empty(rows, m, dtype=torch.int32, device=logits.device)
     idx = torch.zeros(b, heads, kc, dtype=torch.long, device=logits.device)
     score = torch.full((b, heads, kc), float("-inf"), dtype=torch.float32, device=logits.device)
-    limited = limit is not None
-    limit = limit if limited else torch.full((b,), kc, dtype=torch.long, device=logits.device)
-    logits, flags = logits.contiguous(), stored.view(torch.uint8)
-    strides = (flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0)
     _lse_parts[(rows, nblk)](logits, flags, parts, heads, m, nblk, *strides, scale, G=group, BLOCK=BLOCK, num_warps=8)
     nb = max(triton.next_power_of_2(nblk), 2)
     hist = torch.zeros(4, rows, 256, dtype=torch.int32, device=logits.device)
@@ -224,6 +273,11 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
         _radix[(rows, nblk)](keys, hist, blocks, limit, heads, rows, m, nblk, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
     _compact[(rows, nblk)](keys, hist, blocks, limit, idx, score, heads, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb,
                            num_warps=8)
+    return _ordered(idx, score, limited)
+
+
+def _ordered(idx: torch.Tensor, score: torch.Tensor, limited: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # Picks come in column order; without a limit they go best first (stored_top's contract).
     if limited:
         return idx, score
     score, order = score.sort(dim=-1, descending=True, stable=True)
