@@ -15,9 +15,9 @@ import torch
 
 from slam.cache import fused, fused_dots, fused_top
 from slam.cache.selection import (bound_scores, candidate_stored, candidates, chunk_top_in_place, dequantize_bounds,
-                                  dot_float, exact_top, group_scores, select_reserve)
+                                  dot_float, exact_top, group_scores, select_reserve, with_latest)
 from slam.cache.slam import place
-from slam.engine import decode_attention, ring
+from slam.engine import append, decode_attention, ring
 from slam.engine.attention import attend
 from slam.engine.pool import SlotPool
 
@@ -135,6 +135,60 @@ def compare(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, kc: 
     assert int(pool.replaced.sum()) > 0 and int((pool.replaced == 0).sum()) >= 1  # slot 2 is not slam's
     kept = (eager.ridx[0] == pool.ridx[0]) & (pool.ridx[0] >= 0)
     assert int(kept.sum()) > 0, "no token chosen again kept its column"
+
+
+@torch.inference_mode()
+def compare_append(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, reserve_int8: bool = False,
+                   d: int = 16) -> None:
+    """engine/append.py's kernel against pool.reserve_append and pool.summarize_append: the same reserve rows
+    (int8 rows and scales where the reserve is int8) and the same chunk bounds, byte for byte, over appends at a
+    chunk's first token, inside a chunk with a key inside its bounds' scale and with one that grows it, and at
+    the scratch index."""
+    g = torch.Generator().manual_seed(seed)
+    slots, heads, chunk, b = 5, 3, 8, 4
+    pool = SlotPool(1, slots, heads, 24, d, dtype, torch.device(device), reserve_int8=reserve_int8, chunk=chunk,
+                    oversample=4, min_ratio=1)
+    pool.ensure_reserve(8 * 24)
+    assert pool.two_stage, "two stages did not start"
+    fill_reserve(pool, 0, g)
+    pool.rpos[:, : pool.cap] = torch.arange(pool.cap) + 4
+    n = [40, 43, 0, 21]  # slot 0 starts a chunk, slots 1 and 3 are inside one, slot 2 appends to the scratch index
+    for slot in range(slots):
+        pool.summarize(0, slot, 0, pool.cap)
+    eager = copy.deepcopy(pool)
+    for step in range(3):
+        at = torch.tensor([n[0] + step, n[1] + step, pool.cap, n[3] + step], device=device)
+        magnitude = torch.tensor([1.0, 0.01, 1.0, 50.0 if step == 1 else 0.5]).view(b, 1, 1)
+        k = (torch.randn(b, heads, d, generator=g) * magnitude).to(device, dtype)
+        v = torch.randn(b, heads, d, generator=g).to(device, dtype)
+        eager.reserve_append(0, at, k, v)
+        eager.summarize_append(0, at, k)
+        append.append(pool, 0, at, k, v)
+    names = ["rk", "rv", "smin", "smax", "sscale"] + (["rk_scale", "rv_scale"] if reserve_int8 else [])
+    for name in names:
+        x, y = getattr(eager, name)[0], getattr(pool, name)[0]
+        assert torch.equal(x, y), f"{name} differs at {(x != y).nonzero()[:5].tolist()}"
+
+
+@torch.inference_mode()
+def compare_latest(device: str, seed: int = 0) -> None:
+    """fused_dots.with_latest against selection.with_latest, equal entries and flags: distinct chunks in any
+    order, a row of zeros (a slot cleared before its first refresh), latest chunks among the chosen ones,
+    and reserves shorter than the latest chunks."""
+    g = torch.Generator().manual_seed(seed)
+    b, heads, first, chunk = 4, 3, 37, 8
+    cand = torch.stack([torch.randperm(60, generator=g)[:first] for _ in range(b * heads)]).view(b, heads, first)
+    cand[1] = 0
+    cand[2, :, :3] = torch.tensor([59, 58, 57])  # the latest chunks of slot 2, chosen already in some heads
+    buf = torch.zeros(b + 1, heads, first + 5, dtype=torch.int32)
+    buf[:b, :, :first] = cand
+    n = torch.tensor([480, 3, 480, 9], device=device)  # slot 2's last token lies in chunk 59
+    for latest in (1, 2, 3):
+        view = buf.to(device)[:b, :, :first]
+        got = fused_dots.with_latest(view, n, chunk, latest)
+        want = with_latest(view.long(), n, chunk, latest)
+        for name, x, y in zip(("chunks", "fresh"), got, want):
+            assert torch.equal(x, y), f"{name} differs (latest {latest}) at {(x != y).nonzero()[:5].tolist()}"
 
 
 @torch.inference_mode()
@@ -403,6 +457,8 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare(device, dtype, seed, kc=300)
     compare(device, dtype, seed, reserve_int8=True)
     compare(device, dtype, seed, kc=300, reserve_int8=True)
+    compare_append(device, dtype, seed)
+    compare_append(device, dtype, seed, reserve_int8=True, d=64)
     compare_ring(device, dtype, seed, ring.kernel_ring_write)
     compare_top(device, dtype, seed)
     compare_top(device, dtype, seed, kc=188, m=3936, group=4)
@@ -411,6 +467,7 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_limit(device, dtype, seed)  # a long row: the block kernels
     compare_limit(device, dtype, seed, m=3000)  # one program per row
     compare_limit(device, dtype, seed, kc=1980, m=3960)  # budget 2048's middle among its candidates
+    compare_latest(device, seed)
     compare_dots(device, dtype, seed)
     compare_dots(device, dtype, seed, int8=True)
     compare_chunk_top(device, dtype, seed)

@@ -192,23 +192,20 @@ def test_scores_keep_their_order_where_probabilities_underflow():
 
 @torch.inference_mode()
 def test_churn_counts_chosen_tokens_that_no_middle_column_held():
-    from slam.engine.pool import SlotPool
+    from slam.cache.slam import keep_columns
 
-    pool = SlotPool(1, 2, 2, 10, 4, torch.float32, torch.device("cpu"))
-    pool.ensure_reserve(50)
-    sink, kc = 2, 4
-    # Slot 0 head 0 holds reserve tokens 3, 7, 9 (one column empty); head 1 holds 1, 2, 3, 4.
-    pool.ridx[0][0, 0, sink:sink + kc] = torch.tensor([3, 7, -1, 9])
-    pool.ridx[0][0, 1, sink:sink + kc] = torch.tensor([1, 2, 3, 4])
-    pool.ridx[0][1, :, :] = 5  # slot 1 is not slam's: its columns are the scratch one, and it counts nothing
-    pool.ridx[0][:, :, pool.budget] = 8  # whatever the scratch column held does not count as held
+    # Slot 0 head 0 holds reserve tokens 3, 7, 9 (one column empty); head 1 holds 1, 2, 3, 4. Slot 1 is not
+    # slam's: none of its columns is usable, and it counts nothing.
+    held = torch.tensor([[[3, 7, -1, 9], [1, 2, 3, 4]], [[5, 5, 5, 5], [5, 5, 5, 5]]])
     idx = torch.tensor([[[9, 3, 8, 11], [4, 3, 2, 1]], [[5, 5, 5, 5], [5, 5, 5, 5]]])
-    col = torch.tensor([[sink + j for j in range(kc)], [pool.budget] * kc]).unsqueeze(1).expand(-1, 2, -1)
-    found = torch.ones_like(idx, dtype=torch.bool)
-    found[0, 0, 3] = False  # a pick that found nothing is no newcomer
-    churn = pool.churn(0, col, idx, found & (col < pool.budget))
+    score = torch.zeros(idx.shape)
+    score[0, 0, 3] = float("-inf")  # a pick that found nothing is no newcomer
+    usable = torch.tensor([True, False]).view(2, 1, 1).expand(-1, 2, 4)
+    out_idx, out_score, churn = keep_columns(held, idx, score, usable)
     assert churn.tolist() == [1, 0]  # only token 8 is new (11 found nothing); head 1 chose the same set
-    assert not pool.mark.any()  # the scratch bitmap is left clean for the next layer
+    assert out_idx[0, 0].tolist()[:2] == [3, 8] and out_idx[0, 0, 3] == 9  # 3 and 9 stay, 8 takes 7's column
+    assert out_score[0, 0, 2] == float("-inf")  # the column nothing fills is emptied
+    assert out_idx[0, 1].tolist() == [1, 2, 3, 4]
 
 
 def test_int8_scoring_ranks_like_float_scoring():

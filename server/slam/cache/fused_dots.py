@@ -70,6 +70,30 @@ if triton is not None:
             tl.store(flag_ptr + pid.to(tl.int64) * (c * CHUNK) + t, held.to(tl.int8), mask=ok)
 
 
+    @triton.jit
+    def _latest(cand_ptr, n_ptr, both_ptr, fresh_ptr, heads, cand_slot, cand_head, first, chunk, latest,
+                FP: tl.constexpr, LP: tl.constexpr):
+        # Program pid: slot pid // heads, KV head pid % heads. selection.with_latest for its row: the chunks
+        # chosen last, sorted, then the `latest` chunks up to the one holding token n - 1; an entry repeating
+        # an earlier one is not fresh. The sorted row goes through both_ptr to be compared with its neighbour.
+        pid = tl.program_id(0)
+        s = pid // heads
+        width = first + latest
+        j = tl.arange(0, FP)
+        c = tl.sort(tl.load(cand_ptr + s * cand_slot + (pid % heads) * cand_head + j, mask=j < first,
+                            other=2**31 - 1))
+        tl.store(both_ptr + pid * width + j, c, mask=j < first)
+        tl.debug_barrier()
+        prev = tl.load(both_ptr + pid * width + j - 1, mask=(j > 0) & (j < first), other=-1)
+        tl.store(fresh_ptr + pid * width + j, (c != prev).to(tl.int8), mask=j < first)
+        last = tl.maximum(tl.load(n_ptr + s) - 1, 0) // chunk
+        i = tl.arange(0, LP)
+        recent = tl.maximum(last - i, 0)  # past the reserve's first chunk they repeat chunk 0
+        chosen = tl.sum((c[None, :] == recent[:, None]).to(tl.int32), 1) > 0
+        tl.store(both_ptr + pid * width + first + i, recent, mask=i < latest)
+        tl.store(fresh_ptr + pid * width + first + i, ((i <= last) & ~chosen).to(tl.int8), mask=i < latest)
+
+
 def chunk_dots_stored(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int,
                       scales: torch.Tensor | None, rpos: torch.Tensor, n: torch.Tensor,
                       fresh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +107,17 @@ def chunk_dots_stored(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor,
     c = chunks.shape[2]
     stored = (rpos, fresh.contiguous() if fresh is not None else None)
     return _dots(q, keys, scales, chunks.contiguous(), c, chunk, triton.next_power_of_2(CHUNKS * chunk), n, stored)
+
+
+def with_latest(cand: torch.Tensor, n: torch.Tensor, chunk: int, latest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """selection.with_latest in one kernel: cand [b, kv_heads, c] int32 (a view of the pool's buffer) -> (chunks
+    [b, kv_heads, c + latest] int64, fresh [b, kv_heads, c + latest] bool), equal to the eager result."""
+    b, heads, first = cand.shape
+    both = torch.empty(b, heads, first + latest, dtype=torch.long, device=cand.device)
+    fresh = torch.empty(b, heads, first + latest, dtype=torch.bool, device=cand.device)
+    _latest[(b * heads,)](cand, n, both, fresh.view(torch.int8), heads, cand.stride(0), cand.stride(1), first, chunk,
+                          latest, FP=max(triton.next_power_of_2(first), 16), LP=max(triton.next_power_of_2(latest), 2))
+    return both, fresh
 
 
 def reserve_dots(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor | None, span: int, n: torch.Tensor

@@ -266,7 +266,10 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         # Between refreshes the chunks chosen last are re-ranked token by token with the current query, with
         # the chunks of tokens evicted since then: every step still picks by its own query.
         latest = (pool.select_every - 1 + pool.chunk - 1) // pool.chunk + 1
-        chosen, fresh = with_latest(pool.cand[layer][:b, :, :first].long(), n, pool.chunk, latest)
+        if pool.fused:
+            chosen, fresh = fused_dots.with_latest(pool.cand[layer][:b, :, :first], n, pool.chunk, latest)
+        else:
+            chosen, fresh = with_latest(pool.cand[layer][:b, :, :first].long(), n, pool.chunk, latest)
     if pool.fused:
         # The candidates' keys are read where they lie (cache/fused_dots.py), their stored flags found in the
         # same pass, and ranked by the long-row top-k kernels: gathering them first took most of the step at

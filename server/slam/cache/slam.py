@@ -86,12 +86,8 @@ class SlamPolicy(CachePolicy):
     def on_evict(cls, pool, layer, plan, ev: Evicted, mine) -> None:
         # Slots that evict nothing, or use another policy, write to the reserve's scratch index.
         slots = pool.slot_index[: ev.k.shape[0]]
-        pool.reserve_append(layer, plan.reserve_at, ev.k.squeeze(2), ev.v.squeeze(2))
-        if ev.k_score is not None:
-            pool.rks[layer][slots, :, plan.reserve_at] = ev.k_score.squeeze(2)
-        if pool.two_stage:
-            keys = ev.k if ev.k_score is None else ev.k_score
-            pool.summarize_append(layer, plan.reserve_at, keys.squeeze(2))
+        k_score = None if ev.k_score is None else ev.k_score.squeeze(2)
+        pool.append_evicted(layer, plan.reserve_at, ev.k.squeeze(2), ev.v.squeeze(2), k_score)
         if layer == 0:
             pool.rpos[slots, plan.reserve_at] = torch.where(plan.reserve_at < pool.cap, ev.pos.squeeze(1), -1)
 

@@ -15,12 +15,14 @@
                  keys of each `chunk` reserve tokens, with sscale[l]: [slots, kv_heads, cap // chunk + 1]
                  float32 their scale per chunk (engine/bounds.py)
     cand[l]:     [slots, kv_heads, oversample * budget // chunk] int32  the chunks stage one chose last
-    mark:        [slots, kv_heads, cap + 1] bool scratch, all False between uses (churn counting)
+    home:        [slots, kv_heads, cap + 1] int32 scratch of the GPU placement (cache/fused.py): reserve
+                 index -> middle column, all -1 between uses
 
 The reserve's reads (dequantized, by range or by rows) live in engine/reserve.py, its chunk bounds in
-engine/bounds.py: mixins of the pool. A host reserve (pinned memory) is read and written by the device
-through aliases of the pinned buffers (unified addressing): gathers and appends are device kernels, so
-decode steps stay capturable in CUDA graphs and only the rows a step touches cross PCIe.
+engine/bounds.py: mixins of the pool; on GPUs one kernel appends evicted tokens (engine/append.py). A host
+reserve (pinned memory) is read and written by the device through aliases of the pinned buffers (unified
+addressing): gathers and appends are device kernels, so decode steps stay capturable in CUDA graphs and only
+the rows a step touches cross PCIe.
 
 One tensor per layer (not views of one big tensor): compiled in-place writes stay cheap. Every buffer is
 made and changed in inference mode, like the forward passes that write it. Running requests
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slam.engine import append
 from slam.engine.bounds import ChunkBounds
 from slam.engine.reserve import ReserveReads
 
@@ -125,7 +128,6 @@ class SlotPool(ChunkBounds, ReserveReads):
         self.rv_scale: list[torch.Tensor] = []
         self.rks: list[torch.Tensor] = []
         self.rpos = torch.empty(0)
-        self.mark = torch.empty(0, dtype=torch.bool)
         self.home = torch.empty(0, dtype=torch.int32)  # cache/fused.py: reserve index -> column, all -1 between calls
         self.version = 0  # bumped when buffers are reallocated: captured graphs must be recaptured
 
@@ -177,7 +179,6 @@ class SlotPool(ChunkBounds, ReserveReads):
         if n:
             rpos[:, :n] = self.rpos[:, :n]
         self.rpos = rpos
-        self.mark = torch.zeros((self.slots, self.kv_heads, cap + 1), dtype=torch.bool, device=self.device)
         self.home = torch.full((self.slots, self.kv_heads, cap + 1), -1, dtype=torch.int32, device=self.device)
         self._pinned = pinned
         self.cap = cap
@@ -222,6 +223,19 @@ class SlotPool(ChunkBounds, ReserveReads):
         b = k.shape[0]
         self.reserve_write(layer, (self.slot_index[:b], slice(None), at), k, v)
 
+    def append_evicted(self, layer: int, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       k_score: torch.Tensor | None = None) -> None:
+        """reserve_append, and the scoring keys (k_score where the pool keeps its own, else k) folded into
+        their chunks' bounds while two stages run; k, v, k_score: [b, kv_heads, head_dim]. On GPUs in one
+        kernel (engine/append.py) where the scoring keys are the reserve's own."""
+        if self.fused and k_score is None and not self.cache_positions:
+            return append.append(self, layer, at, k, v)
+        self.reserve_append(layer, at, k, v)
+        if k_score is not None:
+            self.rks[layer][self.slot_index[: k.shape[0]], :, at] = k_score
+        if self.two_stage:
+            self.summarize_append(layer, at, k if k_score is None else k_score)
+
     def middle_columns(self, sink: torch.Tensor, take: torch.Tensor, kc: int) -> torch.Tensor:
         """Where the j-th best of kc picks goes in slots [0, b): column sink + j while j < take, else the
         scratch column; sink, take: [b] -> [b, kv_heads, kc]."""
@@ -243,21 +257,6 @@ class SlotPool(ChunkBounds, ReserveReads):
         self.pos[layer].view(-1).index_copy_(0, rows, pos.reshape(-1))
         self.ridx[layer].view(-1).index_copy_(0, rows, ridx.reshape(-1))
         self.pos[layer][:, :, self.budget] = -1  # the scratch column stays empty
-
-    def churn(self, layer: int, col: torch.Tensor, idx: torch.Tensor, counted: torch.Tensor,
-              usable: torch.Tensor | None = None) -> torch.Tensor:
-        """Per slot of [0, b): how many reserve tokens `idx` [b, kv_heads, m] (where `counted`) about to fill
-        columns `col` are not among the tokens those columns hold now; usable: col < budget, when known."""
-        b = col.shape[0]
-        before = self.ridx[layer][:b].gather(2, col)
-        usable = col < self.budget if usable is None else usable
-        # A column that recalled nothing, and the scratch column, stand for the reserve's scratch index.
-        before = torch.where((before >= 0) & usable, before, self.cap)
-        mark = self.mark[:b]
-        mark.scatter_(2, before, True)
-        hit = mark.gather(2, idx)
-        mark.scatter_(2, before, False)
-        return (counted & ~hit).sum(dim=(1, 2))
 
     # --- slots -------------------------------------------------------------------------------------
     @torch.inference_mode()
