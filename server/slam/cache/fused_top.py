@@ -78,8 +78,16 @@ if triton is not None:
 
 
     @triton.jit
-    def _row_top(logit_ptr, stored_ptr, limit_ptr, idx_ptr, score_ptr, heads, m, st_slot, st_head, scale,
-                 G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr):
+    def _index(i, take, pid, chunk_ptr, nchunk, CH: tl.constexpr):
+        # A pick's column, or with CH (stage two) its reserve index: candidate i is token i % CH of chunk
+        # chunk_ptr[row, i // CH], the row's nchunk chunks.
+        if CH == 0:
+            return i.to(tl.int64)
+        return tl.load(chunk_ptr + pid * nchunk + i // CH, mask=take, other=0).to(tl.int64) * CH + i % CH
+
+    @triton.jit
+    def _row_top(logit_ptr, stored_ptr, limit_ptr, idx_ptr, score_ptr, chunk_ptr, nchunk, heads, m, st_slot, st_head,
+                 scale, G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CH: tl.constexpr):
         # stored_top for rows of up to ROW_LIMIT columns: one program per row (slot * heads + head) holds it in
         # registers and runs what the long-row kernels do over blocks (log-softmax, integer keys, four 8-bit
         # radix passes, compaction), then writes the row's empty picks itself.
@@ -111,7 +119,7 @@ if triton is not None:
         tied = row & (key == lo)
         take = row & ((key > lo) | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= k - above)))
         at = pid * KC + tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(idx_ptr + at, i.to(tl.int64), mask=take)
+        tl.store(idx_ptr + at, _index(i, take, pid, chunk_ptr, nchunk, CH), mask=take)
         tl.store(score_ptr + at, best, mask=take)
         j = tl.arange(0, KB)
         empty = (j >= k) & (j < KC)
@@ -192,8 +200,8 @@ if triton is not None:
             tl.store(block_ptr + at + 256, tl.sum(((i < m) & (digits >= 256)).to(tl.int32), 0))
 
     @triton.jit
-    def _compact(key_ptr, hist_ptr, block_ptr, limit_ptr, idx_ptr, score_ptr, heads, rows, m, nblk, KC: tl.constexpr,
-                 BLOCK: tl.constexpr, NB: tl.constexpr):
+    def _compact(key_ptr, hist_ptr, block_ptr, limit_ptr, idx_ptr, score_ptr, chunk_ptr, nchunk, heads, rows, m, nblk,
+                 KC: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr):
         # All keys above the K-th best, then tied ones in column order until K are taken (K: the row's limit);
         # the blocks before this one took their own keys above it and the first of the tied ones (from their
         # last-pass counts).
@@ -214,7 +222,7 @@ if triton is not None:
         take = (i < m) & ((key.to(tl.int64) > kth) | (tied & (tied_before + tl.cumsum(tied.to(tl.int32), 0) <= need)))
         at = pid * KC + above_before + tl.minimum(tied_before, need) + tl.cumsum(take.to(tl.int32), 0) - 1
         bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
-        tl.store(idx_ptr + at, i.to(tl.int64), mask=take)
+        tl.store(idx_ptr + at, _index(i, take, pid, chunk_ptr, nchunk, CH), mask=take)
         tl.store(score_ptr + at, bits.to(tl.float32, bitcast=True), mask=take)
 
 
@@ -238,15 +246,20 @@ def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int
 
 
 def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float,
-               limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               limit: torch.Tensor | None = None, chunks: torch.Tensor | None = None, chunk: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The long-row kernels: logits [b, kv_heads, group, m] float32 (q.k unscaled), stored [b, 1 or kv_heads,
     m] bool -> (columns, scores) [b, kv_heads, kc] of the kc best by group_scores (-inf: not stored), best
     first (equal scores in column order).
 
     limit [b] in [1, kc]: each slot's picks are its best `limit` in column order, then empty ones (score
     -inf) up to kc, never sorted: cache/fused.py keeps a slot's first `middle` picks in any order, so a
-    slot's middle as its limit makes sorting the picks unnecessary."""
+    slot's middle as its limit makes sorting the picks unnecessary.
+
+    chunks [b, kv_heads, m // chunk] (stage two): column i stands for token i % chunk of chunk chunks[..., i //
+    chunk], and the picks are those reserve indices instead of columns."""
     b, heads, group, m = logits.shape
+    ch = (chunks.contiguous(), chunks.shape[2]) if chunks is not None else (logits, 0)  # unread without chunks
     limited = limit is not None
     limit = limit if limited else torch.full((b,), kc, dtype=torch.long, device=logits.device)
     logits, flags = logits.contiguous(), stored.view(torch.uint8)
@@ -255,8 +268,9 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
         idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
         score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
         block = max(triton.next_power_of_2(m), 16)
-        _row_top[(b * heads,)](logits, flags, limit, idx, score, heads, m, *strides, scale, G=group, KC=kc,
-                               BLOCK=block, KB=max(triton.next_power_of_2(kc), 16), num_warps=8 if block >= 4096 else 4)
+        _row_top[(b * heads,)](logits, flags, limit, idx, score, *ch, heads, m, *strides, scale, G=group, KC=kc,
+                               BLOCK=block, KB=max(triton.next_power_of_2(kc), 16), CH=chunk if chunks is not None else 0,
+                               num_warps=8 if block >= 4096 else 4)
         return _ordered(idx, score, limited)
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
@@ -271,8 +285,8 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
     blocks = torch.empty(rows, nblk, 257, dtype=torch.int32, device=logits.device)
     for p in range(1, 4):
         _radix[(rows, nblk)](keys, hist, blocks, limit, heads, rows, m, nblk, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
-    _compact[(rows, nblk)](keys, hist, blocks, limit, idx, score, heads, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb,
-                           num_warps=8)
+    _compact[(rows, nblk)](keys, hist, blocks, limit, idx, score, *ch, heads, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb,
+                           CH=chunk if chunks is not None else 0, num_warps=8)
     return _ordered(idx, score, limited)
 
 

@@ -273,11 +273,10 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
     if pool.fused:
         # The candidates' keys are read where they lie (cache/fused_dots.py), their stored flags found in the
         # same pass, and ranked by the long-row top-k kernels: gathering them first took most of the step at
-        # long contexts. A pick's reserve index follows from its chunk and its place in it.
+        # long contexts. The kernels turn a pick's column into its reserve index (its chunk, its place in it).
         keys, scales = pool.reserve_keys_store(layer)
         dots, stored = fused_dots.chunk_dots_stored(q, keys, chosen, pool.chunk, scales, rpos, n, fresh)
-        at, values = fused_top.stored_top(dots, stored, kc, scale, limit)
-        return chosen.gather(2, at // pool.chunk) * pool.chunk + at % pool.chunk, values
+        return fused_top.stored_top(dots, stored, kc, scale, limit, chosen, pool.chunk)
     if fresh is not None:
         fresh = fresh.repeat_interleave(pool.chunk, dim=-1)  # per chunk -> per candidate token
     idx = candidates(chosen, pool.chunk)
