@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ring_write(
 
 // Appending each slot's evicted token to its reserve (slam.on_evict through pool.reserve_write): the keys
 // and values, and the int8 scoring copy of the key with its bfloat16 scale (engine/pool.quantize_rows, the
-// same arithmetic: a row's scale is its largest magnitude over 127, rounded to bfloat16, and the key is
+// same arithmetic: a row's scale is its largest magnitude times 1/127, rounded to bfloat16, and the key is
 // divided by it and rounded half to even). rk, rv: [slots, h, rows, d]; rq: [slots, h, rows, d] int8 or
 // empty; rq_scale: [slots, h, rows] bfloat16; at: [b] reserve index (the scratch index for slots that append
 // nothing); k, v: [b, h, d] in the reserve's dtype.
@@ -163,7 +163,7 @@ void append_rows(T* rk, T* rv, int8_t* rq, c10::BFloat16* rq_scale, const int64_
       if (rq == nullptr) continue;
       float largest = 0.0f;
       for (int64_t t = 0; t < d; ++t) largest = std::max(largest, std::abs(static_cast<float>(kr[t])));
-      const c10::BFloat16 s(std::max(largest, 1e-8f) / 127.0f);
+      const c10::BFloat16 s(std::max(largest, 1e-8f) * (1.0f / 127.0f));
       const float sf = static_cast<float>(s);
       for (int64_t t = 0; t < d; ++t)
         rq[row * d + t] = static_cast<int8_t>(std::min(std::max(std::nearbyint(static_cast<float>(kr[t]) / sf), -127.0f), 127.0f));

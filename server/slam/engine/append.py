@@ -39,7 +39,7 @@ if triton is not None:
     @triton.jit
     def _quantized(x, out_ptr, scale_ptr, row, at):
         # pool.quantize_rows with float32 scales: max |x| / 127 per row, x / scale rounded; at: the row's elements.
-        s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-8), 127.0)
+        s = tl.maximum(tl.max(tl.abs(x), 0), 1e-8) * (1 / 127.0)
         tl.store(out_ptr + at, _int8(_rint(tl.math.div_rn(x, s))))
         tl.store(scale_ptr + row, s)
 

@@ -304,7 +304,8 @@ def quantize_rows(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
     """Rows [..., head_dim] -> int8 rows and one scale per row [...] in `scale_dtype`, which the rows are
     rounded against (a bfloat16 scale is rounded first, so int8 x scale stays nearest to the row)."""
     x = x.float()
-    s = (x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0).to(scale_dtype)
+    # Times the reciprocal, as CUDA divides by a number: CPUs, GPUs and engine/append.py's kernel then agree.
+    s = (x.abs().amax(dim=-1).clamp_min(1e-8) * (1 / 127.0)).to(scale_dtype)
     return (x / s.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8), s
 
 
