@@ -30,13 +30,18 @@ def main() -> None:
         rpos = torch.arange(m + 1, device="cuda").repeat(b, 1)
         stored = torch.ones(b, 1, m, dtype=torch.bool, device="cuda")
         limit = torch.full((b,), kc, device="cuda")
-        row = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
-        bisect = timed(lambda: fused_top.group_top(logits, rpos, n, kc, 0.125, limit))
+        times = []
+        for warps in (4, 8, 16):
+            fused_top.ROW_WARPS = warps
+            row = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
+            bisect = timed(lambda: fused_top.group_top(logits, rpos, n, kc, 0.125, limit))
+            times.append(f"{warps} warps: radix {row:.1f}, bisection {bisect:.1f}")
+        fused_top.ROW_WARPS = 8
         saved, fused_top.ROW_LIMIT = fused_top.ROW_LIMIT, 0
         blocks = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
         fused_top.ROW_LIMIT = saved
-        print(f"{what}: batch {b}, {heads} heads x {group}, {m} columns, {kc} picks: one program radix {row:.1f} us, "
-              f"bisection {bisect:.1f} us, block kernels {blocks:.1f} us", flush=True)
+        print(f"{what}: batch {b}, {heads} heads x {group}, {m} columns, {kc} picks, us per call: one program "
+              f"({'; '.join(times)}), block kernels {blocks:.1f}", flush=True)
 
 
 if __name__ == "__main__":

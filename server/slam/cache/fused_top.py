@@ -27,6 +27,7 @@ except ImportError:  # CPU installs: selection.exact_top does the same work
 SPAN_LIMIT = 8192  # reserve tokens a program holds in registers
 ROW_LIMIT = 8192  # stored_top's row length up to which one program takes a whole row (_row_top)
 BLOCK = 4096  # columns per program of the long-row kernels
+ROW_WARPS = 8  # warps of a one-program row kernel over 4,096 columns or more (e2e/micro_top.py sweeps it)
 
 
 def applies(pool, kc: int, span: int) -> bool:
@@ -241,7 +242,7 @@ def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int
     score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
     block = triton.next_power_of_2(m)
     _group_top[(b * heads,)](logits.contiguous(), rpos, n, limit, idx, score, heads, m, rpos.stride(0), scale,
-                             G=group, KC=kc, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                             G=group, KC=kc, BLOCK=block, num_warps=ROW_WARPS if block >= 4096 else 4)
     return idx, score
 
 
@@ -270,7 +271,7 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
         block = max(triton.next_power_of_2(m), 16)
         _row_top[(b * heads,)](logits, flags, limit, idx, score, *ch, heads, m, *strides, scale, G=group, KC=kc,
                                BLOCK=block, KB=max(triton.next_power_of_2(kc), 16), CH=chunk if chunks is not None else 0,
-                               num_warps=8 if block >= 4096 else 4)
+                               num_warps=ROW_WARPS if block >= 4096 else 4)
         return _ordered(idx, score, limited)
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
