@@ -22,8 +22,9 @@ def main() -> None:
     b = args.batch
     # (what, kv heads, group, row length, picks): stage two at budget 2048 with oversampling 2 (SmolLM2,
     # Llama-8B), exact scoring at 4K, stage one's chunks at 32K.
-    for what, heads, group, m, kc in (("stage two, smollm2", 3, 3, 3960, 1980), ("stage two, llama-8b", 8, 4, 3960, 1980),
-                                      ("exact 4K, smollm2", 3, 3, 3930, 1980), ("stage one 32K", 3, 3, 4000, 495)):
+    shapes = (("stage two, smollm2", 3, 3, 3960, 1980), ("stage two, llama-8b", 8, 4, 3960, 1980),
+              ("exact 4K, smollm2", 3, 3, 3930, 1980), ("stage one 32K", 3, 3, 4000, 495))
+    for what, heads, group, m, kc in shapes:
         g = torch.Generator(device="cuda").manual_seed(0)
         logits = torch.randn(b, heads, group, m, device="cuda", generator=g) * 8
         n = torch.full((b,), m, device="cuda")

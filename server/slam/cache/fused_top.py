@@ -270,8 +270,8 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
         score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
         block = max(triton.next_power_of_2(m), 16)
         _row_top[(b * heads,)](logits, flags, limit, idx, score, *ch, heads, m, *strides, scale, G=group, KC=kc,
-                               BLOCK=block, KB=max(triton.next_power_of_2(kc), 16), CH=chunk if chunks is not None else 0,
-                               num_warps=ROW_WARPS if block >= 4096 else 4)
+                               BLOCK=block, KB=max(triton.next_power_of_2(kc), 16),
+                               CH=chunk if chunks is not None else 0, num_warps=ROW_WARPS if block >= 4096 else 4)
         return _ordered(idx, score, limited)
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)

@@ -103,10 +103,10 @@ def exact_top(dots: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int,
 
 
 def top_by_index(scores: torch.Tensor, index: torch.Tensor | None, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk (best first) of scores [b, kv_heads, m] whose equal scores rank by reserve `index` (broadcast to scores), lower
-    first -> (positions in m, scores); index None: torch.topk's own order among ties. Low-precision dots
-    tie often, and torch.topk breaks ties by where they sit, which would make a slot's picks depend on how
-    long the array is (on the rest of its batch). A relative nudge below float32's resolution and above
+    """topk (best first) of scores [b, kv_heads, m] whose equal scores rank by reserve `index` (broadcast to
+    scores), lower first -> (positions in m, scores); index None: torch.topk's own order among ties.
+    Low-precision dots tie often, and torch.topk breaks ties by where they sit, which would make a slot's picks
+    depend on how long the array is (on the rest of its batch). A relative nudge below float32's resolution and above
     float64's orders ties without reordering scores (and an absolute one far below float32's smallest,
     scores of exactly 0: one key taking all of a query's attention, twice)."""
     if index is None:

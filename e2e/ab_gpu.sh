@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# A/B of two code trees on a GPU in one device call, as docs/benchmarks.md's "Fewer kernels per layer" ran it.
+#   here:       e2e/ab_gpu.sh prepare BASE_REF NEW_REF   (git archives both into the git-ignored .ab/)
+#   the device: bash e2e/ab_gpu.sh run                   (through the device tool, carry [".whl", ".ab"])
+# The run checks the new tree's kernels (e2e/gpu_checks.py), then times both trees in the same call, rows
+# labelled by "tree" (e2e/plot_ab.py draws them), at most eight files under $OUT.
+set -u
+AB=$PWD/.ab
+if [ "${1:-}" = prepare ]; then
+  rm -rf "$AB" && mkdir -p "$AB/base" "$AB/new"
+  grep -qx '/.ab/' .git/info/exclude 2>/dev/null || echo '/.ab/' >> .git/info/exclude
+  git archive "$2" server | tar -x -C "$AB/base"
+  git archive "$3" server tests/fused_check.py e2e | tar -x -C "$AB/new"
+  exit 0
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/run.log
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/run.log
+(cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 200 python3 e2e/gpu_checks.py) > $OUT/checks.log 2>&1
+echo "gpu_checks rc $?" | tee -a $OUT/checks.log $OUT/run.log
+ARGS="bench decode --device cuda --dtype bfloat16 --budget 2048 --tokens 16 --select-every 4 --reserve-dtype int8 --json --policies slam"
+bench() { local tree=$1 out=$2 t=$3; shift 3; local s=$SECONDS
+  (cd $AB/$tree && PYTHONPATH=/tmp/site:$AB/$tree/server timeout $t python3 -m slam.cli $ARGS "$@" 2>>$OUT/err.log) | sed "s/^{/{\"tree\": \"$tree\", /" >> $OUT/$out.jsonl
+  echo "$tree $* rc ${PIPESTATUS[0]} $((SECONDS - s)) s" | tee -a $OUT/run.log; }
+S="--shape smollm2-135m --batches 32"
+bench base smollm 90 $S --contexts 4000,32000
+bench new smollm 150 $S --contexts 4000,32000 --policies streaming,slam --baseline transformers
+bench new smollm 90 $S --contexts 131072
+(cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 60 python3 e2e/micro_top.py) > $OUT/micro.txt 2>&1
+(cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 90 python3 e2e/profile_step.py --batch 32 --budget 2048 \
+  --oversample 2 --every 4 --reserve-dtype int8 --policies slam --context 32000 --rows 45) > $OUT/profile.txt 2>&1
+MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+B=16; [ "$MEM" -gt 120000 ] && B=32  # Llama-8B at batch 32 and 32K needs an H200's memory
+bench new llama 150 --shape llama-8b --batches $B --contexts 32000
+bench base llama 150 --shape llama-8b --batches $B --contexts 32000
+tail -c 3000 $OUT/err.log > $OUT/err.tail; rm -f $OUT/err.log
