@@ -36,6 +36,8 @@ def test_bench_decode_rows_baseline_and_plot(tmp_path):
         assert 0 < r["roofline_ms"] <= r["step_ms"] and 0 < r["roofline_pct"] <= 100
     for r in rows[1:]:
         assert r["baseline_ratio"] == pytest.approx(r["decode_tokens_per_s"] / base)
+    # The oversampling the pool resolved (r = 1, 28 middle columns: 8), only on slam's row.
+    assert [r["select_oversample"] for r in rows] == [None, None, 8]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

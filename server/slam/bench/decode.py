@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request, weight_bytes
-from slam.config import CacheConfig, EngineConfig, min_ratio_for, oversample_for
+from slam.config import CacheConfig, EngineConfig, min_ratio_for
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 from slam.flags import selection
@@ -44,6 +44,7 @@ class DecodeResult:
     note: str = ""
     kv_mib_per_request: float | None = None  # device memory of one request's cache (and reserve tier)
     reserve_dtype: str | None = None  # slam's reserve as the engine resolved --reserve-dtype
+    select_oversample: int | None = None  # slam's two-stage oversampling as the pool resolved it (0: exact only)
 
 
 def _sync(device: torch.device) -> None:
@@ -89,7 +90,7 @@ def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: in
     read = 2 * per_col * (pool.budget + 1) * batch
     if cache.policy == "slam":
         evicted = max(context - cache.sink - cache.recent, 0)
-        middle = cache.budget - cache.sink - cache.recent
+        middle = cache.middle()
         keys = evicted  # exact selection scores every reserve key at every step
         if pool.two_stage:
             # Stage one's two bounds per chunk once per `select_every` steps; stage two's candidates every step.
@@ -131,14 +132,14 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
     pool = engine.runner.pool
-    reserve_dtype = "int8" if pool.reserve_int8 else "bfloat16"
+    reserve_dtype, oversample = "int8" if pool.reserve_int8 else "bfloat16", pool.oversample
     kv_mib = (pool.nbytes_per_slot() + pool.reserve_nbytes_on_device() / pool.slots) / 2**20
     if device.type != "cuda":
         kv_mib = None
     del engine, seqs, pool
     return DecodeResult("slam", cache.policy, cache.budget, context, batch, batch / step_s, 1000 * step_s,
                         1000 * roof, 100 * roof / step_s, peak, _device_name(device), kv_mib_per_request=kv_mib,
-                        reserve_dtype=reserve_dtype)
+                        reserve_dtype=reserve_dtype, select_oversample=oversample if cache.policy == "slam" else None)
 
 
 @torch.inference_mode()
@@ -237,8 +238,6 @@ def run(args) -> int:
             if args.json:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
                                   "tokens": args.tokens, "repeat": args.repeat, "select_every": args.select_every,
-                                  "select_oversample": oversample_for(args.select_every, args.select_oversample,
-                                                                      args.budget - args.sink - args.recent),
                                   "select_chunk": args.select_chunk,
                                   "select_min_ratio": min_ratio_for(loaded.device.type, args.select_min_ratio),
                                   "reserve_device": args.reserve_device, "graphs": not args.enforce_eager,

@@ -73,7 +73,7 @@ class LLMEngine:
 
     def _middle(self) -> int:
         # slam's critical columns in the pool's widest slot, which size two-stage selection's candidates.
-        return self.budget - self.config.cache.sink - self.config.cache.recent
+        return self.config.cache.middle(self.budget)
 
     def _reserve_device(self) -> str:
         # Measured (docs/benchmarks.md): on a GPU the device reserve wins as long as it fits.
