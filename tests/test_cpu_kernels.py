@@ -320,7 +320,7 @@ def test_summarize_append_equals_the_bounds_code():
         keys = torch.randn(slots, h, d, generator=g) * float(torch.rand(1, generator=g) * 4 + 0.1)
         ChunkBounds.summarize_append(torch_side, 0, at, keys)
         torch.ops.slam_cpu.summarize_append(kernel.smin[0], kernel.smax[0], kernel.sscale[0], at, keys, chunk,
-                                            bounds._OUTWARD / 127)
+                                            bounds.OUTWARD / 127)
         for name in ("smin", "smax", "sscale"):
             assert torch.equal(getattr(torch_side, name)[0], getattr(kernel, name)[0]), (name, step)
 

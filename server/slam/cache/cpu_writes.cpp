@@ -192,7 +192,7 @@ void reserve_append(const at::Tensor& rk, const at::Tensor& rv, const at::Tensor
 // Folding each slot's new scoring key into its chunk's int8 bounds (engine/bounds.summarize_append, the same
 // float operations in the same order): the chunk's first token sets them; a later one widens them, and when
 // the chunk's scale grows, the stored bounds are requantized outward. smin, smax: [slots, h, chunks, d] int8;
-// sscale: [slots, h, chunks] float32; at: [b] reserve index; keys: [b, h, d]; `mult`: bounds._OUTWARD / 127.
+// sscale: [slots, h, chunks] float32; at: [b] reserve index; keys: [b, h, d]; `mult`: bounds.OUTWARD / 127.
 void summarize_append(const at::Tensor& smin, const at::Tensor& smax, const at::Tensor& sscale, const at::Tensor& at,
                       const at::Tensor& keys, int64_t chunk, double mult) {
   TORCH_CHECK(smin.is_contiguous() && smax.is_contiguous() && sscale.is_contiguous(), "bounds must be contiguous");

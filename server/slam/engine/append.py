@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from slam.engine.bounds import _OUTWARD  # noqa: PLC2701 (the pool's own rounding margin)
+from slam.engine.bounds import OUTWARD
 
 try:
     import triton
@@ -98,5 +98,5 @@ def append(pool, layer: int, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     bounds = (pool.smin[layer], pool.smax[layer], pool.sscale[layer]) if pool.two_stage else (k, k, k)
     chunks = pool.smin[layer].shape[2] if pool.two_stage else 0
     _append[(b * heads,)](k, v, at, pool.rk[layer], pool.rv[layer], *scales, *bounds, heads, pool.cap + 1, chunks,
-                          _OUTWARD / 127, D=d, CHUNK=max(pool.chunk, 1), INT8=pool.reserve_int8,
+                          OUTWARD / 127, D=d, CHUNK=max(pool.chunk, 1), INT8=pool.reserve_int8,
                           BOUNDS=pool.two_stage)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-_OUTWARD = 1 + 2**-10  # the scale's margin: |x| / scale stays below 127 after rounding the division
+OUTWARD = 1 + 2**-10  # the scale's margin: |x| / scale stays below 127 after rounding the division
 
 
 def quantize_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -24,7 +24,7 @@ def quantize_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _scale(largest: torch.Tensor) -> torch.Tensor:
     """The scale of bounds whose largest magnitude is `largest`, with the outward margin."""
-    return largest.float().clamp_min(1e-30) * (_OUTWARD / 127)
+    return largest.float().clamp_min(1e-30) * (OUTWARD / 127)
 
 
 def _int8(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class ChunkBounds:
         (the scratch index for slots that append nothing), keys: [b, kv_heads, head_dim]."""
         if self.cpu_kernels:  # the same arithmetic in one C++ op (cache/cpu_writes.cpp)
             torch.ops.slam_cpu.summarize_append(self.smin[layer], self.smax[layer], self.sscale[layer], at, keys,
-                                                self.chunk, _OUTWARD / 127)
+                                                self.chunk, OUTWARD / 127)
             return
         b = keys.shape[0]
         c = (at // self.chunk).view(b, 1, 1).expand(b, self.kv_heads, 1)
