@@ -10,7 +10,7 @@ if [ "${1:-}" = prepare ]; then
   rm -rf "$AB" && mkdir -p "$AB/base" "$AB/new"
   grep -qx '/.ab/' .git/info/exclude 2>/dev/null || echo '/.ab/' >> .git/info/exclude
   git archive "$2" server | tar -x -C "$AB/base"
-  git archive "$3" server tests/fused_check.py e2e | tar -x -C "$AB/new"
+  git archive "$3" server tests/fused_check.py tests/fused_writes.py tests/fused_select.py e2e | tar -x -C "$AB/new"
   exit 0
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null

@@ -19,7 +19,7 @@ from slam.engine.engine import LLMEngine
 from slam.engine.pool import quantize_rows
 from slam.engine.sequence import SamplingParams
 
-from tests.fused_check import compare_ring, random_pool
+from tests.fused_writes import compare_ring, random_pool
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the torch code runs instead")
 

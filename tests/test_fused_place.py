@@ -1,4 +1,5 @@
-"""The decode step's Triton kernels (slam's placement, the ring write, group top-k, stage two in place) equal their eager code (tests/fused_check.py).
+"""The decode step's Triton kernels (placement, append, ring write, top-k, stage two, attention) equal their eager
+code (tests/fused_check.py).
 
 On a GPU it runs there; on a CPU with Triton installed, under Triton's interpreter in a subprocess (the
 interpreter is chosen when the kernel is defined); without Triton it is skipped, and e2e/gpu_checks.py
@@ -28,6 +29,7 @@ def test_fused_placement_equals_eager(seed):
         check_all("cuda", torch.bfloat16, seed)
         return
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import sys; sys.path.insert(0, {str(CHECK.parent)!r}); import fused_check; fused_check.check_all('cpu', seed={seed})"
+    code = (f"import sys; sys.path.insert(0, {str(CHECK.parent.parent)!r}); from tests.fused_check import check_all; "
+            f"check_all('cpu', seed={seed})")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
