@@ -52,10 +52,6 @@ class CacheConfig(BaseModel):
     def bounded(self) -> bool:
         return self.policy != "full"
 
-    def middle(self, budget: int | None = None) -> int:
-        """slam's critical columns at `budget` (this config's own unless given): what sink and recent leave."""
-        return max((self.budget if budget is None else budget) - self.sink - self.recent, 0)
-
 
 class EngineConfig(BaseModel):
     """Settings of the decoding engine, independent of HTTP."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request, weight_bytes
+from slam.cache import make_policy
 from slam.config import CacheConfig, EngineConfig, min_ratio_for
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
@@ -90,7 +91,7 @@ def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: in
     read = 2 * per_col * (pool.budget + 1) * batch
     if cache.policy == "slam":
         evicted = max(context - cache.sink - cache.recent, 0)
-        middle = cache.middle()
+        middle = make_policy(cache).middle
         keys = evicted  # exact selection scores every reserve key at every step
         if pool.two_stage:
             # Stage one's two bounds per chunk once per `select_every` steps; stage two's candidates every step.

@@ -261,6 +261,7 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
     chunk], and the picks are those reserve indices instead of columns."""
     b, heads, group, m = logits.shape
     ch = (chunks.contiguous(), chunks.shape[2]) if chunks is not None else (logits, 0)  # unread without chunks
+    ch_size = chunk if chunks is not None else 0
     limited = limit is not None
     limit = limit if limited else torch.full((b,), kc, dtype=torch.long, device=logits.device)
     logits, flags = logits.contiguous(), stored.view(torch.uint8)
@@ -271,7 +272,7 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
         block = max(triton.next_power_of_2(m), 16)
         _row_top[(b * heads,)](logits, flags, limit, idx, score, *ch, heads, m, *strides, scale, G=group, KC=kc,
                                BLOCK=block, KB=max(triton.next_power_of_2(kc), 16),
-                               CH=chunk if chunks is not None else 0, num_warps=ROW_WARPS if block >= 4096 else 4)
+                               CH=ch_size, num_warps=ROW_WARPS if block >= 4096 else 4)
         return _ordered(idx, score, limited)
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
@@ -287,7 +288,7 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
     for p in range(1, 4):
         _radix[(rows, nblk)](keys, hist, blocks, limit, heads, rows, m, nblk, P=p, KC=kc, BLOCK=BLOCK, num_warps=8)
     _compact[(rows, nblk)](keys, hist, blocks, limit, idx, score, *ch, heads, rows, m, nblk, KC=kc, BLOCK=BLOCK, NB=nb,
-                           CH=chunk if chunks is not None else 0, num_warps=8)
+                           CH=ch_size, num_warps=8)
     return _ordered(idx, score, limited)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slam.cache import POLICIES
 from slam.config import CacheConfig, EngineConfig, min_ratio_for, oversample_for
 from slam.engine.model_runner import ModelRunner
 from slam.engine.output import detokenize, stop_reason, visible_delta
@@ -73,7 +74,8 @@ class LLMEngine:
 
     def _middle(self) -> int:
         # slam's critical columns in the pool's widest slot, which size two-stage selection's candidates.
-        return self.config.cache.middle(self.budget)
+        cache = self.config.cache
+        return POLICIES["slam"](budget=self.budget, sink=cache.sink, recent=cache.recent).middle
 
     def _reserve_device(self) -> str:
         # Measured (docs/benchmarks.md): on a GPU the device reserve wins as long as it fits.

@@ -228,7 +228,7 @@ class SlotPool(ChunkBounds, ReserveReads):
         """reserve_append, and the scoring keys (k_score where the pool keeps its own, else k) folded into
         their chunks' bounds while two stages run; k, v, k_score: [b, kv_heads, head_dim]. On GPUs in one
         kernel (engine/append.py) where the scoring keys are the reserve's own."""
-        if self.fused and k_score is None and not self.cache_positions:
+        if self.fused and not self.cache_positions:  # k_score is given exactly when the pool keeps its own
             return append.append(self, layer, at, k, v)
         self.reserve_append(layer, at, k, v)
         if k_score is not None:
