@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A/B of two code trees on a GPU in one device call, as docs/benchmarks.md's "Fewer kernels per layer" ran it.
 #   here:       e2e/ab_gpu.sh prepare BASE_REF NEW_REF   (git archives both into the git-ignored .ab/)
-#   the device: bash e2e/ab_gpu.sh run                   (through the device tool, carry [".whl", ".ab"])
+#   the device: bash e2e/ab_gpu.sh run [quick]           (through the device tool, carry [".whl", ".ab"])
+# `quick` skips 128K, the profile and Llama-8B, and times issue 7's budget-256 rows of the new tree instead.
 # The run checks the new tree's kernels (e2e/gpu_checks.py), then times both trees in the same call, rows
 # labelled by "tree" (e2e/plot_ab.py draws them), at most eight files under $OUT.
 set -u
@@ -26,6 +27,13 @@ bench() { local tree=$1 out=$2 t=$3; shift 3; local s=$SECONDS
 S="--shape smollm2-135m --batches 32"
 bench base smollm 90 $S --contexts 4000,32000
 bench new smollm 150 $S --contexts 4000,32000 --policies streaming,slam --baseline transformers
+if [ "${1:-}" = quick ]; then
+  bench new budget256 200 --shape smollm2-135m --batches 1,32 --contexts 4000 --budget 256 --tokens 32 --select-every 1 \
+    --reserve-dtype auto --policies full,streaming,slam --baseline transformers
+  (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 60 python3 e2e/micro_top.py) > $OUT/micro.txt 2>&1
+  tail -c 3000 $OUT/err.log > $OUT/err.tail; rm -f $OUT/err.log
+  exit 0
+fi
 bench new smollm 90 $S --contexts 131072
 (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 60 python3 e2e/micro_top.py) > $OUT/micro.txt 2>&1
 (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 90 python3 e2e/profile_step.py --batch 32 --budget 2048 \
