@@ -27,7 +27,7 @@ bench() { local tree=$1 out=$2 t=$3; shift 3; local s=$SECONDS
 S="--shape smollm2-135m --batches 32"
 bench base smollm 90 $S --contexts 4000,32000
 bench new smollm 150 $S --contexts 4000,32000 --policies streaming,slam --baseline transformers
-if [ "${1:-}" = quick ]; then
+if [ "${2:-}" = quick ]; then
   bench new budget256 200 --shape smollm2-135m --batches 1,32 --contexts 4000 --budget 256 --tokens 32 --select-every 1 \
     --reserve-dtype auto --policies full,streaming,slam --baseline transformers
   (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 60 python3 e2e/micro_top.py) > $OUT/micro.txt 2>&1

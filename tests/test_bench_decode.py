@@ -23,7 +23,7 @@ def test_bench_decode_rows_baseline_and_plot(tmp_path):
     plot = tmp_path / "decode.png"
     run = bench("--shape", "smollm2-135m", "--dtype", "float32", "--policies", "streaming,slam", "--budget", "96",
                 "--contexts", "300", "--batches", "2", "--tokens", "3", "--repeat", "2", "--baseline", "transformers",
-                "--json", "--plot", str(plot))
+                "--async-scheduling", "on", "--json", "--plot", str(plot))
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert [(r["engine"], r["policy"]) for r in rows] == [("transformers", "full"), ("slam", "streaming"),
@@ -38,6 +38,7 @@ def test_bench_decode_rows_baseline_and_plot(tmp_path):
         assert r["baseline_ratio"] == pytest.approx(r["decode_tokens_per_s"] / base)
     # The oversampling the pool resolved (r = 1, 28 middle columns: 8), only on slam's row.
     assert [r["select_oversample"] for r in rows] == [None, None, 8]
+    assert [r["async_scheduling"] for r in rows] == [None, True, True]  # asked for, on a CPU too
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,7 +65,8 @@ def test_bench_decode_repeat_keeps_each_rows_fastest_pass(tmp_path, monkeypatch)
     args = Namespace(shape="smollm2-135m", dtype="float32", device="cpu", policies=["streaming", "slam"], budget=96,
                      sink=4, recent=64, contexts=[100], batches=[1], tokens=2, repeat=2, baseline="transformers",
                      json=True, plot=None, select_every=1, select_oversample=None, select_chunk=8,
-                     select_min_ratio=None, reserve_device="auto", enforce_eager=False, compile=True)
+                     select_min_ratio=None, reserve_device="auto", enforce_eager=False, compile=True,
+                     async_scheduling="auto")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert decode.run(args) == 0

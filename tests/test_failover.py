@@ -168,9 +168,12 @@ def _resume_all(clients: list[Client], urls: list[str]) -> None:
         t.join(timeout=180)
 
 
-def test_sigkill_then_restore(s3, reference, tmp_path):
+# "on": server A launches each decode step before postprocessing the last (on the CPU too), so its checkpoints
+# must wait for requests at rest; the restoring server runs at its default.
+@pytest.mark.parametrize("scheduling", ["auto", "on"])
+def test_sigkill_then_restore(s3, reference, tmp_path, scheduling):
     prefix = f"t-{uuid.uuid4().hex[:6]}"
-    with server(s3, prefix, tmp_path / "a.log", "--slot", "0") as (proc_a, url_a):
+    with server(s3, prefix, tmp_path / "a.log", "--slot", "0", "--async-scheduling", scheduling) as (proc_a, url_a):
         clients, threads = start_clients(url_a)
         proc_a.send_signal(signal.SIGKILL)
         proc_a.wait()
@@ -183,9 +186,10 @@ def test_sigkill_then_restore(s3, reference, tmp_path):
         assert "slam-restore" in (tmp_path / "b.log").read_text()
 
 
-def test_sigterm_checkpoints_then_resume_through_proxy(s3, reference, tmp_path):
+@pytest.mark.parametrize("scheduling", ["auto", "on"])
+def test_sigterm_checkpoints_then_resume_through_proxy(s3, reference, tmp_path, scheduling):
     prefix = f"t-{uuid.uuid4().hex[:6]}"
-    with server(s3, prefix, tmp_path / "a.log", "--slot", "0") as (proc_a, url_a):
+    with server(s3, prefix, tmp_path / "a.log", "--slot", "0", "--async-scheduling", scheduling) as (proc_a, url_a):
         clients, threads = start_clients(url_a)
         proc_a.send_signal(signal.SIGTERM)
         # Admission stops at once: a new request is refused (503) or finds the socket closed already.

@@ -74,6 +74,9 @@ class EngineConfig(BaseModel):
     # "auto": int8 on GPUs serving requests past 32K tokens, else the cache's dtype (model.resolve_reserve_dtype).
     reserve_dtype: Literal["auto", "bfloat16", "int8"] = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # Launch a decode step before the previous one is postprocessed, so the host's work overlaps the device's
+    # (auto: with CUDA graphs; "on" also on CPUs, where it only reorders the work, as the tests use it).
+    async_scheduling: Literal["auto", "on", "off"] = "auto"
     # GPUs: small decode-step functions through torch.compile, slam's placement in Triton; CPUs: slam's
     # selection tail and placement as C++ ops (cache/cpu_kernels.py).
     compile: bool = True
@@ -207,6 +210,10 @@ class ServerSettings(BaseSettings):
                                                                "auto: int8 on GPUs whose max model length passes "
                                                                "32K, else the cache's dtype")
     enforce_eager: bool = Field(default=False, description="true: no CUDA graphs for decode steps")
+    async_scheduling: Literal["auto", "on", "off"] = Field(default="auto", description="launch each decode step "
+                                                           "before the previous one is postprocessed, so the "
+                                                           "host's work overlaps the GPU's (auto: with CUDA "
+                                                           "graphs and the reserve on the GPU)")
     compile: bool = Field(default=True, description="GPUs: fuse the decode step's small functions with "
                           "torch.compile and place slam's tokens with a Triton kernel; CPUs: slam's selection and "
                           "placement as C++ ops built on first use (false: eager torch kernels, no compile time)")
@@ -319,6 +326,7 @@ class ServerSettings(BaseSettings):
             reserve_device=self.reserve_device,
             reserve_dtype=self.reserve_dtype,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
             compile=self.compile,
             select_every=self.select_every,
             select_chunk=self.select_chunk,

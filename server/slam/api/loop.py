@@ -40,6 +40,8 @@ class EngineLoop(StepRouting):
         self.metrics = metrics
         self.capacity = engine.config.max_batch + max_queue
         self.checkpointer = checkpointer
+        if checkpointer is not None:  # snapshots need requests at rest: due ones sit out steps launched ahead
+            engine.barrier = checkpointer.due_next
         self.buffers = buffers or StreamBuffers()
         self.resume_grace_s = resume_grace_s
         self._streams: dict[str, Stream] = {}
@@ -96,6 +98,8 @@ class EngineLoop(StepRouting):
         return bool(self.drain_ok)
 
     def _checkpoint_all(self) -> None:
+        if self.engine.in_flight is not None:  # its tokens go to their clients, and every request is at rest
+            self._step(self.engine.settle)
         if self.checkpointer is not None and not self._drained.is_set():
             with self.engine.lock:
                 seqs = list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting)

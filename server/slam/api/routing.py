@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from slam.api.events import Stream, TokenEvent
@@ -36,9 +37,10 @@ class StepRouting:
     def _fail(self, seq: Sequence, message: str) -> None:
         raise NotImplementedError
 
-    def _step(self) -> None:
+    def _step(self, step: Callable[[], list] | None = None) -> None:
+        """Run `step` (default: an engine step) and route its outputs."""
         replaced_before = self.engine.stats.replacements
-        outputs = self.engine.step()
+        outputs = (step or self.engine.step)()
         self.metrics.steps.inc()
         self.metrics.replacements.inc(self.engine.stats.replacements - replaced_before)
         now = time.monotonic()

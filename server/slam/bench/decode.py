@@ -46,6 +46,7 @@ class DecodeResult:
     kv_mib_per_request: float | None = None  # device memory of one request's cache (and reserve tier)
     reserve_dtype: str | None = None  # slam's reserve as the engine resolved --reserve-dtype
     select_oversample: int | None = None  # slam's two-stage oversampling as the pool resolved it (0: exact only)
+    async_scheduling: bool | None = None  # whether steps ran ahead of their postprocessing (engine rows)
 
 
 def _sync(device: torch.device) -> None:
@@ -118,7 +119,7 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     served = max(length, loaded.model.config.max_position_embeddings, 16)
     config = EngineConfig(max_batch=batch, cache=cache, dtype=args.dtype, max_budget=length if full else None,
                           max_model_len=served, max_prompt_tokens=max(context + 8, 16),
-                          enforce_eager=args.enforce_eager,
+                          enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
                           compile=args.compile,
                           **selection(args))
     engine = LLMEngine(config, loaded)
@@ -134,13 +135,15 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
     pool = engine.runner.pool
     reserve_dtype, oversample = "int8" if pool.reserve_int8 else "bfloat16", pool.oversample
+    ahead = engine.async_scheduling
     kv_mib = (pool.nbytes_per_slot() + pool.reserve_nbytes_on_device() / pool.slots) / 2**20
     if device.type != "cuda":
         kv_mib = None
     del engine, seqs, pool
     return DecodeResult("slam", cache.policy, cache.budget, context, batch, batch / step_s, 1000 * step_s,
                         1000 * roof, 100 * roof / step_s, peak, _device_name(device), kv_mib_per_request=kv_mib,
-                        reserve_dtype=reserve_dtype, select_oversample=oversample if cache.policy == "slam" else None)
+                        reserve_dtype=reserve_dtype, select_oversample=oversample if cache.policy == "slam" else None,
+                        async_scheduling=ahead)
 
 
 @torch.inference_mode()

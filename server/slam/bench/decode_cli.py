@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="GPUs: eager kernels for slam's selection (no torch.compile)")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="launch each step before postprocessing the last (auto: with CUDA graphs)")
     add_selection_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, default=None)

@@ -135,10 +135,19 @@ class Checkpointer:
                 if seq.request_id in self._trackers:  # never checkpointed: nothing to delete
                     self.delete_request(seq.request_id, self._finished_record(seq))
                 continue
-            tr = self._trackers.get(seq.request_id)
-            last = -1 if tr is None else tr.last_tokens
-            if last < 0 or len(seq.output_ids) - last >= self.config.interval_tokens:
+            # A request with a token in flight (async scheduling) has a slot ahead of its tokens: it is
+            # snapshotted once at rest, which the engine's barrier (due_next) arranges.
+            if not seq.in_flight and self.due_next(seq, ahead=0):
                 self.checkpoint(seq)
+
+    def due_next(self, seq: Sequence, ahead: int | None = None) -> bool:
+        """Whether `seq` is due for a checkpoint once its tokens in flight (`ahead`, default all) arrive:
+        after its first token, then every `interval_tokens`. The engine's barrier: such a request sits out
+        the next step, so that it is at rest when after_step snapshots it."""
+        tr = self._trackers.get(seq.request_id)
+        last = -1 if tr is None else tr.last_tokens
+        tokens = len(seq.output_ids) + (seq.in_flight if ahead is None else ahead)
+        return last < 0 or tokens - last >= self.config.interval_tokens
 
     def checkpoint_all(self, seqs: Iterable[Sequence], timeout: float) -> bool:
         """Graceful shutdown: snapshot every request now and wait until all are stored."""

@@ -11,6 +11,7 @@ import torch
 
 from slam.cache import POLICIES
 from slam.config import CacheConfig, EngineConfig, min_ratio_for, oversample_for
+from slam.engine.ahead import InFlight, StepsAhead
 from slam.engine.model_runner import ModelRunner
 from slam.engine.output import detokenize, stop_reason, visible_delta
 from slam.engine.plan import decode_plan, sampling_batch
@@ -48,7 +49,7 @@ class EngineStats:
     steps: int = 0
 
 
-class LLMEngine:
+class LLMEngine(StepsAhead):
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
         self.loaded = loaded or load_model(config.model, config.dtype, config.device)
@@ -66,6 +67,11 @@ class LLMEngine:
                        oversample_for(config.select_every, config.select_oversample, self._middle()),
                        min_ratio_for(self.loaded.device.type, config.select_min_ratio)),
             max_reserve=self.max_model_len)
+        self.async_scheduling = self._async_scheduling()
+        self.in_flight: InFlight | None = None
+        # Requests that must be at rest (host and device agreeing) after their next token: the checkpointer's
+        # due ones. Under async scheduling they sit out the step launched while that token is in flight.
+        self.barrier: Callable[[Sequence], bool] | None = None
         self.scheduler = Scheduler(config.max_batch, config.prefill_chunk)
         self.slots: list[Sequence] = []  # slots[i] runs in pool slot i; running requests fill [0, n)
         self.stats = EngineStats()
@@ -76,6 +82,16 @@ class LLMEngine:
         # slam's critical columns in the pool's widest slot, which size two-stage selection's candidates.
         cache = self.config.cache
         return POLICIES["slam"](budget=self.budget, sink=cache.sink, recent=cache.recent).middle
+
+    def _async_scheduling(self) -> bool:
+        # Worth it where the device runs a step while the host prepares the next: with CUDA graphs. A GPU's
+        # host reserve keeps its steps in order: the host reallocates its pinned buffers, which the device may
+        # still be writing through their aliases, and the GPU checks do not cover that case.
+        pool, setting = self.runner.pool, self.config.async_scheduling
+        host_reserve = pool.device.type == "cuda" and pool.reserve_memory.type == "cpu"
+        if setting == "on" and host_reserve:
+            log.warning("async scheduling is off: the reserve lives in host memory")
+        return setting != "off" and not host_reserve and (setting == "on" or self.runner.use_graphs)
 
     def _reserve_device(self) -> str:
         # Measured (docs/benchmarks.md): on a GPU the device reserve wins as long as it fits.
@@ -121,7 +137,7 @@ class LLMEngine:
         seq.aborted = True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -163,12 +179,22 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """One step's outputs. Under async scheduling a decode step is launched before the previous one is
+        postprocessed, so the host's work overlaps the device's: the call returns the previous step's
+        outputs (none when nothing was in flight)."""
         with self.lock:
             for seq in self.scheduler.reap_aborted():
                 self.release_slot(seq)
-            batch = self.scheduler.schedule()
+            ahead = self.in_flight is not None
+            batch = self.scheduler.schedule() if not ahead or self.runs_ahead() else []
+            if ahead:
+                batch = [(seq, chunk) for seq, chunk in batch if not self.sits_out(seq)]
+        if ahead and not batch:
+            return self.settle()
         if not batch:
             return []
+        if self.async_scheduling and all(seq.prefilled and not seq.needs_host for seq, _ in batch):
+            return self.step_ahead([seq for seq, _ in batch])
         try:
             rows, logits = self.runner_step(batch)
         except Exception as exc:  # A failing step fails its own requests, never the engine.
@@ -176,6 +202,12 @@ class LLMEngine:
             return self.fail(batch, f"engine error: {type(exc).__name__}: {exc}")
         self.stats.steps += 1
         return self.postprocess(batch, rows, logits)
+
+    def step_results(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """What the host reads of a step, in one tensor on the device: sampled ids, which rows had NaN logits,
+        the churn counter."""
+        nan = torch.isnan(logits).any(dim=-1).long()
+        return torch.cat([tokens, nan, self.runner.pool.replaced[: len(self.slots)].sum().view(1)])
 
     def runner_step(self, batch) -> tuple[list[Sequence], torch.Tensor | None]:
         """Prefill chunks, then one decode step; returns the requests that sample and their logits."""
@@ -195,25 +227,30 @@ class LLMEngine:
                 row_logits.append(logits)
         if decoding:
             decoding.sort(key=lambda s: s.slot)
-            plan = decode_plan(self, decoding)
-            logits = self.runner.decode(*plan)
-            for seq in decoding:
-                seq.num_cached += 1
             rows.extend(decoding)
-            slots = [s.slot for s in decoding]
-            # A slice when the slots run in order (the usual case): indexing by a list copies it to the
-            # device and waits for the step to finish.
-            row_logits.append(logits[: len(slots)] if slots == list(range(len(slots))) else logits[slots])
+            row_logits.append(self.decode(decoding))
         if not rows:
             return [], None
         if len(row_logits) == 1:
             return rows, row_logits[0].view(-1, row_logits[0].shape[-1])
         return rows, torch.cat([x.view(-1, x.shape[-1]) for x in row_logits])
 
+    def decode(self, decoding: list[Sequence]) -> torch.Tensor:
+        """One decode step of `decoding` (sorted by slot); their logits [len(decoding), vocab]."""
+        logits = self.runner.decode(*decode_plan(self, decoding))
+        for seq in decoding:
+            seq.num_cached += 1
+        slots = [s.slot for s in decoding]
+        # A slice when the slots run in order (the usual case): indexing by a list copies it to the device and
+        # waits for the step to finish.
+        return logits[: len(slots)] if slots == list(range(len(slots))) else logits[slots]
+
     def fail(self, batch, message: str) -> list[StepOutput]:
         outputs = []
         with self.lock:
             for seq, _ in batch:
+                if seq.finished:  # ended while its step was in flight
+                    continue
                 seq.finish_reason = "error"
                 self.scheduler.finish(seq)
                 self.release_slot(seq)
@@ -224,18 +261,25 @@ class LLMEngine:
         if not rows:
             return []
         tokens = sample(self.processed(rows, logits), sampling_batch(rows, logits.device))
-        # The step's one transfer to the host: sampled ids, which rows had NaN logits, and the churn counter.
-        pool = self.runner.pool
-        nan = torch.isnan(logits).any(dim=-1).long()
-        host = torch.cat([tokens, nan, pool.replaced[: len(self.slots)].sum().view(1)]).tolist()
-        self.stats.replacements = self.replaced_done + host[-1]
+        # The step's one transfer to the host.
+        return self.emit(rows, self.step_results(tokens, logits).tolist(), logits)
+
+    def emit(self, rows: list[Sequence], host: list[int], logits: torch.Tensor | None,
+             cache_tokens: list[int] | None = None) -> list[StepOutput]:
+        """Each row's token to its request: `host` holds the sampled ids, NaN flags and churn counter
+        (step_results); `logits` the raw rows for logprobs (None: no row asked for them)."""
+        # Never lower: under async scheduling a leaving request's churn can be counted both ways for a step.
+        self.stats.replacements = max(self.stats.replacements, self.replaced_done + host[-1])
         n = len(rows)
         outputs = []
         for i, (seq, token) in enumerate(zip(rows, host[:n])):
+            if seq.finished:  # it ended (or was aborted) while this step was in flight: the token is dropped
+                continue
             try:  # sampling or detokenizing one request fails that request only
                 if host[n + i]:
                     raise FloatingPointError("the model produced NaN logits")
-                outputs.append(self.next_token(seq, token, logits[i]))
+                outputs.append(self.next_token(seq, token, None if logits is None else logits[i],
+                                               None if cache_tokens is None else cache_tokens[i]))
             except Exception as exc:
                 log.exception("request %s failed in postprocess", seq.request_id)
                 outputs.extend(self.fail([(seq, None)], f"engine error: {type(exc).__name__}: {exc}"))
@@ -252,10 +296,12 @@ class LLMEngine:
             logits[i] = process(logits[i], s.sampling, s.prompt_ids, s.output_ids, self.eos_ids)
         return logits
 
-    def next_token(self, seq: Sequence, token: int, raw: torch.Tensor) -> StepOutput:
+    def next_token(self, seq: Sequence, token: int, raw: torch.Tensor | None,
+                   cache_tokens: int | None = None) -> StepOutput:
         if seq.forced_ids is not None:  # teacher forcing (perplexity): the text decides, not the sampler
             token = seq.forced_ids[len(seq.output_ids)]
-        cache_tokens, cache_bytes = seq.cache_tokens(), seq.cache_bytes()
+        cache_tokens = seq.cache_tokens() if cache_tokens is None else cache_tokens
+        cache_bytes = cache_tokens * seq.token_bytes
         params = seq.sampling
         logprob, top = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else (None, None)
         seq.output_ids.append(token)

@@ -23,7 +23,8 @@ from slam.model import LoadedModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_SPAN = 64  # reserve indices a CPU step scores at least (see decode)
-PLAN_ROWS = ("tokens", "pos", "write", "evict", "reserve_at", "reserve_n", "middle", "sink", "rank", "policy")
+PLAN_ROWS = ("tokens", "pos", "write", "evict", "reserve_at", "reserve_n", "middle", "sink", "rank", "policy",
+             "prev")
 
 
 def fused_linear(*parts: nn.Linear) -> nn.Linear:
@@ -130,6 +131,9 @@ class ModelRunner:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
         self.plan_buf = torch.zeros(len(PLAN_ROWS), slots, dtype=torch.long, device=self.device)
+        # The ids the last decode step sampled, row by row: a step launched before the host has them (async
+        # scheduling) takes its input tokens from here (the plan's `prev`).
+        self.sampled = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.zero = torch.zeros((), dtype=torch.float32, device=self.device)  # a device scalar: graph-safe writes
 
     # --- decode -----------------------------------------------------------------------------------
@@ -170,6 +174,7 @@ class ModelRunner:
         rows[PLAN_ROWS.index("write")] = self.pool.budget
         rows[PLAN_ROWS.index("reserve_at")] = self.pool.cap
         rows[PLAN_ROWS.index("policy")] = -1
+        rows[PLAN_ROWS.index("prev")] = -1
         return rows
 
     def capture(self, b: int, kc: int, policies: frozenset[str], phase: int):
@@ -197,7 +202,8 @@ class ModelRunner:
         cos, sin = self.rope.cos[plan.pos].unsqueeze(1), self.rope.sin[plan.pos].unsqueeze(1)  # [b, 1, D]
         cache_pos = pool.cache_positions
         fuse = pool.compile  # GPUs: small element-wise functions through torch.compile (slam/compiled.py)
-        x = self.embed(plan.tokens)  # [b, hidden]
+        tokens = torch.where(plan.prev >= 0, self.sampled[plan.prev.clamp_min(0)], plan.tokens)  # [b]
+        x = self.embed(tokens)  # [b, hidden]
         for li, layer in enumerate(self.layers):
             q, k, v = layer.qkv_heads(x, self.q_heads, self.kv_heads, d)  # [b, heads, D]
             q_rot, k_rot = compiled(A.rotate_pair, fuse)(q, k, cos, sin)

@@ -36,15 +36,17 @@ def decode_plan(engine: LLMEngine, decoding: list[Sequence]) -> tuple[torch.Tens
             kc = max(kc, p.middle)
         policies.add(p.name)
         top = max(top, seq.num_cached + 1)
-    idle = [0, 0, pool.budget, 0, pool.cap, 0, 0, 0, 0, -1]  # an inactive slot: writes land in scratch
+    idle = [0, 0, pool.budget, 0, pool.cap, 0, 0, 0, 0, -1, -1]  # an inactive slot: writes land in scratch
     columns = [list(idle) for _ in range(b)]
     for seq in decoding:
         p, n = seq.policy, seq.num_cached
         before, after = p.counts(n)[3], p.counts(n + 1)[3]
         evict = after > before
+        # A token still in flight (async scheduling) is read on the device, from the row its step sampled it in.
+        token, prev = (seq.ids(n, n + 1)[0], -1) if n < seq.length else (0, seq.prev_row)
         columns[seq.slot] = [
-            seq.ids(n, n + 1)[0], n, column(p, n), int(evict), before if p.uses_reserve and evict else pool.cap,
-            after if p.uses_reserve else 0, p.middle, p.sink, p.cache_tokens(n + 1) - 1, POLICY_IDS[p.name],
+            token, n, column(p, n), int(evict), before if p.uses_reserve and evict else pool.cap,
+            after if p.uses_reserve else 0, p.middle, p.sink, p.cache_tokens(n + 1) - 1, POLICY_IDS[p.name], prev,
         ]
     rows = torch.tensor(columns, dtype=torch.long).t()
     if pool.device.type == "cuda":
@@ -59,7 +61,9 @@ def sampling_batch(rows: list[Sequence], device: torch.device) -> SamplingBatch 
     if all(p.greedy for p in params):
         return None
     floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32)
-    ints = torch.tensor([[p.top_k, s.seed, len(s.output_ids)] for p, s in zip(params, rows)], dtype=torch.long)
+    # The noise counter is the index of the token drawn: tokens still in flight count (async scheduling).
+    ints = torch.tensor([[p.top_k, s.seed, len(s.output_ids) + s.in_flight] for p, s in zip(params, rows)],
+                        dtype=torch.long)
     if device.type == "cuda":  # pinned: the copies below then never block the host
         floats, ints = floats.pin_memory(), ints.pin_memory()
     floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)

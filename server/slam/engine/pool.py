@@ -56,6 +56,7 @@ class StepPlan:
     sink: torch.Tensor  # [b] sink columns of the slot
     rank: torch.Tensor  # [b] position of the new token inside the cache (position_mode="cache")
     policy: torch.Tensor  # [b] policy index of the slot (engine's POLICY_IDS), -1 inactive
+    prev: torch.Tensor  # [b] row of the input token in the last step's sampled ids (async scheduling), else -1
     kc: int  # static: middle columns the slam selection fills (max over slam slots)
     span: int = 0  # static: reserve indices [0, span) that may hold tokens (the capacity under CUDA graphs)
     is_middle: torch.Tensor | None = None  # [b, columns] bool, derived on the device from sink and middle

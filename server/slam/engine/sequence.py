@@ -95,6 +95,10 @@ class Sequence:
     # later token is computed (the "question unseen" setting of kvpress's leaderboard).
     prefill_boundaries: list[int] = field(default_factory=list)
     forced_ids: list[int] | None = None  # teacher forcing: these are the "generated" tokens, in order
+    # Async scheduling: tokens sampled on the device whose step the host has not postprocessed yet, and the row
+    # of the newest one in its step's sampled ids (the next step reads its input token there).
+    in_flight: int = 0
+    prev_row: int = -1
 
     def __post_init__(self) -> None:
         self.policy: CachePolicy = make_policy(self.cache_config, self.pool_budget)
@@ -116,6 +120,14 @@ class Sequence:
         A restored request that must recompute its cache has generated tokens pending too; they are
         prefilled in chunks like the prompt."""
         return self.length - self.num_cached <= 1
+
+    @property
+    def needs_host(self) -> bool:
+        """Whether sampling its next token needs its tokens on the host (penalties, the min_tokens mask,
+        logprobs, teacher forcing), so that no step may run ahead of its postprocessing."""
+        p = self.sampling
+        return (p.penalized or p.logprobs is not None or self.forced_ids is not None
+                or len(self.output_ids) + self.in_flight < p.min_tokens)
 
     @property
     def finished(self) -> bool:
