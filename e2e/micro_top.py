@@ -1,6 +1,6 @@
-"""Micro-benchmark of the top-k kernels of cache/fused_top.py at decode shapes (GPUs): the one-program row
-kernels (radix passes in registers: _row_top; bisection over the key bits: _group_top) against the long-row
-block kernels, each replayed from a CUDA graph.
+"""Micro-benchmark of the top-k kernels of cache/fused_top.py at decode shapes (GPUs): one program per row
+(bisection over the key bits), from stored flags and from reserve positions, against the long-row block
+kernels, each replayed from a CUDA graph.
 
     python3 e2e/micro_top.py [--batch 32]
 """
@@ -36,11 +36,11 @@ def main() -> None:
             fused_top.ROW_WARPS = warps
             row = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
             bisect = timed(lambda: fused_top.group_top(logits, rpos, n, kc, 0.125, limit))
-            times.append(f"{warps} warps: radix {row:.1f}, bisection {bisect:.1f}")
+            times.append(f"{warps} warps: from flags {row:.1f}, from positions {bisect:.1f}")
         fused_top.ROW_WARPS = 8
-        saved, fused_top.ROW_LIMIT = fused_top.ROW_LIMIT, 0
+        saved, fused_top.SPAN_LIMIT = fused_top.SPAN_LIMIT, 0
         blocks = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
-        fused_top.ROW_LIMIT = saved
+        fused_top.SPAN_LIMIT = saved
         print(f"{what}: batch {b}, {heads} heads x {group}, {m} columns, {kc} picks, us per call: one program "
               f"({'; '.join(times)}), block kernels {blocks:.1f}", flush=True)
 

@@ -41,11 +41,11 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_int8_selection(device, seed)
     compare_two_stage(device, dtype, seed)
     compare_two_stage(device, dtype, seed, kc=300)
-    saved, fused_top.ROW_LIMIT = fused_top.ROW_LIMIT, 0
+    saved, fused_top.SPAN_LIMIT = fused_top.SPAN_LIMIT, 0
     try:  # stage two's candidates through the long-row kernels, which also turn columns into reserve indices
         compare_two_stage(device, dtype, seed)
     finally:
-        fused_top.ROW_LIMIT = saved
+        fused_top.SPAN_LIMIT = saved
     compare_attention(device, dtype, seed)
     compare_attention(device, dtype, seed, cols=2049, group=4)
 

@@ -1,17 +1,17 @@
-"""Exact selection's last two stages in one Triton kernel (GPUs): group scores and top-k.
+"""Selection's last two stages in Triton kernels (GPUs): group scores and top-k.
 
 After the q.k product, torch spends a compiled log-softmax and a radix-select top-k per layer on every
 reserve score (about 50 us per layer at batch 32, budget 256, 4K context: more than the product itself).
-Here one program per slot and KV head holds its whole reserve row in registers, takes the log-softmax of
-each query head and their maximum (selection.group_scores), and finds the `kc`-th best score by bisection
-over the scores' bits, then writes the picks in reserve order, each slot's best `middle` first (the
-columns it has: cache/fused.py places those in any order). Longer reserves go through kernels over blocks
-of the row instead: each block's
-log-sum-exp parts; each token's group score as an integer key ordered like the float, with the first of
-four 8-bit radix passes; the other passes, whose blocks add into one histogram per row (the keys are in L2
-by then); the picks. One program per row doing the passes took longer than the q.k product (122 us per
-layer at 32K, batch 32: the rows are few and long). Two-stage selection's candidates go through the same
-kernels with their own mask. tests/fused_check.py holds both to group_scores followed by torch.topk.
+Here one program per slot and KV head holds its whole row in registers (exact scoring's reserve, stage
+two's candidates, stage one's chunks: up to SPAN_LIMIT columns), takes the log-softmax of each query head
+and their maximum (selection.group_scores), and finds the `kc`-th best score by bisection over the scores'
+bits, then writes the picks in column order, each slot's best `middle` first (the columns it has:
+cache/fused.py places those in any order). Longer rows go through kernels over blocks of the row instead:
+each block's log-sum-exp parts; each token's group score as an integer key ordered like the float, with the
+first of four 8-bit radix passes; the other passes, whose blocks add into one histogram per row (the keys
+are in L2 by then); the picks. One program per row took longer than the q.k product there (122 us per layer
+at 32K, batch 32: the rows are few and long). tests/fused_check.py holds both to group_scores followed by
+torch.topk.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ try:
 except ImportError:  # CPU installs: selection.exact_top does the same work
     triton = None
 
-SPAN_LIMIT = 8192  # reserve tokens a program holds in registers
-ROW_LIMIT = 8192  # stored_top's row length up to which one program takes a whole row (_row_top)
+SPAN_LIMIT = 8192  # columns of a row one program holds in registers (longer rows: the block kernels)
 BLOCK = 4096  # columns per program of the long-row kernels
 ROW_WARPS = 8  # warps of a one-program row kernel over 4,096 columns or more (e2e/micro_top.py sweeps it)
 
@@ -37,25 +36,32 @@ def applies(pool, kc: int, span: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _group_top(logit_ptr, rpos_ptr, n_ptr, limit_ptr, idx_ptr, score_ptr, heads, m, rpos_stride, scale,
-                   G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr):
+    def _one_row_kernel(logit_ptr, stored_ptr, n_ptr, limit_ptr, idx_ptr, score_ptr, chunk_ptr, nchunk, heads, m, st_slot,
+                 st_head, scale, G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, FLAGS: tl.constexpr,
+                 CH: tl.constexpr):
         # Program pid: slot pid // heads, KV head pid % heads; its logits are rows [pid * G, (pid + 1) * G) of m.
-        # It takes the slot's best K = limit picks and writes them first; picks [K, KC) are empty.
+        # Which columns hold a token: stored flags (FLAGS), else a reserve's positions (stored_ptr: rpos, -1
+        # empty) below the slot's n. It takes the slot's best K = limit picks and writes them first, in column
+        # order; picks [K, KC) are empty.
         pid = tl.program_id(0)
         s = pid // heads
-        K = tl.minimum(tl.load(limit_ptr + s), KC)
+        K = tl.minimum(tl.minimum(tl.load(limit_ptr + s), KC), m)
         i = tl.arange(0, BLOCK)
-        n = tl.load(n_ptr + s)
-        rp = tl.load(rpos_ptr + s * rpos_stride + i, mask=i < m, other=-1)
-        stored = (i < m) & (i < n) & (rp >= 0)
+        if FLAGS:
+            stored = tl.load(stored_ptr + s * st_slot + (pid % heads) * st_head + i, mask=i < m, other=0) != 0
+        else:
+            rp = tl.load(stored_ptr + s * st_slot + i, mask=i < m, other=-1)
+            stored = (i < m) & (i < tl.load(n_ptr + s)) & (rp >= 0)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         for g in tl.static_range(G):
-            x = tl.load(logit_ptr + (pid * G + g) * m + i, mask=stored, other=float("-inf")) * scale
+            x = tl.load(logit_ptr + (pid * G + g).to(tl.int64) * m + i, mask=stored, other=float("-inf")) * scale
             top = tl.max(x, 0)
+            top = tl.where(top == float("-inf"), 0.0, top)  # a row with nothing stored stays -inf, not NaN
             best = tl.maximum(best, x - (top + tl.log(tl.sum(tl.exp(x - top), 0))))
         best = tl.where(stored, best, float("-inf"))
         # Integer keys ordered like the floats (negative floats' magnitude bits flipped); columns past the
-        # reserve rank below -inf. The largest t with at least K keys >= t is the K-th best key.
+        # row rank below -inf. The largest t with at least K keys >= t is the K-th best key: bisection over the
+        # bits measured faster than four 8-bit radix passes here (e2e/micro_top.py, H100).
         bits = best.to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
         key = tl.where(i < m, key, -(1 << 31))
@@ -68,15 +74,14 @@ if triton is not None:
             hi = tl.where(ok, hi, mid - 1)
         above = key > lo
         tied = key == lo
-        # All keys above the threshold, then tied ones in reserve order until K are taken.
+        # All keys above the threshold, then tied ones in column order until K are taken.
         take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= K - tl.sum(above.to(tl.int32), 0)))
-        slot = tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(idx_ptr + pid * KC + slot, i.to(tl.int64), mask=take)
-        tl.store(score_ptr + pid * KC + slot, best, mask=take)
+        at = pid * KC + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(idx_ptr + at, _index(i, take, pid, chunk_ptr, nchunk, CH), mask=take)
+        tl.store(score_ptr + at, best, mask=take)
         empty = (i >= K) & (i < KC)
         tl.store(idx_ptr + pid * KC + i, tl.zeros([BLOCK], tl.int64), mask=empty)
         tl.store(score_ptr + pid * KC + i, tl.full([BLOCK], float("-inf"), tl.float32), mask=empty)
-
 
     @triton.jit
     def _index(i, take, pid, chunk_ptr, nchunk, CH: tl.constexpr):
@@ -85,47 +90,6 @@ if triton is not None:
         if CH == 0:
             return i.to(tl.int64)
         return tl.load(chunk_ptr + pid * nchunk + i // CH, mask=take, other=0).to(tl.int64) * CH + i % CH
-
-    @triton.jit
-    def _row_top(logit_ptr, stored_ptr, limit_ptr, idx_ptr, score_ptr, chunk_ptr, nchunk, heads, m, st_slot, st_head,
-                 scale, G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CH: tl.constexpr):
-        # stored_top for rows of up to ROW_LIMIT columns: one program per row (slot * heads + head) holds it in
-        # registers and runs what the long-row kernels do over blocks (log-softmax, integer keys, four 8-bit
-        # radix passes, compaction), then writes the row's empty picks itself.
-        pid = tl.program_id(0)
-        i = tl.arange(0, BLOCK)
-        row = i < m
-        ok = tl.load(stored_ptr + (pid // heads) * st_slot + (pid % heads) * st_head + i, mask=row, other=0) != 0
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            x = tl.load(logit_ptr + (pid * G + g).to(tl.int64) * m + i, mask=ok, other=float("-inf")) * scale
-            top = tl.max(x, 0)
-            top = tl.where(top == float("-inf"), 0.0, top)
-            best = tl.maximum(best, x - (top + tl.log(tl.sum(tl.exp(x - top), 0))))
-        best = tl.where(ok, best, float("-inf"))
-        bits = best.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        k = tl.minimum(tl.minimum(tl.load(limit_ptr + pid // heads), KC), m)
-        d = tl.arange(0, 256)
-        lo = tl.full([], -(1 << 31), tl.int64)
-        above = tl.full([], 0, tl.int32)
-        for p in tl.static_range(4):  # the k-th best key, 8 bits a pass (as _threshold over the histograms)
-            digits = (key - lo) >> (24 - 8 * p)
-            inside = row & (digits >= 0) & (digits < 256)
-            counts = tl.histogram(tl.where(inside, digits, 0).to(tl.int32), 256, mask=inside)
-            at_or_above = above + tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
-            digit = tl.sum((at_or_above >= k).to(tl.int32), 0) - 1
-            above += tl.sum(tl.where(d > digit, counts, 0), 0)
-            lo += digit.to(tl.int64) << (24 - 8 * p)
-        tied = row & (key == lo)
-        take = row & ((key > lo) | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= k - above)))
-        at = pid * KC + tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(idx_ptr + at, _index(i, take, pid, chunk_ptr, nchunk, CH), mask=take)
-        tl.store(score_ptr + at, best, mask=take)
-        j = tl.arange(0, KB)
-        empty = (j >= k) & (j < KC)
-        tl.store(idx_ptr + pid * KC + j, tl.zeros([KB], tl.int64), mask=empty)
-        tl.store(score_ptr + pid * KC + j, tl.full([KB], float("-inf"), tl.float32), mask=empty)
 
     @triton.jit
     def _lse_parts(logit_ptr, stored_ptr, part_ptr, heads, m, nblk, st_slot, st_head, scale,
@@ -238,11 +202,23 @@ def group_top(logits: torch.Tensor, rpos: torch.Tensor, n: torch.Tensor, kc: int
         index = torch.arange(m, device=logits.device)
         return stored_top(logits, ((index < n.view(-1, 1)) & (rpos[:, :m] >= 0)).unsqueeze(1), kc, scale, limit)
     limit = torch.full((b,), kc, dtype=torch.long, device=logits.device) if limit is None else limit
+    return _one_row(logits, rpos, n, (rpos.stride(0), 0), kc, scale, limit)
+
+
+def _one_row(logits: torch.Tensor, stored: torch.Tensor, n: torch.Tensor | None, strides: tuple[int, int], kc: int,
+             scale: float, limit: torch.Tensor, chunks: torch.Tensor | None = None, chunk: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    # One program per row (_one_row): stored flags as uint8 with their (slot, head) strides, or (n given) the
+    # reserve's positions rpos with the slots' n.
+    b, heads, group, m = logits.shape
     idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
     score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
-    block = triton.next_power_of_2(m)
-    _group_top[(b * heads,)](logits.contiguous(), rpos, n, limit, idx, score, heads, m, rpos.stride(0), scale,
-                             G=group, KC=kc, BLOCK=block, num_warps=ROW_WARPS if block >= 4096 else 4)
+    block = max(triton.next_power_of_2(max(m, kc)), 16)
+    ch = (chunks.contiguous(), chunks.shape[2]) if chunks is not None else (logits, 0)  # unread without chunks
+    _one_row_kernel[(b * heads,)](logits.contiguous(), stored, stored if n is None else n, limit, idx, score, *ch,
+                                  heads, m, *strides, scale, G=group, KC=kc, BLOCK=block, FLAGS=n is None,
+                                  CH=chunk if chunks is not None else 0,
+                                  num_warps=ROW_WARPS if block >= 4096 else 4)
     return idx, score
 
 
@@ -260,20 +236,14 @@ def stored_top(logits: torch.Tensor, stored: torch.Tensor, kc: int, scale: float
     chunks [b, kv_heads, m // chunk] (stage two): column i stands for token i % chunk of chunk chunks[..., i //
     chunk], and the picks are those reserve indices instead of columns."""
     b, heads, group, m = logits.shape
-    ch = (chunks.contiguous(), chunks.shape[2]) if chunks is not None else (logits, 0)  # unread without chunks
-    ch_size = chunk if chunks is not None else 0
     limited = limit is not None
     limit = limit if limited else torch.full((b,), kc, dtype=torch.long, device=logits.device)
     logits, flags = logits.contiguous(), stored.view(torch.uint8)
     strides = (flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0)
-    if m <= ROW_LIMIT:
-        idx = torch.empty(b, heads, kc, dtype=torch.long, device=logits.device)
-        score = torch.empty(b, heads, kc, dtype=torch.float32, device=logits.device)
-        block = max(triton.next_power_of_2(m), 16)
-        _row_top[(b * heads,)](logits, flags, limit, idx, score, *ch, heads, m, *strides, scale, G=group, KC=kc,
-                               BLOCK=block, KB=max(triton.next_power_of_2(kc), 16),
-                               CH=ch_size, num_warps=ROW_WARPS if block >= 4096 else 4)
-        return _ordered(idx, score, limited)
+    if m <= SPAN_LIMIT:
+        return _ordered(*_one_row(logits, flags, None, strides, kc, scale, limit, chunks, chunk), limited)
+    ch = (chunks.contiguous(), chunks.shape[2]) if chunks is not None else (logits, 0)  # unread without chunks
+    ch_size = chunk if chunks is not None else 0
     rows, nblk = b * heads, triton.cdiv(m, BLOCK)
     parts = torch.empty(rows, nblk, group, 2, dtype=torch.float32, device=logits.device)
     keys = torch.empty(rows, m, dtype=torch.int32, device=logits.device)
