@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B of two code trees on a GPU in one device call, as docs/benchmarks.md's "Fewer kernels per layer" ran it.
 #   here:       e2e/ab_gpu.sh prepare BASE_REF NEW_REF   (git archives both into the git-ignored .ab/)
-#   the device: bash e2e/ab_gpu.sh run [quick]           (through the device tool, carry [".whl", ".ab"])
+#   the device: bash e2e/ab_gpu.sh run [quick|async]     (through the device tool, carry [".whl", ".ab"])
 # `quick` skips 128K, the profile and Llama-8B, and times issue 7's budget-256 rows of the new tree instead.
+# `async` times the new tree alone, with --async-scheduling off and auto (rows labelled new:off, new:auto).
 # The run checks the new tree's kernels (e2e/gpu_checks.py), then times both trees in the same call, rows
 # labelled by "tree" (e2e/plot_ab.py draws them), at most eight files under $OUT.
 set -u
@@ -18,13 +19,28 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/run.log
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/run.log
-(cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 200 python3 e2e/gpu_checks.py) > $OUT/checks.log 2>&1
+(cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 240 python3 e2e/gpu_checks.py) > $OUT/checks.log 2>&1
 echo "gpu_checks rc $?" | tee -a $OUT/checks.log $OUT/run.log
 ARGS="bench decode --device cuda --dtype bfloat16 --budget 2048 --tokens 16 --select-every 4 --reserve-dtype int8 --json --policies slam"
-bench() { local tree=$1 out=$2 t=$3; shift 3; local s=$SECONDS
-  (cd $AB/$tree && PYTHONPATH=/tmp/site:$AB/$tree/server timeout $t python3 -m slam.cli $ARGS "$@" 2>>$OUT/err.log) | sed "s/^{/{\"tree\": \"$tree\", /" >> $OUT/$out.jsonl
-  echo "$tree $* rc ${PIPESTATUS[0]} $((SECONDS - s)) s" | tee -a $OUT/run.log; }
+bench() { local tree=${1%%:*} label=$1 out=$2 t=$3; shift 3; local s=$SECONDS  # label: tree or tree:variant
+  (cd $AB/$tree && PYTHONPATH=/tmp/site:$AB/$tree/server timeout $t python3 -m slam.cli $ARGS "$@" 2>>$OUT/err.log) | sed "s/^{/{\"tree\": \"$label\", /" >> $OUT/$out.jsonl
+  echo "$label $* rc ${PIPESTATUS[0]} $((SECONDS - s)) s" | tee -a $OUT/run.log; }
 S="--shape smollm2-135m --batches 32"
+if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched ahead (async scheduling)
+  for mode in off auto; do bench new:$mode smollm 120 $S --contexts 4000,32000 --async-scheduling $mode; done
+  bench new:auto smollm 150 $S --contexts 4000,32000 --policies streaming --baseline transformers
+  bench new:auto smollm 90 $S --contexts 131072 --policies streaming,slam
+  for mode in off auto; do
+    bench new:$mode budget256 200 --shape smollm2-135m --batches 1,32 --contexts 4000 --budget 256 --tokens 32 \
+      --select-every 1 --reserve-dtype auto --policies full,streaming,slam --async-scheduling $mode \
+      $([ $mode = auto ] && echo --baseline transformers)
+  done
+  MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  B=16; [ "$MEM" -gt 120000 ] && B=32
+  for mode in off auto; do bench new:$mode llama 150 --shape llama-8b --batches $B --contexts 32000 --async-scheduling $mode; done
+  tail -c 3000 $OUT/err.log > $OUT/err.tail; rm -f $OUT/err.log
+  exit 0
+fi
 bench base smollm 90 $S --contexts 4000,32000
 bench new smollm 150 $S --contexts 4000,32000 --policies streaming,slam --baseline transformers
 if [ "${2:-}" = quick ]; then
