@@ -75,7 +75,7 @@ def sync_free_step(loaded, variant: str) -> None:
     # One graph per refresh phase: capture them all first, since a capture synchronises (and compiles).
     for _ in range(engine.runner.select_every):
         engine.step()
-    rows, kc, policies = decode_plan(engine, seqs)
+    rows, kc, policies = decode_plan(engine.runner, len(engine.slots), seqs)
     params = sampling_batch(seqs, loaded.device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from slam.engine.output import EngineStats, StepOutput
 from slam.engine.plan import sampling_batch
 from slam.engine.sampler import sample
 from slam.engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from slam.engine.engine import EngineStats, StepOutput
     from slam.engine.model_runner import ModelRunner
     from slam.engine.scheduler import Scheduler
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 
@@ -13,7 +12,7 @@ from slam.cache import POLICIES
 from slam.config import CacheConfig, EngineConfig, min_ratio_for, oversample_for
 from slam.engine.ahead import InFlight, StepsAhead
 from slam.engine.model_runner import ModelRunner
-from slam.engine.output import detokenize, stop_reason, visible_delta
+from slam.engine.output import EngineStats, StepOutput, detokenize, stop_reason, visible_delta
 from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import process, sample, token_logprobs
 from slam.engine.scheduler import Scheduler
@@ -26,27 +25,6 @@ log = logging.getLogger("slam.engine")
 
 class RequestError(ValueError):
     """A request the engine cannot take; the message says why."""
-
-
-@dataclass
-class StepOutput:
-    seq: Sequence
-    token_id: int  # -1 when the step failed
-    text: str  # newly decoded text, possibly empty while a multi-byte character is incomplete
-    finished: bool
-    cache_tokens: int = 0  # the request's active cache per layer and KV head after this step
-    cache_bytes: int = 0  # measured before a finished request's cache is freed
-    error: str | None = None
-    logprob: float | None = None  # of the chosen token, when the request asked for logprobs
-    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
-
-
-@dataclass
-class EngineStats:
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    replacements: int = 0
-    steps: int = 0
 
 
 class LLMEngine(StepsAhead):
@@ -237,7 +215,7 @@ class LLMEngine(StepsAhead):
 
     def decode(self, decoding: list[Sequence]) -> torch.Tensor:
         """One decode step of `decoding` (sorted by slot); their logits [len(decoding), vocab]."""
-        logits = self.runner.decode(*decode_plan(self, decoding))
+        logits = self.runner.decode(*decode_plan(self.runner, len(self.slots), decoding))
         for seq in decoding:
             seq.num_cached += 1
         slots = [s.slot for s in decoding]

@@ -1,9 +1,33 @@
-"""A request's text as tokens arrive: incremental detokenization, stop conditions, and the part of the text
-a client may see while a stop string could still cut it."""
+"""What a step gives each request (StepOutput) and the engine's counters; a request's text as tokens arrive:
+incremental detokenization, stop conditions, and the part of the text a client may see while a stop string
+could still cut it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from slam.engine.sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token_id: int  # -1 when the step failed
+    text: str  # newly decoded text, possibly empty while a multi-byte character is incomplete
+    finished: bool
+    cache_tokens: int = 0  # the request's active cache per layer and KV head after this step
+    cache_bytes: int = 0  # measured before a finished request's cache is freed
+    error: str | None = None
+    logprob: float | None = None  # of the chosen token, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    replacements: int = 0
+    steps: int = 0
 
 
 def detokenize(tokenizer, seq: Sequence) -> str:

@@ -6,28 +6,25 @@ where a request stands: the host knows each slot's length and layout, and sends 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from slam.cache import POLICY_IDS
-from slam.engine.model_runner import BUCKETS
+from slam.engine.model_runner import BUCKETS, ModelRunner
 from slam.engine.prefill import column
 from slam.engine.sampler import SamplingBatch
 from slam.engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from slam.engine.engine import LLMEngine
 
 
 def bucket(n: int, slots: int) -> int:
     return min(next((b for b in BUCKETS if b >= n), n), slots)
 
 
-def decode_plan(engine: LLMEngine, decoding: list[Sequence]) -> tuple[torch.Tensor, int, frozenset[str]]:
-    """(rows [len(PLAN_ROWS), bucket], kc, policies) for a decode step of `decoding` over slots [0, bucket)."""
-    runner, pool = engine.runner, engine.runner.pool
-    b = bucket(len(engine.slots), pool.slots)
+def decode_plan(runner: ModelRunner, running: int, decoding: list[Sequence]
+                ) -> tuple[torch.Tensor, int, frozenset[str]]:
+    """(rows [len(PLAN_ROWS), bucket], kc, policies) for a decode step of `decoding` over slots [0, bucket), where
+    `running` slots are taken."""
+    pool = runner.pool
+    b = bucket(running, pool.slots)
     kc, policies, top = 0, set(), 0
     for seq in decoding:  # first grow the reserve if needed: its scratch index is its capacity
         p = seq.policy
