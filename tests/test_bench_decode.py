@@ -39,6 +39,8 @@ def test_bench_decode_rows_baseline_and_plot(tmp_path):
     # The oversampling the pool resolved (r = 1, 28 middle columns: 8), only on slam's row.
     assert [r["select_oversample"] for r in rows] == [None, None, 8]
     assert [r["async_scheduling"] for r in rows] == [None, True, True]  # asked for, on a CPU too
+    # Churn: slam's picks change as random queries come (a share of its 28 middle columns), no other policy's.
+    assert rows[0]["churn_pct"] is None and rows[1]["churn_pct"] is None and 0 < rows[2]["churn_pct"] <= 100
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

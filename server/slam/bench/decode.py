@@ -47,6 +47,9 @@ class DecodeResult:
     reserve_dtype: str | None = None  # slam's reserve as the engine resolved --reserve-dtype
     select_oversample: int | None = None  # slam's two-stage oversampling as the pool resolved it (0: exact only)
     async_scheduling: bool | None = None  # whether steps ran ahead of their postprocessing (engine rows)
+    # slam: % of the middle columns whose token was replaced per step (mean over layers, KV heads and requests).
+    # Random weights and caches make near-random picks; real text changes far fewer (NIAH's churn).
+    churn_pct: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -129,11 +132,15 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     seqs = [synthetic_request(engine, context, sampling, seed=i) for i in range(batch)]
     engine.runner.rope.ensure(length + 1)  # a table grown between timed steps would recapture the graphs
     warm_up(engine.step, device, engine.runner.select_every)
+    pool = engine.runner.pool
+    replaced = int(pool.replaced.sum())  # reads the device: outside the timed steps
     step_s = seconds_per_step(engine.step, tokens, device)
     assert all(len(s.output_ids) >= tokens for s in seqs)
+    middle = make_policy(cache).middle if cache.policy == "slam" else 0
+    columns = tokens * batch * pool.layers * pool.kv_heads * middle  # middle columns the timed steps could refill
+    churn = (int(pool.replaced.sum()) - replaced) / columns if middle else None
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     roof = (weight_bytes(loaded.model) + kv_read_bytes(engine, cache, context, batch)) / (gbps * 1e9)
-    pool = engine.runner.pool
     reserve_dtype, oversample = "int8" if pool.reserve_int8 else "bfloat16", pool.oversample
     ahead = engine.async_scheduling
     kv_mib = (pool.nbytes_per_slot() + pool.reserve_nbytes_on_device() / pool.slots) / 2**20
@@ -143,7 +150,7 @@ def bench_engine(loaded, cache: CacheConfig, context: int, batch: int, tokens: i
     return DecodeResult("slam", cache.policy, cache.budget, context, batch, batch / step_s, 1000 * step_s,
                         1000 * roof, 100 * roof / step_s, peak, _device_name(device), kv_mib_per_request=kv_mib,
                         reserve_dtype=reserve_dtype, select_oversample=oversample if cache.policy == "slam" else None,
-                        async_scheduling=ahead)
+                        async_scheduling=ahead, churn_pct=None if churn is None else 100 * churn)
 
 
 @torch.inference_mode()

@@ -60,7 +60,8 @@ class StepsAhead:
         skips the step launched now; its slot stays as that token left it."""
         if not seq.in_flight:
             return False
-        return len(seq.output_ids) + seq.in_flight >= seq.sampling.max_tokens or bool(self.barrier and self.barrier(seq))
+        ends = len(seq.output_ids) + seq.in_flight >= seq.sampling.max_tokens
+        return ends or bool(self.barrier and self.barrier(seq))
 
     def step_ahead(self, decoding: list[Sequence]) -> list[StepOutput]:
         """Launch a decode step of `decoding`, then postprocess the step in flight while the device runs it."""
