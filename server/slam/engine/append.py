@@ -83,7 +83,7 @@ if triton is not None:
             kmax = tl.maximum(tl.max(tl.abs(kf), 0), 1e-30) * outward
             old_s = tl.load(sscale_ptr + c)
             scale = tl.where(first, kmax, tl.maximum(old_s, kmax))
-            keep = (at % CHUNK != 0) & (scale == old_s)  # the same scale: the stored integers stay exact
+            keep = ~first & (scale == old_s)  # the same scale: the stored integers stay exact
             _fold(smin_ptr, c * D + d, kf, scale, old_s, first, keep, LOW=True)
             _fold(smax_ptr, c * D + d, kf, scale, old_s, first, keep, LOW=False)
             tl.store(sscale_ptr + c, scale)
