@@ -185,7 +185,8 @@ def test_metrics_exposed(server_url, client):
     for name in ["slam:num_requests_running", "slam:num_requests_waiting", "slam:time_to_first_token_seconds_bucket",
                  "slam:inter_token_latency_seconds_bucket", "slam:prompt_tokens_total",
                  "slam:generation_tokens_total", "slam:kv_cache_bytes", "slam:kv_cache_budget_usage_ratio",
-                 "slam:cache_replacements_total", 'slam:request_success_total{finished_reason="length"}']:
+                 "slam:cache_replacements_total", "slam:engine_steps_ahead_total",
+                 'slam:request_success_total{finished_reason="length"}']:
         assert name in text, name
     assert metric(server_url, "slam:generation_tokens_total") >= 2
     assert "slam:gpu_" not in text  # no GPU here: the series are absent, not zero

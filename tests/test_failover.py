@@ -175,11 +175,13 @@ def test_sigkill_then_restore(s3, reference, tmp_path, scheduling):
     prefix = f"t-{uuid.uuid4().hex[:6]}"
     with server(s3, prefix, tmp_path / "a.log", "--slot", "0", "--async-scheduling", scheduling) as (proc_a, url_a):
         clients, threads = start_clients(url_a)
+        ahead = metric(url_a, "slam:engine_steps_ahead_total")
         proc_a.send_signal(signal.SIGKILL)
         proc_a.wait()
     for t in threads:
         t.join(timeout=30)
     assert all(c.last_id >= CUT_AT - 1 and c.last_id < MAX_TOKENS - 1 for c in clients)
+    assert (ahead > 0) == (scheduling == "on")  # "auto" keeps a CPU's steps in order
     with server(s3, prefix, tmp_path / "b.log", "--slot", "0", "--slot-epoch", "1", "--restore-slot", "0") as (_, url_b):
         _resume_all(clients, [url_b] * len(clients))
         check(clients, reference, url_b)

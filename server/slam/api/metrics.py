@@ -73,6 +73,8 @@ class Metrics:
         self.rejected = Counter("slam:request_rejected", "Requests refused because the queue was full", registry=r)
         self.failed = Counter("slam:request_failure", "Requests that failed inside the engine", registry=r)
         self.steps = Counter("slam:engine_steps", "Engine steps run", registry=r)
+        self.steps_ahead = Counter("slam:engine_steps_ahead", "Decode steps launched before the previous step was "
+                                   "postprocessed (async scheduling)", registry=r)
         r.register(GPUCollector())
 
     def render(self) -> bytes:

@@ -39,10 +39,12 @@ class StepRouting:
 
     def _step(self, step: Callable[[], list] | None = None) -> None:
         """Run `step` (default: an engine step) and route its outputs."""
-        replaced_before = self.engine.stats.replacements
+        stats = self.engine.stats
+        replaced_before, ahead_before = stats.replacements, stats.steps_ahead
         outputs = (step or self.engine.step)()
         self.metrics.steps.inc()
-        self.metrics.replacements.inc(self.engine.stats.replacements - replaced_before)
+        self.metrics.steps_ahead.inc(stats.steps_ahead - ahead_before)
+        self.metrics.replacements.inc(stats.replacements - replaced_before)
         now = time.monotonic()
         generated = 0
         with self._lock:

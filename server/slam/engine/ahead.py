@@ -72,6 +72,7 @@ class StepsAhead:
             outputs = self.settle()
             return outputs + self.fail([(seq, None) for seq in decoding], f"engine error: {type(exc).__name__}: {exc}")
         self.stats.steps += 1
+        self.stats.steps_ahead += 1
         outputs = self.settle()
         self.in_flight = launched
         return outputs

@@ -28,6 +28,7 @@ class EngineStats:
     generation_tokens: int = 0
     replacements: int = 0
     steps: int = 0
+    steps_ahead: int = 0  # decode steps launched before the previous one was postprocessed (async scheduling)
 
 
 def detokenize(tokenizer, seq: Sequence) -> str:
