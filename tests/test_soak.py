@@ -2,7 +2,7 @@
 non-streaming requests, random disconnects, malformed, oversized and unknown-field bodies, and random
 `slam` overrides. Afterwards: no 5xx, nothing left running, every completed request's text equal to its
 greedy reference, resident memory within 10% of where it started (after one request of each kind).
-SLAM_SOAK_S shortens it for local runs; CI runs the full 3 minutes.
+SLAM_SOAK_S shortens it for local runs; CI runs the full 3 minutes, and 1 more minute with async scheduling on.
 """
 
 from __future__ import annotations
@@ -142,11 +142,15 @@ def references(smol, completed) -> dict:
     return refs
 
 
+# "on": decode steps launch before the previous one is postprocessed (on the CPU too), while requests join, leave,
+# drop their streams and fail validation around them; a shorter soak, as the in-order one covers the rest.
 @pytest.mark.slow
 @pytest.mark.timeout(SOAK_S + 300)
-def test_soak(smol, tmp_path):
+@pytest.mark.parametrize("scheduling", ["auto", "on"])
+def test_soak(smol, tmp_path, scheduling):
+    seconds = SOAK_S if scheduling == "auto" else min(SOAK_S, 60)
     t_start = time.monotonic()
-    with running_server(*ARGS, log=tmp_path / "serve.log") as url:
+    with running_server(*ARGS, "--async-scheduling", scheduling, log=tmp_path / "serve.log") as url:
         pid = _server_pid(url)
         soak = Soak(url, seed=9)
         asyncio.run(warm_up(soak))  # one request of each kind: memory that stays is not a leak
@@ -154,7 +158,7 @@ def test_soak(smol, tmp_path):
         t0 = time.monotonic()
 
         async def run() -> None:
-            await asyncio.gather(*(soak.client(t0 + SOAK_S) for _ in range(CLIENTS)))
+            await asyncio.gather(*(soak.client(t0 + seconds) for _ in range(CLIENTS)))
 
         asyncio.run(run())
         deadline = time.monotonic() + GRACE_S + 10  # dropped streams run out their resume grace
@@ -162,10 +166,12 @@ def test_soak(smol, tmp_path):
             assert time.monotonic() < deadline, "requests still running after the soak"
             time.sleep(0.2)
         rss_end = rss_kib(pid)
+        ahead = metric(url, "slam:engine_steps_ahead_total")
+    assert (ahead > 0) == (scheduling == "on"), ahead
     counts = soak.counts
     t_refs = time.monotonic()
     print("soak counts", json.dumps(dict(sorted(counts.items()))), "rss_kib", rss_start, rss_end,
-          "completed", len(soak.completed))
+          "completed", len(soak.completed), "steps ahead", ahead)
     assert not [k for k in counts if k.split()[-1].startswith("5")], counts
     assert len(soak.completed) > CLIENTS
     refs = references(smol, soak.completed)
@@ -177,7 +183,7 @@ def test_soak(smol, tmp_path):
     out = os.environ.get("SLAM_SOAK_REPORT")
     if out:
         Path(out).write_text(json.dumps({"counts": dict(counts), "completed": len(soak.completed),
-                                         "rss_start_kib": rss_start, "rss_end_kib": rss_end, "seconds": SOAK_S}))
+                                         "rss_start_kib": rss_start, "rss_end_kib": rss_end, "seconds": seconds}))
 
 
 async def warm_up(soak: Soak) -> None:
