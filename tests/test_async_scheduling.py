@@ -47,6 +47,10 @@ def run(eng: LLMEngine, prompts, params, join_at: int | None = None, abort_at: i
     return seqs, emitted
 
 
+def in_order(*_):
+    raise AssertionError("a step ran in order")
+
+
 @pytest.fixture(scope="module")
 def prompts(smol):
     return [smol.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
@@ -60,6 +64,7 @@ def test_same_tokens_as_in_order(smol, prompts, cache):
     ref, _ = run(engine(smol, "off", cache, **kw), prompts, params)
     eng = engine(smol, "on", cache, **kw)
     assert eng.async_scheduling
+    eng.postprocess = in_order  # prefill chunks and decode steps alike run ahead
     seqs, emitted = run(eng, prompts, params)
     assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
     assert [s.output_text for s in seqs] == [s.output_text for s in ref]
@@ -73,29 +78,33 @@ def test_same_tokens_as_in_order(smol, prompts, cache):
 def test_steps_run_ahead_and_return_the_previous_outputs(smol, prompts):
     eng = engine(smol, "on")
     seq = eng.add_request(prompts[0], SamplingParams(max_tokens=6, ignore_eos=True))
-    while not seq.output_ids:  # prefill chunks run in order, the last one samples the first token
-        outs = eng.step()
-    assert [o.token_id for o in outs] == seq.output_ids and eng.in_flight is None
-    assert eng.step() == [] and seq.in_flight == 1 and len(seq.output_ids) == 1  # the first step ahead
-    out = eng.step()  # launches the third token's step, then hands out the second token
-    assert [o.token_id for o in out] == seq.output_ids[1:] and seq.in_flight == 1
-    while eng.has_work():
-        eng.step()
+    assert len(seq.prompt_ids) > 32  # two prefill chunks of at most 32 tokens
+    assert eng.step() == [] and eng.in_flight is None and seq.num_cached == 32  # no row samples yet
+    assert eng.step() == [] and seq.in_flight == 1 and not seq.output_ids  # the prompt's end samples, ahead
+    for n in range(1, 6):  # each call launches token n + 1's step, then hands out token n
+        out = eng.step()
+        assert [o.token_id for o in out] == seq.output_ids[-1:] and len(seq.output_ids) == n
+        assert seq.in_flight == 1
+    last = eng.step()  # token 6 ends the request by length: nothing more launches, its token comes out
+    assert [o.token_id for o in last] == seq.output_ids[-1:] and last[0].finished and not eng.has_work()
     ref = engine(smol, "off").generate([prompts[0]], SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert seq.output_ids == ref.output_ids and seq.finish_reason == "length"
+    assert eng.stats.steps_ahead == 6
 
 
 def test_early_stop_join_and_abort_while_in_flight(smol, prompts):
     """A stop token ends a request while its next step is in flight (that token is dropped); a request joins
-    mid-run (its prefill waits for the step in flight); another is aborted with a step in flight."""
+    mid-run (its prefill runs ahead like a decode step); another is aborted with a step in flight."""
     probe = engine(smol, "off").generate([prompts[1]], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     stop = probe.output_ids[6]  # greedy request 1 stops at its 7th token, or earlier where that token appears
     params = [sampling(i) for i in range(len(prompts))]
     params[1] = SamplingParams(max_tokens=30, stop_token_ids=[stop])
     ref = {}
     for mode in ("off", "on"):
-        seqs, emitted = run(engine(smol, mode), prompts, params, join_at=5, abort_at=9)
-        ref[mode] = seqs, emitted
+        eng = engine(smol, mode)
+        if mode == "on":
+            eng.postprocess = in_order  # the joiner's prefill runs ahead too
+        ref[mode] = run(eng, prompts, params, join_at=5, abort_at=9)
     (off, _), (on, emitted) = ref["off"], ref["on"]
     assert on[1].finish_reason == "stop" and on[1].output_ids == off[1].output_ids
     assert on[1].output_ids[-1] == stop and len(on[1].output_ids) <= 7

@@ -1,8 +1,9 @@
 """Async scheduling: a decode step launched before the previous one is postprocessed, so that the host's work
 (the next plan, detokenizing, stop checks, routing) overlaps the device's.
 
-A step runs ahead only over decode steps of running requests that need none of their tokens on the host to
-sample. Its input tokens are read on the device, where the step in flight sampled them (the plan's `prev`).
+A step runs ahead unless one of its requests needs its tokens on the host to sample (penalties, the min_tokens
+mask, logprobs, teacher forcing); prefill chunks run ahead too, as prompts are on the host. A decode step's
+input tokens are read on the device, where the step in flight sampled them (the plan's `prev`).
 A request that the token in flight ends by length, or that must be at rest after it (the engine's barrier:
 a checkpoint is due), sits out the step launched meanwhile. A request that stops on a token while its next
 step is in flight has that step's token dropped.
@@ -47,14 +48,6 @@ class StepsAhead:
     stats: EngineStats
     barrier: Callable[[Sequence], bool] | None
 
-    def runs_ahead(self) -> bool:
-        """Whether the next step may launch while one is in flight: a decode step of the running requests
-        only (no admission, no prefill), none of which needs its tokens on the host to sample."""
-        s = self.scheduler
-        if s.waiting and len(s.running) < s.max_batch:
-            return False
-        return all(seq.prefilled and not seq.needs_host for seq in s.running)
-
     def sits_out(self, seq: Sequence) -> bool:
         """A request whose token in flight ends it by length, or after which it must be at rest (barrier),
         skips the step launched now; its slot stays as that token left it."""
@@ -63,26 +56,30 @@ class StepsAhead:
         ends = len(seq.output_ids) + seq.in_flight >= seq.sampling.max_tokens
         return ends or bool(self.barrier and self.barrier(seq))
 
-    def step_ahead(self, decoding: list[Sequence]) -> list[StepOutput]:
-        """Launch a decode step of `decoding`, then postprocess the step in flight while the device runs it."""
+    def step_ahead(self, batch: list[tuple[Sequence, list[int]]]) -> list[StepOutput]:
+        """Launch a step of `batch` (prefill chunks and a decode step), then postprocess the step in flight while
+        the device runs it."""
         try:
-            launched = self.launch(decoding)
+            launched = self.launch(batch)
         except Exception as exc:
             log.exception("engine step failed")
             outputs = self.settle()
-            return outputs + self.fail([(seq, None) for seq in decoding], f"engine error: {type(exc).__name__}: {exc}")
+            return outputs + self.fail(batch, f"engine error: {type(exc).__name__}: {exc}")
         self.stats.steps += 1
-        self.stats.steps_ahead += 1
+        self.stats.steps_ahead += launched is not None
         outputs = self.settle()
         self.in_flight = launched
         return outputs
 
-    def launch(self, decoding: list[Sequence]) -> InFlight:
-        decoding.sort(key=lambda s: s.slot)
-        logits = self.decode(decoding)
-        tokens = sample(logits, sampling_batch(decoding, logits.device))
-        self.runner.sampled[: len(decoding)].copy_(tokens)
-        for i, seq in enumerate(decoding):
+    def launch(self, batch: list[tuple[Sequence, list[int]]]) -> InFlight | None:
+        """Run `batch` and sample without waiting; None when no row samples (prefill chunks that do not end a
+        prompt)."""
+        rows, logits = self.runner_step(batch)
+        if not rows:
+            return None
+        tokens = sample(logits, sampling_batch(rows, logits.device))
+        self.runner.sampled[: len(rows)].copy_(tokens)
+        for i, seq in enumerate(rows):
             seq.in_flight += 1
             seq.prev_row = i
         results, done = self.step_results(tokens, logits), None
@@ -90,7 +87,7 @@ class StepsAhead:
             results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return InFlight(decoding, results, done, [seq.cache_tokens() for seq in decoding])
+        return InFlight(rows, results, done, [seq.cache_tokens() for seq in rows])
 
     def settle(self) -> list[StepOutput]:
         """Postprocess the step in flight, if any (waits for its sampled ids)."""

@@ -164,15 +164,18 @@ class LLMEngine(StepsAhead):
             for seq in self.scheduler.reap_aborted():
                 self.release_slot(seq)
             ahead = self.in_flight is not None
-            batch = self.scheduler.schedule() if not ahead or self.runs_ahead() else []
+            batch = self.scheduler.schedule()
             if ahead:
                 batch = [(seq, chunk) for seq, chunk in batch if not self.sits_out(seq)]
-        if ahead and not batch:
+        runs_ahead = self.async_scheduling and not any(seq.needs_host for seq, _ in batch)
+        if ahead and not (batch and runs_ahead):
+            # The batch waits for the step in flight: the next call schedules it again from the settled state
+            # (scheduling only admits requests and reads where each stands).
             return self.settle()
         if not batch:
             return []
-        if self.async_scheduling and all(seq.prefilled and not seq.needs_host for seq, _ in batch):
-            return self.step_ahead([seq for seq, _ in batch])
+        if runs_ahead:
+            return self.step_ahead(batch)
         try:
             rows, logits = self.runner_step(batch)
         except Exception as exc:  # A failing step fails its own requests, never the engine.
