@@ -21,6 +21,7 @@ from slam.engine.engine import LLMEngine
 from slam.engine.plan import decode_plan, sampling_batch
 from slam.engine.sampler import sample
 from slam.engine.sequence import SamplingParams
+from e2e import async_check
 from tests.fused_check import check_all
 
 
@@ -128,6 +129,11 @@ def main() -> int:
         print(f"slam: compiled and fused kernels give {'the same' if same else 'different'} tokens as eager kernels"
               + ("" if same else f" (first difference per request: "
                  f"{first_difference(outputs['slam'], outputs['slam eager kernels'])})"), flush=True)
+    try:
+        failures += not async_check.check(loaded)
+    except Exception as e:
+        failures += 1
+        print(f"async scheduling with prefills FAILED: {type(e).__name__}: {e}", flush=True)
     for dtype in (torch.float32, torch.bfloat16):
         try:
             check_all("cuda", dtype)
