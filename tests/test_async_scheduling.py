@@ -32,13 +32,13 @@ def sampling(i: int, **kw) -> SamplingParams:
 
 def run(eng: LLMEngine, prompts, params, join_at: int | None = None, abort_at: int | None = None):
     """Run to the end; the last prompt joins after `join_at` steps, the first is aborted after `abort_at`.
-    Returns the sequences and every (request, token index, token) the steps emitted."""
+    Returns the sequences and every (request, token index, token, cache tokens) the steps emitted."""
     first = prompts if join_at is None else prompts[:-1]
     seqs = [eng.add_request(p, s) for p, s in zip(first, params)]
     emitted, steps = [], 0
     while eng.has_work():
         for out in eng.step():
-            emitted.append((out.seq.request_id, len(out.seq.output_ids) - 1, out.token_id))
+            emitted.append((out.seq.request_id, len(out.seq.output_ids) - 1, out.token_id, out.cache_tokens))
         steps += 1
         if steps == join_at:
             seqs.append(eng.add_request(prompts[-1], params[len(seqs)]))
@@ -61,7 +61,7 @@ def prompts(smol):
 def test_same_tokens_as_in_order(smol, prompts, cache):
     params = [sampling(i) for i in range(len(prompts))]
     kw = {"max_budget": 1024} if cache.policy == "full" else {}
-    ref, _ = run(engine(smol, "off", cache, **kw), prompts, params)
+    ref, ref_emitted = run(engine(smol, "off", cache, **kw), prompts, params)
     eng = engine(smol, "on", cache, **kw)
     assert eng.async_scheduling
     eng.postprocess = in_order  # prefill chunks and decode steps alike run ahead
@@ -70,9 +70,12 @@ def test_same_tokens_as_in_order(smol, prompts, cache):
     assert [s.output_text for s in seqs] == [s.output_text for s in ref]
     # Every token emitted once, in order, and nothing left in flight.
     for s in seqs:
-        assert [(i, t) for rid, i, t in emitted if rid == s.request_id] == list(enumerate(s.output_ids))
+        assert [(i, t) for rid, i, t, _ in emitted if rid == s.request_id] == list(enumerate(s.output_ids))
         assert s.in_flight == 0
     assert eng.in_flight is None and not eng.runner.pool.replaced.any()
+    # Each token reports the cache after its own step, not after the step in flight behind it.
+    caches = [[c for rid, _, _, c in emitted if rid == s.request_id] for s in seqs]
+    assert caches == [[c for rid, _, _, c in ref_emitted if rid == s.request_id] for s in ref]
 
 
 def test_steps_run_ahead_and_return_the_previous_outputs(smol, prompts):
@@ -111,7 +114,7 @@ def test_early_stop_join_and_abort_while_in_flight(smol, prompts):
     assert [s.output_ids for s in on[2:]] == [s.output_ids for s in off[2:]]  # the joiner too
     # The aborted request emitted a prefix of its in-order tokens and nothing after its abort.
     assert on[0].finish_reason == "abort" and on[0].output_ids == off[0].output_ids[: len(on[0].output_ids)]
-    assert [t for rid, _, t in emitted if rid == on[0].request_id] == on[0].output_ids
+    assert [t for rid, _, t, _ in emitted if rid == on[0].request_id] == on[0].output_ids
 
 
 def test_requests_that_need_their_tokens_keep_steps_in_order(smol, prompts):
@@ -159,7 +162,7 @@ def test_checkpoints_under_async_scheduling_restore_exactly(smol, prompts, s3_en
     snapshots = 0
     while min(len(s.output_ids) for s in seqs) < 17:
         outs = eng.step()
-        snapshots += sum(ckpt.due_next(o.seq, ahead=0) and not o.seq.in_flight for o in outs)
+        snapshots += sum(not o.seq.in_flight and ckpt.due_next(o.seq) for o in outs)
         ckpt.after_step([o.seq for o in outs])
     assert snapshots >= 8 and ckpt.flush(60) and ckpt.failures_total == 0
     while eng.has_work():

@@ -137,16 +137,16 @@ class Checkpointer:
                 continue
             # A request with a token in flight (async scheduling) has a slot ahead of its tokens: it is
             # snapshotted once at rest, which the engine's barrier (due_next) arranges.
-            if not seq.in_flight and self.due_next(seq, ahead=0):
+            if not seq.in_flight and self.due_next(seq):
                 self.checkpoint(seq)
 
-    def due_next(self, seq: Sequence, ahead: int | None = None) -> bool:
-        """Whether `seq` is due for a checkpoint once its tokens in flight (`ahead`, default all) arrive:
-        after its first token, then every `interval_tokens`. The engine's barrier: such a request sits out
-        the next step, so that it is at rest when after_step snapshots it."""
+    def due_next(self, seq: Sequence) -> bool:
+        """Whether `seq` is due for a checkpoint once its tokens in flight arrive (now, when none are): after its
+        first token, then every `interval_tokens`. The engine's barrier: such a request sits out the next step,
+        so that it is at rest when after_step snapshots it."""
         tr = self._trackers.get(seq.request_id)
         last = -1 if tr is None else tr.last_tokens
-        tokens = len(seq.output_ids) + (seq.in_flight if ahead is None else ahead)
+        tokens = len(seq.output_ids) + seq.in_flight
         return last < 0 or tokens - last >= self.config.interval_tokens
 
     def checkpoint_all(self, seqs: Iterable[Sequence], timeout: float) -> bool:

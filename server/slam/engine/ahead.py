@@ -36,7 +36,6 @@ class InFlight:
     rows: list[Sequence]
     host: torch.Tensor  # [2 * rows + 1] int64 (pinned on GPUs): sampled ids, NaN flags, the churn counter
     done: torch.cuda.Event | None  # recorded after the copy to `host` (None on CPUs, where it is done)
-    cache_tokens: list[int]  # each row's active cache after this step
 
 
 class StepsAhead:
@@ -87,7 +86,7 @@ class StepsAhead:
             results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return InFlight(rows, results, done, [seq.cache_tokens() for seq in rows])
+        return InFlight(rows, results, done)
 
     def settle(self) -> list[StepOutput]:
         """Postprocess the step in flight, if any (waits for its sampled ids)."""
@@ -98,4 +97,4 @@ class StepsAhead:
             flight.done.synchronize()
         for seq in flight.rows:
             seq.in_flight -= 1
-        return self.emit(flight.rows, flight.host.tolist(), None, flight.cache_tokens)
+        return self.emit(flight.rows, flight.host.tolist(), None)

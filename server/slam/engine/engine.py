@@ -245,8 +245,7 @@ class LLMEngine(StepsAhead):
         # The step's one transfer to the host.
         return self.emit(rows, self.step_results(tokens, logits).tolist(), logits)
 
-    def emit(self, rows: list[Sequence], host: list[int], logits: torch.Tensor | None,
-             cache_tokens: list[int] | None = None) -> list[StepOutput]:
+    def emit(self, rows: list[Sequence], host: list[int], logits: torch.Tensor | None) -> list[StepOutput]:
         """Each row's token to its request: `host` holds the sampled ids, NaN flags and churn counter
         (step_results); `logits` the raw rows for logprobs (None: no row asked for them)."""
         # Never lower: under async scheduling a leaving request's churn can be counted both ways for a step.
@@ -259,8 +258,7 @@ class LLMEngine(StepsAhead):
             try:  # sampling or detokenizing one request fails that request only
                 if host[n + i]:
                     raise FloatingPointError("the model produced NaN logits")
-                outputs.append(self.next_token(seq, token, None if logits is None else logits[i],
-                                               None if cache_tokens is None else cache_tokens[i]))
+                outputs.append(self.next_token(seq, token, None if logits is None else logits[i]))
             except Exception as exc:
                 log.exception("request %s failed in postprocess", seq.request_id)
                 outputs.extend(self.fail([(seq, None)], f"engine error: {type(exc).__name__}: {exc}"))
@@ -277,11 +275,11 @@ class LLMEngine(StepsAhead):
             logits[i] = process(logits[i], s.sampling, s.prompt_ids, s.output_ids, self.eos_ids)
         return logits
 
-    def next_token(self, seq: Sequence, token: int, raw: torch.Tensor | None,
-                   cache_tokens: int | None = None) -> StepOutput:
+    def next_token(self, seq: Sequence, token: int, raw: torch.Tensor | None) -> StepOutput:
         if seq.forced_ids is not None:  # teacher forcing (perplexity): the text decides, not the sampler
             token = seq.forced_ids[len(seq.output_ids)]
-        cache_tokens = seq.cache_tokens() if cache_tokens is None else cache_tokens
+        # The cache after this token's step: a later step already in flight (async scheduling) does not count.
+        cache_tokens = seq.cache_tokens(seq.num_cached - seq.in_flight)
         cache_bytes = cache_tokens * seq.token_bytes
         params = seq.sampling
         logprob, top = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else (None, None)

@@ -146,9 +146,10 @@ class Sequence:
         end = min([b for b in self.prefill_boundaries if self.num_cached < b < end] + [end])
         return self.ids(self.num_cached, end)
 
-    def cache_tokens(self) -> int:
-        """Tokens per layer and KV head in the active cache."""
-        return self.policy.cache_tokens(self.num_cached) if self.slot is not None else 0
+    def cache_tokens(self, through: int | None = None) -> int:
+        """Tokens per layer and KV head in the active cache once `through` tokens went through the model
+        (default: num_cached, which counts steps still in flight too)."""
+        return self.policy.cache_tokens(self.num_cached if through is None else through) if self.slot is not None else 0
 
     def cache_bytes(self) -> int:
         """Bytes of the active cache (what a budget bounds), without the slam reserve tier."""
