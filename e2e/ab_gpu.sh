@@ -26,6 +26,10 @@ bench() { local tree=${1%%:*} label=$1 out=$2 t=$3; shift 3; local s=$SECONDS  #
   (cd $AB/$tree && PYTHONPATH=/tmp/site:$AB/$tree/server timeout $t python3 -m slam.cli $ARGS "$@" 2>>$OUT/err.log) | sed "s/^{/{\"tree\": \"$label\", /" >> $OUT/$out.jsonl
   echo "$label $* rc ${PIPESTATUS[0]} $((SECONDS - s)) s" | tee -a $OUT/run.log; }
 S="--shape smollm2-135m --batches 32"
+MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+B=16; [ "$MEM" -gt 120000 ] && B=32  # Llama-8B at batch 32 and 32K needs an H200's memory
+micro() { (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 60 python3 e2e/micro_top.py) > $OUT/micro.txt 2>&1; }
+finish() { tail -c 3000 $OUT/err.log > $OUT/err.tail; rm -f $OUT/err.log; exit 0; }
 if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched ahead (async scheduling)
   for mode in off auto; do bench new:$mode smollm 120 $S --contexts 4000,32000 --async-scheduling $mode; done
   bench new:auto smollm 150 $S --contexts 4000,32000 --policies streaming --baseline transformers
@@ -35,27 +39,21 @@ if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched
       --select-every 1 --reserve-dtype auto --policies full,streaming,slam --async-scheduling $mode \
       $([ $mode = auto ] && echo --baseline transformers)
   done
-  MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  B=16; [ "$MEM" -gt 120000 ] && B=32
   for mode in off auto; do bench new:$mode llama 150 --shape llama-8b --batches $B --contexts 32000 --async-scheduling $mode; done
-  tail -c 3000 $OUT/err.log > $OUT/err.tail; rm -f $OUT/err.log
-  exit 0
+  finish
 fi
 bench base smollm 90 $S --contexts 4000,32000
 bench new smollm 150 $S --contexts 4000,32000 --policies streaming,slam --baseline transformers
 if [ "${2:-}" = quick ]; then
   bench new budget256 200 --shape smollm2-135m --batches 1,32 --contexts 4000 --budget 256 --tokens 32 --select-every 1 \
     --reserve-dtype auto --policies full,streaming,slam --baseline transformers
-  (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 60 python3 e2e/micro_top.py) > $OUT/micro.txt 2>&1
-  tail -c 3000 $OUT/err.log > $OUT/err.tail; rm -f $OUT/err.log
-  exit 0
+  micro
+  finish
 fi
 bench new smollm 90 $S --contexts 131072
-(cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 60 python3 e2e/micro_top.py) > $OUT/micro.txt 2>&1
+micro
 (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 90 python3 e2e/profile_step.py --batch 32 --budget 2048 \
   --oversample 2 --every 4 --reserve-dtype int8 --policies slam --context 32000 --rows 45) > $OUT/profile.txt 2>&1
-MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-B=16; [ "$MEM" -gt 120000 ] && B=32  # Llama-8B at batch 32 and 32K needs an H200's memory
 bench new llama 150 --shape llama-8b --batches $B --contexts 32000
 bench base llama 150 --shape llama-8b --batches $B --contexts 32000
-tail -c 3000 $OUT/err.log > $OUT/err.tail; rm -f $OUT/err.log
+finish
