@@ -78,7 +78,8 @@ def test_empty_spec_gets_every_default():
     assert spec["model"] == {"source": "embedded", "dtype": "auto"}
     assert spec["cache"] == {"policy": "slam", "budget": 256, "sink": 4, "recent": 64,
                              "reserveDevice": "auto", "reserveDtype": "auto"}
-    assert spec["server"] == {"port": 8000, "maxBatch": 8, "maxQueue": 64}
+    assert spec["server"] == {"port": 8000, "maxBatch": 8, "maxQueue": 64, "asyncScheduling": "auto",
+                              "enforceEager": False}
     assert spec["resources"] == {"gpus": 0}
     # No checkpoint section: checkpointing off, and the rest of the section still defaulted.
     assert spec["checkpoint"] == {"enabled": False, "prefix": "checkpoints", "secure": False, "intervalTokens": 16,
@@ -106,6 +107,10 @@ def test_gpu_example_asks_for_a_gpu_in_bfloat16_from_a_volume():
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
 
 
+# YAML 1.1 reads an unquoted `on` as true: the schema names the field rather than taking it as a mode.
+BAD_MODES = [({"server": {"asyncScheduling": True}}, "spec.server.asyncScheduling: True is not of type 'string'"),
+             ({"server": {"asyncScheduling": "always"}}, "spec.server.asyncScheduling: 'always' is not one of"),
+             ({"server": {"enforceEager": "yes"}}, "spec.server.enforceEager: 'yes' is not of type 'boolean'")]
 BAD = [
     ({"replicas": -1}, "replicas: -1 is less than the minimum of 0"),
     ({"cache": {"budget": 68}}, "spec.cache: cache.budget must be larger than cache.sink + cache.recent"),
@@ -123,6 +128,7 @@ BAD = [
     ({"resources": {"memory": "lots"}}, "spec.resources.memory: 'lots' does not match"),
     ({"nodeFailureGraceSeconds": -5}, "nodeFailureGraceSeconds: -5 is less than the minimum"),
     ({"tolerations": [{"key": "k", "operator": "Maybe"}]}, "spec.tolerations.0.operator"),
+    *BAD_MODES,
 ]
 
 
@@ -179,7 +185,7 @@ def test_printer_columns_and_scale_paths_exist_in_the_schema():
 
 # The operator repeats the schema's defaults and rules for specs that reach it unvalidated
 # (operator/slam_operator/spec.py); the two must agree on the contract.
-AGREED_BAD = [spec for spec, _ in BAD[:9]]
+AGREED_BAD = [spec for spec, _ in BAD[:9] + BAD_MODES]
 
 
 @pytest.mark.parametrize("spec", [{}, *({"checkpoint": {"enabled": False}},)] + [

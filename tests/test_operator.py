@@ -40,7 +40,8 @@ def settings_from_env(pod: dict, monkeypatch) -> ServerSettings:
 async def test_two_replicas_pods_services_status(k8s, kubelet, monkeypatch):
     port = free_port()
     spec = dict(replicas=2, nodeFailureGraceSeconds=45, cache={"policy": "streaming", "budget": 200},
-                server={"port": 8100, "maxBatch": 4, "apiKeySecretRef": {"name": "keys"}},
+                server={"port": 8100, "maxBatch": 4, "apiKeySecretRef": {"name": "keys"}, "asyncScheduling": "off",
+                        "enforceEager": True},
                 resources={"gpus": 1, "memory": "4Gi"}, checkpoint=CHECKPOINT,
                 tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}])
     async with operator(k8s, liveness=f"http://127.0.0.1:{port}/healthz"):
@@ -78,6 +79,7 @@ async def test_two_replicas_pods_services_status(k8s, kubelet, monkeypatch):
         assert (got.s3_endpoint, got.s3_bucket, got.s3_prefix, got.checkpoint_interval, got.restore_slot) == \
             ("minio.slam.svc:9000", "slam-ckpt", "ck", 8, None)
         assert got.checkpoint_max_age == 600  # checkpoint.maxAgeSeconds reaches the server
+        assert (got.async_scheduling, got.enforce_eager) == ("off", True)
         assert got.advertise_url == f"http://llm-{slot}.llm-pods.{NAMESPACE}.svc.cluster.local:8100"
         assert got.s3_access_key.get_secret_value() == "from-secret"
     services = {s["metadata"]["name"]: s for s in k8s.list(SERVICE, NAMESPACE)}

@@ -43,6 +43,7 @@ def server_settings(spec: SLAMInferenceSpec, name: str, namespace: str, slot: in
         policy=spec.cache.policy, budget=spec.cache.budget, sink=spec.cache.sink, recent=spec.cache.recent,
         reserve_device=spec.cache.reserveDevice, reserve_dtype=spec.cache.reserveDtype,
         max_batch=spec.server.maxBatch, max_queue=spec.server.maxQueue,
+        async_scheduling=spec.server.asyncScheduling, enforce_eager=spec.server.enforceEager,
         slot=slot, slot_epoch=epoch, advertise_url=advertise_url(name, namespace, slot, spec.server.port),
     )
     if spec.model.source != EMBEDDED:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 EMBEDDED = "embedded"  # model.source for the model shipped in the image
 
@@ -76,6 +76,8 @@ class ServerSpec(_Spec):
     port: int = Field(default=8000, ge=1, le=65535)
     maxBatch: int = Field(default=8, ge=1)
     maxQueue: int = Field(default=64, ge=0)
+    asyncScheduling: Literal["auto", "on", "off"] = "auto"
+    enforceEager: StrictBool = False  # as the schema: "yes" is not a boolean
     apiKeySecretRef: ApiKeyRef | None = None
 
 
