@@ -51,6 +51,7 @@ if [ "${2:-}" = quick ]; then
   finish
 fi
 bench new smollm 90 $S --contexts 131072
+bench base smollm 90 $S --contexts 131072
 micro
 (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 90 python3 e2e/profile_step.py --batch 32 --budget 2048 \
   --oversample 2 --every 4 --reserve-dtype int8 --policies slam --context 32000 --rows 45) > $OUT/profile.txt 2>&1
