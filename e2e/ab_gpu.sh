@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B of two code trees on a GPU in one device call, as docs/benchmarks.md's "Fewer kernels per layer" ran it.
 #   here:       e2e/ab_gpu.sh prepare BASE_REF NEW_REF   (git archives both into the git-ignored .ab/)
-#   the device: bash e2e/ab_gpu.sh run [quick|async]     (through the device tool, carry [".whl", ".ab"])
+#   the device: bash e2e/ab_gpu.sh run [quick|async|short]     (through the device tool, carry [".whl", ".ab"])
 # `quick` skips 128K, the profile and Llama-8B, and times issue 7's budget-256 rows of the new tree instead.
+# `short` times both trees at 4K, 32K and 128K and the micro top-k only.
 # `async` times the new tree alone, with --async-scheduling off and auto (rows labelled new:off, new:auto).
 # The run checks the new tree's kernels (e2e/gpu_checks.py), then times both trees in the same call, rows
 # labelled by "tree" (e2e/plot_ab.py draws them), at most eight files under $OUT.
@@ -40,6 +41,11 @@ if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched
       $([ $mode = auto ] && echo --baseline transformers)
   done
   for mode in off auto; do bench new:$mode llama 150 --shape llama-8b --batches $B --contexts 32000 --async-scheduling $mode; done
+  finish
+fi
+if [ "${2:-}" = short ]; then  # little device time left: both trees at three contexts, the micro top-k
+  for tree in base new; do bench $tree smollm 90 $S --contexts 4000,32000,131072; done
+  micro
   finish
 fi
 bench base smollm 90 $S --contexts 4000,32000
