@@ -112,35 +112,6 @@ def compare_limit(device: str, dtype: torch.dtype = torch.float32, seed: int = 0
 
 
 @torch.inference_mode()
-def compare_search(device: str, seed: int = 0) -> None:
-    """The one-program top-k's five-way search against its bisection (fused_top.WAYS 5 and 2): the same picks and
-    scores from flags and from positions, on random rows, rows of few distinct values (ties everywhere), rows of
-    one value, a slot with nothing stored, and limits below kc."""
-    g = torch.Generator().manual_seed(seed)
-    b, heads, group = 3, 2, 3
-    for trial, m in enumerate((300, 1000, 2900)):
-        kc = m // (trial + 2)
-        logits = (torch.randn(b, heads, group, m, generator=g) * 8, torch.randint(-3, 3, (b, heads, group, m),
-                  generator=g).float(), torch.ones(b, heads, group, m))[trial].to(device)
-        stored = torch.rand(b, 1, m, generator=g) < 0.7
-        stored[1] = False
-        rpos = torch.where(torch.rand(b, m + 1, generator=g) < 0.8, 1, -1)
-        n = torch.tensor([m, m // 2, 3])
-        limit = torch.tensor([kc, 1, kc // 3])
-        stored, rpos, n, limit = stored.to(device), rpos.to(device), n.to(device), limit.to(device)
-        saved, got = fused_top.WAYS, []
-        try:
-            for ways in (2, 5):
-                fused_top.WAYS = ways
-                got.append((fused_top.stored_top(logits, stored, kc, 0.125, limit),
-                            fused_top.group_top(logits, rpos, n, kc, 0.125, limit)))
-        finally:
-            fused_top.WAYS = saved
-        for (i2, s2), (i5, s5) in zip(got[0], got[1]):
-            assert torch.equal(i2, i5) and torch.equal(s2, s5), f"five-way search differs from bisection (trial {trial})"
-
-
-@torch.inference_mode()
 def compare_dots(device: str, dtype: torch.dtype = torch.float32, seed: int = 0, chunk: int = 8, c: int = 37,
                  int8: bool = False) -> None:
     """cache/fused_dots.py's in-place stage two against gathering the candidates and dot_float, with

@@ -110,12 +110,13 @@ if triton is not None:
         q = tl.load(q_ptr + (pid * G + g[:, None]) * D + dd[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
         hi = tl.load(hi_ptr + at[:, None] * D + dd[None, :], mask=read[:, None], other=0).to(q.dtype)  # [R, D]
         lo = tl.load(lo_ptr + at[:, None] * D + dd[None, :], mask=read[:, None], other=0).to(q.dtype)
+        pos, neg = tl.maximum(q, 0.0).to(q.dtype), tl.minimum(q, 0.0).to(q.dtype)  # the literal promotes to float32
         if IEEE:
-            dots = tl.dot(hi, tl.trans(tl.maximum(q, 0.0)), input_precision="ieee")  # [R, GP] float32
-            dots = tl.dot(lo, tl.trans(tl.minimum(q, 0.0)), acc=dots, input_precision="ieee")
+            dots = tl.dot(hi, tl.trans(pos), input_precision="ieee")  # [R, GP] float32
+            dots = tl.dot(lo, tl.trans(neg), acc=dots, input_precision="ieee")
         else:
-            dots = tl.dot(hi, tl.trans(tl.maximum(q, 0.0)))
-            dots = tl.dot(lo, tl.trans(tl.minimum(q, 0.0)), acc=dots)
+            dots = tl.dot(hi, tl.trans(pos))
+            dots = tl.dot(lo, tl.trans(neg), acc=dots)
         dots = dots * tl.load(s_ptr + at, mask=read, other=0.0)[:, None]
         out = out_ptr + (pid * G + g[None, :]).to(tl.int64) * c + t[:, None]
         tl.store(out, dots, mask=(t < c)[:, None] & (g[None, :] < G))

@@ -27,7 +27,6 @@ except ImportError:  # CPU installs: selection.exact_top does the same work
 SPAN_LIMIT = 8192  # columns of a row one program holds in registers (longer rows: the block kernels)
 BLOCK = 4096  # columns per program of the long-row kernels
 ROW_WARPS = 8  # warps of a one-program row kernel over 4,096 columns or more (e2e/micro_top.py sweeps it)
-WAYS = 5  # the one-program kernel's search for the K-th best key: 2 (bisection) or 5 (e2e/micro_top.py times both)
 
 
 def applies(pool, kc: int, span: int) -> bool:
@@ -39,7 +38,7 @@ if triton is not None:
     @triton.jit
     def _one_row_kernel(logit_ptr, stored_ptr, n_ptr, limit_ptr, idx_ptr, score_ptr, chunk_ptr, nchunk, heads, m, st_slot,
                  st_head, scale, G: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, FLAGS: tl.constexpr,
-                 CH: tl.constexpr, WAYS: tl.constexpr):
+                 CH: tl.constexpr):
         # Program pid: slot pid // heads, KV head pid % heads; its logits are rows [pid * G, (pid + 1) * G) of m.
         # Which columns hold a token: stored flags (FLAGS), else a reserve's positions (stored_ptr: rpos, -1
         # empty) below the slot's n. It takes the slot's best K = limit picks and writes them first, in column
@@ -68,14 +67,11 @@ if triton is not None:
         key = tl.where(i < m, key, -(1 << 31))
         lo = tl.full([], -(1 << 31), tl.int64)
         hi = tl.full([], (1 << 31) - 1, tl.int64)
-        if WAYS == 2:
-            for _ in range(32):
-                mid = (lo + hi + 1) // 2
-                ok = tl.sum((key >= mid).to(tl.int32), 0) >= K
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
-        else:
-            lo, hi = _five_way(key, K, lo, hi)
+        for _ in range(32):
+            mid = (lo + hi + 1) // 2
+            ok = tl.sum((key >= mid).to(tl.int32), 0) >= K
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
         above = key > lo
         tied = key == lo
         # All keys above the threshold, then tied ones in column order until K are taken.
@@ -86,31 +82,6 @@ if triton is not None:
         empty = (i >= K) & (i < KC)
         tl.store(idx_ptr + pid * KC + i, tl.zeros([BLOCK], tl.int64), mask=empty)
         tl.store(score_ptr + pid * KC + i, tl.full([BLOCK], float("-inf"), tl.float32), mask=empty)
-
-    @triton.jit
-    def _five_way(key, K, lo, hi):
-        # The bisection's search cut in five per round: one reduction counts the keys at or above four
-        # thresholds at once, each count in 15 bits of one int64 (a row holds at most SPAN_LIMIT < 2^15
-        # keys). 14 rounds narrow 2^32 keys to one, against 32 rounds of one count, and the rounds' reductions
-        # (each a barrier across the program's warps) are what the search waits on.
-        for _ in range(14):
-            span = hi - lo + 1
-            t1 = lo + (span + 4) // 5
-            t2 = lo + (2 * span + 4) // 5
-            t3 = lo + (3 * span + 4) // 5
-            t4 = lo + (4 * span + 4) // 5
-            packed = ((key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 15) + ((key >= t3).to(tl.int64) << 30)
-                      + ((key >= t4).to(tl.int64) << 45))
-            total = tl.sum(packed, 0)
-            ok1 = (total & 0x7FFF) >= K
-            ok2 = ((total >> 15) & 0x7FFF) >= K
-            ok3 = ((total >> 30) & 0x7FFF) >= K
-            ok4 = ((total >> 45) & 0x7FFF) >= K
-            # Counts fall as thresholds rise, so the thresholds that keep K keys are a prefix of t1..t4.
-            new_lo = tl.where(ok4, t4, tl.where(ok3, t3, tl.where(ok2, t2, tl.where(ok1, t1, lo))))
-            hi = tl.where(ok4, hi, tl.where(ok3, t4 - 1, tl.where(ok2, t3 - 1, tl.where(ok1, t2 - 1, t1 - 1))))
-            lo = new_lo
-        return lo, hi
 
     @triton.jit
     def _index(i, take, pid, chunk_ptr, nchunk, CH: tl.constexpr):
@@ -246,7 +217,7 @@ def _one_row(logits: torch.Tensor, stored: torch.Tensor, n: torch.Tensor | None,
     ch = (chunks.contiguous(), chunks.shape[2]) if chunks is not None else (logits, 0)  # unread without chunks
     _one_row_kernel[(b * heads,)](logits.contiguous(), stored, stored if n is None else n, limit, idx, score, *ch,
                                   heads, m, *strides, scale, G=group, KC=kc, BLOCK=block, FLAGS=n is None,
-                                  CH=chunk if chunks is not None else 0, WAYS=WAYS,
+                                  CH=chunk if chunks is not None else 0,
                                   num_warps=ROW_WARPS if block >= 4096 else 4)
     return idx, score
 
