@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B of two code trees on a GPU in one device call, as docs/benchmarks.md's "Fewer kernels per layer" ran it.
 #   here:       e2e/ab_gpu.sh prepare BASE_REF NEW_REF   (git archives both into the git-ignored .ab/)
-#   the device: bash e2e/ab_gpu.sh run [quick|async]     (through the device tool, carry [".whl", ".ab"])
+#   the device: bash e2e/ab_gpu.sh run [quick|async|short]     (through the device tool, carry [".whl", ".ab"])
 # `quick` skips 128K, the profile and Llama-8B, and times issue 7's budget-256 rows of the new tree instead.
+# `short` checks the kernels alone (tests/fused_check.py) and times both trees at 4K, 32K and 128K.
 # `async` times the new tree alone, with --async-scheduling off and auto (rows labelled new:off, new:auto).
 # The run checks the new tree's kernels (e2e/gpu_checks.py), then times both trees in the same call, rows
 # labelled by "tree" (e2e/plot_ab.py draws them), at most eight files under $OUT.
@@ -19,7 +20,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/run.log
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/run.log
-(cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 240 python3 e2e/gpu_checks.py) > $OUT/checks.log 2>&1
+if [ "${2:-}" = short ]; then  # the Triton kernels against their eager code only, in bfloat16 and float32
+  (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 120 python3 -c "import torch
+from tests.fused_check import check_all
+check_all('cuda', torch.bfloat16); check_all('cuda'); print('every kernel equals its eager code')") > $OUT/checks.log 2>&1
+else
+  (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 240 python3 e2e/gpu_checks.py) > $OUT/checks.log 2>&1
+fi
 echo "gpu_checks rc $?" | tee -a $OUT/checks.log $OUT/run.log
 ARGS="bench decode --device cuda --dtype bfloat16 --budget 2048 --tokens 16 --select-every 4 --reserve-dtype int8 --json --policies slam"
 bench() { local tree=${1%%:*} label=$1 out=$2 t=$3; shift 3; local s=$SECONDS  # label: tree or tree:variant
@@ -42,6 +49,10 @@ if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched
   for mode in off auto; do bench new:$mode llama 150 --shape llama-8b --batches $B --contexts 32000 --async-scheduling $mode; done
   finish
 fi
+if [ "${2:-}" = short ]; then  # little device time left: both trees at three contexts, the micro top-k
+  for tree in base new; do bench $tree smollm 90 $S --contexts 4000,32000,131072; done
+  finish
+fi
 bench base smollm 90 $S --contexts 4000,32000
 bench new smollm 150 $S --contexts 4000,32000 --policies streaming,slam --baseline transformers
 if [ "${2:-}" = quick ]; then
@@ -51,6 +62,7 @@ if [ "${2:-}" = quick ]; then
   finish
 fi
 bench new smollm 90 $S --contexts 131072
+bench base smollm 90 $S --contexts 131072
 micro
 (cd $AB/new && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 90 python3 e2e/profile_step.py --batch 32 --budget 2048 \
   --oversample 2 --every 4 --reserve-dtype int8 --policies slam --context 32000 --rows 45) > $OUT/profile.txt 2>&1

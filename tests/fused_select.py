@@ -9,7 +9,7 @@ import torch
 
 from slam.cache import fused_dots, fused_top
 from slam.cache.selection import (bound_scores, candidate_stored, candidates, chunk_top_in_place, dequantize_bounds,
-                                  dot_float, exact_top, group_scores, select_reserve, with_latest)
+                                  dot_float, exact_top, group_scores, select_reserve, upper_bound, with_latest)
 from slam.engine import decode_attention
 from slam.engine.attention import attend
 from slam.engine.pool import SlotPool
@@ -182,6 +182,11 @@ def compare_chunk_top(device: str, dtype: torch.dtype = torch.float32, seed: int
         clear = {c for c in range(chunks) if s[c] > float("-inf") and abs(s[c] - k) > 1e-3}  # apart from the cut
         assert {c for c in row if c in clear} == {c for c in want_row if c in clear}, "different chunks"
     assert set(got[2, 0].tolist()) >= set(range(12)), "a filled chunk left out"
+    # The bounds themselves, in one pass over both halves: chunks past a slot's tokens are not read (0).
+    upper = fused_dots.bound_dots(q, smin, smax, sscale, chunks, chunk, n)
+    want = upper_bound(q.float(), lo, hi).masked_fill(~filled.unsqueeze(2), 0.0)
+    assert torch.allclose(upper, want, rtol=1e-4, atol=1e-4), (upper - want).abs().max()
+    assert bool((upper[2, :, :, 12:] == 0).all()) and bool((upper[2, :, :, :12] != 0).all())
 
 
 @torch.inference_mode()

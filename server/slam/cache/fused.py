@@ -106,7 +106,7 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     in any order (best first, or the top-k kernels' `limit`)."""
     b, heads, kc = idx.shape
     rows = b * heads
-    take = torch.where(mine, plan.middle, 0)  # [b] middle columns per slot (0: not a slam slot)
+    take = plan.once("slam take", lambda: torch.where(mine, plan.middle, 0))  # [b] middle columns (0: not slam)
     open_at = torch.empty(rows, kc, dtype=torch.int32, device=idx.device)
     dest = torch.empty(rows, kc, dtype=torch.int32, device=idx.device)
     idx, score = idx.contiguous(), score.contiguous()

@@ -94,6 +94,50 @@ if triton is not None:
         tl.store(fresh_ptr + pid * width + first + i, ((i <= last) & ~chosen).to(tl.int8), mask=i < latest)
 
 
+    @triton.jit
+    def _bound_dots(q_ptr, lo_ptr, hi_ptr, s_ptr, out_ptr, rows, c, n_ptr, heads, chunk, G: tl.constexpr,
+                    GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr):
+        # Program (row, blk): chunks [blk * R, (blk + 1) * R) of row = slot * kv_heads + head, whose int8
+        # bounds start at row * rows. A chunk's upper bound of q.k: q's positive part against its maxima plus
+        # its negative part against its minima, in one float32 accumulator, then the chunk's scale. Chunks
+        # holding no token (from the slot's n) are not read; their bounds are 0.
+        pid = tl.program_id(0)
+        t = tl.program_id(1) * R + tl.arange(0, R)
+        read = (t < c) & (t * chunk < tl.load(n_ptr + pid // heads))
+        at = pid.to(tl.int64) * rows + t
+        dd = tl.arange(0, D)
+        g = tl.arange(0, GP)
+        q = tl.load(q_ptr + (pid * G + g[:, None]) * D + dd[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+        hi = tl.load(hi_ptr + at[:, None] * D + dd[None, :], mask=read[:, None], other=0).to(q.dtype)  # [R, D]
+        lo = tl.load(lo_ptr + at[:, None] * D + dd[None, :], mask=read[:, None], other=0).to(q.dtype)
+        pos, neg = tl.maximum(q, 0.0).to(q.dtype), tl.minimum(q, 0.0).to(q.dtype)  # the literal promotes to float32
+        if IEEE:
+            dots = tl.dot(hi, tl.trans(pos), input_precision="ieee")  # [R, GP] float32
+            dots = tl.dot(lo, tl.trans(neg), acc=dots, input_precision="ieee")
+        else:
+            dots = tl.dot(hi, tl.trans(pos))
+            dots = tl.dot(lo, tl.trans(neg), acc=dots)
+        dots = dots * tl.load(s_ptr + at, mask=read, other=0.0)[:, None]
+        out = out_ptr + (pid * G + g[None, :]).to(tl.int64) * c + t[:, None]
+        tl.store(out, dots, mask=(t < c)[:, None] & (g[None, :] < G))
+
+
+def bound_dots(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: torch.Tensor, chunks: int,
+               chunk: int, n: torch.Tensor) -> torch.Tensor:
+    """Stage one's upper bounds of q.k over chunks [0, chunks) of slots [0, b), read where the int8 bounds lie
+    (smin, smax [slots, kv_heads, >= chunks, head_dim], sscale [slots, kv_heads, >= chunks] float32): the
+    float32 sum of q's positive part against smax and its negative part against smin, times the chunk's
+    scale, in one pass (selection.upper_bound of the dequantized bounds) -> [b, kv_heads, group, chunks]
+    float32. n [b]: tokens stored; chunks past them read as 0."""
+    b, heads, group, d = q.shape
+    out = torch.empty(b, heads, group, chunks, dtype=torch.float32, device=q.device)
+    r = 64
+    _bound_dots[(b * heads, triton.cdiv(chunks, r))](
+        q.contiguous(), smin, smax, sscale, out, smin.shape[2], chunks, n, heads, chunk, G=group,
+        GP=max(16, triton.next_power_of_2(group)), D=d, R=r, IEEE=q.dtype == torch.float32)
+    return out
+
+
 def chunk_dots_stored(q: torch.Tensor, keys: torch.Tensor, chunks: torch.Tensor, chunk: int,
                       scales: torch.Tensor | None, rpos: torch.Tensor, n: torch.Tensor,
                       fresh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

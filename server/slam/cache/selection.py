@@ -148,14 +148,12 @@ def chunk_top_in_place(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, 
                        chunks: int, first: int, chunk: int, scale: float) -> torch.Tensor:
     """chunk_top on GPUs: the int8 bounds of chunks [0, chunks) read where they lie in the layer's whole buffers
     (smin, smax [slots, kv_heads, >= chunks, head_dim], sscale [slots, kv_heads, >= chunks]; q's positive part
-    against smax, its negative part against smin, each chunk's scale after the products) and ranked by the
+    against smax plus its negative part against smin, then each chunk's scale, in one kernel) and ranked by the
     long-row top-k (cache/fused_top.py), instead of dequantizing every bound at every refresh: at 128K that
     copy alone took 420 us per refreshing layer (H100, batch 32). -> chunk indices [b, kv_heads, first],
     in column order."""
     b = q.shape[0]
-    filled = (n + chunk - 1) // chunk  # [b] chunks holding a token: the others' bounds are not read
-    upper = (fused_dots.reserve_dots(q.clamp_min(0), smax, sscale, chunks, filled)
-             + fused_dots.reserve_dots(q.clamp_max(0), smin, sscale, chunks, filled))  # [b, kv_heads, group, chunks]
+    upper = fused_dots.bound_dots(q, smin, smax, sscale, chunks, chunk, n)  # [b, kv_heads, group, chunks]
     # A slot with fewer filled chunks than `first` gets them all, then distinct unfilled ones (whose tokens stage
     # two finds not stored): stored_top fills a row's empty picks with its first unstored columns.
     every = torch.full((b,), first, device=q.device)

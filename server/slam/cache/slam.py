@@ -139,7 +139,7 @@ class SlamPolicy(CachePolicy):
         width = pool.cand[layer].shape[2]
         bounds = pool.bounds_of(layer, slice(slot, slot + 1), max(-(-evicted // pool.chunk), width))
         qg = q[:, -1:].reshape(1, pool.kv_heads, -1, pool.head_dim)  # [1, kv_heads, group, head_dim]
-        n = torch.tensor([evicted], device=q.device)
+        n = torch.full((1,), evicted, device=q.device)  # a fill, not a copy that would wait for the stream
         pool.cand[layer][slot] = chunk_top(qg, *bounds, n, width, pool.chunk, pool.head_dim**-0.5, best_first=True)[0]
 
     def _index_middle(self, pool, slot: int, n: int) -> None:

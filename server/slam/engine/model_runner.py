@@ -18,7 +18,7 @@ from slam.engine import attention as A
 from slam.engine import decode_attention, int8
 from slam.engine import ring
 from slam.engine.pool import SlotPool, StepPlan
-from slam.engine.prefill import prefill_layer
+from slam.engine.prefill import device_longs, prefill_layer
 from slam.model import LoadedModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -276,7 +276,7 @@ class ModelRunner:
         evicted_after = policy.counts(start + t)[3]
         if policy.uses_reserve and evicted_after:
             self.pool.ensure_reserve(evicted_after)
-        x = self.embed(torch.tensor(ids, device=self.device))  # [t, hidden]
+        x = self.embed(device_longs(ids, self.device))  # [t, hidden]
         positions = torch.arange(start, start + t, device=self.device)
         for li, layer in enumerate(self.layers):
             x = prefill_layer(self, li, layer, x, slot, policy, start, positions)

@@ -18,6 +18,15 @@ if TYPE_CHECKING:
     from slam.engine.model_runner import Layer, ModelRunner
 
 
+def device_longs(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as int64 on `device`. On GPUs they are copied from pinned memory: a copy from pageable memory
+    waits for the stream, so a prefill chunk would wait for the decode step launched ahead of it."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def column(policy: CachePolicy, p: int) -> int:
     return p if p < policy.sink else policy.sink + policy.middle + (p - policy.sink) % policy.ring
 
@@ -75,7 +84,7 @@ def write_chunk(runner: ModelRunner, li: int, slot: int, policy: CachePolicy, st
     if last > first and (policy.uses_reserve or policy.keeps_scores):
         old = [column(policy, p) for p in range(first, min(last, start))]
         new = slice(max(first, start) - start, max(last, start) - start)
-        idx = torch.tensor(old, dtype=torch.long, device=k.device)
+        idx = device_longs(old, k.device)
         pos = torch.arange(first, last, device=k.device)
         ev = Evicted(
             k=torch.cat([pool.k[li][slot][:, idx], k[:, new]], dim=1),
@@ -90,8 +99,8 @@ def write_chunk(runner: ModelRunner, li: int, slot: int, policy: CachePolicy, st
         policy.evict_prefill(pool, li, slot, ev, policy.counts(start)[3])
     keep = [p for p in range(start, end) if p < policy.sink or p >= last]
     if keep:
-        cols = torch.tensor([column(policy, p) for p in keep], dtype=torch.long, device=k.device)
-        src = torch.tensor(keep, dtype=torch.long, device=k.device) - start
+        cols = device_longs([column(policy, p) for p in keep], k.device)
+        src = device_longs([p - start for p in keep], k.device)
         pool.k[li][slot][:, cols] = k[:, src]
         pool.v[li][slot][:, cols] = v[:, src]
         pool.pos[li][slot][:, cols] = src + start
