@@ -49,7 +49,7 @@ if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched
   for mode in off auto; do bench new:$mode llama 150 --shape llama-8b --batches $B --contexts 32000 --async-scheduling $mode; done
   finish
 fi
-if [ "${2:-}" = short ]; then  # little device time left: both trees at three contexts, the micro top-k
+if [ "${2:-}" = short ]; then  # little device time left: both trees at three contexts
   for tree in base new; do bench $tree smollm 90 $S --contexts 4000,32000,131072; done
   finish
 fi

@@ -1,6 +1,6 @@
 """Micro-benchmark of the top-k kernels of cache/fused_top.py at decode shapes (GPUs): one program per row
-(bisection over the key bits), from stored flags and from reserve positions,
-against the long-row block kernels, each replayed from a CUDA graph.
+(bisection over the key bits), from stored flags and from reserve positions, against the long-row block
+kernels, each replayed from a CUDA graph.
 
     python3 e2e/micro_top.py [--batch 32]
 """
@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
     b = args.batch
-    ROW_WARPS = fused_top.ROW_WARPS
+    default_warps = fused_top.ROW_WARPS
     # (what, kv heads, group, row length, picks): stage two at budget 2048 with oversampling 2 (SmolLM2,
     # Llama-8B), exact scoring at 4K, stage one's chunks at 32K.
     shapes = (("stage two, smollm2", 3, 3, 3960, 1980), ("stage two, llama-8b", 8, 4, 3960, 1980),
@@ -38,7 +38,7 @@ def main() -> None:
             row = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
             bisect = timed(lambda: fused_top.group_top(logits, rpos, n, kc, 0.125, limit))
             times.append(f"{warps} warps: from flags {row:.1f}, from positions {bisect:.1f}")
-        fused_top.ROW_WARPS = ROW_WARPS
+        fused_top.ROW_WARPS = default_warps
         saved, fused_top.SPAN_LIMIT = fused_top.SPAN_LIMIT, 0
         blocks = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
         fused_top.SPAN_LIMIT = saved

@@ -10,7 +10,7 @@ import torch
 
 from slam.cache import POLICY_IDS
 from slam.engine.model_runner import BUCKETS, ModelRunner
-from slam.engine.prefill import column
+from slam.engine.prefill import column, to_device
 from slam.engine.sampler import SamplingBatch
 from slam.engine.sequence import Sequence
 
@@ -61,7 +61,5 @@ def sampling_batch(rows: list[Sequence], device: torch.device) -> SamplingBatch 
     # The noise counter is the index of the token drawn: tokens still in flight count (async scheduling).
     ints = torch.tensor([[p.top_k, s.seed, len(s.output_ids) + s.in_flight] for p, s in zip(params, rows)],
                         dtype=torch.long)
-    if device.type == "cuda":  # pinned: the copies below then never block the host
-        floats, ints = floats.pin_memory(), ints.pin_memory()
-    floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
+    floats, ints = to_device(floats, device), to_device(ints, device)
     return SamplingBatch(floats[:, 0], floats[:, 1], ints[:, 0], ints[:, 1], ints[:, 2])

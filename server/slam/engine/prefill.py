@@ -18,13 +18,17 @@ if TYPE_CHECKING:
     from slam.engine.model_runner import Layer, ModelRunner
 
 
-def device_longs(values: list[int], device: torch.device) -> torch.Tensor:
-    """values as int64 on `device`. On GPUs they are copied from pinned memory: a copy from pageable memory
-    waits for the stream, so a prefill chunk would wait for the decode step launched ahead of it."""
-    host = torch.tensor(values, dtype=torch.long)
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. On GPUs it is copied from pinned memory without blocking: a copy from pageable
+    memory waits for the stream, so it would wait for the decode step launched ahead (async scheduling)."""
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def device_longs(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as int64 on `device` (to_device)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 def column(policy: CachePolicy, p: int) -> int:
