@@ -22,9 +22,9 @@ except ImportError:  # CPU installs: selection.select_reserve gathers instead
 
 # Launch settings, module-level so that e2e/micro_kernels.py can sweep them on a GPU.
 CHUNKS = 16  # stage two: chunks per program
-DOTS_WARPS = 4
+DOTS_WARPS = 2
 BOUND_ROWS = 64  # stage one: chunks per program
-BOUND_WARPS = 4
+BOUND_WARPS = 2
 
 
 if triton is not None:

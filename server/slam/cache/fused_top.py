@@ -29,7 +29,7 @@ BLOCK = 4096  # columns per program of the long-row kernels
 ROW_WARPS = 8  # warps of a one-program row kernel over 4,096 columns or more (e2e/micro_top.py sweeps it)
 # ... except rows of groups of four or more queries from stored flags (Llama-8B's stage two), which took 28 us
 # at 4 warps against 38 at 8 in three H100 runs of e2e/micro_top.py (docs/benchmarks.md).
-WIDE_FLAG_WARPS = 4
+WIDE_FLAG_WARPS = 8
 
 
 def row_warps(block: int, group: int, flags: bool) -> int:
