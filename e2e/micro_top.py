@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
     b = args.batch
-    default_warps = fused_top.ROW_WARPS, fused_top.WIDE_FLAG_WARPS
+    default_warps = fused_top.ROW_WARPS
     # (what, kv heads, group, row length, picks): stage two at budget 2048 with oversampling 2 (SmolLM2,
     # Llama-8B), exact scoring at 4K, stage one's chunks at 32K.
     shapes = (("stage two, smollm2", 3, 3, 3960, 1980), ("stage two, llama-8b", 8, 4, 3960, 1980),
@@ -34,11 +34,11 @@ def main() -> None:
         limit = torch.full((b,), kc, device="cuda")
         times = []
         for warps in (4, 8, 16):
-            fused_top.ROW_WARPS = fused_top.WIDE_FLAG_WARPS = warps
+            fused_top.ROW_WARPS = warps
             row = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
             bisect = timed(lambda: fused_top.group_top(logits, rpos, n, kc, 0.125, limit))
             times.append(f"{warps} warps: from flags {row:.1f}, from positions {bisect:.1f}")
-        fused_top.ROW_WARPS, fused_top.WIDE_FLAG_WARPS = default_warps
+        fused_top.ROW_WARPS = default_warps
         saved, fused_top.SPAN_LIMIT = fused_top.SPAN_LIMIT, 0
         blocks = timed(lambda: fused_top.stored_top(logits, stored, kc, 0.125, limit))
         fused_top.SPAN_LIMIT = saved

@@ -27,15 +27,6 @@ except ImportError:  # CPU installs: selection.exact_top does the same work
 SPAN_LIMIT = 8192  # columns of a row one program holds in registers (longer rows: the block kernels)
 BLOCK = 4096  # columns per program of the long-row kernels
 ROW_WARPS = 8  # warps of a one-program row kernel over 4,096 columns or more (e2e/micro_top.py sweeps it)
-# ... except rows of groups of four or more queries from stored flags (Llama-8B's stage two), which took 28 us
-# at 4 warps against 38 at 8 in three H100 runs of e2e/micro_top.py (docs/benchmarks.md).
-WIDE_FLAG_WARPS = 8
-
-
-def row_warps(block: int, group: int, flags: bool) -> int:
-    if block < 4096:
-        return 4
-    return WIDE_FLAG_WARPS if flags and group >= 4 else ROW_WARPS
 
 
 def applies(pool, kc: int, span: int) -> bool:
@@ -235,7 +226,7 @@ def _one_row(logits: torch.Tensor, stored: torch.Tensor, n: torch.Tensor | None,
     _one_row_kernel[(b * heads,)](logits.contiguous(), stored, stored if n is None else n, limit, idx, score, *ch,
                                   heads, m, *strides, scale, G=group, KC=kc, BLOCK=block, FLAGS=n is None,
                                   CH=chunk if chunks is not None else 0,
-                                  num_warps=row_warps(block, group, n is None))
+                                  num_warps=ROW_WARPS if block >= 4096 else 4)
     return idx, score
 
 
