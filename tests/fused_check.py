@@ -14,7 +14,7 @@ import torch
 from slam.cache import fused_top
 from slam.engine import ring
 from tests.fused_select import (compare_attention, compare_chunk_top, compare_dots, compare_int8_selection,
-                                compare_latest, compare_limit, compare_top, compare_two_stage)
+                                compare_latest, compare_limit, compare_ties, compare_top, compare_two_stage)
 from tests.fused_writes import compare, compare_append, compare_ring
 
 
@@ -34,6 +34,7 @@ def check_all(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     compare_limit(device, dtype, seed)  # a long row: the block kernels
     compare_limit(device, dtype, seed, m=3000)  # one program per row
     compare_limit(device, dtype, seed, kc=1980, m=3960)  # budget 2048's middle among its candidates
+    compare_ties(device, seed)  # large groups of equal scores: the bisection's early stop
     compare_latest(device, seed)
     compare_dots(device, dtype, seed)
     compare_dots(device, dtype, seed, int8=True)

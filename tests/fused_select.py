@@ -274,3 +274,40 @@ def compare_attention(device: str, dtype: torch.dtype = torch.float32, seed: int
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol), (got.float() - want.float()).abs().max()
+
+
+@torch.inference_mode()
+def compare_ties(device: str, seed: int = 0, m: int = 3000, kc: int = 700, group: int = 3) -> None:
+    """The one-program kernel's picks where scores tie in large groups (logits of a few levels only) and where
+    fewer than the limit are stored: exactly each row's `limit` best with ties to lower columns, as
+    top_by_index orders them, from stored flags and from reserve positions. The bisection's early stop must
+    give the picks of the full search."""
+    g = torch.Generator().manual_seed(seed)
+    b, heads = 4, 2
+    logits = torch.randint(0, 5, (b, heads, group, m), generator=g).float().to(device)
+    rpos = torch.arange(m + 1).repeat(b, 1)
+    rpos[torch.rand(b, m + 1, generator=g) < 0.3] = -1
+    rpos[3, kc // 3 :] = -1  # slot 3 stores fewer tokens than its limit
+    rpos[:, m] = -1
+    n = torch.tensor([m, m - 11, m // 2, m])
+    limit = torch.tensor([kc, kc // 2, kc, kc - 1])
+    rpos, n, limit = rpos.to(device), n.to(device), limit.to(device)
+    stored = ((torch.arange(m, device=device) < n.view(-1, 1)) & (rpos[:, :m] >= 0)).unsqueeze(1)
+    scores = group_scores_from_logits(logits, stored)
+    for how, (idx, score) in (("positions", fused_top.group_top(logits, rpos, n, kc, 1.0, limit)),
+                              ("flags", fused_top.stored_top(logits, stored, kc, 1.0, limit))):
+        for s in range(b):
+            k = int(limit[s])
+            for h in range(heads):
+                row = scores[s, h]
+                want = sorted(range(m), key=lambda c: (-row[c].item(), c))[:k]
+                want = sorted(c for c in want if row[c] > float("-inf"))
+                got = sorted(c for c, x in zip(idx[s, h, :k].tolist(), score[s, h, :k].tolist()) if x > float("-inf"))
+                assert got == want, f"{how}: slot {s} head {h} picks differ"
+
+
+def group_scores_from_logits(logits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """selection.group_log_probs on the CPU in float64: exact ties stay ties, levels stay apart."""
+    x = logits.double().cpu().masked_fill(~stored.cpu().unsqueeze(2), float("-inf"))
+    best = torch.log_softmax(x, dim=-1).amax(dim=2)
+    return torch.where(stored.cpu(), best, float("-inf"))

@@ -99,3 +99,40 @@ def test_warm_up_visits_every_refresh_phase_however_slow_the_steps():
         calls.clear()
         warm_up(lambda: (calls.append(1), time.sleep(WARMUP_S / 2)), torch.device("cpu"), phases)
         assert len(calls) == max(3, phases + 2)
+
+
+@pytest.mark.parametrize(("dtype", "min_ratio"), [("int8", 8), ("float32", 1)])
+def test_roofline_counts_the_bytes_of_the_buffers_read(dtype, min_ratio):
+    """The roofline's bytes are those of the very tensors a step reads, at the precision they are stored in: the
+    pool's keys and values; the reserve keys scored (int8 copies with bfloat16 scales under int8 weights, every one
+    for exact selection) or stage one's int8 bounds with their scales (every other step here) and stage two's
+    candidates; and the chosen values."""
+    from slam.bench.decode import kv_read_bytes
+    from slam.bench.shapes import SHAPES, random_model, synthetic_request
+    from slam.config import CacheConfig, EngineConfig
+    from slam.engine.engine import LLMEngine
+    from slam.engine.sequence import SamplingParams
+
+    loaded = random_model(dict(SHAPES["smollm2-135m"], num_hidden_layers=2), dtype, "cpu")
+    cache = CacheConfig(policy="slam", budget=128, sink=4, recent=32)
+    engine = LLMEngine(EngineConfig(max_batch=2, cache=cache, dtype=dtype, max_model_len=1400, select_oversample=2,
+                                    select_min_ratio=min_ratio, select_every=2), loaded)
+    context, b, middle = 900, 2, 128 - 36
+    for i in range(b):
+        synthetic_request(engine, context, SamplingParams(max_tokens=4, ignore_eos=True), seed=i)
+    pool = engine.runner.pool
+    assert pool.two_stage == (min_ratio == 1)
+    evicted = context - 36
+
+    def held(tensors, n):  # bytes of reserve indices [0, n) of slots [0, b)
+        return sum(t[:b, :, :n].nbytes for t in tensors)
+
+    keys, scales = (pool.rq, pool.rq_scale) if dtype == "int8" else (pool.rk, [])
+    want = sum(t[:b].nbytes for t in pool.k + pool.v) + held(pool.rv, middle)
+    if pool.two_stage:
+        chunks = -(-evicted // pool.chunk)
+        want += held(pool.smin + pool.smax + pool.sscale, chunks) / 2 + held(keys + scales, pool.oversample * middle)
+    else:
+        want += held(keys + scales, evicted)
+    assert keys[0].dtype == (torch.int8 if dtype == "int8" else torch.float32)
+    assert kv_read_bytes(engine, cache, context, b) == int(want)

@@ -23,6 +23,11 @@ except ImportError:  # CPU installs: the eager path does the same work
     triton = None
 
 
+KEEP_WARPS = 8  # warps of the placement's program per row where its picks fill 1,024 columns or more
+COPY_BLOCK = 64  # picks per copy program
+COPY_WARPS = 4
+
+
 def available(pool) -> bool:
     return triton is not None and pool.device.type == "cuda"
 
@@ -113,8 +118,9 @@ def place(pool, layer: int, plan, idx: torch.Tensor, score: torch.Tensor, mine: 
     block = max(triton.next_power_of_2(kc), 16)
     _keep[(rows,)](idx, score, pool.rpos, pool.pos[layer], pool.ridx[layer], pool.home, open_at, dest, take,
                    plan.sink, pool.replaced, heads, pool.cap + 1, pool.budget + 1, kc, BLOCK=block,
-                   num_warps=8 if block >= 1024 else 4)
+                   num_warps=KEEP_WARPS if block >= 1024 else 4)
     rk, rv = pool.rk[layer], pool.rv[layer]
     scales = (pool.rk_scale[layer], pool.rv_scale[layer]) if pool.reserve_int8 else (rk, rv)  # unread unless int8
-    _copy[(rows, triton.cdiv(kc, 64))](idx, dest, rk, rv, *scales, pool.k[layer], pool.v[layer], pool.cap + 1,
-                                       pool.budget + 1, kc, BLOCK=64, D=pool.head_dim, INT8=pool.reserve_int8)
+    _copy[(rows, triton.cdiv(kc, COPY_BLOCK))](idx, dest, rk, rv, *scales, pool.k[layer], pool.v[layer],
+                                               pool.cap + 1, pool.budget + 1, kc, BLOCK=COPY_BLOCK, D=pool.head_dim,
+                                               INT8=pool.reserve_int8, num_warps=COPY_WARPS)

@@ -20,7 +20,13 @@ try:
 except ImportError:  # CPU installs: selection.select_reserve gathers instead
     triton = None
 
-CHUNKS = 16  # chunks per program
+# Launch settings, module-level so that e2e/micro_kernels.py can sweep them on a GPU. Two warps per program
+# measured fastest for both products on an H100 (stage two at 32K: SmolLM2 15.2 us against 19.0 at four, Llama-8B
+# 35.2 against 41.8; stage one: 24.6 against 28.3 and 57.9 against 60.8; docs/benchmarks.md).
+CHUNKS = 16  # stage two: chunks per program
+DOTS_WARPS = 2
+BOUND_ROWS = 64  # stage one: chunks per program
+BOUND_WARPS = 2
 
 
 if triton is not None:
@@ -131,10 +137,10 @@ def bound_dots(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, sscale: 
     float32. n [b]: tokens stored; chunks past them read as 0."""
     b, heads, group, d = q.shape
     out = torch.empty(b, heads, group, chunks, dtype=torch.float32, device=q.device)
-    r = 64
+    r = BOUND_ROWS
     _bound_dots[(b * heads, triton.cdiv(chunks, r))](
         q.contiguous(), smin, smax, sscale, out, smin.shape[2], chunks, n, heads, chunk, G=group,
-        GP=max(16, triton.next_power_of_2(group)), D=d, R=r, IEEE=q.dtype == torch.float32)
+        GP=max(16, triton.next_power_of_2(group)), D=d, R=r, IEEE=q.dtype == torch.float32, num_warps=BOUND_WARPS)
     return out
 
 
@@ -184,5 +190,5 @@ def _dots(q, keys, scales, chunks, c: int, chunk: int, r: int, n: torch.Tensor, 
         keys.shape[2], c, rpos, n, out if fresh is None else fresh, out if flags is None else flags.view(torch.int8),
         heads, rpos.stride(0) if stored else 0, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
         CHUNK=chunk, R=r, IEEE=q.dtype == torch.float32, SCALED=scaled, ALL=chunks is None,
-        FLAGS=stored is not None, FRESH=fresh is not None)
+        FLAGS=stored is not None, FRESH=fresh is not None, num_warps=DOTS_WARPS)
     return out, flags

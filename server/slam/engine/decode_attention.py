@@ -20,6 +20,7 @@ except ImportError:  # CPU installs: SDPA
     triton = None
 
 COLUMNS = 128  # pool columns per program
+WARPS = 4  # warps per program (e2e/micro_kernels.py sweeps both)
 
 
 def available(device: torch.device) -> bool:
@@ -85,7 +86,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     out = torch.empty(b, heads * group, 1, d, dtype=q.dtype, device=q.device)
     _parts[(rows, nblk)](q.contiguous(), k.contiguous(), v.contiguous(), valid.contiguous().view(torch.uint8), m,
                          total, acc, cols, nblk, scale, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
-                         BC=COLUMNS, IEEE=q.dtype == torch.float32, num_warps=4)
+                         BC=COLUMNS, IEEE=q.dtype == torch.float32, num_warps=WARPS)
     _merge[(rows * group,)](m, total, acc, out, nblk, G=group, D=d, NB=max(triton.next_power_of_2(nblk), 2),
                             num_warps=4)
     return out
