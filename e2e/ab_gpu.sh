@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # A/B of two code trees on a GPU in one device call, as docs/benchmarks.md's "Fewer kernels per layer" ran it.
 #   here:       e2e/ab_gpu.sh prepare BASE_REF NEW_REF   (git archives both into the git-ignored .ab/)
-#   the device: bash e2e/ab_gpu.sh run [quick|async|short]     (through the device tool, carry [".whl", ".ab"])
+#   the device: bash e2e/ab_gpu.sh run [quick|async|short|kernels]   (through the device tool, carry [".whl", ".ab"])
 # `quick` skips 128K, the profile and Llama-8B, and times issue 7's budget-256 rows of the new tree instead.
 # `short` checks the kernels alone (tests/fused_check.py) and times both trees at 4K, 32K and 128K.
 # `async` times the new tree alone, with --async-scheduling off and auto (rows labelled new:off, new:auto).
+# `kernels` sweeps the new tree's launch settings (e2e/micro_kernels.py, SmolLM2 and Llama-8B) and runs
+# e2e/micro_top.py in both trees (the base tree's own e2e/ when it has one), then times both at 32K.
 # The run checks the new tree's kernels (e2e/gpu_checks.py), then times both trees in the same call, rows
 # labelled by "tree" (e2e/plot_ab.py draws them), at most eight files under $OUT.
 set -u
@@ -12,7 +14,7 @@ AB=$PWD/.ab
 if [ "${1:-}" = prepare ]; then
   rm -rf "$AB" && mkdir -p "$AB/base" "$AB/new"
   grep -qx '/.ab/' .git/info/exclude 2>/dev/null || echo '/.ab/' >> .git/info/exclude
-  git archive "$2" server | tar -x -C "$AB/base"
+  git archive "$2" server e2e | tar -x -C "$AB/base"
   git archive "$3" server tests/fused_check.py tests/fused_writes.py tests/fused_select.py e2e | tar -x -C "$AB/new"
   exit 0
 fi
@@ -47,6 +49,18 @@ if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched
       $([ $mode = auto ] && echo --baseline transformers)
   done
   for mode in off auto; do bench new:$mode llama 150 --shape llama-8b --batches $B --contexts 32000 --async-scheduling $mode; done
+  finish
+fi
+if [ "${2:-}" = kernels ]; then  # the kernels alone, then both trees at 32K
+  for shape in "smollm2 --batch 32" "llama-8b --batch $B"; do
+    (cd $AB/new/e2e && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 150 python3 micro_kernels.py --shape $shape \
+      --context 32000) >> $OUT/micro-kernels.txt 2>&1
+  done
+  for tree in base new; do
+    dir=$AB/$tree/e2e; [ -f $dir/micro_top.py ] || dir=$AB/new/e2e
+    (cd $dir && PYTHONPATH=/tmp/site:$AB/$tree/server timeout 60 python3 micro_top.py) > $OUT/micro-top-$tree.txt 2>&1
+  done
+  for tree in base new; do bench $tree smollm 60 $S --contexts 32000; done
   finish
 fi
 if [ "${2:-}" = short ]; then  # little device time left: both trees at three contexts
