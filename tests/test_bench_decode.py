@@ -107,8 +107,7 @@ def test_roofline_counts_the_bytes_of_the_buffers_read(dtype, min_ratio):
     pool's keys and values; the reserve keys scored (int8 copies with bfloat16 scales under int8 weights, every one
     for exact selection) or stage one's int8 bounds with their scales (every other step here) and stage two's
     candidates; and the chosen values."""
-    from slam.bench.decode import kv_read_bytes
-    from slam.bench.shapes import SHAPES, random_model, synthetic_request
+    from slam.bench.shapes import SHAPES, kv_read_bytes, random_model, synthetic_request
     from slam.config import CacheConfig, EngineConfig
     from slam.engine.engine import LLMEngine
     from slam.engine.sequence import SamplingParams

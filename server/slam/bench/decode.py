@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slam.bench.shapes import SHAPES, bandwidth, random_model, synthetic_request, weight_bytes
+from slam.bench.shapes import SHAPES, bandwidth, kv_read_bytes, random_model, synthetic_request, weight_bytes
 from slam.cache import make_policy
 from slam.config import CacheConfig, EngineConfig, min_ratio_for
 from slam.engine.engine import LLMEngine
@@ -85,30 +85,6 @@ def seconds_per_step(step, tokens: int, device: torch.device) -> float:
         step()
     _sync(device)
     return (time.perf_counter() - start) / tokens
-
-
-def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: int) -> int:
-    """Bytes of keys and values one decode step reads: the pool slots, plus what slam's selection reads
-    (every reserve key, or two chunk bounds per chunk and the candidates' keys) and the chosen values, each at
-    the precision it is stored in: an int8 reserve or scoring copy is a byte per element and a scale per row,
-    the bounds int8 with a float32 scale per chunk."""
-    pool = engine.runner.pool
-    rows = pool.layers * pool.kv_heads  # a token's rows: one per layer and KV head
-    read = 2 * rows * pool.head_dim * pool.k[0].element_size() * (pool.budget + 1) * batch
-    if cache.policy == "slam":
-        evicted = max(context - cache.sink - cache.recent, 0)
-        middle = make_policy(cache).middle
-        stored = rows * (pool.head_dim + 4 if pool.reserve_int8 else pool.head_dim * pool.k[0].element_size())
-        # CPUs with int8 weights score int8 copies of the keys (a bfloat16 scale each).
-        scored = rows * (pool.head_dim + 2) if pool.int8_scoring and not pool.reserve_int8 else stored
-        keys = evicted * scored  # exact selection scores every reserve key at every step
-        if pool.two_stage:
-            # Stage one's two bounds per chunk once per `select_every` steps; stage two's candidates every step.
-            bounds = rows * (2 * pool.head_dim + 4)
-            keys = -(-evicted // pool.chunk) * bounds / engine.runner.select_every \
-                + min(evicted, pool.oversample * middle) * scored
-        read += int((keys + min(evicted, middle) * stored) * batch)
-    return read
 
 
 def release_memory(device: torch.device) -> None:

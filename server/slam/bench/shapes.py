@@ -1,16 +1,22 @@
 """Model shapes for speed runs with random weights, and what a speed run needs besides: the measured
-memory bandwidth, the weight bytes a step reads, requests whose caches look prefilled."""
+memory bandwidth, the weight and cache bytes a step reads, requests whose caches look prefilled."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slam.bench.shape_configs import SHAPES  # noqa: F401  (the benches read the shapes from here)
 from slam.engine.prefill import column
+from slam.cache import make_policy
 from slam.model import DTYPES, LoadedModel, pick_device
+
+if TYPE_CHECKING:
+    from slam.config import CacheConfig
+    from slam.engine.engine import LLMEngine
 
 def random_model(shape: dict, dtype: str = "bfloat16", device: str = "auto") -> LoadedModel:
     target = pick_device(device)
@@ -33,6 +39,30 @@ def weight_bytes(model: torch.nn.Module) -> int:
     if embed is not model.get_output_embeddings().weight:
         total -= embed.numel() * embed.element_size()
     return total
+
+
+def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: int) -> int:
+    """Bytes of keys and values one decode step reads: the pool slots, plus what slam's selection reads
+    (every reserve key, or two chunk bounds per chunk and the candidates' keys) and the chosen values, each at
+    the precision it is stored in: an int8 reserve or scoring copy is a byte per element and a scale per row,
+    the bounds int8 with a float32 scale per chunk."""
+    pool = engine.runner.pool
+    rows = pool.layers * pool.kv_heads  # a token's rows: one per layer and KV head
+    read = 2 * rows * pool.head_dim * pool.k[0].element_size() * (pool.budget + 1) * batch
+    if cache.policy == "slam":
+        evicted = max(context - cache.sink - cache.recent, 0)
+        middle = make_policy(cache).middle
+        stored = rows * (pool.head_dim + 4 if pool.reserve_int8 else pool.head_dim * pool.k[0].element_size())
+        # CPUs with int8 weights score int8 copies of the keys (a bfloat16 scale each).
+        scored = rows * (pool.head_dim + 2) if pool.int8_scoring and not pool.reserve_int8 else stored
+        keys = evicted * scored  # exact selection scores every reserve key at every step
+        if pool.two_stage:
+            # Stage one's two bounds per chunk once per `select_every` steps; stage two's candidates every step.
+            bounds = rows * (2 * pool.head_dim + 4)
+            keys = -(-evicted // pool.chunk) * bounds / engine.runner.select_every \
+                + min(evicted, pool.oversample * middle) * scored
+        read += int((keys + min(evicted, middle) * stored) * batch)
+    return read
 
 
 def bandwidth(device: torch.device) -> float:
