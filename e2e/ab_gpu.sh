@@ -52,7 +52,7 @@ if [ "${2:-}" = async ]; then  # one tree, steps in order against steps launched
   finish
 fi
 if [ "${2:-}" = kernels ]; then  # the kernels alone, then both trees at 32K
-  for shape in "smollm2 --batch 32" "llama-8b --batch $B"; do
+  for shape in "smollm2-135m --batch 32" "llama-8b --batch $B"; do
     (cd $AB/new/e2e && PYTHONPATH=/tmp/site:$AB/new/server:$AB/new timeout 150 python3 micro_kernels.py --shape $shape \
       --context 32000) >> $OUT/micro-kernels.txt 2>&1
   done

@@ -3,9 +3,9 @@ shapes, each setting replayed from a CUDA graph: stage two's candidate products 
 one's chunk bounds, the placement's two kernels (cache/fused.py, picks alternating between two sets that share
 about 42% of their tokens, the benches' churn) and decode attention (engine/decode_attention.py).
 
-    python3 e2e/micro_kernels.py [--shape smollm2|llama-8b] [--batch 32] [--context 32000]
+    python3 e2e/micro_kernels.py [--shape smollm2-135m|llama-1b|llama-8b] [--batch 32] [--context 32000]
 
-A small run under Triton's interpreter only checks that it runs (`--batch 2 --context 600 --budget 64`).
+A small run under Triton's interpreter only checks that it runs (`--batch 2 --context 600 --budget 132`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from types import SimpleNamespace
 
 import torch
 
-from slam.cache import fused, fused_dots
+from slam.bench.shape_configs import SHAPES
+from slam.cache import fused, fused_dots, make_policy
+from slam.config import CacheConfig
 from slam.engine import decode_attention
 from slam.engine.pool import SlotPool
 from micro_select import timed  # e2e/ is the script's directory
@@ -25,8 +27,6 @@ if not torch.cuda.is_available():  # Triton's interpreter: run each setting once
     def timed(fn) -> float:
         fn()
         return 0.0
-
-SHAPES = {"smollm2": (3, 3, 64), "llama-8b": (8, 4, 128)}  # kv heads, group, head_dim
 
 
 def sweep(what: str, module, settings: dict[str, tuple], fn) -> None:
@@ -49,16 +49,18 @@ def sweep(what: str, module, settings: dict[str, tuple], fn) -> None:
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--shape", default="smollm2", choices=SHAPES)
+    p.add_argument("--shape", default="smollm2-135m", choices=SHAPES)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=32000)
     p.add_argument("--budget", type=int, default=2048)
     args = p.parse_args()
-    heads, group, d = SHAPES[args.shape]
+    shape = SHAPES[args.shape]  # the shapes `slam bench decode --shape` builds
+    heads, d = shape["num_key_value_heads"], shape["head_dim"]
+    group = shape["num_attention_heads"] // heads
     b, m, chunk = args.batch, args.context, 8
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator(device="cpu").manual_seed(0)
-    middle = args.budget - 68
+    middle = make_policy(CacheConfig(policy="slam", budget=args.budget)).middle  # the bench's sink and recent
     pool = SlotPool(1, b, heads, args.budget, d, torch.bfloat16, dev, reserve_int8=True)
     pool.ensure_reserve(m)
     pool.rk[0].copy_(torch.randint(-127, 128, pool.rk[0].shape, generator=g, dtype=torch.int8))
