@@ -67,7 +67,7 @@ def test_bench_decode_repeat_keeps_each_rows_fastest_pass(tmp_path, monkeypatch)
     args = Namespace(shape="smollm2-135m", dtype="float32", device="cpu", policies=["streaming", "slam"], budget=96,
                      sink=4, recent=64, contexts=[100], batches=[1], tokens=2, repeat=2, baseline="transformers",
                      json=True, plot=None, select_every=1, select_oversample=None, select_chunk=8,
-                     select_min_ratio=None, reserve_device="auto", enforce_eager=False, compile=True,
+                     select_min_ratio=4, reserve_device="auto", enforce_eager=False, compile=True,
                      async_scheduling="auto")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -300,17 +300,14 @@ def test_larger_middles_keep_the_candidate_tokens_measured_at_budget_256(smol):
     assert engine.runner.pool.oversample == 2
 
 
-def test_two_stages_start_by_device_unless_set(smol):
-    """Unset, two-stage selection starts at 8 x its candidates on CPUs (exact scoring cost no more at 8K with
-    budget 256) and 4 x on GPUs; a set ratio is kept."""
-    from slam.config import min_ratio_for
-
-    assert (min_ratio_for("cpu", None), min_ratio_for("cuda", None), min_ratio_for("cpu", 2)) == (8, 4, 2)
+def test_two_stages_start_at_four_times_the_candidates_unless_set(smol):
+    """By default two-stage selection starts once the reserve holds 4 x its candidates, on CPUs as on GPUs
+    (budget 256: at 8K); a set ratio is kept."""
     cache = CacheConfig(policy="slam", budget=24, sink=2, recent=8)
-    for ratio, starts_at in ((None, 8), (2, 2)):
-        pool = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_min_ratio=ratio), smol).runner.pool
+    for settings, starts_at in (({}, 4), ({"select_min_ratio": 2}, 2)):
+        pool = LLMEngine(EngineConfig(max_batch=1, cache=cache, **settings), smol).runner.pool
         candidates = pool.oversample * pool.budget
         pool.ensure_reserve((starts_at - 1) * candidates)
-        assert not pool.two_stage, ratio
+        assert not pool.two_stage, settings
         pool.ensure_reserve(starts_at * candidates)
-        assert pool.two_stage, ratio
+        assert pool.two_stage, settings

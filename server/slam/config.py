@@ -88,9 +88,10 @@ class EngineConfig(BaseModel):
     # None: paired with select_every (oversample_for).
     select_chunk: int = Field(default=8, ge=1)
     select_oversample: int | None = Field(default=None, ge=0)
-    # ... once the reserve's capacity is this many times the candidates (oversample x budget); None: by
-    # device (min_ratio_for).
-    select_min_ratio: int | None = Field(default=None, ge=1)
+    # ... once the reserve's capacity is this many times the candidates (oversample x budget): where two stages
+    # cost less than scoring every token, on an H100 and on 2 CPU cores alike (docs/benchmarks.md, "Two stages
+    # from the start do not pay at 32K" and "A new CPU, and two stages at 8K on it").
+    select_min_ratio: int = Field(default=4, ge=1)
 
 
 MEASURED_MIDDLE = 188  # budget 256's middle columns (sink 4, recent 64), where the oversampling was measured
@@ -107,17 +108,6 @@ def oversample_for(every: int, oversample: int | None, middle: int = MEASURED_MI
         return oversample
     base = 8 if every <= 2 else 16
     return max(2, min(base, -(-base * MEASURED_MIDDLE // max(middle, 1))))
-
-
-def min_ratio_for(device_type: str, min_ratio: int | None) -> int:
-    """Where two-stage selection starts, in multiples of its candidates: as set, else where it beat exact
-    scoring. On an H100 exact scoring was as fast up to 4x (docs/benchmarks.md, "Two stages from the start
-    do not pay at 32K"); on 2 CPU cores, whose gathers of candidate chunks cost about five times a streamed
-    key, exact scoring (what two stages approximate) cost no more at 8K, and two stages paid from 16K ("Where
-    two stages start on CPUs")."""
-    if min_ratio is not None:
-        return min_ratio
-    return 4 if device_type == "cuda" else 8
 
 
 def _split_commas(value: Any) -> Any:
@@ -226,9 +216,8 @@ class ServerSettings(BaseSettings):
                                           "unset: 8, or 16 when select_every is 3 or more, for up to 188 "
                                           "critical columns; larger budgets keep as many candidate tokens, at "
                                           "least twice their columns)")
-    select_min_ratio: int | None = Field(default=None, ge=1, description="slam: two-stage selection starts once "
-                                         "the reserve holds this many times the candidates; before, every token is "
-                                         "scored (unset: 4 on GPUs, 8 on CPUs)")
+    select_min_ratio: int = Field(default=4, ge=1, description="slam: two-stage selection starts once the reserve "
+                                  "holds this many times the candidates; before, every token is scored")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
                                       "must send one as Authorization: Bearer")
     # Checkpoints (design.md section 3). No endpoint: checkpointing is off.

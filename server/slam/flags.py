@@ -64,7 +64,7 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
                         "budgets keep as many candidate tokens, at least twice their columns)")
     p.add_argument("--select-min-ratio", type=int, default=d.select_min_ratio,
                    help="slam: two stages once the reserve holds this many times the candidates "
-                        "(default: 4 on GPUs, 8 on CPUs)")
+                        "(default: %(default)s)")
     p.add_argument("--reserve-device", choices=["auto", "cuda", "cpu"], default=d.reserve_device)
     p.add_argument("--reserve-dtype", choices=["auto", "bfloat16", "int8"], default=d.reserve_dtype)
 

@@ -22,7 +22,7 @@ import torch
 
 from slam.bench.shapes import SHAPES, bandwidth, kv_read_bytes, random_model, synthetic_request, weight_bytes
 from slam.cache import make_policy
-from slam.config import CacheConfig, EngineConfig, min_ratio_for
+from slam.config import CacheConfig, EngineConfig
 from slam.engine.engine import LLMEngine
 from slam.engine.sequence import SamplingParams
 from slam.flags import selection
@@ -233,7 +233,7 @@ def run(args) -> int:
                 print(json.dumps({**asdict(row), "shape": args.shape, "dtype": args.dtype, "bandwidth_gbps": gbps,
                                   "tokens": args.tokens, "repeat": args.repeat, "select_every": args.select_every,
                                   "select_chunk": args.select_chunk,
-                                  "select_min_ratio": min_ratio_for(loaded.device.type, args.select_min_ratio),
+                                  "select_min_ratio": args.select_min_ratio,
                                   "reserve_device": args.reserve_device, "graphs": not args.enforce_eager,
                                   "compile": args.compile,
                                   "torch": torch.__version__}), flush=True)

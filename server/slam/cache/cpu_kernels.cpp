@@ -352,10 +352,101 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   return {out_idx, out_score};
 }
 
-// Both stages in one call, stage one refreshed: stage_one over chunks [0, chunks) of the layer's bounds, its picks
-// written to cand[:b, :, :first] (int32: the chunks later steps re-rank), then stage_two over every token of those
-// chunks. Saves the dozen small ops between the two per layer. smin, smax, sscale, cand: the layer's whole
-// buffers; keys, scales, rpos: the whole reserve.
+// Aten's log-softmax over the last dimension of x [g, m] (a thread's scratch) -> a tensor of its own. Each row's
+// values do not depend on how many rows are computed together, so they equal the batched torch code's.
+at::Tensor log_softmax_rows(float* x, int64_t g, int64_t m) {
+  return at::log_softmax(at::from_blob(x, {g, m}, at::TensorOptions().dtype(at::kFloat)), -1);
+}
+
+// A thread's buffers for two_stage_row, grown once and reused across its rows.
+struct TwoStageScratch {
+  std::vector<int32_t> dots, low;
+  std::vector<float> logits, sb, score;
+  std::unique_ptr<bool[]> ok;
+  int64_t ok_size = 0;
+  std::vector<int64_t> chosen, ix, at;
+  Scratch top;
+  bool* oks(int64_t n) {
+    if (n > ok_size) ok.reset(new bool[n]), ok_size = n;
+    return ok.get();
+  }
+};
+
+// Inputs of both stages for the rows of a batch (two_stage_top_int8).
+struct TwoStageInputs {
+  const int16_t *q16, *qpos, *qneg;
+  const float* qs;
+  int64_t h, g, d, chunks, first, chunk, kc;
+  float fs;
+  const int8_t *smin, *smax;  // row r's bounds at row_of(.., r), chunks `bound_stride` bytes apart
+  int64_t bound_stride;
+  const float* sscale;  // row r's chunk scales at sscale + (r / h) * s0 + (r % h) * s1
+  int64_t s0, s1;
+  const int8_t* keys;  // the whole reserve [slots, h, rows, d]
+  const c10::BFloat16* s16;
+  const float* s32;
+  int64_t rows;
+  const int64_t* rpos;  // [slots, rows]
+  const int64_t* stored;
+  const bool* chunk_ok;  // [b, chunks]
+};
+
+constexpr int64_t kAheadChunks = 6;
+
+// Both stages for row r = slot * h + head, start to end on one thread (two_stage_top_int8): stage one's chunk
+// scores and their `first` best (-> chosen), then the tokens of those chunks scored in place, eight reserve rows
+// a chunk, and their kc best -> reserve indices and scores at out_idx, out_score [kc].
+void two_stage_row(const TwoStageInputs& in, int64_t r, const at::Tensor& smin_t, const at::Tensor& smax_t,
+                   int64_t* chosen_out, int64_t* out_idx, float* out_score, TwoStageScratch& w) {
+  const int64_t g = in.g, d = in.d, m1 = in.chunks, c = in.first * in.chunk, i = r / in.h, q0 = r * g * d;
+  const int64_t ld = std::max(m1, c);
+  w.dots.resize(g * ld), w.low.resize(g * ld), w.logits.resize(g * ld);
+  const bool* ok1 = in.chunk_ok + i * m1;
+  slam_scores::int_dots(in.qpos + q0, g, row_of(smax_t, r), in.bound_stride, m1, d, w.dots.data(), ld);
+  slam_scores::int_dots(in.qneg + q0, g, row_of(smin_t, r), in.bound_stride, m1, d, w.low.data(), ld);
+  const float* ss = in.sscale + i * in.s0 + (r % in.h) * in.s1;
+  for (int64_t j = 0; j < g; ++j)
+    slam_scores::scale_logits(w.dots.data() + j * ld, w.low.data() + j * ld, in.qs[r * g + j], ss, ok1, in.fs, m1,
+                              w.logits.data() + j * m1);
+  {
+    const at::Tensor lp = log_softmax_rows(w.logits.data(), g, m1);
+    w.score.resize(std::max(in.first, in.kc));
+    top_row(lp.data_ptr<float>(), g, m1, ok1, nullptr, in.first, chosen_out, w.score.data(), w.top);
+  }
+  // Stage two over the chosen chunks' tokens, read where they lie in the reserve.
+  const int64_t base = r * in.rows, n = in.stored[i];
+  const int64_t* rp = in.rpos + i * in.rows;
+  w.sb.resize(c), w.ix.resize(c), w.at.resize(in.kc);
+  bool* ok2 = w.oks(c);
+  for (int64_t j = 0; j < in.first; ++j) {
+    const int64_t first_row = chosen_out[j] * in.chunk;
+    if (j + kAheadChunks < in.first) {  // chunks lie far apart in a reserve far larger than the caches
+      const int64_t ahead = base + chosen_out[j + kAheadChunks] * in.chunk;
+      for (int64_t o = 0; o < in.chunk * d; o += 64) __builtin_prefetch(in.keys + ahead * d + o);
+      __builtin_prefetch(in.s16 ? static_cast<const void*>(in.s16 + ahead) : static_cast<const void*>(in.s32 + ahead));
+      __builtin_prefetch(rp + (ahead - base));
+    }
+    slam_scores::int_dots(in.q16 + q0, g, in.keys + (base + first_row) * d, d, in.chunk, d, w.dots.data() + j * in.chunk, ld);
+    for (int64_t o = 0; o < in.chunk; ++o) {
+      const int64_t t = j * in.chunk + o, k = first_row + o;
+      w.ix[t] = k;
+      w.sb[t] = in.s16 ? static_cast<float>(in.s16[base + k]) : in.s32[base + k];
+      ok2[t] = k < n && rp[k] >= 0;
+    }
+  }
+  for (int64_t j = 0; j < g; ++j)
+    slam_scores::scale_logits(w.dots.data() + j * ld, nullptr, in.qs[r * g + j], w.sb.data(), ok2, in.fs, c,
+                              w.logits.data() + j * c);
+  const at::Tensor lp = log_softmax_rows(w.logits.data(), g, c);
+  top_row(lp.data_ptr<float>(), g, c, ok2, w.ix.data(), in.kc, w.at.data(), out_score, w.top);
+  for (int64_t j = 0; j < in.kc; ++j) out_idx[j] = w.ix[w.at[j]];
+}
+
+// Both stages in one call, stage one refreshed: stage one over chunks [0, chunks) of the layer's bounds, its picks
+// written to cand[:b, :, :first] (int32: the chunks later steps re-rank), then stage two over every token of those
+// chunks, as stage_one then stage_two compute them. Each row runs both stages on one thread, so that no thread
+// waits for the others between the stages' seven steps. smin, smax, sscale, cand: the layer's whole buffers;
+// keys, scales, rpos: the whole reserve.
 std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const at::Tensor& smin,
                                                       const at::Tensor& smax, const at::Tensor& sscale,
                                                       const at::Tensor& keys, const at::Tensor& scales,
@@ -364,22 +455,45 @@ std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const
                                                       double scale) {
   TORCH_CHECK(cand.scalar_type() == at::kInt && cand.size(2) >= first && cand.stride(2) == 1,
               "cand: [slots, h, >= first] int32");
-  const int64_t b = q.size(0), h = q.size(1), c = first * chunk;
-  const at::Tensor nn = n.to(at::kLong).contiguous();
+  TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
+  TORCH_CHECK(smin.stride(3) == 1 && smax.stride(3) == 1 && smin.stride(2) == smax.stride(2), "bounds: rows");
+  TORCH_CHECK(sscale.scalar_type() == at::kFloat && sscale.stride(2) == 1, "sscale: float32, chunks contiguous");
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.is_contiguous(), "keys: int8 reserve");
+  TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
+  const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3), c = first * chunk;
+  TORCH_CHECK(first <= chunks && chunks <= smin.size(2) && b <= smin.size(0), "chunks: first <= chunks <= bounds");
+  TORCH_CHECK(kc <= c && keys.size(3) == d, "kc above the candidates");
+  const at::Tensor nn = n.to(at::kLong).contiguous(), qf = q.to(at::kFloat).contiguous();
   const int64_t* stored = nn.data_ptr<int64_t>();
-  std::vector<int64_t> chosen(b * h * first), ix(b * h * c);
-  stage_one(q, smin, smax, sscale, stored, chunks, first, chunk, scale, chosen.data());
-  int32_t* cand_p = cand.data_ptr<int32_t>();
-  for (int64_t r = 0; r < b * h; ++r)
-    for (int64_t j = 0; j < first; ++j) {
-      const int64_t k = chosen[r * first + j];
-      cand_p[(r / h) * cand.stride(0) + (r % h) * cand.stride(1) + j] = static_cast<int32_t>(k);
-      for (int64_t o = 0; o < chunk; ++o) ix[(r * first + j) * chunk + o] = k * chunk + o;
-    }
+  const int64_t nq = b * h * g;
+  std::vector<int16_t> q16(nq * d), qpos(nq * d), qneg(nq * d);
+  std::vector<float> qs(nq);
+  slam_scores::quantize_query(qf.data_ptr<float>(), nq, d, q16.data(), qs.data());
+  for (int64_t k = 0; k < nq * d; ++k) qpos[k] = std::max<int16_t>(q16[k], 0), qneg[k] = std::min<int16_t>(q16[k], 0);
+  std::unique_ptr<bool[]> chunk_ok(new bool[b * chunks]);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t k = 0; k < chunks; ++k) chunk_ok[i * chunks + k] = k * chunk < stored[i];
+  const bool bf16 = scales.scalar_type() == at::kBFloat16;
+  const TwoStageInputs in{q16.data(), qpos.data(), qneg.data(), qs.data(), h, g, d, chunks, first, chunk, kc,
+                          static_cast<float>(scale), smin.data_ptr<int8_t>(), smax.data_ptr<int8_t>(), smax.stride(2),
+                          sscale.data_ptr<float>(), sscale.stride(0), sscale.stride(1), keys.data_ptr<int8_t>(),
+                          bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr, bf16 ? nullptr : scales.data_ptr<float>(),
+                          keys.size(2), rpos.data_ptr<int64_t>(), stored, chunk_ok.get()};
+  std::vector<int64_t> chosen(b * h * first);
   at::Tensor out_idx = at::empty({b, h, kc}, nn.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  stage_two(q, keys, scales, ix.data(), c, rpos, stored, nullptr, kc, scale, out_idx.data_ptr<int64_t>(),
-            out_score.data_ptr<float>());
+  int64_t* oi = out_idx.data_ptr<int64_t>();
+  float* os = out_score.data_ptr<float>();
+  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+    TwoStageScratch w;
+    for (int64_t r = begin; r < end; ++r)
+      two_stage_row(in, r, smin, smax, chosen.data() + r * first, oi + r * kc, os + r * kc, w);
+  });
+  int32_t* cand_p = cand.data_ptr<int32_t>();
+  for (int64_t r = 0; r < b * h; ++r)
+    for (int64_t j = 0; j < first; ++j)
+      cand_p[(r / h) * cand.stride(0) + (r % h) * cand.stride(1) + j] = static_cast<int32_t>(chosen[r * first + j]);
   return {out_idx, out_score};
 }
 
