@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
@@ -39,20 +40,27 @@ inline uint32_t ordered_bits(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-using Pick = std::pair<uint64_t, int64_t>;  // (ordering key, position)
+// ordered_bits back to the float (-0.0 comes back as 0.0, which compares equal).
+inline float from_ordered_bits(uint32_t u) {
+  u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 struct Scratch {
   std::vector<float> s;
   std::vector<int16_t> bins;
   std::vector<int32_t> hist;
-  std::vector<Pick> pick;
+  std::vector<uint64_t> pick;
 };
 
 constexpr int64_t kBins = 1024;
 
 // The kc best of one row of reserve tokens: x [g, m] log-probabilities of the group's queries, ok [m] stored,
-// tie [m] tie keys (nullptr: positions) -> positions and scores, best first. A token's score is its maximum
-// over the group, -inf where not stored; equal scores rank by lower tie key, as top_by_index does.
+// tie [m] tie keys below 2^32 (nullptr: positions) -> the picks' tie keys (positions when tie is nullptr) and
+// scores, best first. A token's score is its maximum over the group, -inf where not stored; equal scores rank by
+// lower tie key, as top_by_index does.
 SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, const int64_t* tie, int64_t kc,
                          int64_t* idx, float* score, Scratch& w) {
   if (kc == 0) return;
@@ -95,22 +103,21 @@ SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, c
   }
   w.pick.clear();
   for (int64_t i = 0; i < m; ++i) {
-    // One integer orders the picks: the score's bits made monotonic (high word), then the lower tie key
-    // first (low word). Tie keys are reserve indices or positions, below 2^32.
+    // One integer orders the picks and says what they are: the score's bits made monotonic (high word), then
+    // the lower tie key first (low word). Sorting plain integers took half the time of (key, position) pairs.
     if (binned ? bins[i] >= cut : true)
-      w.pick.push_back({(uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)), i});
+      w.pick.push_back((uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)));
   }
-  auto better = [](const Pick& a, const Pick& c) { return a.first > c.first; };
-  std::nth_element(w.pick.begin(), w.pick.begin() + (kc - 1), w.pick.end(), better);
-  std::sort(w.pick.begin(), w.pick.begin() + kc, better);
+  std::nth_element(w.pick.begin(), w.pick.begin() + (kc - 1), w.pick.end(), std::greater<uint64_t>());
+  std::sort(w.pick.begin(), w.pick.begin() + kc, std::greater<uint64_t>());
   for (int64_t j = 0; j < kc; ++j) {
-    idx[j] = w.pick[j].second;
-    score[j] = s[w.pick[j].second];
+    idx[j] = int64_t(0xFFFFFFFFu - uint32_t(w.pick[j]));
+    score[j] = from_ordered_bits(uint32_t(w.pick[j] >> 32));
   }
 }
 
 // Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h (per_row), m] stored, tie [b, h, m] or
-// nullptr -> idx, score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of
+// nullptr -> idx (tie keys, or positions), score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of
 // five hundred scores is worth a thread's wake-up, a few short ones are not.
 void top_rows(const at::Tensor& lp, const bool* ok, bool per_row, const int64_t* tie, int64_t kc, int64_t* idx,
               float* score) {
@@ -186,7 +193,8 @@ at::Tensor int8_log_probs(const at::Tensor& q, int64_t m, double scale, Rows row
 }
 
 // logp: [b, h, g, m] float32 log-probabilities; stored: [b, 1 or h, m] bool; order: [b, h, m] int64 tie
-// keys, or an empty tensor (ties by position) -> (positions, scores) [b, h, kc], best first (top_row).
+// keys below 2^32, or an empty tensor (ties by position) -> (the picks' tie keys, or positions, and scores)
+// [b, h, kc], best first (top_row).
 std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::Tensor& stored, int64_t kc,
                                              const at::Tensor& order) {
   TORCH_CHECK(logp.dim() == 4 && logp.scalar_type() == at::kFloat, "logp: [b, h, g, m] float32");
@@ -317,10 +325,7 @@ void stage_two(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& sc
   const at::Tensor lp = int8_log_probs(q, c, scale, [&](int64_t r) {
     return Int8Rows{kb_p + r * c * d, nullptr, d, sb_p + r * c, ok_p + r * c};
   });
-  std::vector<int64_t> at_(b * h * kc);
-  top_rows(lp, ok_p, true, ix_p, kc, at_.data(), out_score);
-  for (int64_t r = 0; r < b * h; ++r)
-    for (int64_t j = 0; j < kc; ++j) out_idx[r * kc + j] = ix_p[r * c + at_[r * kc + j]];
+  top_rows(lp, ok_p, true, ix_p, kc, out_idx, out_score);  // the picks' reserve indices: their tie keys
 }
 
 // Stage one in one call: q [b, h, g, d]; smin, smax [b, h, chunks, d] int8, rows contiguous; sscale [b, h, chunks];
@@ -364,7 +369,7 @@ struct TwoStageScratch {
   std::vector<float> logits, sb, score;
   std::unique_ptr<bool[]> ok;
   int64_t ok_size = 0;
-  std::vector<int64_t> chosen, ix, at;
+  std::vector<int64_t> ix;
   Scratch top;
   bool* oks(int64_t n) {
     if (n > ok_size) ok.reset(new bool[n]), ok_size = n;
@@ -416,7 +421,7 @@ void two_stage_row(const TwoStageInputs& in, int64_t r, const at::Tensor& smin_t
   // Stage two over the chosen chunks' tokens, read where they lie in the reserve.
   const int64_t base = r * in.rows, n = in.stored[i];
   const int64_t* rp = in.rpos + i * in.rows;
-  w.sb.resize(c), w.ix.resize(c), w.at.resize(in.kc);
+  w.sb.resize(c), w.ix.resize(c);
   bool* ok2 = w.oks(c);
   for (int64_t j = 0; j < in.first; ++j) {
     const int64_t first_row = chosen_out[j] * in.chunk;
@@ -438,8 +443,7 @@ void two_stage_row(const TwoStageInputs& in, int64_t r, const at::Tensor& smin_t
     slam_scores::scale_logits(w.dots.data() + j * ld, nullptr, in.qs[r * g + j], w.sb.data(), ok2, in.fs, c,
                               w.logits.data() + j * c);
   const at::Tensor lp = log_softmax_rows(w.logits.data(), g, c);
-  top_row(lp.data_ptr<float>(), g, c, ok2, w.ix.data(), in.kc, w.at.data(), out_score, w.top);
-  for (int64_t j = 0; j < in.kc; ++j) out_idx[j] = w.ix[w.at[j]];
+  top_row(lp.data_ptr<float>(), g, c, ok2, w.ix.data(), in.kc, out_idx, out_score, w.top);
 }
 
 // Both stages in one call, stage one refreshed: stage one over chunks [0, chunks) of the layer's bounds, its picks

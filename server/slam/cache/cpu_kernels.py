@@ -58,7 +58,8 @@ def scoring_level(level: str = "") -> str:
 def group_top(logp: torch.Tensor, stored: torch.Tensor, kc: int, order: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """selection.top_by_index over the group's maximum: logp [b, h, g, m] log-probabilities, stored [b, 1 or
-    h, m], order [b, h, m] tie keys (None: positions) -> (positions in m, scores) [b, h, kc], best first."""
+    h, m], order [b, h, m] tie keys below 2^32 (None: positions) -> (the picks' tie keys, or their positions in m,
+    and scores) [b, h, kc], best first."""
     empty = torch.empty(0, dtype=torch.long)
     return torch.ops.slam_cpu.group_top(logp, stored, kc, empty if order is None else order)
 

@@ -201,8 +201,7 @@ def candidate_top(dots: torch.Tensor, idx: torch.Tensor, rpos: torch.Tensor, n: 
     candidates where `fresh` [b, kv_heads, m] is False are skipped (repeats); `ties`, `cpu` as in exact_top."""
     stored = candidate_stored(idx, rpos, n, fresh)
     if cpu:
-        at, values = cpu_kernels.group_top(log_probs(dots * scale, stored), stored, kc, idx)
-        return idx.gather(2, at), values
+        return cpu_kernels.group_top(log_probs(dots * scale, stored), stored, kc, idx)
     at, values = top_by_index(group_log_probs(dots * scale, stored), idx if ties else None, kc)
     return idx.gather(2, at), values
 
