@@ -104,7 +104,7 @@ SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, c
   w.pick.clear();
   for (int64_t i = 0; i < m; ++i) {
     // One integer orders the picks and says what they are: the score's bits made monotonic (high word), then
-    // the lower tie key first (low word). Sorting plain integers took half the time of (key, position) pairs.
+    // the lower tie key first (low word), so that no position needs to travel with it.
     if (binned ? bins[i] >= cut : true)
       w.pick.push_back((uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)));
   }
@@ -117,8 +117,8 @@ SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, c
 }
 
 // Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h (per_row), m] stored, tie [b, h, m] or
-// nullptr -> idx (tie keys, or positions), score [b, h, kc]. Rows spread over the intra-op threads when they are long or many: a row of
-// five hundred scores is worth a thread's wake-up, a few short ones are not.
+// nullptr -> idx (tie keys, or positions), score [b, h, kc]. Rows spread over the intra-op threads when they are
+// long or many: a row of five hundred scores is worth a thread's wake-up, a few short ones are not.
 void top_rows(const at::Tensor& lp, const bool* ok, bool per_row, const int64_t* tie, int64_t kc, int64_t* idx,
               float* score) {
   const int64_t rows = lp.size(0) * lp.size(1), g = lp.size(2), m = lp.size(3), per_slot = lp.size(1);
@@ -383,7 +383,7 @@ struct TwoStageInputs {
   const float* qs;
   int64_t h, g, d, chunks, first, chunk, kc;
   float fs;
-  const int8_t *smin, *smax;  // row r's bounds at row_of(.., r), chunks `bound_stride` bytes apart
+  const at::Tensor &smin, &smax;  // row r's bounds at row_of(.., r), chunks `bound_stride` bytes apart
   int64_t bound_stride;
   const float* sscale;  // row r's chunk scales at sscale + (r / h) * s0 + (r % h) * s1
   int64_t s0, s1;
@@ -401,14 +401,14 @@ constexpr int64_t kAheadChunks = 6;
 // Both stages for row r = slot * h + head, start to end on one thread (two_stage_top_int8): stage one's chunk
 // scores and their `first` best (-> chosen), then the tokens of those chunks scored in place, eight reserve rows
 // a chunk, and their kc best -> reserve indices and scores at out_idx, out_score [kc].
-void two_stage_row(const TwoStageInputs& in, int64_t r, const at::Tensor& smin_t, const at::Tensor& smax_t,
-                   int64_t* chosen_out, int64_t* out_idx, float* out_score, TwoStageScratch& w) {
+void two_stage_row(const TwoStageInputs& in, int64_t r, int64_t* chosen_out, int64_t* out_idx, float* out_score,
+                   TwoStageScratch& w) {
   const int64_t g = in.g, d = in.d, m1 = in.chunks, c = in.first * in.chunk, i = r / in.h, q0 = r * g * d;
   const int64_t ld = std::max(m1, c);
   w.dots.resize(g * ld), w.low.resize(g * ld), w.logits.resize(g * ld);
   const bool* ok1 = in.chunk_ok + i * m1;
-  slam_scores::int_dots(in.qpos + q0, g, row_of(smax_t, r), in.bound_stride, m1, d, w.dots.data(), ld);
-  slam_scores::int_dots(in.qneg + q0, g, row_of(smin_t, r), in.bound_stride, m1, d, w.low.data(), ld);
+  slam_scores::int_dots(in.qpos + q0, g, row_of(in.smax, r), in.bound_stride, m1, d, w.dots.data(), ld);
+  slam_scores::int_dots(in.qneg + q0, g, row_of(in.smin, r), in.bound_stride, m1, d, w.low.data(), ld);
   const float* ss = in.sscale + i * in.s0 + (r % in.h) * in.s1;
   for (int64_t j = 0; j < g; ++j)
     slam_scores::scale_logits(w.dots.data() + j * ld, w.low.data() + j * ld, in.qs[r * g + j], ss, ok1, in.fs, m1,
@@ -431,7 +431,8 @@ void two_stage_row(const TwoStageInputs& in, int64_t r, const at::Tensor& smin_t
       __builtin_prefetch(in.s16 ? static_cast<const void*>(in.s16 + ahead) : static_cast<const void*>(in.s32 + ahead));
       __builtin_prefetch(rp + (ahead - base));
     }
-    slam_scores::int_dots(in.q16 + q0, g, in.keys + (base + first_row) * d, d, in.chunk, d, w.dots.data() + j * in.chunk, ld);
+    slam_scores::int_dots(in.q16 + q0, g, in.keys + (base + first_row) * d, d, in.chunk, d,
+                          w.dots.data() + j * in.chunk, ld);
     for (int64_t o = 0; o < in.chunk; ++o) {
       const int64_t t = j * in.chunk + o, k = first_row + o;
       w.ix[t] = k;
@@ -480,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const
     for (int64_t k = 0; k < chunks; ++k) chunk_ok[i * chunks + k] = k * chunk < stored[i];
   const bool bf16 = scales.scalar_type() == at::kBFloat16;
   const TwoStageInputs in{q16.data(), qpos.data(), qneg.data(), qs.data(), h, g, d, chunks, first, chunk, kc,
-                          static_cast<float>(scale), smin.data_ptr<int8_t>(), smax.data_ptr<int8_t>(), smax.stride(2),
+                          static_cast<float>(scale), smin, smax, smax.stride(2),
                           sscale.data_ptr<float>(), sscale.stride(0), sscale.stride(1), keys.data_ptr<int8_t>(),
                           bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr, bf16 ? nullptr : scales.data_ptr<float>(),
                           keys.size(2), rpos.data_ptr<int64_t>(), stored, chunk_ok.get()};
@@ -492,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const
   at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
     TwoStageScratch w;
     for (int64_t r = begin; r < end; ++r)
-      two_stage_row(in, r, smin, smax, chosen.data() + r * first, oi + r * kc, os + r * kc, w);
+      two_stage_row(in, r, chosen.data() + r * first, oi + r * kc, os + r * kc, w);
   });
   int32_t* cand_p = cand.data_ptr<int32_t>();
   for (int64_t r = 0; r < b * h; ++r)
