@@ -10,13 +10,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slam.bench.shape_configs import SHAPES  # noqa: F401  (the benches read the shapes from here)
-from slam.engine.prefill import column
 from slam.cache import make_policy
+from slam.engine.prefill import column
 from slam.model import DTYPES, LoadedModel, pick_device
 
 if TYPE_CHECKING:
     from slam.config import CacheConfig
     from slam.engine.engine import LLMEngine
+
 
 def random_model(shape: dict, dtype: str = "bfloat16", device: str = "auto") -> LoadedModel:
     target = pick_device(device)

@@ -152,22 +152,49 @@ int64_t parts_per_row(int64_t rows) {
   return std::max<int64_t>(1, (2 * at::get_num_threads() + rows - 1) / rows);
 }
 
+// The queries q [b, h, g, d] rounded to int16 with a scale per query row (selection.quantize_query); with
+// `bounds`, also their positive part (which meets the upper bounds) and negative part (the lower ones).
+struct Int16Query {
+  std::vector<int16_t> q16, qpos, qneg;
+  std::vector<float> qs;
+  Int16Query(const at::Tensor& q, bool bounds) {
+    const at::Tensor qf = q.to(at::kFloat).contiguous();
+    const int64_t n = q.size(0) * q.size(1) * q.size(2), d = q.size(3);
+    q16.resize(n * d), qs.resize(n);
+    slam_scores::quantize_query(qf.data_ptr<float>(), n, d, q16.data(), qs.data());
+    if (bounds) {
+      qpos.resize(n * d), qneg.resize(n * d);
+      for (int64_t i = 0; i < n * d; ++i)
+        qpos[i] = std::max<int16_t>(q16[i], 0), qneg[i] = std::min<int16_t>(q16[i], 0);
+    }
+  }
+};
+
+// Logits of keys [lo, hi) of row r (slot * h + head) for its g queries: int_dots (both bounds' when row.lower is
+// set) into dots and low [g, ld], then scale_logits into out [g, out_ld] from column lo.
+void row_logits(const Int16Query& q, int64_t r, int64_t g, int64_t d, const Int8Rows& row, int64_t lo, int64_t hi,
+                float fs, int32_t* dots, int32_t* low, int64_t ld, float* out, int64_t out_ld) {
+  const int64_t q0 = r * g * d;
+  if (row.lower) {
+    slam_scores::int_dots(q.qpos.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots, ld);
+    slam_scores::int_dots(q.qneg.data() + q0, g, row.lower + lo * row.stride, row.stride, hi - lo, d, low, ld);
+  } else {
+    slam_scores::int_dots(q.q16.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots, ld);
+  }
+  for (int64_t j = 0; j < g; ++j)
+    slam_scores::scale_logits(dots + j * ld, row.lower ? low + j * ld : nullptr, q.qs[r * g + j], row.scales + lo,
+                              row.ok + lo, fs, hi - lo, out + j * out_ld + lo);
+}
+
 // Log-probabilities [b, h, g, m] of int8 rows: aten's log-softmax of the scaled, masked logits float(dot) *
 // (query scale * key scale) * scale, -inf where not stored. q [b, h, g, d]; rows(r) gives row r = slot * h +
 // head. The logits spread over the intra-op threads by row and by range of keys (parts_per_row).
 template <typename Rows>
 at::Tensor int8_log_probs(const at::Tensor& q, int64_t m, double scale, Rows rows) {
-  const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3), n = b * h * g;
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  std::vector<int16_t> q16(n * d), qneg, qpos;
-  std::vector<float> qs(n);
-  slam_scores::quantize_query(qf.data_ptr<float>(), n, d, q16.data(), qs.data());
+  const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3);
   const bool bounds = rows(0).lower != nullptr;
-  if (bounds) {  // q's positive part meets the upper bounds, its negative part the lower ones
-    qpos.resize(n * d), qneg.resize(n * d);
-    for (int64_t i = 0; i < n * d; ++i) qpos[i] = std::max<int16_t>(q16[i], 0), qneg[i] = std::min<int16_t>(q16[i], 0);
-  }
-  at::Tensor logits = at::empty({b, h, g, m}, qf.options());
+  const Int16Query qi(q, bounds);
+  at::Tensor logits = at::empty({b, h, g, m}, q.options().dtype(at::kFloat));
   float* out = logits.data_ptr<float>();
   const float fs = static_cast<float>(scale);
   const int64_t parts = parts_per_row(b * h);
@@ -176,17 +203,7 @@ at::Tensor int8_log_probs(const at::Tensor& q, int64_t m, double scale, Rows row
     std::vector<int32_t> dots(g * span), low(bounds ? g * span : 0);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t r = unit / parts, lo = std::min(m, unit % parts * span), hi = std::min(m, lo + span);
-      const Int8Rows row = rows(r);
-      const int64_t q0 = r * g * d;
-      if (bounds) {
-        slam_scores::int_dots(qpos.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots.data(), span);
-        slam_scores::int_dots(qneg.data() + q0, g, row.lower + lo * row.stride, row.stride, hi - lo, d, low.data(), span);
-      } else {
-        slam_scores::int_dots(q16.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots.data(), span);
-      }
-      for (int64_t j = 0; j < g; ++j)
-        slam_scores::scale_logits(dots.data() + j * span, bounds ? low.data() + j * span : nullptr, qs[r * g + j], row.scales + lo,
-                     row.ok + lo, fs, hi - lo, out + (r * g + j) * m + lo);
+      row_logits(qi, r, g, d, rows(r), lo, hi, fs, dots.data(), low.data(), span, out + r * g * m, m);
     }
   });
   return at::log_softmax(logits, -1).contiguous();
@@ -249,20 +266,38 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   return {out_idx, out_score};
 }
 
+// The layouts the stages read: int8 chunk bounds with rows of contiguous bytes and float32 scales with chunks
+// contiguous; an int8 reserve with its scales (bfloat16 or float32) and positions, all contiguous.
+void check_bounds(const at::Tensor& smin, const at::Tensor& smax, const at::Tensor& sscale) {
+  TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
+  TORCH_CHECK(smin.stride(3) == 1 && smax.stride(3) == 1 && smin.stride(2) == smax.stride(2), "bounds: rows");
+  TORCH_CHECK(sscale.scalar_type() == at::kFloat && sscale.stride(2) == 1, "sscale: float32, chunks contiguous");
+}
+
+void check_reserve(const at::Tensor& keys, const at::Tensor& scales, const at::Tensor& rpos) {
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.is_contiguous(), "keys: int8 reserve");
+  TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
+}
+
+// Which of chunks [0, chunks) hold a token, per slot: [b, chunks], from the tokens stored [b].
+std::unique_ptr<bool[]> filled_chunks(const int64_t* stored, int64_t b, int64_t chunks, int64_t chunk) {
+  std::unique_ptr<bool[]> ok(new bool[b * chunks]);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t c = 0; c < chunks; ++c) ok[i * chunks + c] = c * chunk < stored[i];
+  return ok;
+}
+
 // Stage one of two-stage selection from int8 bounds (selection.chunk_top_int8, ties to the lower chunk index):
 // q [b, h, g, d]; smin, smax [>= b, h, >= chunks, d] int8, rows contiguous; sscale [>= b, h, >= chunks] float32,
 // chunks contiguous; stored [b] tokens stored -> the `first` best of chunks [0, chunks) per row, best first, at
 // chosen [b * h * first].
 void stage_one(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax, const at::Tensor& sscale,
                const int64_t* stored, int64_t chunks, int64_t first, int64_t chunk, double scale, int64_t* chosen) {
-  TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
-  TORCH_CHECK(smin.stride(3) == 1 && smax.stride(3) == 1 && smin.stride(2) == smax.stride(2), "bounds: rows");
-  TORCH_CHECK(sscale.scalar_type() == at::kFloat && sscale.stride(2) == 1, "sscale: float32, chunks contiguous");
+  check_bounds(smin, smax, sscale);
   const int64_t b = q.size(0), h = q.size(1);
   TORCH_CHECK(first <= chunks && chunks <= smin.size(2) && b <= smin.size(0), "chunks: first <= chunks <= bounds");
-  std::unique_ptr<bool[]> ok(new bool[b * chunks]);
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t c = 0; c < chunks; ++c) ok[i * chunks + c] = c * chunk < stored[i];
+  const std::unique_ptr<bool[]> ok = filled_chunks(stored, b, chunks, chunk);
   const float* ss = sscale.data_ptr<float>();
   const int64_t s0 = sscale.stride(0), s1 = sscale.stride(1);
   const at::Tensor lp = int8_log_probs(q, chunks, scale, [&](int64_t r) {
@@ -281,9 +316,7 @@ void stage_one(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& sm
 void stage_two(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& scales, const int64_t* ix_p, int64_t c,
                const at::Tensor& rpos, const int64_t* stored, const bool* fr_p, int64_t kc, double scale,
                int64_t* out_idx, float* out_score) {
-  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.is_contiguous(), "keys: int8 reserve");
-  TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
+  check_reserve(keys, scales, rpos);
   TORCH_CHECK(kc <= c, "kc above the candidates");
   const int64_t b = q.size(0), h = q.size(1), rows = keys.size(2), d = keys.size(3);
   at::Tensor kb = at::empty({b, h, c, d}, keys.options());
@@ -379,8 +412,7 @@ struct TwoStageScratch {
 
 // Inputs of both stages for the rows of a batch (two_stage_top_int8).
 struct TwoStageInputs {
-  const int16_t *q16, *qpos, *qneg;
-  const float* qs;
+  const Int16Query& q;
   int64_t h, g, d, chunks, first, chunk, kc;
   float fs;
   const at::Tensor &smin, &smax;  // row r's bounds at row_of(.., r), chunks `bound_stride` bytes apart
@@ -407,12 +439,9 @@ void two_stage_row(const TwoStageInputs& in, int64_t r, int64_t* chosen_out, int
   const int64_t ld = std::max(m1, c);
   w.dots.resize(g * ld), w.low.resize(g * ld), w.logits.resize(g * ld);
   const bool* ok1 = in.chunk_ok + i * m1;
-  slam_scores::int_dots(in.qpos + q0, g, row_of(in.smax, r), in.bound_stride, m1, d, w.dots.data(), ld);
-  slam_scores::int_dots(in.qneg + q0, g, row_of(in.smin, r), in.bound_stride, m1, d, w.low.data(), ld);
-  const float* ss = in.sscale + i * in.s0 + (r % in.h) * in.s1;
-  for (int64_t j = 0; j < g; ++j)
-    slam_scores::scale_logits(w.dots.data() + j * ld, w.low.data() + j * ld, in.qs[r * g + j], ss, ok1, in.fs, m1,
-                              w.logits.data() + j * m1);
+  const Int8Rows bounds{row_of(in.smax, r), row_of(in.smin, r), in.bound_stride,
+                        in.sscale + i * in.s0 + (r % in.h) * in.s1, ok1};
+  row_logits(in.q, r, g, d, bounds, 0, m1, in.fs, w.dots.data(), w.low.data(), ld, w.logits.data(), m1);
   {
     const at::Tensor lp = log_softmax_rows(w.logits.data(), g, m1);
     w.score.resize(std::max(in.first, in.kc));
@@ -431,7 +460,7 @@ void two_stage_row(const TwoStageInputs& in, int64_t r, int64_t* chosen_out, int
       __builtin_prefetch(in.s16 ? static_cast<const void*>(in.s16 + ahead) : static_cast<const void*>(in.s32 + ahead));
       __builtin_prefetch(rp + (ahead - base));
     }
-    slam_scores::int_dots(in.q16 + q0, g, in.keys + (base + first_row) * d, d, in.chunk, d,
+    slam_scores::int_dots(in.q.q16.data() + q0, g, in.keys + (base + first_row) * d, d, in.chunk, d,
                           w.dots.data() + j * in.chunk, ld);
     for (int64_t o = 0; o < in.chunk; ++o) {
       const int64_t t = j * in.chunk + o, k = first_row + o;
@@ -441,7 +470,7 @@ void two_stage_row(const TwoStageInputs& in, int64_t r, int64_t* chosen_out, int
     }
   }
   for (int64_t j = 0; j < g; ++j)
-    slam_scores::scale_logits(w.dots.data() + j * ld, nullptr, in.qs[r * g + j], w.sb.data(), ok2, in.fs, c,
+    slam_scores::scale_logits(w.dots.data() + j * ld, nullptr, in.q.qs[r * g + j], w.sb.data(), ok2, in.fs, c,
                               w.logits.data() + j * c);
   const at::Tensor lp = log_softmax_rows(w.logits.data(), g, c);
   top_row(lp.data_ptr<float>(), g, c, ok2, w.ix.data(), in.kc, out_idx, out_score, w.top);
@@ -460,27 +489,17 @@ std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const
                                                       double scale) {
   TORCH_CHECK(cand.scalar_type() == at::kInt && cand.size(2) >= first && cand.stride(2) == 1,
               "cand: [slots, h, >= first] int32");
-  TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
-  TORCH_CHECK(smin.stride(3) == 1 && smax.stride(3) == 1 && smin.stride(2) == smax.stride(2), "bounds: rows");
-  TORCH_CHECK(sscale.scalar_type() == at::kFloat && sscale.stride(2) == 1, "sscale: float32, chunks contiguous");
-  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.is_contiguous(), "keys: int8 reserve");
-  TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
+  check_bounds(smin, smax, sscale);
+  check_reserve(keys, scales, rpos);
   const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3), c = first * chunk;
   TORCH_CHECK(first <= chunks && chunks <= smin.size(2) && b <= smin.size(0), "chunks: first <= chunks <= bounds");
   TORCH_CHECK(kc <= c && keys.size(3) == d, "kc above the candidates");
-  const at::Tensor nn = n.to(at::kLong).contiguous(), qf = q.to(at::kFloat).contiguous();
+  const at::Tensor nn = n.to(at::kLong).contiguous();
   const int64_t* stored = nn.data_ptr<int64_t>();
-  const int64_t nq = b * h * g;
-  std::vector<int16_t> q16(nq * d), qpos(nq * d), qneg(nq * d);
-  std::vector<float> qs(nq);
-  slam_scores::quantize_query(qf.data_ptr<float>(), nq, d, q16.data(), qs.data());
-  for (int64_t k = 0; k < nq * d; ++k) qpos[k] = std::max<int16_t>(q16[k], 0), qneg[k] = std::min<int16_t>(q16[k], 0);
-  std::unique_ptr<bool[]> chunk_ok(new bool[b * chunks]);
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t k = 0; k < chunks; ++k) chunk_ok[i * chunks + k] = k * chunk < stored[i];
+  const Int16Query qi(q, true);
+  const std::unique_ptr<bool[]> chunk_ok = filled_chunks(stored, b, chunks, chunk);
   const bool bf16 = scales.scalar_type() == at::kBFloat16;
-  const TwoStageInputs in{q16.data(), qpos.data(), qneg.data(), qs.data(), h, g, d, chunks, first, chunk, kc,
+  const TwoStageInputs in{qi, h, g, d, chunks, first, chunk, kc,
                           static_cast<float>(scale), smin, smax, smax.stride(2),
                           sscale.data_ptr<float>(), sscale.stride(0), sscale.stride(1), keys.data_ptr<int8_t>(),
                           bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr, bf16 ? nullptr : scales.data_ptr<float>(),
