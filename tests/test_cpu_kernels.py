@@ -10,7 +10,7 @@ import pytest
 import torch
 from slam.bench.shapes import SHAPES, random_model, synthetic_request
 from slam.cache import cpu_kernels
-from slam.cache.selection import candidate_top, candidates, chunk_top_int8, dot_int8, exact_top
+from slam.cache.selection import candidate_top, candidates, chunk_top_int8, dot_int8, exact_top, top_by_index
 from slam.cache.slam import place
 from slam.config import CacheConfig, EngineConfig
 from slam.engine import bounds
@@ -42,6 +42,29 @@ def test_exact_top_equals_torch_with_ties_and_empty_slots(seed):
     found = want[1] > float("-inf")
     assert torch.equal(want[1], got[1])
     assert torch.equal(want[0][found], got[0][found])  # picks that found nothing may be any index
+
+
+@pytest.mark.parametrize("m", [5, 16, 203, 1000])
+def test_group_top_equals_top_by_index_on_every_vector_path(m, scoring_level):
+    """The top-k's passes over a row (the group's maximum, the bins, the keys) run as AVX-512 loops or as loops the
+    compiler vectorizes; both give the torch code's picks, at lengths with a tail and without, with zeros of both
+    signs tied, tokens not stored and a slot that stored nothing."""
+    g = torch.Generator().manual_seed(m)
+    b, h, group, kc = 2, 3, 3, min(m, 188)
+    lp = bf16_dots(g, b, h, group, m).clamp(-1, 1).mul(4).round().sub(4)  # few distinct values: ties everywhere
+    lp[0, :, :, ::3] = -0.0  # the group's maximum is a zero: -0.0 here, 0.0 where one query has 0.0
+    lp[0, :, 1, ::6] = 0.0
+    stored = torch.rand(b, 1, m, generator=g) > 0.2
+    stored[1] = False
+    order = torch.randperm(b * h * m, generator=g).view(b, h, m)
+    for index in (None, order):
+        scores = lp.amax(2).masked_fill(~stored, float("-inf"))
+        want = top_by_index(scores, torch.arange(m) if index is None else index, kc)
+        got = cpu_kernels.group_top(lp, stored, kc, index)
+        found = want[1] > float("-inf")
+        assert torch.equal(want[1], got[1]) and int(found.sum()) > 0
+        picked = want[0] if index is None else index.gather(-1, want[0])  # the keyed op returns the tie keys
+        assert torch.equal(picked[found], got[0][found])
 
 
 @pytest.mark.parametrize("seed", range(3))

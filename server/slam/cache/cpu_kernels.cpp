@@ -8,9 +8,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -18,103 +15,12 @@
 #include <vector>
 
 #include "cpu_scores.h"
-
-// The top-k row loop is built for several x86 levels, the best the CPU runs chosen at load time (the extension
-// is built without -march flags, so that an image built on one machine runs on another). Its results do not
-// depend on the level: no addition follows a product, so no fused multiply-add can change a rounding.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SLAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SLAM_CLONES
-#endif
+#include "cpu_top.h"
 
 namespace {
 
-constexpr float kNone = -std::numeric_limits<float>::infinity();
-
-// A float's bits as an unsigned integer in the float's order (-0.0 taken as 0.0, as comparisons take it).
-inline uint32_t ordered_bits(float f) {
-  if (f == 0.0f) f = 0.0f;
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// ordered_bits back to the float (-0.0 comes back as 0.0, which compares equal).
-inline float from_ordered_bits(uint32_t u) {
-  u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-struct Scratch {
-  std::vector<float> s;
-  std::vector<int16_t> bins;
-  std::vector<int32_t> hist;
-  std::vector<uint64_t> pick;
-};
-
-constexpr int64_t kBins = 1024;
-
-// The kc best of one row of reserve tokens: x [g, m] log-probabilities of the group's queries, ok [m] stored,
-// tie [m] tie keys below 2^32 (nullptr: positions) -> the picks' tie keys (positions when tie is nullptr) and
-// scores, best first. A token's score is its maximum over the group, -inf where not stored; equal scores rank by
-// lower tie key, as top_by_index does.
-SLAM_CLONES void top_row(const float* x, int64_t g, int64_t m, const bool* ok, const int64_t* tie, int64_t kc,
-                         int64_t* idx, float* score, Scratch& w) {
-  if (kc == 0) return;
-  std::vector<float>& s = w.s;
-  s.assign(x, x + m);
-  for (int64_t j = 1; j < g; ++j)  // the group's maximum, query by query: contiguous, vectorizable
-    for (int64_t i = 0; i < m; ++i) s[i] = std::max(s[i], x[j * m + i]);
-  // Only scores that can reach the kc best are ranked with their tie keys. A histogram of the finite scores
-  // over their range finds the bin holding the kc-th best: every score of a higher bin is strictly higher
-  // than every score of a lower one, since the bin is monotonic in the score.
-  float lo = std::numeric_limits<float>::infinity(), hi = kNone;
-  int64_t finite = 0;
-  for (int64_t i = 0; i < m; ++i) {  // branch-free, so that it vectorizes
-    const float v = ok[i] ? s[i] : kNone;
-    const bool f = v > kNone;
-    s[i] = v;
-    lo = std::min(lo, f ? v : lo);
-    hi = std::max(hi, v);
-    finite += f;
-  }
-  const float inv = kBins / (hi - lo);
-  const bool binned = finite > kc && hi > lo;
-  std::vector<int16_t>& bins = w.bins;
-  int64_t cut = 0;
-  if (binned) {
-    bins.resize(m);
-    for (int64_t i = 0; i < m; ++i) {  // each score's bin, -1 where not stored; vectorizes
-      const float v = (s[i] - lo) * inv;  // NaN and overflow to the ends
-      const int16_t in = v >= 0.0f ? (v < kBins ? static_cast<int16_t>(v) : int16_t(kBins - 1)) : int16_t(0);
-      bins[i] = s[i] > kNone ? in : int16_t(-1);
-    }
-    w.hist.assign(kBins + 1, 0);
-    int32_t* hist = w.hist.data() + 1;  // hist[-1] counts the empty ones
-    for (int64_t i = 0; i < m; ++i) ++hist[bins[i]];
-    for (int64_t total = 0, b = kBins - 1; b >= 0; --b)
-      if ((total += hist[b]) >= kc) {
-        cut = b;
-        break;
-      }
-  }
-  w.pick.clear();
-  for (int64_t i = 0; i < m; ++i) {
-    // One integer orders the picks and says what they are: the score's bits made monotonic (high word), then
-    // the lower tie key first (low word), so that no position needs to travel with it.
-    if (binned ? bins[i] >= cut : true)
-      w.pick.push_back((uint64_t(ordered_bits(s[i])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(tie ? tie[i] : i)));
-  }
-  std::nth_element(w.pick.begin(), w.pick.begin() + (kc - 1), w.pick.end(), std::greater<uint64_t>());
-  std::sort(w.pick.begin(), w.pick.begin() + kc, std::greater<uint64_t>());
-  for (int64_t j = 0; j < kc; ++j) {
-    idx[j] = int64_t(0xFFFFFFFFu - uint32_t(w.pick[j]));
-    score[j] = from_ordered_bits(uint32_t(w.pick[j] >> 32));
-  }
-}
+using slam_top::Scratch;
+using slam_top::top_row;
 
 // Each row's top_row: lp [b, h, g, m] log-probabilities, ok [b, 1 or h (per_row), m] stored, tie [b, h, m] or
 // nullptr -> idx (tie keys, or positions), score [b, h, kc]. Rows spread over the intra-op threads when they are
