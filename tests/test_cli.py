@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ SLAM = [sys.executable, "-m", "slam.cli"]
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*SLAM, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*SLAM, *args], check=False, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -172,3 +173,26 @@ def test_plugin_command_groups(monkeypatch, tmp_path, capsys):
     assert slam.cli.main(["operator"]) == 7
     assert slam.cli.main(["broken"]) == 2  # says which module and extra are missing, other commands still work
     assert "no_such_dependency" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, want", [(None, "1"), ("0", "0")])
+def test_the_command_backs_torch_allocations_with_huge_pages_unless_told_not_to(given, want):
+    """`slam` sets torch's THP_MEM_ALLOC_ENABLE before torch is imported (torch reads it once), so that a large
+    allocation lies in huge pages where the kernel offers them; a value the user gave stays."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = ("import os, sys, slam.cli, torch; assert 'torch' in sys.modules\n"
+            "def huge(): return int(next(l for l in open('/proc/self/smaps_rollup') if 'AnonHuge' in l).split()[1])\n"
+            "before = huge(); t = torch.zeros(64 << 20, dtype=torch.int8)\n"
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], huge() - before)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    value, grown_kb = out.stdout.split()
+    assert value == want
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if want == "1" and thp.exists() and "[never]" not in thp.read_text():
+        assert int(grown_kb) >= 32 << 10  # most of the 64 MiB
+    if want == "0" and thp.exists() and "[always]" not in thp.read_text():
+        assert int(grown_kb) == 0
