@@ -1,5 +1,5 @@
-// Slam's selection on the CPU, one call per layer each (cache/cpu_kernels.py builds this file with
-// cpu_writes.cpp; this one declares every op). The torch code they replace (selection.py, slam.place, the
+// Slam's selection on the CPU, one call per layer each (cache/cpu_kernels.py builds this file with the other
+// cpu_*.cpp; this one declares every op). The torch code they replace (selection.py, slam.place, the
 // pool's appends) runs about sixty small ops per layer, each paying dispatch and, when OpenMP's threads
 // sleep between ops, a thread wake-up. Every function gives exactly what the torch code gives.
 #include <ATen/ATen.h>
@@ -14,11 +14,19 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_rows.h"
 #include "cpu_scores.h"
 #include "cpu_top.h"
 
 namespace {
 
+using slam_rows::check_bounds;
+using slam_rows::check_reserve;
+using slam_rows::filled_chunks;
+using slam_rows::Int16Query;
+using slam_rows::Int8Rows;
+using slam_rows::row_logits;
+using slam_rows::row_of;
 using slam_top::Scratch;
 using slam_top::top_row;
 
@@ -37,59 +45,10 @@ void top_rows(const at::Tensor& lp, const bool* ok, bool per_row, const int64_t*
   });
 }
 
-// Int8 scoring keys are scored in exact integer arithmetic (cpu_scores.cpp): the query rounded to int16 with one
-// float32 scale per query row, products summed in int32 (no rounding, so any order of the sums gives the same
-// value), then float(dot) * (query scale * key scale) * softmax scale: selection.dot_int8's arithmetic, which
-// the torch code computes in float64 and so matches bit for bit.
-
-// One row's int8 keys (or a chunk's two bounds): keys [m] rows `stride` bytes apart, scales [m] float32; `lower`
-// (bounds): the rows q's negative part meets, keys then being the upper bounds q's positive part meets.
-struct Int8Rows {
-  const int8_t* keys;
-  const int8_t* lower;
-  int64_t stride;
-  const float* scales;
-  const bool* ok;  // [m] stored
-};
-
 // Ranges each of `rows` rows is split into, so that the threads get at least two units each: one slot's three
 // KV heads then use both of two threads.
 int64_t parts_per_row(int64_t rows) {
   return std::max<int64_t>(1, (2 * at::get_num_threads() + rows - 1) / rows);
-}
-
-// The queries q [b, h, g, d] rounded to int16 with a scale per query row (selection.quantize_query); with
-// `bounds`, also their positive part (which meets the upper bounds) and negative part (the lower ones).
-struct Int16Query {
-  std::vector<int16_t> q16, qpos, qneg;
-  std::vector<float> qs;
-  Int16Query(const at::Tensor& q, bool bounds) {
-    const at::Tensor qf = q.to(at::kFloat).contiguous();
-    const int64_t n = q.size(0) * q.size(1) * q.size(2), d = q.size(3);
-    q16.resize(n * d), qs.resize(n);
-    slam_scores::quantize_query(qf.data_ptr<float>(), n, d, q16.data(), qs.data());
-    if (bounds) {
-      qpos.resize(n * d), qneg.resize(n * d);
-      for (int64_t i = 0; i < n * d; ++i)
-        qpos[i] = std::max<int16_t>(q16[i], 0), qneg[i] = std::min<int16_t>(q16[i], 0);
-    }
-  }
-};
-
-// Logits of keys [lo, hi) of row r (slot * h + head) for its g queries: int_dots (both bounds' when row.lower is
-// set) into dots and low [g, ld], then scale_logits into out [g, out_ld] from column lo.
-void row_logits(const Int16Query& q, int64_t r, int64_t g, int64_t d, const Int8Rows& row, int64_t lo, int64_t hi,
-                float fs, int32_t* dots, int32_t* low, int64_t ld, float* out, int64_t out_ld) {
-  const int64_t q0 = r * g * d;
-  if (row.lower) {
-    slam_scores::int_dots(q.qpos.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots, ld);
-    slam_scores::int_dots(q.qneg.data() + q0, g, row.lower + lo * row.stride, row.stride, hi - lo, d, low, ld);
-  } else {
-    slam_scores::int_dots(q.q16.data() + q0, g, row.keys + lo * row.stride, row.stride, hi - lo, d, dots, ld);
-  }
-  for (int64_t j = 0; j < g; ++j)
-    slam_scores::scale_logits(dots + j * ld, row.lower ? low + j * ld : nullptr, q.qs[r * g + j], row.scales + lo,
-                              row.ok + lo, fs, hi - lo, out + j * out_ld + lo);
 }
 
 // Log-probabilities [b, h, g, m] of int8 rows: aten's log-softmax of the scaled, masked logits float(dot) *
@@ -137,12 +96,6 @@ std::tuple<at::Tensor, at::Tensor> group_top(const at::Tensor& logp, const at::T
 // The int8 ops below compute what the torch code computes (selection.dot_int8's integer arithmetic, then aten's
 // log-softmax), so the values are the same: int8_log_probs over all rows, then top_rows.
 
-// Row r = slot * h + head of a [b, h, m, d] int8 tensor whose last dimension is contiguous.
-const int8_t* row_of(const at::Tensor& t, int64_t r) {
-  const int64_t h = t.size(1);
-  return t.data_ptr<int8_t>() + (r / h) * t.stride(0) + (r % h) * t.stride(1);
-}
-
 // Exact selection from int8 scoring keys in one call: selection.dot_int8 then exact_top (ties by position).
 // q: [b, h, g, d]; keys: [b, h, m, d] int8, rows contiguous; scales: [b, h, m] (bfloat16 or float32);
 // rpos: [b, m] positions (-1: nothing stored); n: [b] tokens stored -> (positions, scores) [b, h, kc].
@@ -170,28 +123,6 @@ std::tuple<at::Tensor, at::Tensor> exact_top_int8(const at::Tensor& q, const at:
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
   top_rows(lp, ok_p, false, nullptr, kc, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
   return {out_idx, out_score};
-}
-
-// The layouts the stages read: int8 chunk bounds with rows of contiguous bytes and float32 scales with chunks
-// contiguous; an int8 reserve with its scales (bfloat16 or float32) and positions, all contiguous.
-void check_bounds(const at::Tensor& smin, const at::Tensor& smax, const at::Tensor& sscale) {
-  TORCH_CHECK(smin.scalar_type() == at::kChar && smax.scalar_type() == at::kChar, "bounds: int8");
-  TORCH_CHECK(smin.stride(3) == 1 && smax.stride(3) == 1 && smin.stride(2) == smax.stride(2), "bounds: rows");
-  TORCH_CHECK(sscale.scalar_type() == at::kFloat && sscale.stride(2) == 1, "sscale: float32, chunks contiguous");
-}
-
-void check_reserve(const at::Tensor& keys, const at::Tensor& scales, const at::Tensor& rpos) {
-  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kChar && keys.is_contiguous(), "keys: int8 reserve");
-  TORCH_CHECK(scales.is_contiguous() && rpos.is_contiguous() && rpos.scalar_type() == at::kLong, "scales, rpos");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat, "scales dtype");
-}
-
-// Which of chunks [0, chunks) hold a token, per slot: [b, chunks], from the tokens stored [b].
-std::unique_ptr<bool[]> filled_chunks(const int64_t* stored, int64_t b, int64_t chunks, int64_t chunk) {
-  std::unique_ptr<bool[]> ok(new bool[b * chunks]);
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t c = 0; c < chunks; ++c) ok[i * chunks + c] = c * chunk < stored[i];
-  return ok;
 }
 
 // Stage one of two-stage selection from int8 bounds (selection.chunk_top_int8, ties to the lower chunk index):
@@ -296,137 +227,6 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
   return {out_idx, out_score};
 }
 
-// Aten's log-softmax over the last dimension of x [g, m] (a thread's scratch) -> a tensor of its own. Each row's
-// values do not depend on how many rows are computed together, so they equal the batched torch code's.
-at::Tensor log_softmax_rows(float* x, int64_t g, int64_t m) {
-  return at::log_softmax(at::from_blob(x, {g, m}, at::TensorOptions().dtype(at::kFloat)), -1);
-}
-
-// A thread's buffers for two_stage_row, grown once and reused across its rows.
-struct TwoStageScratch {
-  std::vector<int32_t> dots, low;
-  std::vector<float> logits, sb, score;
-  std::unique_ptr<bool[]> ok;
-  int64_t ok_size = 0;
-  std::vector<int64_t> ix;
-  Scratch top;
-  bool* oks(int64_t n) {
-    if (n > ok_size) ok.reset(new bool[n]), ok_size = n;
-    return ok.get();
-  }
-};
-
-// Inputs of both stages for the rows of a batch (two_stage_top_int8).
-struct TwoStageInputs {
-  const Int16Query& q;
-  int64_t h, g, d, chunks, first, chunk, kc;
-  float fs;
-  const at::Tensor &smin, &smax;  // row r's bounds at row_of(.., r), chunks `bound_stride` bytes apart
-  int64_t bound_stride;
-  const float* sscale;  // row r's chunk scales at sscale + (r / h) * s0 + (r % h) * s1
-  int64_t s0, s1;
-  const int8_t* keys;  // the whole reserve [slots, h, rows, d]
-  const c10::BFloat16* s16;
-  const float* s32;
-  int64_t rows;
-  const int64_t* rpos;  // [slots, rows]
-  const int64_t* stored;
-  const bool* chunk_ok;  // [b, chunks]
-};
-
-constexpr int64_t kAheadChunks = 6;
-
-// Both stages for row r = slot * h + head, start to end on one thread (two_stage_top_int8): stage one's chunk
-// scores and their `first` best (-> chosen), then the tokens of those chunks scored in place, eight reserve rows
-// a chunk, and their kc best -> reserve indices and scores at out_idx, out_score [kc].
-void two_stage_row(const TwoStageInputs& in, int64_t r, int64_t* chosen_out, int64_t* out_idx, float* out_score,
-                   TwoStageScratch& w) {
-  const int64_t g = in.g, d = in.d, m1 = in.chunks, c = in.first * in.chunk, i = r / in.h, q0 = r * g * d;
-  const int64_t ld = std::max(m1, c);
-  w.dots.resize(g * ld), w.low.resize(g * ld), w.logits.resize(g * ld);
-  const bool* ok1 = in.chunk_ok + i * m1;
-  const Int8Rows bounds{row_of(in.smax, r), row_of(in.smin, r), in.bound_stride,
-                        in.sscale + i * in.s0 + (r % in.h) * in.s1, ok1};
-  row_logits(in.q, r, g, d, bounds, 0, m1, in.fs, w.dots.data(), w.low.data(), ld, w.logits.data(), m1);
-  {
-    const at::Tensor lp = log_softmax_rows(w.logits.data(), g, m1);
-    w.score.resize(std::max(in.first, in.kc));
-    top_row(lp.data_ptr<float>(), g, m1, ok1, nullptr, in.first, chosen_out, w.score.data(), w.top);
-  }
-  // Stage two over the chosen chunks' tokens, read where they lie in the reserve.
-  const int64_t base = r * in.rows, n = in.stored[i];
-  const int64_t* rp = in.rpos + i * in.rows;
-  w.sb.resize(c), w.ix.resize(c);
-  bool* ok2 = w.oks(c);
-  for (int64_t j = 0; j < in.first; ++j) {
-    const int64_t first_row = chosen_out[j] * in.chunk;
-    if (j + kAheadChunks < in.first) {  // chunks lie far apart in a reserve far larger than the caches
-      const int64_t ahead = base + chosen_out[j + kAheadChunks] * in.chunk;
-      for (int64_t o = 0; o < in.chunk * d; o += 64) __builtin_prefetch(in.keys + ahead * d + o);
-      __builtin_prefetch(in.s16 ? static_cast<const void*>(in.s16 + ahead) : static_cast<const void*>(in.s32 + ahead));
-      __builtin_prefetch(rp + (ahead - base));
-    }
-    slam_scores::int_dots(in.q.q16.data() + q0, g, in.keys + (base + first_row) * d, d, in.chunk, d,
-                          w.dots.data() + j * in.chunk, ld);
-    for (int64_t o = 0; o < in.chunk; ++o) {
-      const int64_t t = j * in.chunk + o, k = first_row + o;
-      w.ix[t] = k;
-      w.sb[t] = in.s16 ? static_cast<float>(in.s16[base + k]) : in.s32[base + k];
-      ok2[t] = k < n && rp[k] >= 0;
-    }
-  }
-  for (int64_t j = 0; j < g; ++j)
-    slam_scores::scale_logits(w.dots.data() + j * ld, nullptr, in.q.qs[r * g + j], w.sb.data(), ok2, in.fs, c,
-                              w.logits.data() + j * c);
-  const at::Tensor lp = log_softmax_rows(w.logits.data(), g, c);
-  top_row(lp.data_ptr<float>(), g, c, ok2, w.ix.data(), in.kc, out_idx, out_score, w.top);
-}
-
-// Both stages in one call, stage one refreshed: stage one over chunks [0, chunks) of the layer's bounds, its picks
-// written to cand[:b, :, :first] (int32: the chunks later steps re-rank), then stage two over every token of those
-// chunks, as stage_one then stage_two compute them. Each row runs both stages on one thread, so that no thread
-// waits for the others between the stages' seven steps. smin, smax, sscale, cand: the layer's whole buffers;
-// keys, scales, rpos: the whole reserve.
-std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const at::Tensor& smin,
-                                                      const at::Tensor& smax, const at::Tensor& sscale,
-                                                      const at::Tensor& keys, const at::Tensor& scales,
-                                                      const at::Tensor& rpos, const at::Tensor& n, at::Tensor cand,
-                                                      int64_t chunks, int64_t first, int64_t chunk, int64_t kc,
-                                                      double scale) {
-  TORCH_CHECK(cand.scalar_type() == at::kInt && cand.size(2) >= first && cand.stride(2) == 1,
-              "cand: [slots, h, >= first] int32");
-  check_bounds(smin, smax, sscale);
-  check_reserve(keys, scales, rpos);
-  const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3), c = first * chunk;
-  TORCH_CHECK(first <= chunks && chunks <= smin.size(2) && b <= smin.size(0), "chunks: first <= chunks <= bounds");
-  TORCH_CHECK(kc <= c && keys.size(3) == d, "kc above the candidates");
-  const at::Tensor nn = n.to(at::kLong).contiguous();
-  const int64_t* stored = nn.data_ptr<int64_t>();
-  const Int16Query qi(q, true);
-  const std::unique_ptr<bool[]> chunk_ok = filled_chunks(stored, b, chunks, chunk);
-  const bool bf16 = scales.scalar_type() == at::kBFloat16;
-  const TwoStageInputs in{qi, h, g, d, chunks, first, chunk, kc,
-                          static_cast<float>(scale), smin, smax, smax.stride(2),
-                          sscale.data_ptr<float>(), sscale.stride(0), sscale.stride(1), keys.data_ptr<int8_t>(),
-                          bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr, bf16 ? nullptr : scales.data_ptr<float>(),
-                          keys.size(2), rpos.data_ptr<int64_t>(), stored, chunk_ok.get()};
-  std::vector<int64_t> chosen(b * h * first);
-  at::Tensor out_idx = at::empty({b, h, kc}, nn.options());
-  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  int64_t* oi = out_idx.data_ptr<int64_t>();
-  float* os = out_score.data_ptr<float>();
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
-    TwoStageScratch w;
-    for (int64_t r = begin; r < end; ++r)
-      two_stage_row(in, r, chosen.data() + r * first, oi + r * kc, os + r * kc, w);
-  });
-  int32_t* cand_p = cand.data_ptr<int32_t>();
-  for (int64_t r = 0; r < b * h; ++r)
-    for (int64_t j = 0; j < first; ++j)
-      cand_p[(r / h) * cand.stride(0) + (r % h) * cand.stride(1) + j] = static_cast<int32_t>(chosen[r * first + j]);
-  return {out_idx, out_score};
-}
-
 // The vector path of the integer scoring (cpu_scores.h's set_level): capped at `level` unless empty.
 std::string scoring_level(c10::string_view level) {
   return slam_scores::set_level(std::string(level).c_str());
@@ -462,7 +262,6 @@ TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
   m.impl("exact_top_int8", &exact_top_int8);
   m.impl("candidate_top_int8", &candidate_top_int8);
   m.impl("chunk_top_int8", &chunk_top_int8);
-  m.impl("two_stage_top_int8", &two_stage_top_int8);
 }
 
 TORCH_LIBRARY_IMPL(slam_cpu, CatchAll, m) { m.impl("scoring_level", &scoring_level); }

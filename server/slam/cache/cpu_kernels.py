@@ -1,6 +1,6 @@
-"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_writes.cpp, cpu_scores.cpp,
-cpu_top.cpp), the int8 weights' decode product (cpu_linear.cpp) and decode attention over the pool
-(cpu_attention.cpp), built on first use.
+"""Slam's selection and placement on CPUs as C++ ops (cpu_kernels.cpp, cpu_two_stage.cpp, cpu_rows.cpp,
+cpu_top.cpp, cpu_scores.cpp, cpu_writes.cpp), the int8 weights' decode product (cpu_linear.cpp) and decode
+attention over the pool (cpu_attention.cpp), built on first use.
 
 A slam layer on a CPU ran about sixty small torch ops for its selection (the int8 scoring per KV head, the
 masked log-softmax, the group's maximum, top-k with ties broken by reserve index, the gathers, churn and
@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_kernels.cpp", "cpu_writes.cpp", "cpu_scores.cpp",
-                                                              "cpu_top.cpp", "cpu_linear.cpp", "cpu_attention.cpp")]
+_SOURCES = [str(Path(__file__).with_name(name)) for name in (
+    "cpu_kernels.cpp", "cpu_rows.cpp", "cpu_two_stage.cpp", "cpu_top.cpp", "cpu_scores.cpp", "cpu_writes.cpp",
+    "cpu_linear.cpp", "cpu_attention.cpp")]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 

@@ -1,4 +1,5 @@
-// Integer scoring of int8 keys on CPUs (cpu_scores.cpp), used by cpu_kernels.cpp's selection ops.
+// Integer scoring of int8 keys on CPUs (cpu_scores.cpp), used by the selection ops (cpu_kernels.cpp,
+// cpu_two_stage.cpp).
 #pragma once
 
 #include <cstdint>

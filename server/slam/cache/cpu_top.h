@@ -1,4 +1,5 @@
-// The best kc of one row of reserve tokens on CPUs (cpu_top.cpp), used by cpu_kernels.cpp's selection ops.
+// The best kc of one row of reserve tokens on CPUs (cpu_top.cpp), used by the selection ops (cpu_kernels.cpp,
+// cpu_two_stage.cpp).
 #pragma once
 
 #include <cstdint>

@@ -47,7 +47,7 @@ def dot_float(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def quantize_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q [..., d] -> (its int16 rounding, held in float64, and float32 scales [..., 1]): max |q| / 32767 per
-    row (at least 1e-30), q / scale rounded half to even. cpu_kernels.cpp's quantize_query, bit for bit."""
+    row (at least 1e-30), q / scale rounded half to even. cpu_scores.cpp's quantize_query, bit for bit."""
     qf = q.float()
     qs = qf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 32767
     return torch.round(qf / qs).double(), qs
