@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -179,8 +180,6 @@ def test_plugin_command_groups(monkeypatch, tmp_path, capsys):
 def test_the_command_backs_torch_allocations_with_huge_pages_unless_told_not_to(given, want):
     """`slam` sets torch's THP_MEM_ALLOC_ENABLE before torch is imported (torch reads it once), so that a large
     allocation lies in huge pages where the kernel offers them; a value the user gave stays."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if given is not None:
         env["THP_MEM_ALLOC_ENABLE"] = given
