@@ -32,6 +32,9 @@ class NiahCase:
     # generated meanwhile (replacements / tokens / layers / heads: the churn per refresh at r = 1)
     replacements: int = 0
     tokens: int = 0
+    # slam: whether the engine's pool scored the reserve in two stages (it starts them once the reserve is large
+    # enough, engine/pool.py) or every token; None for the other policies.
+    two_stage: bool | None = None
 
 
 def needle_key(seed: int) -> str:
@@ -90,6 +93,7 @@ def run_niah(
                 setting="unseen" if question_unseen else "known",
                 replacements=seq.replacements,
                 tokens=len(seq.output_ids),
+                two_stage=engine.runner.pool.two_stage if cache.policy == "slam" else None,
             )
 
 
