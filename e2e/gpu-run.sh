@@ -68,12 +68,14 @@ llama)  # issue 10's Llama-8B row: batch 32 at 32K with the int8 device reserve 
     --shape llama-8b --policies ${POLICIES:-slam} --budget 2048 --contexts ${CONTEXTS:-32000} --batches ${BATCHES:-32} \
     --tokens 16 --reserve-dtype int8 --select-every $r --json || true; done | tee "$OUT/bench-llama8b-32k.jsonl" ;;
 niah-select)  # issue 10: exact recall against two-stage selection across refresh intervals
-  # CONFIGS: "oversample every chunk" triples (oversample 0: exact scoring of the whole reserve)
+  # CONFIGS: "oversample every chunk [budget]" (oversample 0: exact scoring of the whole reserve; -: the default
+  # paired with r and the budget; budget: BUDGETS when left out). Each config gets NIAH_S seconds at most.
   IFS=';' read -ra cfgs <<< "${CONFIGS:-0 1 16;4 1 16;4 2 16;4 4 16;4 8 16}"
   for cfg in "${cfgs[@]}"; do set -- $cfg
-    python3 -m slam.cli eval niah --device cuda --policies slam --budgets ${BUDGETS:-256} --lengths ${LENGTHS:-8000} \
-      --depths 0.1,0.5,0.9 --seeds 3 --select-oversample $1 --select-every $2 --select-chunk $3 --json ${EXTRA:-} \
-      | sed "s/^{/{\"select_oversample\": $1, \"select_every\": $2, \"select_chunk\": $3, /"; done \
+    os=(--select-oversample $1); [ "$1" = - ] && os=()
+    timeout ${NIAH_S:-600} python3 -m slam.cli eval niah --device cuda --policies slam --budgets ${4:-${BUDGETS:-256}} \
+      --lengths ${LENGTHS:-8000} --depths 0.1,0.5,0.9 --seeds 3 "${os[@]}" --select-every $2 --select-chunk $3 --json \
+      ${EXTRA:-} | sed "s/^{/{\"select_oversample\": \"$1\", \"select_every\": $2, \"select_chunk\": $3, /" || true; done \
     | tee "$OUT/niah-select.jsonl" ;;
 niah)
   python3 -m slam.cli eval niah --device cuda --policies full,streaming,slam --budgets 256,512 \
