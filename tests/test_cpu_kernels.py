@@ -142,26 +142,37 @@ def selection_scales(q: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 def test_candidate_top_int8_equals_gather_scoring_then_candidate_top(scale_dtype, scoring_level):
-    """Stage two fused: the candidates' int8 rows gathered from the whole reserve, scored, masked (beyond n,
-    empty indices, repeats) and ranked with ties by reserve index, as the torch code does."""
+    """Stage two between refreshes: the tokens of the chosen chunks scored where they lie in the whole reserve,
+    masked (beyond n, empty indices, repeated chunks) and ranked with ties by reserve index, as the torch code
+    does after gathering them."""
     g = torch.Generator().manual_seed(11)
-    slots, b, h, group, d, rows, c, kc = 4, 3, 3, 3, 64, 1001, 400, 100
+    slots, b, h, group, d, chunk, cap_chunks, nc, kc = 4, 3, 3, 3, 64, 8, 125, 50, 100
+    rows = cap_chunks * chunk + 1
     keys = torch.randint(-127, 128, (slots, h, rows, d), generator=g, dtype=torch.int8)
+    keys[1, :, 8:16] = keys[1, :, 24:32]  # two chunks of equal keys: ties across chunks
     scales = (torch.rand(slots, h, rows, generator=g) / 50).to(scale_dtype)
+    scales[1, :, 8:16] = scales[1, :, 24:32]
     q = torch.randn(b, h, group, d, generator=g)
-    idx = torch.stack([torch.randperm(rows - 1, generator=g)[:c] for _ in range(b * h)]).view(b, h, c)
+    chunks = torch.stack([torch.randperm(cap_chunks - 4, generator=g)[:nc] + 4 for _ in range(b * h)]).view(b, h, nc)
+    chunks[1, :, :2] = torch.tensor([3, 1])
+    chunks[:, :, -1] = chunks[:, :, 0]  # a repeated chunk, marked not fresh
     rpos = torch.arange(rows).expand(slots, -1).clone()
     rpos[0, ::9] = -1
-    n = torch.tensor([1000, 600, 300])
-    fresh = torch.rand(b, h, c, generator=g) > 0.1
+    n = torch.tensor([1000, 600, 200])  # slot 2 stores fewer of its candidates than kc
+    fresh = torch.rand(b, h, nc, generator=g) > 0.1
+    fresh[:, :, -1] = False
+    idx = candidates(chunks, chunk)
     flat = (torch.arange(b * h).view(b, h, 1) * rows + idx).view(-1)
-    k_rows = keys.view(-1, d).index_select(0, flat).view(b, h, c, d)
-    s_rows = scales.view(-1).index_select(0, flat).view(b, h, c)
-    want = candidate_top(dot_int8(q, k_rows, s_rows), idx, rpos[:b], n, kc, 0.125, fresh=fresh, ties=True)
-    got = cpu_kernels.candidate_top_int8(q, keys, scales, idx, rpos, n, kc, 0.125, fresh)
+    k_rows = keys.view(-1, d).index_select(0, flat).view(b, h, -1, d)
+    s_rows = scales.view(-1).index_select(0, flat).view(b, h, -1)
+    want = candidate_top(dot_int8(q, k_rows, s_rows), idx, rpos[:b], n, kc, 0.125,
+                         fresh=fresh.repeat_interleave(chunk, dim=-1), ties=True)
+    got = cpu_kernels.candidate_top_int8(q, keys, scales, chunks.int(), rpos, n, chunk, kc, 0.125, fresh)
     found = want[1] > float("-inf")
-    assert torch.equal(want[1], got[1]) and int(found.sum()) > 0
+    assert torch.equal(want[1], got[1]) and int(found.sum()) > 0 and not bool(found.all())
     assert torch.equal(want[0][found], got[0][found])
+    with pytest.raises(RuntimeError, match="within the reserve"):
+        cpu_kernels.candidate_top_int8(q, keys, scales, chunks + cap_chunks, rpos, n, chunk, kc, 0.125, fresh)
 
 
 @pytest.mark.parametrize("seed", range(3))

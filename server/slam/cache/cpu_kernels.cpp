@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -22,7 +21,6 @@
 namespace {
 
 using slam_rows::check_bounds;
-using slam_rows::check_reserve;
 using slam_rows::filled_chunks;
 using slam_rows::Int16Query;
 using slam_rows::Int8Rows;
@@ -146,59 +144,6 @@ void stage_one(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& sm
   top_rows(lp, ok.get(), false, nullptr, first, chosen, score.data());
 }
 
-// Stage two of two-stage selection from int8 scoring keys (pool.scoring_int8_rows's gathers, selection.dot_int8
-// and candidate_top, ties by lower reserve index): q [b, h, g, d]; keys [slots, h, rows, d] int8 and scales
-// [slots, h, rows] (bfloat16 or float32), the whole reserve; ix [b * h * c] candidate reserve indices; rpos
-// [slots, rows]; stored [b]; fresh [b * h * c] or nullptr (false: a repeat, skipped) -> reserve indices and
-// scores at out_idx, out_score [b * h * kc].
-void stage_two(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& scales, const int64_t* ix_p, int64_t c,
-               const at::Tensor& rpos, const int64_t* stored, const bool* fr_p, int64_t kc, double scale,
-               int64_t* out_idx, float* out_score) {
-  check_reserve(keys, scales, rpos);
-  TORCH_CHECK(kc <= c, "kc above the candidates");
-  const int64_t b = q.size(0), h = q.size(1), rows = keys.size(2), d = keys.size(3);
-  at::Tensor kb = at::empty({b, h, c, d}, keys.options());
-  std::vector<float> sb(b * h * c);
-  std::unique_ptr<bool[]> ok(new bool[b * h * c]);
-  const bool bf16 = scales.scalar_type() == at::kBFloat16;
-  const int8_t* keys_p = keys.data_ptr<int8_t>();
-  const c10::BFloat16* s16_p = bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr;
-  const float* s32_p = bf16 ? nullptr : scales.data_ptr<float>();
-  const int64_t* rpos_p = rpos.data_ptr<int64_t>();
-  int8_t* kb_p = kb.data_ptr<int8_t>();
-  float* sb_p = sb.data();
-  bool* ok_p = ok.get();
-  // The gathers, over the threads by row and by range of candidates (parts_per_row): each reads candidates
-  // scattered through a reserve far larger than the caches, so the rows, their scales and positions are
-  // prefetched well ahead, and two threads hide each other's waits on memory.
-  const int64_t parts = parts_per_row(b * h);
-  const int64_t span = (c + parts - 1) / parts;
-  constexpr int64_t kAhead = 32;
-  at::parallel_for(0, b * h * parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t row = unit / parts, lo = std::min(c, unit % parts * span), hi = std::min(c, lo + span);
-      const int64_t i = row / h, n = stored[i], base = row * rows;
-      const int64_t* r = ix_p + row * c;
-      const int64_t* rp = rpos_p + i * rpos.size(1);
-      for (int64_t t = lo; t < hi; ++t) {
-        if (t + kAhead < hi) {
-          const int64_t ahead = r[t + kAhead];
-          for (int64_t l = 0; l < d; l += 64) __builtin_prefetch(keys_p + (base + ahead) * d + l);
-          __builtin_prefetch(bf16 ? static_cast<const void*>(s16_p + base + ahead) : static_cast<const void*>(s32_p + base + ahead));
-          __builtin_prefetch(rp + ahead);
-        }
-        std::memcpy(kb_p + (row * c + t) * d, keys_p + (base + r[t]) * d, d);
-        sb_p[row * c + t] = bf16 ? static_cast<float>(s16_p[base + r[t]]) : s32_p[base + r[t]];
-        ok_p[row * c + t] = r[t] < n && rp[r[t]] >= 0 && (!fr_p || fr_p[row * c + t]);
-      }
-    }
-  });
-  const at::Tensor lp = int8_log_probs(q, c, scale, [&](int64_t r) {
-    return Int8Rows{kb_p + r * c * d, nullptr, d, sb_p + r * c, ok_p + r * c};
-  });
-  top_rows(lp, ok_p, true, ix_p, kc, out_idx, out_score);  // the picks' reserve indices: their tie keys
-}
-
 // Stage one in one call: q [b, h, g, d]; smin, smax [b, h, chunks, d] int8, rows contiguous; sscale [b, h, chunks];
 // n [b] tokens stored -> chunk indices [b, h, first], best first.
 at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at::Tensor& smax,
@@ -209,23 +154,6 @@ at::Tensor chunk_top_int8(const at::Tensor& q, const at::Tensor& smin, const at:
   at::Tensor out = at::empty({q.size(0), q.size(1), first}, nn.options());
   stage_one(q, smin, smax, sf, nn.data_ptr<int64_t>(), smin.size(2), first, chunk, scale, out.data_ptr<int64_t>());
   return out;
-}
-
-// Stage two in one call: idx [b, h, c] candidate reserve indices; fresh [b, h, c] bool or empty -> (reserve
-// indices, scores) [b, h, kc] (stage_two).
-std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const at::Tensor& keys,
-                                                      const at::Tensor& scales, const at::Tensor& idx,
-                                                      const at::Tensor& rpos, const at::Tensor& n,
-                                                      const at::Tensor& fresh, int64_t kc, double scale) {
-  const int64_t b = idx.size(0), h = idx.size(1), c = idx.size(2);
-  const at::Tensor ix = idx.to(at::kLong).contiguous(), nn = n.to(at::kLong).contiguous();
-  const bool has_fresh = fresh.defined() && fresh.numel() > 0;
-  const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
-  at::Tensor out_idx = at::empty({b, h, kc}, ix.options());
-  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  stage_two(q, keys, scales, ix.data_ptr<int64_t>(), c, rpos, nn.data_ptr<int64_t>(),
-            has_fresh ? fr.data_ptr<bool>() : nullptr, kc, scale, out_idx.data_ptr<int64_t>(), out_score.data_ptr<float>());
-  return {out_idx, out_score};
 }
 
 // The vector path of the integer scoring (cpu_scores.h's set_level): capped at `level` unless empty.
@@ -242,8 +170,8 @@ TORCH_LIBRARY(slam_cpu, m) {
         "-> (Tensor, Tensor)");
   m.def("chunk_top_int8(Tensor q, Tensor smin, Tensor smax, Tensor sscale, Tensor n, int first, int chunk, "
         "float scale) -> Tensor");
-  m.def("candidate_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor idx, Tensor rpos, Tensor n, Tensor fresh, "
-        "int kc, float scale) -> (Tensor, Tensor)");
+  m.def("candidate_top_int8(Tensor q, Tensor keys, Tensor scales, Tensor chunks, Tensor rpos, Tensor n, "
+        "Tensor fresh, int chunk, int kc, float scale) -> (Tensor, Tensor)");
   m.def("two_stage_top_int8(Tensor q, Tensor smin, Tensor smax, Tensor sscale, Tensor keys, Tensor scales, "
         "Tensor rpos, Tensor n, Tensor(a!) cand, int chunks, int first, int chunk, int kc, float scale) -> (Tensor, Tensor)");
   m.def("reserve_append(Tensor(a!) rk, Tensor(b!) rv, Tensor(c!) rq, Tensor(d!) rq_scale, Tensor at, Tensor k, "
@@ -261,7 +189,6 @@ TORCH_LIBRARY(slam_cpu, m) {
 TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
   m.impl("group_top", &group_top);
   m.impl("exact_top_int8", &exact_top_int8);
-  m.impl("candidate_top_int8", &candidate_top_int8);
   m.impl("chunk_top_int8", &chunk_top_int8);
 }
 

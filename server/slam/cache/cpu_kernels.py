@@ -79,15 +79,16 @@ def chunk_top_int8(q: torch.Tensor, smin: torch.Tensor, smax: torch.Tensor, ssca
     return torch.ops.slam_cpu.chunk_top_int8(q, smin, smax, sscale, n, first, chunk, scale)
 
 
-def candidate_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
-                       rpos: torch.Tensor, n: torch.Tensor, kc: int, scale: float, fresh: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """selection.candidate_top(dot_int8 of the candidates' rows, ..., ties=True) in one call: keys [slots, h,
-    rows, d] int8 and scales [slots, h, rows] the whole reserve, idx [b, h, c] the candidates, rpos [slots,
-    rows] -> (reserve indices, scores) [b, h, kc]."""
+def candidate_top_int8(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, chunks: torch.Tensor,
+                       rpos: torch.Tensor, n: torch.Tensor, chunk: int, kc: int, scale: float,
+                       fresh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """selection.candidate_top(dot_int8 of the tokens of `chunks` [b, h, nc], ..., ties=True) in one call, each
+    chunk's rows scored where they lie in the reserve: keys [slots, h, rows, d] int8 and scales [slots, h, rows]
+    the whole reserve, rpos [slots, rows], fresh [b, h, nc] (False: a repeated chunk, left out) -> (reserve
+    indices, scores) [b, h, kc]."""
     empty = torch.empty(0, dtype=torch.bool)
-    return torch.ops.slam_cpu.candidate_top_int8(q, keys, scales, idx, rpos, n, empty if fresh is None else fresh,
-                                                 kc, scale)
+    return torch.ops.slam_cpu.candidate_top_int8(q, keys, scales, chunks, rpos, n, empty if fresh is None else fresh,
+                                                 chunk, kc, scale)
 
 
 def two_stage_top_int8(q: torch.Tensor, pool, layer: int, n: torch.Tensor, chunks: int, first: int, kc: int,

@@ -48,70 +48,92 @@ struct TwoStageScratch {
   }
 };
 
-// Inputs of both stages for the rows of a batch (two_stage_top_int8).
-struct TwoStageInputs {
+// Stage two's inputs for the rows of a batch: the query, the whole int8 reserve and what each slot stores.
+struct StageTwoInputs {
   const Int16Query& q;
-  int64_t h, g, d, chunks, first, chunk, kc;
+  int64_t h, g, d, chunk, kc;
   float fs;
-  const at::Tensor &smin, &smax;  // row r's bounds at row_of(.., r), chunks `bound_stride` bytes apart
-  int64_t bound_stride;
-  const float* sscale;  // row r's chunk scales at sscale + (r / h) * s0 + (r % h) * s1
-  int64_t s0, s1;
   const int8_t* keys;  // the whole reserve [slots, h, rows, d]
   const c10::BFloat16* s16;
   const float* s32;
   int64_t rows;
   const int64_t* rpos;  // [slots, rows]
   const int64_t* stored;
+};
+
+StageTwoInputs stage_two_inputs(const Int16Query& qi, const at::Tensor& q, const at::Tensor& keys,
+                                const at::Tensor& scales, const at::Tensor& rpos, const int64_t* stored, int64_t chunk,
+                                int64_t kc, double scale) {
+  const bool bf16 = scales.scalar_type() == at::kBFloat16;
+  return {qi, q.size(1), q.size(2), q.size(3), chunk, kc, static_cast<float>(scale), keys.data_ptr<int8_t>(),
+          bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr, bf16 ? nullptr : scales.data_ptr<float>(), keys.size(2),
+          rpos.data_ptr<int64_t>(), stored};
+}
+
+// Stage one's inputs besides: the bounds of chunks [0, chunks) and which of them hold tokens.
+struct StageOneInputs {
+  int64_t chunks, first;
+  const at::Tensor &smin, &smax;  // row r's bounds at row_of(.., r), chunks `bound_stride` bytes apart
+  int64_t bound_stride;
+  const float* sscale;  // row r's chunk scales at sscale + (r / h) * s0 + (r % h) * s1
+  int64_t s0, s1;
   const bool* chunk_ok;  // [b, chunks]
 };
 
 constexpr int64_t kAheadChunks = 6;
 
-// Both stages for row r = slot * h + head, start to end on one thread (two_stage_top_int8): stage one's chunk
-// scores and their `first` best (-> chosen), then the tokens of those chunks scored in place, eight reserve rows
-// a chunk, and their kc best -> reserve indices and scores at out_idx, out_score [kc].
-void two_stage_row(const TwoStageInputs& in, int64_t r, int64_t* chosen_out, int64_t* out_idx, float* out_score,
-                   TwoStageScratch& w) {
-  const int64_t g = in.g, d = in.d, m1 = in.chunks, c = in.first * in.chunk, i = r / in.h, q0 = r * g * d;
-  const int64_t ld = std::max(m1, c);
-  w.dots.resize(g * ld), w.low.resize(g * ld), w.logits.resize(g * ld);
-  const bool* ok1 = in.chunk_ok + i * m1;
-  const Int8Rows bounds{row_of(in.smax, r), row_of(in.smin, r), in.bound_stride,
-                        in.sscale + i * in.s0 + (r % in.h) * in.s1, ok1};
-  row_logits(in.q, r, g, d, bounds, 0, m1, in.fs, w.dots.data(), w.low.data(), ld, w.logits.data(), m1);
-  {
-    const at::Tensor lp = log_softmax_rows(w.logits.data(), g, m1);
-    w.score.resize(std::max(in.first, in.kc));
-    top_row(lp.data_ptr<float>(), g, m1, ok1, nullptr, in.first, chosen_out, w.score.data(), w.top);
-  }
-  // Stage two over the chosen chunks' tokens, read where they lie in the reserve.
+// Stage two for row r = slot * h + head: the tokens of chunks cs [nc] (chunk j: reserve rows [cs[j] * chunk,
+// (cs[j] + 1) * chunk)), scored where they lie in the reserve, a chunk whose `fresh` entry is false (a repeat)
+// left out, and their kc best -> reserve indices and scores at out_idx, out_score [kc], ties to the lower index.
+void stage_two_row(const StageTwoInputs& in, int64_t r, const int64_t* cs, int64_t nc, const bool* fresh,
+                   int64_t* out_idx, float* out_score, TwoStageScratch& w) {
+  const int64_t g = in.g, d = in.d, c = nc * in.chunk, i = r / in.h, q0 = r * g * d;
   const int64_t base = r * in.rows, n = in.stored[i];
   const int64_t* rp = in.rpos + i * in.rows;
-  w.sb.resize(c), w.ix.resize(c);
-  bool* ok2 = w.oks(c);
-  for (int64_t j = 0; j < in.first; ++j) {
-    const int64_t first_row = chosen_out[j] * in.chunk;
-    if (j + kAheadChunks < in.first) {  // chunks lie far apart in a reserve far larger than the caches
-      const int64_t ahead = base + chosen_out[j + kAheadChunks] * in.chunk;
+  if (static_cast<int64_t>(w.dots.size()) < g * c) w.dots.resize(g * c);
+  w.logits.resize(g * c), w.sb.resize(c), w.ix.resize(c), w.score.resize(in.kc);
+  bool* ok = w.oks(c);
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t first_row = cs[j] * in.chunk;
+    if (j + kAheadChunks < nc) {  // chunks lie far apart in a reserve far larger than the caches
+      const int64_t ahead = base + cs[j + kAheadChunks] * in.chunk;
       for (int64_t o = 0; o < in.chunk * d; o += 64) __builtin_prefetch(in.keys + ahead * d + o);
       __builtin_prefetch(in.s16 ? static_cast<const void*>(in.s16 + ahead) : static_cast<const void*>(in.s32 + ahead));
       __builtin_prefetch(rp + (ahead - base));
     }
     slam_scores::int_dots(in.q.q16.data() + q0, g, in.keys + (base + first_row) * d, d, in.chunk, d,
-                          w.dots.data() + j * in.chunk, ld);
+                          w.dots.data() + j * in.chunk, c);
+    const bool take = !fresh || fresh[j];
     for (int64_t o = 0; o < in.chunk; ++o) {
       const int64_t t = j * in.chunk + o, k = first_row + o;
       w.ix[t] = k;
       w.sb[t] = in.s16 ? static_cast<float>(in.s16[base + k]) : in.s32[base + k];
-      ok2[t] = k < n && rp[k] >= 0;
+      ok[t] = take && k < n && rp[k] >= 0;
     }
   }
   for (int64_t j = 0; j < g; ++j)
-    slam_scores::scale_logits(w.dots.data() + j * ld, nullptr, in.q.qs[r * g + j], w.sb.data(), ok2, in.fs, c,
+    slam_scores::scale_logits(w.dots.data() + j * c, nullptr, in.q.qs[r * g + j], w.sb.data(), ok, in.fs, c,
                               w.logits.data() + j * c);
   const at::Tensor lp = log_softmax_rows(w.logits.data(), g, c);
-  top_row(lp.data_ptr<float>(), g, c, ok2, w.ix.data(), in.kc, out_idx, out_score, w.top);
+  top_row(lp.data_ptr<float>(), g, c, ok, w.ix.data(), in.kc, out_idx, out_score, w.top);
+}
+
+// Both stages for row r, start to end on one thread (two_stage_top_int8): stage one's chunk scores and their
+// `first` best (-> chosen), then stage_two_row over those chunks.
+void two_stage_row(const StageTwoInputs& in, const StageOneInputs& one, int64_t r, int64_t* chosen_out,
+                   int64_t* out_idx, float* out_score, TwoStageScratch& w) {
+  const int64_t g = in.g, d = in.d, m1 = one.chunks, i = r / in.h;
+  w.dots.resize(g * m1), w.low.resize(g * m1), w.logits.resize(g * m1);
+  const bool* ok1 = one.chunk_ok + i * m1;
+  const Int8Rows bounds{row_of(one.smax, r), row_of(one.smin, r), one.bound_stride,
+                        one.sscale + i * one.s0 + (r % in.h) * one.s1, ok1};
+  row_logits(in.q, r, g, d, bounds, 0, m1, in.fs, w.dots.data(), w.low.data(), m1, w.logits.data(), m1);
+  {
+    const at::Tensor lp = log_softmax_rows(w.logits.data(), g, m1);
+    w.score.resize(std::max(one.first, in.kc));
+    top_row(lp.data_ptr<float>(), g, m1, ok1, nullptr, one.first, chosen_out, w.score.data(), w.top);
+  }
+  stage_two_row(in, r, chosen_out, one.first, nullptr, out_idx, out_score, w);
 }
 
 // Both stages in one call, stage one refreshed: stage one over chunks [0, chunks) of the layer's bounds, its picks
@@ -136,12 +158,9 @@ std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const
   const int64_t* stored = nn.data_ptr<int64_t>();
   const Int16Query qi(q, true);
   const std::unique_ptr<bool[]> chunk_ok = filled_chunks(stored, b, chunks, chunk);
-  const bool bf16 = scales.scalar_type() == at::kBFloat16;
-  const TwoStageInputs in{qi, h, g, d, chunks, first, chunk, kc,
-                          static_cast<float>(scale), smin, smax, smax.stride(2),
-                          sscale.data_ptr<float>(), sscale.stride(0), sscale.stride(1), keys.data_ptr<int8_t>(),
-                          bf16 ? scales.data_ptr<c10::BFloat16>() : nullptr, bf16 ? nullptr : scales.data_ptr<float>(),
-                          keys.size(2), rpos.data_ptr<int64_t>(), stored, chunk_ok.get()};
+  const StageTwoInputs in = stage_two_inputs(qi, q, keys, scales, rpos, stored, chunk, kc, scale);
+  const StageOneInputs one{chunks, first, smin, smax, smax.stride(2), sscale.data_ptr<float>(), sscale.stride(0),
+                           sscale.stride(1), chunk_ok.get()};
   std::vector<int64_t> chosen(b * h * first);
   at::Tensor out_idx = at::empty({b, h, kc}, nn.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
@@ -150,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const
   at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
     TwoStageScratch w;
     for (int64_t r = begin; r < end; ++r)
-      two_stage_row(in, r, chosen.data() + r * first, oi + r * kc, os + r * kc, w);
+      two_stage_row(in, one, r, chosen.data() + r * first, oi + r * kc, os + r * kc, w);
   });
   int32_t* cand_p = cand.data_ptr<int32_t>();
   for (int64_t r = 0; r < b * h; ++r)
@@ -159,6 +178,43 @@ std::tuple<at::Tensor, at::Tensor> two_stage_top_int8(const at::Tensor& q, const
   return {out_idx, out_score};
 }
 
+// Stage two alone, between refreshes (selection.candidate_top over the tokens of the chunks chosen last and the
+// latest, ties to the lower reserve index): chunks [b, h, nc] chunk indices; fresh [b, h, nc] bool (false: a
+// repeated chunk, left out) or empty; keys, scales, rpos the whole reserve -> (reserve indices, scores) [b, h, kc].
+std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const at::Tensor& keys,
+                                                      const at::Tensor& scales, const at::Tensor& chunks,
+                                                      const at::Tensor& rpos, const at::Tensor& n,
+                                                      const at::Tensor& fresh, int64_t chunk, int64_t kc, double scale) {
+  check_reserve(keys, scales, rpos);
+  const int64_t b = q.size(0), h = q.size(1), nc = chunks.size(2);
+  TORCH_CHECK(chunks.dim() == 3 && chunks.size(0) == b && chunks.size(1) == h, "chunks: [b, h, nc]");
+  TORCH_CHECK(kc <= nc * chunk && keys.size(3) == q.size(3), "kc above the candidates");
+  const bool has_fresh = fresh.defined() && fresh.numel() > 0;
+  TORCH_CHECK(!has_fresh || (fresh.scalar_type() == at::kBool && fresh.sizes() == chunks.sizes()),
+              "fresh: [b, h, nc] bool or empty");
+  const at::Tensor cs = chunks.to(at::kLong).contiguous(), nn = n.to(at::kLong).contiguous();
+  const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
+  TORCH_CHECK(cs.numel() == 0 || (cs.min().item<int64_t>() >= 0 && (cs.max().item<int64_t>() + 1) * chunk <= keys.size(2)),
+              "chunks: within the reserve");
+  const Int16Query qi(q, false);
+  const StageTwoInputs in = stage_two_inputs(qi, q, keys, scales, rpos, nn.data_ptr<int64_t>(), chunk, kc, scale);
+  at::Tensor out_idx = at::empty({b, h, kc}, nn.options());
+  at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
+  const int64_t* cs_p = cs.data_ptr<int64_t>();
+  const bool* fr_p = has_fresh ? fr.data_ptr<bool>() : nullptr;
+  int64_t* oi = out_idx.data_ptr<int64_t>();
+  float* os = out_score.data_ptr<float>();
+  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+    TwoStageScratch w;
+    for (int64_t r = begin; r < end; ++r)
+      stage_two_row(in, r, cs_p + r * nc, nc, fr_p ? fr_p + r * nc : nullptr, oi + r * kc, os + r * kc, w);
+  });
+  return {out_idx, out_score};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) { m.impl("two_stage_top_int8", &two_stage_top_int8); }
+TORCH_LIBRARY_IMPL(slam_cpu, CPU, m) {
+  m.impl("two_stage_top_int8", &two_stage_top_int8);
+  m.impl("candidate_top_int8", &candidate_top_int8);
+}

@@ -274,11 +274,12 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         keys, scales = pool.reserve_keys_store(layer)
         dots, stored = fused_dots.chunk_dots_stored(q, keys, chosen, pool.chunk, scales, rpos, n, fresh)
         return fused_top.stored_top(dots, stored, kc, scale, limit, chosen, pool.chunk)
+    if pool.int8_scoring and pool.cpu_kernels:
+        return cpu_kernels.candidate_top_int8(q, *pool.int8_keys(layer), chosen, pool.rpos, n, pool.chunk, kc, scale,
+                                              fresh)
     if fresh is not None:
         fresh = fresh.repeat_interleave(pool.chunk, dim=-1)  # per chunk -> per candidate token
     idx = candidates(chosen, pool.chunk)
-    if pool.int8_scoring and pool.cpu_kernels:
-        return cpu_kernels.candidate_top_int8(q, *pool.int8_keys(layer), idx, pool.rpos, n, kc, scale, fresh)
     if pool.int8_scoring:
         dots = dot_int8(q, *pool.scoring_int8_rows(layer, idx))
     else:
