@@ -1,7 +1,8 @@
-// Two-stage selection from int8 keys in one call per layer, each row (slot x KV head) start to end on one thread
-// (two_stage_top_int8; cpu_kernels.cpp declares the op and holds the stages as separate ops, which this one
-// equals: tests/test_cpu_kernels.py). Stage one scores every chunk by its int8 key bounds and keeps the best;
-// stage two scores those chunks' tokens where they lie in the reserve and keeps the kc best.
+// Two-stage selection from int8 keys, each row (slot x KV head) start to end on one thread. two_stage_top_int8, at a
+// layer's refresh: stage one scores every chunk by its int8 key bounds and keeps the best; stage two scores those
+// chunks' tokens where they lie in the reserve and keeps the kc best. candidate_top_int8, between refreshes: stage
+// two alone over the chunks chosen last and the latest. cpu_kernels.cpp declares both ops and holds stage one as an
+// op of its own, which the first equals (tests/test_cpu_kernels.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
