@@ -7,15 +7,25 @@ A token at position p lives in column p when p < sink, else in column sink + mid
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from slam.cache import CachePolicy, Evicted
 from slam.engine import attention as A
+from slam.engine.layer import Layer
+from slam.engine.pool import SlotPool
 
-if TYPE_CHECKING:
-    from slam.engine.model_runner import Layer, ModelRunner
+
+class Runner(Protocol):
+    """What a prefill layer reads of the model runner (engine/model_runner.py), which calls it."""
+
+    pool: SlotPool
+    rope: A.Rope
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+    scale: float
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -35,7 +45,7 @@ def column(policy: CachePolicy, p: int) -> int:
     return p if p < policy.sink else policy.sink + policy.middle + (p - policy.sink) % policy.ring
 
 
-def prefill_layer(runner: ModelRunner, li: int, layer: Layer, x: torch.Tensor, slot: int, policy: CachePolicy,
+def prefill_layer(runner: Runner, li: int, layer: Layer, x: torch.Tensor, slot: int, policy: CachePolicy,
                   start: int, positions: torch.Tensor) -> torch.Tensor:
     pool, rope, d = runner.pool, runner.rope, runner.head_dim
     t = x.shape[0]
@@ -75,7 +85,7 @@ def prefill_layer(runner: ModelRunner, li: int, layer: Layer, x: torch.Tensor, s
     return x + layer.mlp(x)
 
 
-def write_chunk(runner: ModelRunner, li: int, slot: int, policy: CachePolicy, start: int, k: torch.Tensor,
+def write_chunk(runner: Runner, li: int, slot: int, policy: CachePolicy, start: int, k: torch.Tensor,
                 v: torch.Tensor, scores: torch.Tensor | None, k_rot: torch.Tensor) -> None:
     """Evict what leaves the ring, oldest first, then store the chunk's surviving tokens in their columns."""
     pool = runner.pool
