@@ -22,6 +22,6 @@ def test_slam_finds_needles_streaming_loses(smol):
 
 def test_niah_rows_say_when_two_stages_scored_the_reserve(smol):
     cache = dict(budget=128, sink=4, recent=32)
-    engine = make_engine(smol, "slam", select_min_ratio=1, **cache)
+    engine = make_engine(smol, "slam", select_min_ratio=1, select_oversample=8, **cache)
     [case] = run_niah(engine, [CacheConfig(policy="slam", **cache)], lengths=[1500], depths=[0.5], seeds=1)
     assert case.two_stage is True and case.tokens > 0

@@ -273,7 +273,7 @@ def test_oversampling_pairs_with_the_refresh_interval_unless_set(smol):
 
     assert [oversample_for(r, None) for r in (1, 2, 3, 4, 8)] == [8, 8, 16, 16, 16]
     assert oversample_for(4, 8) == 8 and oversample_for(4, 0) == 0 and oversample_for(1, 16) == 16
-    cache = CacheConfig(policy="slam", budget=24, sink=2, recent=8)
+    cache = CacheConfig(policy="slam", budget=256, sink=4, recent=64)  # the 188 columns the pairing was measured at
     for every, oversample, want in ((1, None, 8), (4, None, 16), (4, 8, 8), (2, 0, 0)):
         engine = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_every=every, select_oversample=oversample), smol)
         assert engine.runner.pool.oversample == want, (every, oversample)
@@ -282,15 +282,15 @@ def test_oversampling_pairs_with_the_refresh_interval_unless_set(smol):
 
 
 def test_larger_middles_keep_the_candidate_tokens_measured_at_budget_256(smol):
-    """Unset oversampling was measured for budget 256's 188 critical columns; a larger middle rescores as many
-    candidate tokens (at least twice its columns), so budget 2048 does not rescore its whole 32K reserve, and a
-    smaller middle keeps its multiple."""
+    """Unset oversampling was measured for budget 256's 188 critical columns; any other middle rescores as many
+    candidate tokens (at least twice its columns), so budget 2048 does not rescore its whole 32K reserve, and
+    budget 128 does not rescore a third as many (which lost needles at 4K)."""
     from slam.config import oversample_for
 
-    assert [oversample_for(4, None, m) for m in (60, 188, 444, 956, 1980, 8000)] == [16, 16, 7, 4, 2, 2]
-    assert [oversample_for(1, None, m) for m in (60, 188, 444, 1980)] == [8, 8, 4, 2]
+    assert [oversample_for(4, None, m) for m in (60, 188, 444, 956, 1980, 8000)] == [51, 16, 7, 4, 2, 2]
+    assert [oversample_for(1, None, m) for m in (12, 60, 188, 444, 1980)] == [126, 26, 8, 4, 2]
     assert oversample_for(4, 16, 1980) == 16 and oversample_for(4, 0, 1980) == 0  # set values are kept
-    for budget, every, want in ((256, 4, 16), (512, 4, 7), (2048, 4, 2), (2048, 1, 2)):
+    for budget, every, want in ((128, 1, 26), (256, 4, 16), (512, 4, 7), (2048, 4, 2), (2048, 1, 2)):
         cache = CacheConfig(policy="slam", budget=budget, sink=4, recent=64)
         engine = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_every=every), smol)
         assert engine.runner.pool.oversample == want, (budget, every)

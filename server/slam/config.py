@@ -101,13 +101,14 @@ def oversample_for(every: int, oversample: int | None, middle: int = MEASURED_MI
     """Two-stage selection's oversampling: as set, else paired with the refresh interval. Chunks chosen at a
     refresh serve the next r - 1 queries too; at r = 4 eight middles' worth of them lost two needles of exact
     recall's six at 8K on the H100, sixteen lost one (docs/benchmarks.md, "r = 4 with more candidates").
-    Those counts hold for a middle of up to 188 columns. A needle needs its chunk among the best few hundred,
-    a number that does not grow with the middle, so a larger middle keeps as many candidate tokens (at least
-    twice its picks): budget 2048 rescores 2 x 1,980 where 16 x would be the whole reserve at 32K."""
+    Those counts were measured for a middle of 188 columns. A needle needs its chunk among the best few hundred,
+    a number that does not follow the middle, so any middle keeps as many candidate tokens (and at least twice
+    its picks): budget 2048 rescores 2 x 1,980 where 16 x would be the whole reserve at 32K, and budget 128's 60
+    columns rescore 26 x (r <= 2), where 8 x lost two needles of exact recall's nine at 4K on the CPU."""
     if oversample is not None:
         return oversample
     base = 8 if every <= 2 else 16
-    return max(2, min(base, -(-base * MEASURED_MIDDLE // max(middle, 1))))
+    return -(-max(2 * middle, base * MEASURED_MIDDLE) // max(middle, 1))
 
 
 def _split_commas(value: Any) -> Any:
@@ -213,9 +214,9 @@ class ServerSettings(BaseSettings):
                               "the first selection stage scores")
     select_oversample: int | None = Field(default=None, ge=0, description="slam: chunks worth this many times "
                                           "the critical columns are rescored exactly (0: score every reserve token; "
-                                          "unset: 8, or 16 when select_every is 3 or more, for up to 188 "
-                                          "critical columns; larger budgets keep as many candidate tokens, at "
-                                          "least twice their columns)")
+                                          "unset: as many candidate tokens as 8 x budget 256's 188 critical "
+                                          "columns, 16 x when select_every is 3 or more, and at least twice the "
+                                          "columns)")
     select_min_ratio: int = Field(default=4, ge=1, description="slam: two-stage selection starts once the reserve "
                                   "holds this many times the candidates; before, every token is scored")
     api_key_file: Path | None = Field(default=None, description="file with one API key per line; requests "
