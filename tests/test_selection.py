@@ -60,6 +60,19 @@ def test_two_stage_covering_the_reserve_equals_exact(smol, cache):
     assert run(two_stage, prompts) == (tokens, churn)
 
 
+def test_a_narrow_request_in_a_wide_pool_rescores_the_measured_candidates(smol):
+    """A pool sized for max_budget 400 takes oversampling 4 from that budget's middle. A budget-40 request (24
+    critical columns) still rescores budget 256's 1,504 candidate tokens, not 4 x 24, and here those cover its
+    whole reserve, so it picks what exact scoring picks, step for step."""
+    exact = engine_with(smol, oversample=0, float_scores=True)
+    prompts = [exact.encode(STORY), exact.encode(STORY[:300])]
+    tokens, churn = run(exact, prompts)
+    wide = engine_with(smol, oversample=None, chunk=8, capacity=4 * 4 * 400, float_scores=True, max_budget=400)
+    pool = wide.runner.pool
+    assert pool.two_stage and (pool.oversample, pool.candidate_floor) == (4, 8 * 188)
+    assert run(wide, prompts) == (tokens, churn)
+
+
 def assert_bounds_hold(pool, layer: int, slot: int, keys: torch.Tensor, chunk: int, chunks: int, loose: int) -> None:
     """The int8 bounds of chunks [0, chunks) contain every key of their chunk (keys [kv_heads, n, head_dim]),
     and lie within `loose` steps of their scale from the keys' true minimum and maximum."""
@@ -294,10 +307,16 @@ def test_larger_middles_keep_the_candidate_tokens_measured_at_budget_256(smol):
         cache = CacheConfig(policy="slam", budget=budget, sink=4, recent=64)
         engine = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_every=every), smol)
         assert engine.runner.pool.oversample == want, (budget, every)
-    # The pool's widest slot decides: requests may ask for up to max_budget.
+    # The pool's widest slot decides its multiple (requests may ask for up to max_budget), but a step of narrower
+    # requests still rescores the measured count of candidate tokens, as a pool of their own budget would.
     cache = CacheConfig(policy="slam", budget=256, sink=4, recent=64)
-    engine = LLMEngine(EngineConfig(max_batch=1, cache=cache, max_budget=2048, select_every=4), smol)
-    assert engine.runner.pool.oversample == 2
+    wide = LLMEngine(EngineConfig(max_batch=1, cache=cache, max_budget=2048, select_every=4), smol).runner.pool
+    own = LLMEngine(EngineConfig(max_batch=1, cache=cache, select_every=4), smol).runner.pool
+    assert wide.oversample == 2 and own.oversample == 16
+    assert wide.first_chunks(188) == own.first_chunks(188) == 16 * 188 // 8
+    assert wide.first_chunks(1980) == 2 * 1980 // 8 and wide.first_chunks(60) == 16 * 188 // 8
+    set_ = LLMEngine(EngineConfig(max_batch=1, cache=cache, max_budget=2048, select_oversample=3), smol).runner.pool
+    assert set_.first_chunks(188) == -(-3 * 188 // 8)  # a set multiple is kept as it is
 
 
 def test_two_stages_start_at_four_times_the_candidates_unless_set(smol):

@@ -61,7 +61,7 @@ def kv_read_bytes(engine: LLMEngine, cache: CacheConfig, context: int, batch: in
             # Stage one's two bounds per chunk once per `select_every` steps; stage two's candidates every step.
             bounds = rows * (2 * pool.head_dim + 4)
             keys = -(-evicted // pool.chunk) * bounds / engine.runner.select_every \
-                + min(evicted, pool.oversample * middle) * scored
+                + min(evicted, pool.first_chunks(middle) * pool.chunk) * scored
         read += int((keys + min(evicted, middle) * stored) * batch)
     return read
 

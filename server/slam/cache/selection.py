@@ -244,7 +244,7 @@ def select_reserve(pool, layer: int, q: torch.Tensor, n: torch.Tensor, kc: int, 
         if fused_top.applies(pool, kc, span):
             return fused_top.group_top(dots, rpos, n, kc, scale, limit)
         return _run(pool, exact_top, dots, rpos[:, :span], n, kc, scale, ties, pool.cpu_kernels)
-    first = -(-pool.oversample * kc // pool.chunk)
+    first = pool.first_chunks(kc)
     fresh = None
     if refresh:
         chunks = min(max(-(-span // pool.chunk), first), pool.cap // pool.chunk)

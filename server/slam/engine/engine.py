@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from slam.cache import POLICIES
-from slam.config import CacheConfig, EngineConfig, oversample_for
+from slam.config import CacheConfig, EngineConfig, candidate_floor, oversample_for
 from slam.engine.ahead import InFlight, StepsAhead
 from slam.engine.model_runner import ModelRunner
 from slam.engine.output import EngineStats, StepOutput, detokenize, stop_reason, visible_delta
@@ -43,7 +43,7 @@ class LLMEngine(StepsAhead):
             int8_weights=resolve_dtype(config.dtype, self.loaded.device) == "int8", enforce_eager=config.enforce_eager, select_every=config.select_every, compile=config.compile,
             selection=(config.select_chunk,
                        oversample_for(config.select_every, config.select_oversample, self._middle()),
-                       config.select_min_ratio),
+                       config.select_min_ratio, candidate_floor(config.select_every, config.select_oversample)),
             max_reserve=self.max_model_len)
         self.async_scheduling = self._async_scheduling()
         self.in_flight: InFlight | None = None

@@ -29,7 +29,7 @@ PLAN_ROWS = ("tokens", "pos", "write", "evict", "reserve_at", "reserve_n", "midd
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, slots: int, budget: int, reserve_device: str = "auto",
                  reserve_int8: bool = False, cache_positions: bool = False, int8_weights: bool = False,
-                 enforce_eager: bool = False, select_every: int = 1, selection: tuple[int, int, int] = (8, 8, 4),
+                 enforce_eager: bool = False, select_every: int = 1, selection: tuple[int, int, int, int] = (8, 8, 4, 0),
                  compile: bool = False, max_reserve: int = 0):
         model = loaded.model
         self.config, self.device = model.config, loaded.device

@@ -76,7 +76,8 @@ class SlotPool(ChunkBounds, ReserveReads):
     def __init__(self, layers: int, slots: int, kv_heads: int, budget: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, reserve_device: torch.device | None = None,
                  reserve_int8: bool = False, cache_positions: bool = False, chunk: int = 0,
-                 oversample: int = 0, min_ratio: int = 4, int8_scoring: bool = False, max_reserve: int = 0):
+                 oversample: int = 0, min_ratio: int = 4, candidate_floor: int = 0, int8_scoring: bool = False,
+                 max_reserve: int = 0):
         self.layers, self.slots, self.kv_heads, self.budget, self.head_dim = layers, slots, kv_heads, budget, head_dim
         self.dtype, self.device = dtype, device
         cols = budget + 1
@@ -104,13 +105,15 @@ class SlotPool(ChunkBounds, ReserveReads):
         self.rq: list[torch.Tensor] = []
         self.rq_scale: list[torch.Tensor] = []
         # Two-stage selection: bounds per `chunk` reserve tokens pick `oversample` x the critical columns'
-        # worth of chunks, whose tokens are then scored exactly. 0: every reserve token scored exactly.
+        # worth of chunks (at least `candidate_floor` tokens: first_chunks), whose tokens are then scored
+        # exactly. 0: every reserve token scored exactly.
         # It runs once the reserve's capacity is `min_ratio` times the candidates (oversample x budget):
         # on shorter reserves exact scoring reads about as much and launches fewer kernels. Bounds are
         # kept (and allocated) only while it runs; they are rebuilt from the reserve when it starts.
         self.chunk = chunk if oversample else 0
         self.oversample = oversample if chunk else 0
         self.min_ratio = min_ratio
+        self.candidate_floor = candidate_floor
         self.two_stage = False
         self.select_every = 1  # steps between stage one's refreshes of a layer's chunks (set by the runner)
         self.compile = False  # GPUs: decode-step and selection functions through torch.compile (set by the runner)
@@ -187,6 +190,12 @@ class SlotPool(ChunkBounds, ReserveReads):
             self.two_stage = True
             self._rebuild_bounds(n)
         self.version += 1
+
+    def first_chunks(self, kc: int) -> int:
+        """Stage one's chunks for a step whose widest middle is kc: oversample x kc tokens, or candidate_floor
+        (config.candidate_floor) if more, within the candidate buffer (oversample x the pool's budget)."""
+        tokens = min(max(self.oversample * kc, self.candidate_floor), self.oversample * self.budget)
+        return -(-tokens // self.chunk)
 
     def grown_capacity(self, need: int, cap: int) -> int:
         """The capacity ensure_reserve grows `cap` to for `need` tokens: at least a quarter more (so appends
