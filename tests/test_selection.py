@@ -301,7 +301,7 @@ def test_larger_middles_keep_the_candidate_tokens_measured_at_budget_256(smol):
     from slam.config import oversample_for
 
     assert [oversample_for(4, None, m) for m in (60, 188, 444, 956, 1980, 8000)] == [51, 16, 7, 4, 2, 2]
-    assert [oversample_for(1, None, m) for m in (12, 60, 188, 444, 1980)] == [126, 26, 8, 4, 2]
+    assert [oversample_for(1, None, m) for m in (0, 12, 60, 188, 444, 1980)] == [2, 126, 26, 8, 4, 2]
     assert oversample_for(4, 16, 1980) == 16 and oversample_for(4, 0, 1980) == 0  # set values are kept
     for budget, every, want in ((128, 1, 26), (256, 4, 16), (512, 4, 7), (2048, 4, 2), (2048, 1, 2)):
         cache = CacheConfig(policy="slam", budget=budget, sink=4, recent=64)

@@ -107,7 +107,9 @@ def oversample_for(every: int, oversample: int | None, middle: int = MEASURED_MI
     columns rescore 26 x (r <= 2), where 8 x lost two needles of exact recall's nine at 4K on the CPU."""
     if oversample is not None:
         return oversample
-    return -(-max(2 * middle, candidate_floor(every, None)) // max(middle, 1))
+    if middle < 1:
+        return 2  # no critical columns (budget = sink + recent): nothing is ever selected
+    return -(-max(2 * middle, candidate_floor(every, None)) // middle)
 
 
 def candidate_floor(every: int, oversample: int | None) -> int:
