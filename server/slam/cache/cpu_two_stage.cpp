@@ -91,8 +91,7 @@ void stage_two_row(const StageTwoInputs& in, int64_t r, const int64_t* cs, int64
   const int64_t g = in.g, d = in.d, c = nc * in.chunk, i = r / in.h, q0 = r * g * d;
   const int64_t base = r * in.rows, n = in.stored[i];
   const int64_t* rp = in.rpos + i * in.rows;
-  if (static_cast<int64_t>(w.dots.size()) < g * c) w.dots.resize(g * c);
-  w.logits.resize(g * c), w.sb.resize(c), w.ix.resize(c), w.score.resize(in.kc);
+  w.dots.resize(g * c), w.logits.resize(g * c), w.sb.resize(c), w.ix.resize(c);
   bool* ok = w.oks(c);
   for (int64_t j = 0; j < nc; ++j) {
     const int64_t first_row = cs[j] * in.chunk;
@@ -187,21 +186,22 @@ std::tuple<at::Tensor, at::Tensor> candidate_top_int8(const at::Tensor& q, const
                                                       const at::Tensor& rpos, const at::Tensor& n,
                                                       const at::Tensor& fresh, int64_t chunk, int64_t kc, double scale) {
   check_reserve(keys, scales, rpos);
-  const int64_t b = q.size(0), h = q.size(1), nc = chunks.size(2);
+  const int64_t b = q.size(0), h = q.size(1);
   TORCH_CHECK(chunks.dim() == 3 && chunks.size(0) == b && chunks.size(1) == h, "chunks: [b, h, nc]");
+  const int64_t nc = chunks.size(2);
   TORCH_CHECK(kc <= nc * chunk && keys.size(3) == q.size(3), "kc above the candidates");
   const bool has_fresh = fresh.defined() && fresh.numel() > 0;
   TORCH_CHECK(!has_fresh || (fresh.scalar_type() == at::kBool && fresh.sizes() == chunks.sizes()),
               "fresh: [b, h, nc] bool or empty");
   const at::Tensor cs = chunks.to(at::kLong).contiguous(), nn = n.to(at::kLong).contiguous();
   const at::Tensor fr = has_fresh ? fresh.contiguous() : fresh;
-  TORCH_CHECK(cs.numel() == 0 || (cs.min().item<int64_t>() >= 0 && (cs.max().item<int64_t>() + 1) * chunk <= keys.size(2)),
-              "chunks: within the reserve");
+  const int64_t* cs_p = cs.data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(cs_p, cs_p + cs.numel());
+  TORCH_CHECK(cs.numel() == 0 || (*lo >= 0 && (*hi + 1) * chunk <= keys.size(2)), "chunks: within the reserve");
   const Int16Query qi(q, false);
   const StageTwoInputs in = stage_two_inputs(qi, q, keys, scales, rpos, nn.data_ptr<int64_t>(), chunk, kc, scale);
   at::Tensor out_idx = at::empty({b, h, kc}, nn.options());
   at::Tensor out_score = at::empty({b, h, kc}, q.options().dtype(at::kFloat));
-  const int64_t* cs_p = cs.data_ptr<int64_t>();
   const bool* fr_p = has_fresh ? fr.data_ptr<bool>() : nullptr;
   int64_t* oi = out_idx.data_ptr<int64_t>();
   float* os = out_score.data_ptr<float>();
